@@ -1,0 +1,44 @@
+"""The `stencil` command: parse, call, present. No ML and no SQL here."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from stencil_cli import __version__
+from stencil_cli.commands import register_all
+from stencil_cli.output import settings
+
+app = typer.Typer(
+    name="stencil",
+    help="Teach an image model your own subject from a few photos, then render it anywhere.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"stencil {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Show the version and exit."),
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Hide progress and messages.")] = False,
+    debug: Annotated[
+        bool, typer.Option("--debug", envvar="STENCIL_DEBUG", help="Show tracebacks on errors.")
+    ] = False,
+) -> None:
+    """Teach an image model your own subject from a few photos, then render it anywhere."""
+    settings.quiet = quiet
+    settings.debug = debug
+
+
+register_all(app)

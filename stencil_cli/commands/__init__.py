@@ -1,0 +1,16 @@
+"""Command modules; each exposes `register(app)` and owns one area of the CLI."""
+
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+# Each name is a module in this package with a `register(app: typer.Typer) -> None`.
+COMMAND_MODULES: list[str] = ["subjects", "models", "caption", "train", "gen"]
+
+
+def register_all(app: typer.Typer) -> None:
+    """Register every command module's commands on `app`."""
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"{__name__}.{name}").register(app)

@@ -1,0 +1,207 @@
+"""Subject commands: add, ls, show, rm, and `store path|clean`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from stencil_cli.clikit import JsonOption, handle_errors
+from stencil_cli.errors import BadInputError
+from stencil_cli.images import PreparedImage, RejectedImage, expand_paths, prepare_image
+from stencil_cli.output import err_console, escape, info, print_json, settings, warn
+from stencil_cli.store import Subject, open_store, validate_name
+
+store_app = typer.Typer(help="The local store: where subjects, runs and images live.", no_args_is_help=True)
+
+
+def _image_row(image: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": image["id"],
+        "sha256": image["sha256"],
+        "width": image["width"],
+        "height": image["height"],
+        "original_name": image["original_name"],
+        "file": image["file"],
+        "caption": image["caption"],
+        "caption_source": image["caption_source"],
+    }
+
+
+def subject_json(subject: Subject) -> dict[str, Any]:
+    """The JSON shape of one subject (used by `show --json` and `add --json`)."""
+    data = subject.to_dict()
+    data["images"] = [_image_row(image) for image in subject.images]
+    return data
+
+
+@handle_errors
+def add(
+    name: Annotated[str, typer.Argument(help="Subject name: lowercase letters, digits, '-' and '_'.")],
+    paths: Annotated[list[Path], typer.Argument(help="Photo files or folders of photos.")],
+    phrase: Annotated[
+        str | None, typer.Option("--phrase", help="Words the subject is bound to, e.g. 'cat' or 'toy robot'.")
+    ] = None,
+    class_word: Annotated[
+        str | None, typer.Option("--class", help="Class word, e.g. 'dog' (default: the phrase).")
+    ] = None,
+    skip_bad: Annotated[
+        bool, typer.Option("--skip-bad", help="Add the good photos even if some files are bad.")
+    ] = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Create a subject from photos, or add photos to an existing one."""
+    validate_name(name)
+    if phrase is not None and not phrase.strip():
+        raise BadInputError("--phrase must not be empty (e.g. --phrase 'cat')")
+    phrase = phrase.strip() if phrase else None
+    class_word = class_word.strip() if class_word else None
+    files, bad = expand_paths(paths)
+    prepared: list[PreparedImage] = []
+    for file in files:
+        result = prepare_image(file)
+        if isinstance(result, RejectedImage):
+            bad.append(result)
+        else:
+            prepared.append(result)
+    if not files and not bad:
+        raise BadInputError("no photos found in the given paths (looked for .jpg, .png, .webp, ...)")
+    if bad and not skip_bad:
+        for rejected in bad:
+            err_console.print(f"  [red]bad:[/red] {escape(str(rejected.source))}: {escape(rejected.reason)}")
+        raise BadInputError(
+            f"{len(bad)} bad file(s), nothing added; fix or remove them, or pass --skip-bad to add the rest"
+        )
+    if not prepared:
+        raise BadInputError("none of the given files is a usable photo, nothing added")
+    for image in prepared:
+        if image.warning:
+            warn(image.warning)
+    store = open_store()
+    result = store.add_images(name, prepared, phrase=phrase or class_word, class_word=class_word or phrase)
+    if json_output:
+        print_json(
+            {
+                "subject": subject_json(result.subject),
+                "created": result.created_subject,
+                "added": [_image_row(image) for image in result.added],
+                "duplicates": [str(image.source) for image in result.duplicates],
+                "skipped": [{"file": str(r.source), "reason": r.reason} for r in bad],
+            }
+        )
+        return
+    for rejected in bad:
+        warn(f"skipped {rejected.source}: {rejected.reason}")
+    verb = "created" if result.created_subject else "updated"
+    typer.echo(
+        f"{verb} {name}: added {len(result.added)} photo(s), {len(result.duplicates)} already there, "
+        f"{len(result.subject.images)} in all"
+    )
+    if result.subject.phrase is None:
+        info("[dim]tip: set the words the subject is bound to with --phrase (e.g. --phrase 'cat')[/dim]")
+
+
+@handle_errors
+def ls(json_output: JsonOption = False) -> None:
+    """List subjects."""
+    rows = open_store().list_subjects()
+    if json_output:
+        print_json(rows)
+        return
+    if not rows:
+        info("no subjects yet: add one with `stencil add NAME PHOTOS...`")
+        return
+    table = Table("name", "phrase", "photos", "captioned", "trained run", box=None)
+    for row in rows:
+        table.add_row(
+            escape(row["name"]),
+            escape(row["phrase"] or "-"),
+            str(row["images"]),
+            str(row["captioned"]),
+            str(row["latest_run"] or "-"),
+        )
+    from rich.console import Console
+
+    Console().print(table)
+
+
+@handle_errors
+def show(
+    name: Annotated[str, typer.Argument(help="Subject name.")],
+    json_output: JsonOption = False,
+) -> None:
+    """Show a subject: its phrase, description and photos with captions."""
+    subject = open_store().get_subject(name)
+    if json_output:
+        print_json(subject_json(subject))
+        return
+    lines = [
+        f"[bold]{escape(subject.name)}[/bold]",
+        f"phrase:      {escape(subject.phrase or '-')}",
+        f"class:       {escape(subject.class_word or '-')}",
+        f"description: {escape(subject.description or '-')}",
+        f"created:     {subject.created}",
+        f"photos:      {len(subject.images)}",
+    ]
+    from rich.console import Console
+
+    console = Console(highlight=False)
+    for line in lines:
+        console.print(line)
+    for image in subject.images:
+        console.print(
+            f"  [cyan]{image['id']:>3}[/cyan] {image['sha256'][:12]} {image['width']}x{image['height']} "
+            f"{escape(image['original_name'] or '')}"
+        )
+        caption = image["caption"]
+        console.print(f"      caption: {escape(caption) if caption else '[dim](none)[/dim]'}")
+
+
+@handle_errors
+def rm(
+    name: Annotated[str, typer.Argument(help="Subject name.")],
+    image: Annotated[str | None, typer.Option("--image", help="Remove only this photo (id or hash).")] = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Remove a subject (with its photos, runs and images), or one photo with --image."""
+    store = open_store()
+    subject = store.get_subject(name)
+    if image is not None:
+        removed = store.remove_image(name, image)
+        typer.echo(f"removed photo {removed['id']} ({removed['sha256'][:12]}) from {name}")
+        return
+    if not yes:
+        if not typer.get_text_stream("stdin").isatty():
+            raise BadInputError(f"refusing to remove {name!r} without confirmation: pass --yes")
+        typer.confirm(
+            f"Remove subject {name!r} with {len(subject.images)} photo(s) and all its runs?", abort=True
+        )
+    store.remove_subject(name)
+    typer.echo(f"removed {name}")
+
+
+@store_app.command("path")
+@handle_errors
+def store_path() -> None:
+    """Print the store's folder (STENCIL_HOME or the platform default)."""
+    typer.echo(str(open_store().root))
+
+
+@store_app.command("clean")
+@handle_errors
+def store_clean() -> None:
+    """Remove files left behind by interrupted commands (nothing that a row refers to)."""
+    removed = open_store().clean()
+    typer.echo(f"removed {len(removed)} orphan file(s)/folder(s)")
+
+
+def register(app: typer.Typer) -> None:
+    """Register the subject commands on `app`."""
+    app.command()(add)
+    app.command("ls")(ls)
+    app.command()(show)
+    app.command()(rm)
+    app.add_typer(store_app, name="store")
+    _ = settings  # quiet/debug are read by helpers at call time

@@ -1,0 +1,43 @@
+"""Where output goes: data to stdout, messages and progress to stderr."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+
+__all__ = ["escape", "err_console", "print_json", "settings", "info", "warn"]
+
+
+@dataclass
+class OutputSettings:
+    """Global output switches, set once by the CLI callback."""
+
+    quiet: bool = False
+    debug: bool = os.environ.get("STENCIL_DEBUG", "") not in ("", "0")
+
+
+settings = OutputSettings()
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def print_json(data: Any) -> None:
+    """Print `data` as plain JSON on stdout (never through rich)."""
+    sys.stdout.write(json.dumps(data, indent=2, default=str, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+def info(message: str) -> None:
+    """Print an informational message on stderr unless quiet. `message` is rich markup."""
+    if not settings.quiet:
+        err_console.print(message)
+
+
+def warn(message: str) -> None:
+    """Print a warning on stderr (shown even when quiet). `message` is plain text."""
+    err_console.print(f"[yellow]warning:[/yellow] {escape(message)}")

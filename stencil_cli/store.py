@@ -1,0 +1,634 @@
+"""The local store: SQLite via sqlite-utils (+ Migrations), files beside it, atomic writes.
+
+Layout under the root (``STENCIL_HOME`` or the platform's user data folder)::
+
+    stencil.db                         subjects, images, runs, generations, config
+    subjects/<name>/images/<sha256>.jpg|.png
+    subjects/<name>/runs/<run id>/     weights, masks, checkpoints (training)
+    subjects/<name>/generations/<id>/  images and drafts (generation)
+    models/                            locally built models (the tiny preset)
+
+This module never imports torch.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+import sqlite_utils
+from sqlite_utils import Migrations
+
+from stencil_cli.errors import BadInputError, NotFoundError, StencilError
+from stencil_cli.fsutil import atomic_write_bytes, is_within
+from stencil_cli.images import PreparedImage
+
+DB_NAME = "stencil.db"
+BUSY_TIMEOUT_MS = 30_000
+NAME_PATTERN = re.compile(r"^[a-z0-9_-]{1,64}$")
+
+migrations = Migrations("stencil")
+
+
+@migrations()
+def m001_initial(db: sqlite_utils.Database) -> None:
+    """Subjects, their images, training runs, generations and config."""
+    db["subjects"].create(
+        {
+            "id": int,
+            "name": str,
+            "phrase": str,
+            "class_word": str,
+            "description": str,
+            "created": str,
+        },
+        pk="id",
+        not_null={"name", "created"},
+    )
+    db["subjects"].create_index(["name"], unique=True)
+    db["images"].create(
+        {
+            "id": int,
+            "subject_id": int,
+            "sha256": str,
+            "path": str,
+            "original_name": str,
+            "width": int,
+            "height": int,
+            "caption": str,
+            "caption_source": str,
+            "added": str,
+        },
+        pk="id",
+        foreign_keys=[("subject_id", "subjects", "id")],
+        not_null={"subject_id", "sha256", "path", "width", "height", "added"},
+    )
+    db["images"].create_index(["subject_id", "sha256"], unique=True)
+    db["runs"].create(
+        {
+            "id": int,
+            "subject_id": int,
+            "status": str,  # running | done | failed | interrupted
+            "params": str,  # JSON
+            "base_model": str,
+            "losses": str,  # JSON list of floats
+            "step": int,
+            "started": str,
+            "finished": str,
+            "duration_s": float,
+            "weights_path": str,
+            "error": str,
+        },
+        pk="id",
+        foreign_keys=[("subject_id", "subjects", "id")],
+        not_null={"subject_id", "status", "started"},
+    )
+    db["runs"].create_index(["subject_id", "status"])
+    db["generations"].create(
+        {
+            "id": int,
+            "subject_id": int,
+            "run_id": int,
+            "prompt": str,
+            "draft_prompt": str,
+            "seed": int,
+            "tau": float,
+            "params": str,  # JSON
+            "image_path": str,
+            "draft_path": str,
+            "scores": str,  # JSON, filled by evaluation
+            "created": str,
+        },
+        pk="id",
+        foreign_keys=[("subject_id", "subjects", "id")],
+        not_null={"subject_id", "created"},
+    )
+    db["generations"].create_index(["subject_id"])
+    db["config"].create({"key": str, "value": str}, pk="key")
+
+
+def now() -> str:
+    """The current UTC time as an ISO 8601 string."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def default_root() -> Path:
+    """The store root: ``STENCIL_HOME`` if set, else the platform's user data folder."""
+    env = os.environ.get("STENCIL_HOME")
+    if env:
+        return Path(env).expanduser()
+    return Path(platformdirs.user_data_dir("stencil", appauthor=False))
+
+
+def validate_name(name: str) -> str:
+    """Return `name` if it is a valid subject name, else raise BadInputError."""
+    if not NAME_PATTERN.match(name or ""):
+        raise BadInputError(
+            f"invalid subject name {name!r}: use 1-64 lowercase letters, digits, '-' or '_' (e.g. 'my-cat')"
+        )
+    return name
+
+
+@dataclass
+class Subject:
+    """A named subject and its photos."""
+
+    id: int
+    name: str
+    phrase: str | None
+    class_word: str | None
+    description: str | None
+    created: str
+    images: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready view of the subject."""
+        return {
+            "id": self.id,
+            "name": self.name,
+            "phrase": self.phrase,
+            "class_word": self.class_word,
+            "description": self.description,
+            "created": self.created,
+            "images": self.images,
+        }
+
+
+@dataclass
+class AddResult:
+    """What `add_images` did."""
+
+    subject: Subject
+    created_subject: bool
+    added: list[dict[str, Any]]
+    duplicates: list[PreparedImage]
+
+
+class Store:
+    """A handle on the store: its root folder and its database."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = Path(root) if root is not None else default_root()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise StencilError(
+                f"cannot create the store folder {self.root}: {error.strerror}",
+                hint="set STENCIL_HOME to a writable folder",
+            ) from error
+        self.db_path = self.root / DB_NAME
+        self.db = sqlite_utils.Database(self.db_path)
+        self.db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        self.db.execute("PRAGMA journal_mode = WAL")
+        self.db.execute("PRAGMA foreign_keys = ON")
+        self.db.execute("PRAGMA synchronous = NORMAL")
+        with self.write():
+            migrations.apply(self.db)
+
+    # -- transactions -------------------------------------------------------------------------
+
+    @contextmanager
+    def write(self) -> Iterator[sqlite_utils.Database]:
+        """A write transaction that takes the write lock up front (no upgrade deadlocks)."""
+        conn = self.db.conn
+        if conn.in_transaction:
+            with self.db.atomic():
+                yield self.db
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        else:
+            conn.execute("COMMIT")
+
+    def close(self) -> None:
+        """Close the database connection."""
+        self.db.close()
+
+    # -- paths --------------------------------------------------------------------------------
+
+    def subject_dir(self, name: str) -> Path:
+        """The folder holding a subject's files."""
+        return self.root / "subjects" / validate_name(name)
+
+    def models_dir(self) -> Path:
+        """The folder for locally built models (the tiny preset)."""
+        return self.root / "models"
+
+    def absolute(self, relative: str) -> Path:
+        """Turn a path stored in the database (relative to the root) into an absolute one."""
+        return self.root / relative
+
+    def relative(self, path: Path) -> str:
+        """Store-relative form of `path`, as kept in the database."""
+        return Path(path).resolve().relative_to(self.root.resolve()).as_posix()
+
+    # -- subjects -----------------------------------------------------------------------------
+
+    def subject_names(self) -> list[str]:
+        """All subject names, sorted."""
+        return [row["name"] for row in self.db.query("select name from subjects order by name")]
+
+    def find_subject(self, name: str) -> Subject | None:
+        """The subject called `name` with its images, or None."""
+        rows = list(self.db.query("select * from subjects where name = ?", [name]))
+        if not rows:
+            return None
+        row = rows[0]
+        images = [self._image_view(image) for image in self.db.query(
+            "select * from images where subject_id = ? order by id", [row["id"]]
+        )]
+        return Subject(
+            id=row["id"],
+            name=row["name"],
+            phrase=row["phrase"],
+            class_word=row["class_word"],
+            description=row["description"],
+            created=row["created"],
+            images=images,
+        )
+
+    def get_subject(self, name: str) -> Subject:
+        """The subject called `name`, or a NotFoundError suggesting the closest names."""
+        validate_name(name)
+        subject = self.find_subject(name)
+        if subject is None:
+            raise NotFoundError(unknown_subject_message(name, self.subject_names()))
+        return subject
+
+    def list_subjects(self) -> list[dict[str, Any]]:
+        """Every subject with its photo count, captioned count and newest finished run."""
+        return list(
+            self.db.query(
+                """
+                select s.id, s.name, s.phrase, s.class_word, s.created,
+                  (select count(*) from images i where i.subject_id = s.id) as images,
+                  (select count(*) from images i where i.subject_id = s.id
+                     and i.caption is not null and i.caption != '') as captioned,
+                  (select max(r.id) from runs r where r.subject_id = s.id and r.status = 'done')
+                     as latest_run
+                from subjects s order by s.name
+                """
+            )
+        )
+
+    def update_subject(self, name: str, **values: Any) -> None:
+        """Set fields (phrase, class_word, description) on a subject."""
+        allowed = {"phrase", "class_word", "description"}
+        unknown = set(values) - allowed
+        if unknown:
+            raise ValueError(f"cannot update subject fields {sorted(unknown)}")
+        subject = self.get_subject(name)
+        with self.write():
+            self.db["subjects"].update(subject.id, values)
+
+    def add_images(
+        self,
+        name: str,
+        prepared: Iterable[PreparedImage],
+        *,
+        phrase: str | None = None,
+        class_word: str | None = None,
+    ) -> AddResult:
+        """Create the subject if needed and add the photos: files first, then all rows in one transaction.
+
+        A crash between the two leaves only unreferenced files named by hash, which the next add of the
+        same photo reuses and `clean` removes; never a row without its file.
+        """
+        validate_name(name)
+        prepared = list(prepared)
+        images_dir = self.subject_dir(name) / "images"
+        unique: dict[str, PreparedImage] = {}
+        for image in prepared:
+            unique.setdefault(image.sha256, image)
+        existing = self.find_subject(name)
+        known = {image["sha256"] for image in existing.images} if existing else set()
+        to_add = [image for sha, image in unique.items() if sha not in known]
+        duplicates = [image for image in prepared if image not in to_add]
+        for image in to_add:
+            target = images_dir / f"{image.sha256}{image.suffix}"
+            if not target.exists():
+                atomic_write_bytes(target, image.data)
+        added_rows: list[dict[str, Any]] = []
+        with self.write():
+            row = next(iter(self.db.query("select * from subjects where name = ?", [name])), None)
+            created_subject = row is None
+            if row is None:
+                subject_id = self.db["subjects"].insert(
+                    {
+                        "name": name,
+                        "phrase": phrase,
+                        "class_word": class_word,
+                        "description": None,
+                        "created": now(),
+                    }
+                ).last_pk
+            else:
+                subject_id = row["id"]
+                updates = {k: v for k, v in (("phrase", phrase), ("class_word", class_word)) if v}
+                if updates:
+                    self.db["subjects"].update(subject_id, updates)
+            for image in to_add:
+                record = {
+                    "subject_id": subject_id,
+                    "sha256": image.sha256,
+                    "path": f"subjects/{name}/images/{image.sha256}{image.suffix}",
+                    "original_name": image.source.name,
+                    "width": image.width,
+                    "height": image.height,
+                    "caption": None,
+                    "caption_source": None,
+                    "added": now(),
+                }
+                # another process may have added the same photo meanwhile: keep theirs
+                self.db["images"].insert(record, ignore=True)
+                if self.db.execute("select changes()").fetchone()[0]:
+                    added_rows.append(record)
+        subject = self.get_subject(name)
+        by_sha = {image["sha256"]: image for image in subject.images}
+        added = [by_sha[row["sha256"]] for row in added_rows]
+        return AddResult(subject=subject, created_subject=created_subject, added=added, duplicates=duplicates)
+
+    def remove_subject(self, name: str) -> Subject:
+        """Delete a subject, its rows and its folder (only ever inside the store root)."""
+        subject = self.get_subject(name)
+        folder = self.subject_dir(name)
+        with self.write():
+            for table in ("generations", "runs", "images"):
+                self.db.execute(f"delete from {table} where subject_id = ?", [subject.id])
+            self.db.execute("delete from subjects where id = ?", [subject.id])
+        self._delete_tree(folder)
+        return subject
+
+    def remove_image(self, name: str, image_ref: str) -> dict[str, Any]:
+        """Delete one photo of a subject, by id or by a unique sha256 prefix."""
+        subject = self.get_subject(name)
+        image = self.resolve_image(subject, image_ref)
+        with self.write():
+            self.db.execute("delete from images where id = ?", [image["id"]])
+        path = self.absolute(image["path"])
+        if is_within(path, self.root):
+            path.unlink(missing_ok=True)
+        return image
+
+    def resolve_image(self, subject: Subject, image_ref: str) -> dict[str, Any]:
+        """Find a subject's image by numeric id or sha256 prefix, or raise NotFoundError."""
+        ref = str(image_ref).strip().lower()
+        matches = [
+            image
+            for image in subject.images
+            if str(image["id"]) == ref or (len(ref) >= 4 and image["sha256"].startswith(ref))
+        ]
+        if len(matches) != 1:
+            ids = ", ".join(str(image["id"]) for image in subject.images) or "none"
+            what = "is ambiguous" if matches else "not found"
+            raise NotFoundError(f"image {image_ref!r} {what} in subject {subject.name!r} (image ids: {ids})")
+        return matches[0]
+
+    def set_captions(
+        self, name: str, captions: dict[int, str], source: str, *, description: str | None = None,
+        phrase: str | None = None,
+    ) -> None:
+        """Store captions (image id -> text) and optionally the description/phrase, in one transaction."""
+        subject = self.get_subject(name)
+        ids = {image["id"] for image in subject.images}
+        unknown = set(captions) - ids
+        if unknown:
+            raise NotFoundError(f"images {sorted(unknown)} do not belong to subject {name!r}")
+        with self.write():
+            for image_id, caption in captions.items():
+                self.db["images"].update(image_id, {"caption": caption, "caption_source": source})
+            updates = {k: v for k, v in (("description", description), ("phrase", phrase)) if v}
+            if updates:
+                self.db["subjects"].update(subject.id, updates)
+
+    def clean(self) -> list[Path]:
+        """Remove files inside subject folders that no row refers to (left by a crash); return them."""
+        referenced = {row["path"] for row in self.db.query("select path from images")}
+        removed: list[Path] = []
+        subjects_root = self.root / "subjects"
+        if not subjects_root.exists():
+            return removed
+        known = set(self.subject_names())
+        for folder in subjects_root.iterdir():
+            if folder.is_dir() and folder.name not in known:
+                self._delete_tree(folder)
+                removed.append(folder)
+                continue
+            images_dir = folder / "images"
+            if images_dir.is_dir():
+                for file in images_dir.iterdir():
+                    if self.relative(file) not in referenced:
+                        file.unlink(missing_ok=True)
+                        removed.append(file)
+        return removed
+
+    # -- runs (training) ----------------------------------------------------------------------
+
+    def run_dir(self, name: str, run_id: int) -> Path:
+        """The folder holding a training run's files (weights, masks, checkpoints)."""
+        return self.subject_dir(name) / "runs" / str(run_id)
+
+    def create_run(self, name: str, params: dict[str, Any], base_model: str) -> dict[str, Any]:
+        """Insert a `running` run row for subject `name` and return it."""
+        subject = self.get_subject(name)
+        with self.write():
+            run_id = self.db["runs"].insert(
+                {
+                    "subject_id": subject.id,
+                    "status": "running",
+                    "params": dumps(params),
+                    "base_model": base_model,
+                    "losses": "[]",
+                    "step": 0,
+                    "started": now(),
+                }
+            ).last_pk
+        return self.get_run(name, run_id)
+
+    def update_run(self, run_id: int, **values: Any) -> None:
+        """Update a run row; `losses`/`params` may be given as Python objects."""
+        for key in ("losses", "params"):
+            if key in values and not isinstance(values[key], str):
+                values[key] = dumps(values[key])
+        with self.write():
+            self.db["runs"].update(run_id, values)
+
+    def finish_run(
+        self,
+        run_id: int,
+        status: str,
+        *,
+        weights_path: Path | None = None,
+        duration_s: float | None = None,
+        error: str | None = None,
+        losses: list[float] | None = None,
+        step: int | None = None,
+    ) -> None:
+        """Mark a run done / failed / interrupted, with what it produced."""
+        if status not in {"done", "failed", "interrupted"}:
+            raise ValueError(f"bad run status {status!r}")
+        values: dict[str, Any] = {"status": status, "finished": now()}
+        if weights_path is not None:
+            values["weights_path"] = self.relative(weights_path)
+        if duration_s is not None:
+            values["duration_s"] = duration_s
+        if error is not None:
+            values["error"] = error
+        if losses is not None:
+            values["losses"] = losses
+        if step is not None:
+            values["step"] = step
+        self.update_run(run_id, **values)
+
+    def get_run(self, name: str, run_id: int) -> dict[str, Any]:
+        """One run of subject `name` (params and losses decoded), or NotFoundError."""
+        subject = self.get_subject(name)
+        row = next(
+            iter(self.db.query("select * from runs where id = ? and subject_id = ?", [run_id, subject.id])),
+            None,
+        )
+        if row is None:
+            raise NotFoundError(f"subject {name!r} has no run {run_id} (see `stencil show {name}`)")
+        return self._run_view(row)
+
+    def list_runs(self, name: str) -> list[dict[str, Any]]:
+        """All runs of subject `name`, oldest first."""
+        subject = self.get_subject(name)
+        return [
+            self._run_view(row)
+            for row in self.db.query("select * from runs where subject_id = ? order by id", [subject.id])
+        ]
+
+    def latest_done_run(self, name: str) -> dict[str, Any] | None:
+        """The newest finished (`done`) run of subject `name`, or None."""
+        done = [run for run in self.list_runs(name) if run["status"] == "done"]
+        return done[-1] if done else None
+
+    def _run_view(self, row: dict[str, Any]) -> dict[str, Any]:
+        view = dict(row)
+        view["params"] = json.loads(row["params"] or "{}")
+        view["losses"] = json.loads(row["losses"] or "[]")
+        view["weights_file"] = str(self.absolute(row["weights_path"])) if row["weights_path"] else None
+        return view
+
+    # -- generations --------------------------------------------------------------------------
+
+    def generation_dir(self, name: str) -> Path:
+        """The folder holding a subject's generated images and drafts."""
+        return self.subject_dir(name) / "generations"
+
+    def add_generation(self, name: str, record: dict[str, Any]) -> dict[str, Any]:
+        """Insert one generated image's row (paths absolute or store-relative) and return it."""
+        subject = self.get_subject(name)
+        row = dict(record)
+        for key in ("image_path", "draft_path"):
+            if row.get(key) and Path(row[key]).is_absolute():
+                row[key] = self.relative(Path(row[key]))
+        for key in ("params", "scores"):
+            if key in row and row[key] is not None and not isinstance(row[key], str):
+                row[key] = dumps(row[key])
+        row["subject_id"] = subject.id
+        row.setdefault("created", now())
+        with self.write():
+            generation_id = self.db["generations"].insert(row).last_pk
+        return self.get_generation(generation_id)
+
+    def get_generation(self, generation_id: int) -> dict[str, Any]:
+        """One generation row (params and scores decoded), or NotFoundError."""
+        row = next(iter(self.db.query("select * from generations where id = ?", [generation_id])), None)
+        if row is None:
+            raise NotFoundError(f"no generation {generation_id}")
+        return self._generation_view(row)
+
+    def list_generations(self, name: str) -> list[dict[str, Any]]:
+        """All generations of subject `name`, oldest first."""
+        subject = self.get_subject(name)
+        return [
+            self._generation_view(row)
+            for row in self.db.query(
+                "select * from generations where subject_id = ? order by id", [subject.id]
+            )
+        ]
+
+    def set_generation_scores(self, generation_id: int, scores: dict[str, Any]) -> None:
+        """Store evaluation scores for one generation."""
+        with self.write():
+            self.db["generations"].update(generation_id, {"scores": dumps(scores)})
+
+    def _generation_view(self, row: dict[str, Any]) -> dict[str, Any]:
+        view = dict(row)
+        view["params"] = json.loads(row["params"] or "{}")
+        view["scores"] = json.loads(row["scores"]) if row["scores"] else None
+        for key in ("image_path", "draft_path"):
+            view[key.replace("_path", "_file")] = str(self.absolute(row[key])) if row[key] else None
+        return view
+
+    # -- config -------------------------------------------------------------------------------
+
+    def get_config(self, key: str) -> str | None:
+        """A stored config value, or None."""
+        row = next(iter(self.db.query("select value from config where key = ?", [key])), None)
+        return row["value"] if row else None
+
+    def set_config(self, key: str, value: str | None) -> None:
+        """Store a config value (None deletes it)."""
+        with self.write():
+            if value is None:
+                self.db.execute("delete from config where key = ?", [key])
+            else:
+                self.db["config"].upsert({"key": key, "value": value}, pk="key")
+
+    def all_config(self) -> dict[str, str]:
+        """Every stored config value."""
+        return {row["key"]: row["value"] for row in self.db.query("select * from config order by key")}
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _image_view(self, row: dict[str, Any]) -> dict[str, Any]:
+        view = dict(row)
+        view.pop("subject_id", None)
+        view["file"] = str(self.absolute(row["path"]))
+        return view
+
+    def _delete_tree(self, folder: Path) -> None:
+        if not folder.exists():
+            return
+        if not is_within(folder, self.root) or folder.resolve() == self.root.resolve():
+            raise StencilError(f"refusing to delete {folder}: it is not inside the store {self.root}")
+        shutil.rmtree(folder)
+
+
+def unknown_subject_message(name: str, names: list[str]) -> str:
+    """'no subject called X' plus the closest existing names, if any."""
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+    message = f"no subject called {name!r}"
+    if close:
+        return message + f"; did you mean {', '.join(repr(n) for n in close)}?"
+    if names:
+        return message + " (see `stencil ls`)"
+    return message + " (add one with `stencil add NAME PHOTOS...`)"
+
+
+def dumps(value: Any) -> str:
+    """JSON for a TEXT column."""
+    return json.dumps(value, default=str)
+
+
+def open_store(root: Path | None = None) -> Store:
+    """Open (and migrate) the store at `root` or the default location."""
+    return Store(root)
