@@ -1,0 +1,33 @@
+"""Synthetic photos for tests: every mode and oddity photo intake has to handle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+
+def make_photo(
+    path: Path,
+    size: tuple[int, int] = (320, 288),
+    *,
+    mode: str = "RGB",
+    seed: int = 0,
+    fmt: str | None = None,
+    **save_kwargs: object,
+) -> Path:
+    """Write a small picture (a coloured square on a gradient) in `mode`; distinct per `seed`."""
+    width, height = size
+    image = Image.new("RGB", size, (20 + seed * 37 % 200, 120, 200 - seed * 13 % 150))
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([width // 4, height // 4, width // 2, height // 2], fill=(250, 30 + seed % 200, 40))
+    draw.line([0, 0, width, height], fill=(seed % 255, 255, 0), width=5)
+    if mode == "RGBA":
+        image = image.convert("RGBA")
+        image.putalpha(Image.new("L", size, 0))  # fully transparent: must come out white
+        image.paste((255, 0, 0, 255), (0, 0, width // 8, height // 8))
+    elif mode != "RGB":
+        image = image.convert(mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format=fmt, **save_kwargs)
+    return path
