@@ -55,3 +55,11 @@ def is_within(path: Path, root: Path) -> bool:
     except ValueError:
         return False
     return True
+
+
+def crash_point(name: str) -> None:
+    """Kill this process here if ``STENCIL_CRASH_AT`` names this point (tests of crash safety)."""
+    if os.environ.get("STENCIL_CRASH_AT") == name:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)

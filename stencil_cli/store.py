@@ -30,7 +30,7 @@ import sqlite_utils
 from sqlite_utils import Migrations
 
 from stencil_cli.errors import BadInputError, NotFoundError, StencilError
-from stencil_cli.fsutil import atomic_write_bytes, is_within
+from stencil_cli.fsutil import atomic_write_bytes, crash_point, is_within
 from stencil_cli.images import PreparedImage
 
 DB_NAME = "stencil.db"
@@ -249,9 +249,10 @@ class Store:
         if not rows:
             return None
         row = rows[0]
-        images = [self._image_view(image) for image in self.db.query(
-            "select * from images where subject_id = ? order by id", [row["id"]]
-        )]
+        images = [
+            self._image_view(image)
+            for image in self.db.query("select * from images where subject_id = ? order by id", [row["id"]])
+        ]
         return Subject(
             id=row["id"],
             name=row["name"],
@@ -323,20 +324,26 @@ class Store:
             target = images_dir / f"{image.sha256}{image.suffix}"
             if not target.exists():
                 atomic_write_bytes(target, image.data)
+                crash_point("add:file-written")
+        crash_point("add:files-written")
         added_rows: list[dict[str, Any]] = []
         with self.write():
             row = next(iter(self.db.query("select * from subjects where name = ?", [name])), None)
             created_subject = row is None
             if row is None:
-                subject_id = self.db["subjects"].insert(
-                    {
-                        "name": name,
-                        "phrase": phrase,
-                        "class_word": class_word,
-                        "description": None,
-                        "created": now(),
-                    }
-                ).last_pk
+                subject_id = (
+                    self.db["subjects"]
+                    .insert(
+                        {
+                            "name": name,
+                            "phrase": phrase,
+                            "class_word": class_word,
+                            "description": None,
+                            "created": now(),
+                        }
+                    )
+                    .last_pk
+                )
             else:
                 subject_id = row["id"]
                 updates = {k: v for k, v in (("phrase", phrase), ("class_word", class_word)) if v}
@@ -400,7 +407,12 @@ class Store:
         return matches[0]
 
     def set_captions(
-        self, name: str, captions: dict[int, str], source: str, *, description: str | None = None,
+        self,
+        name: str,
+        captions: dict[int, str],
+        source: str,
+        *,
+        description: str | None = None,
         phrase: str | None = None,
     ) -> None:
         """Store captions (image id -> text) and optionally the description/phrase, in one transaction."""
@@ -447,17 +459,21 @@ class Store:
         """Insert a `running` run row for subject `name` and return it."""
         subject = self.get_subject(name)
         with self.write():
-            run_id = self.db["runs"].insert(
-                {
-                    "subject_id": subject.id,
-                    "status": "running",
-                    "params": dumps(params),
-                    "base_model": base_model,
-                    "losses": "[]",
-                    "step": 0,
-                    "started": now(),
-                }
-            ).last_pk
+            run_id = (
+                self.db["runs"]
+                .insert(
+                    {
+                        "subject_id": subject.id,
+                        "status": "running",
+                        "params": dumps(params),
+                        "base_model": base_model,
+                        "losses": "[]",
+                        "step": 0,
+                        "started": now(),
+                    }
+                )
+                .last_pk
+            )
         return self.get_run(name, run_id)
 
     def update_run(self, run_id: int, **values: Any) -> None:

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -197,31 +196,65 @@ def test_two_processes_add_at_the_same_time(tmp_path: Path, stencil_home: Path) 
     assert len(list(store.db.query("select * from subjects"))) == 2
 
 
-def test_sigkill_during_add_leaves_nothing_to_trip_over(tmp_path: Path, stencil_home: Path) -> None:
+@pytest.mark.parametrize("crash_at", ["add:file-written", "add:files-written"])
+def test_sigkill_during_add_leaves_nothing_to_trip_over(
+    tmp_path: Path, stencil_home: Path, crash_at: str
+) -> None:
     folder = tmp_path / "many"
-    for i in range(12):
-        make_photo(folder / f"p{i}.png", size=(1200, 1100), seed=i)
-    env = {**os.environ, "STENCIL_HOME": str(stencil_home)}
-    proc = _stencil("add", "big", str(folder), env=env)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not (stencil_home / "subjects" / "big" / "images").exists():
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    _photos(folder, 4)
+    env = {**os.environ, "STENCIL_HOME": str(stencil_home), "STENCIL_CRASH_AT": crash_at}
+    killed = subprocess.run(
+        [sys.executable, "-m", "stencil_cli", "add", "big", str(folder)],
+        env=env,
+        capture_output=True,
+        timeout=120,
+    )
+    assert killed.returncode == -signal.SIGKILL
+    assert list((stencil_home / "subjects" / "big" / "images").iterdir())  # it died after writing files
+    env.pop("STENCIL_CRASH_AT")
     store = open_store()
-    # either the subject is wholly there or not at all; no row points at a missing file
-    for image in store.get_subject("big").images if "big" in store.subject_names() else []:
-        assert Path(image["file"]).is_file()
-    store.clean()
-    rows = {row["path"] for row in store.db.query("select path from images")}
-    on_disk = {store.relative(p) for p in _store_files(stencil_home)}
-    assert on_disk == rows
+    assert store.subject_names() == []  # no subject row, no orphan image rows
+    assert list(store.db.query("select * from images")) == []
+    listed = subprocess.run(
+        [sys.executable, "-m", "stencil_cli", "ls", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert listed.returncode == 0 and json.loads(listed.stdout) == []
     retry = subprocess.run(
         [sys.executable, "-m", "stencil_cli", "add", "big", str(folder), "--json"],
-        env=env, capture_output=True, text=True, timeout=120,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert retry.returncode == 0, retry.stderr
-    assert len(json.loads(retry.stdout)["subject"]["images"]) == 12
+    assert len(json.loads(retry.stdout)["added"]) == 4
+    store.clean()
+    rows = {row["path"] for row in store.db.query("select path from images")}
+    assert {store.relative(p) for p in _store_files(stencil_home)} == rows
+
+
+def test_store_clean_removes_leftovers(tmp_path: Path, stencil_home: Path, cli) -> None:
+    _photos(tmp_path / "d", 1)
+    cli("add", "dog", tmp_path / "d")
+    stray = stencil_home / "subjects" / "dog" / "images" / ("0" * 64 + ".png")
+    stray.write_bytes(b"x")
+    ghost = stencil_home / "subjects" / "ghost" / "images"
+    ghost.mkdir(parents=True)
+    result = cli("store", "clean")
+    assert result.exit_code == 0 and "removed 2" in result.stdout
+    assert not stray.exists() and not ghost.parent.exists()
+    assert len(open_store().get_subject("dog").images) == 1
+
+
+def test_help_lists_the_commands(cli) -> None:
+    result = cli("--help")
+    assert result.exit_code == 0
+    for command in ("add", "ls", "show", "rm", "store"):
+        assert command in result.stdout
 
 
 @pytest.mark.skipif(not (DREAMBENCH / "dog").is_dir(), reason="shared/dreambench is not present")
