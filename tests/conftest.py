@@ -35,3 +35,40 @@ def cli(runner: CliRunner):
         return runner.invoke(app, [str(a) for a in args], input=input)
 
     return invoke
+
+
+# -- models (issue 3): the tiny preset, built once per session --------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A session-wide tiny preset folder (``subject/`` and ``context/``), built once with save_pretrained."""
+    from stencil_cli.models import ensure_tiny
+
+    return ensure_tiny(tmp_path_factory.mktemp("tiny-models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_subject_pipe(tiny_models_dir: Path):
+    """The tiny SD1.5-shaped pipeline (CPU, fp32), loaded through load_subject_pipeline once per session."""
+    from stencil_cli.models import load_subject_pipeline
+
+    return load_subject_pipeline(str(tiny_models_dir / "subject"), device="cpu", precision="fp32")
+
+
+@pytest.fixture(scope="session")
+def tiny_context_pipe(tiny_models_dir: Path):
+    """The tiny SD3-shaped pipeline (CPU, fp32, no T5) from load_context_pipeline, once per session."""
+    from stencil_cli.models import load_context_pipeline
+
+    return load_context_pipeline(str(tiny_models_dir / "context"), device="cpu", precision="fp32")
+
+
+@pytest.fixture
+def tiny_preset(tiny_models_dir: Path, stencil_home: Path) -> Path:
+    """Make the `tiny` preset available in this test's STENCIL_HOME (a symlink to the session build)."""
+    target = stencil_home / "models" / "tiny"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not target.exists():
+        target.symlink_to(tiny_models_dir, target_is_directory=True)
+    return target
