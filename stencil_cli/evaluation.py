@@ -133,7 +133,7 @@ def _locate(ref: str, kind: str) -> _Location:
         if not isinstance(found, str):
             raise StencilError(
                 f"eval model {ref} is not in the Hugging Face cache and HF_HUB_OFFLINE is set",
-                hint=f"run `stencil models pull {ref}` while online, or use --eval-models tiny for a smoke run",
+                hint=f"run `stencil models pull {ref}` while online, or use --eval-models tiny (smoke runs)",
             )
     return _Location(ref, ref, hub=True)
 
@@ -221,8 +221,8 @@ def dino_embeddings(models: EvalModels, images: Sequence[Image.Image]) -> torch.
     """L2-normalised DINO CLS-token embeddings of `images` (shape [n, dim])."""
     out = []
     for batch in _batches(images):
-        hidden = models.dino(pixel_values=_pixels(models.dino_processor, batch, models.device)).last_hidden_state
-        out.append(hidden[:, 0])
+        pixels = _pixels(models.dino_processor, batch, models.device)
+        out.append(models.dino(pixel_values=pixels).last_hidden_state[:, 0])  # CLS token, not the pooler
     return torch.nn.functional.normalize(torch.cat(out).float().cpu(), dim=-1)
 
 
@@ -282,7 +282,8 @@ def embed_references(models: EvalModels, references: Sequence[Image.Image]) -> R
     """Embed the real photos of a subject with DINO and CLIP."""
     if not references:
         raise StencilError("no reference photos to compare against (add photos with `stencil add`)")
-    return References(dino_embeddings(models, references), clip_image_embeddings(models, references), len(references))
+    dino = dino_embeddings(models, references)
+    return References(dino, clip_image_embeddings(models, references), len(references))
 
 
 def _clamp(value: float) -> float:
