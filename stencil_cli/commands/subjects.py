@@ -130,9 +130,17 @@ def ls(json_output: JsonOption = False) -> None:
 @handle_errors
 def show(
     name: Annotated[str, typer.Argument(help="Subject name.")],
+    masks: Annotated[
+        bool, typer.Option("--masks", help="Print the paths of the mask pictures of the last mask pass.")
+    ] = False,
     json_output: JsonOption = False,
 ) -> None:
     """Show a subject: its phrase, description and photos with captions."""
+    if masks:
+        from stencil_cli.commands.train import show_masks
+
+        show_masks(name, json_output)
+        return
     subject = open_store().get_subject(name)
     if json_output:
         print_json(subject_json(subject))

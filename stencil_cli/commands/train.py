@@ -417,6 +417,24 @@ def _run(
     )
 
 
+def show_masks(name: str, json_output: bool) -> None:
+    """`stencil show NAME --masks`: one line per photo with its mask picture's path (stdout)."""
+    store = open_store()
+    subject = store.get_subject(name)
+    rows = [
+        {"image_id": image["id"], "sha256": image["sha256"], "file": str(path) if path else None}
+        for image, path in mask_files(store, subject)
+    ]
+    if json_output:
+        print_json({"subject": name, "masks": rows})
+        return
+    if not any(row["file"] for row in rows):
+        info(f"no mask pictures for {escape(name)} yet: run `stencil train {escape(name)} --masks-only`")
+        return
+    for row in rows:
+        typer.echo(f"{row['image_id']:>4}  {row['file'] or '(none yet)'}")
+
+
 def register(app: typer.Typer) -> None:
     """Register `stencil train` on `app`."""
     app.command()(train)
