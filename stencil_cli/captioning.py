@@ -1,0 +1,611 @@
+"""Captioners: an OpenAI vision captioner (structured JSON answer) and an offline template captioner.
+
+A captioner takes a subject's photos and returns, per photo, a caption that contains the subject phrase
+(METHOD.md, section 1), plus the phrase itself and, from a vision model, a description of the subject's
+appearance. This module never touches the store and never prints: the `caption` command glues.
+
+The API key is read from ``OPENAI_API_KEY`` only, passed to the client in memory, and never written anywhere.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import random
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+from PIL import Image
+
+from stencil_cli.errors import BadInputError, StencilError
+from stencil_cli.images import load_rgb
+
+KEY_ENV = "OPENAI_API_KEY"
+BASE_URL_ENV = "OPENAI_BASE_URL"
+DEFAULT_MODEL = "gpt-4o"
+DEFAULT_TIMEOUT_S = 120.0
+DEFAULT_RETRIES = 3
+DEFAULT_BACKOFF_S = 1.0
+MAX_BACKOFF_S = 30.0
+MAX_SIDE = 512  # photos are downscaled so the longer side is at most this before upload
+MAX_PHOTOS_PER_REQUEST = 16
+MAX_PHRASE_WORDS = 6
+
+TEMPLATES = (
+    "a photo of {a} {phrase}",
+    "a close-up photo of {a} {phrase}",
+    "a good photo of the {phrase}",
+    "a bright photo of the {phrase}",
+    "a cropped photo of {a} {phrase}",
+    "a photo of the {phrase} seen from the side",
+    "a clean photo of {a} {phrase}",
+    "a photo of my {phrase}",
+)
+
+
+# -- data -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Photo:
+    """One photo to caption: its store id and its file."""
+
+    id: int
+    path: Path
+
+
+@dataclass(frozen=True)
+class CaptionRequest:
+    """What a captioner gets: the subject's phrase (None if the user gave none) and the photos to caption."""
+
+    photos: Sequence[Photo]
+    phrase: str | None = None
+    class_word: str | None = None
+
+
+@dataclass
+class CaptionResult:
+    """A complete, validated answer: one caption per requested photo, each containing `phrase`."""
+
+    phrase: str
+    captions: dict[int, str]
+    source: str
+    description: str | None = None
+    repaired: list[int] = field(default_factory=list)  # photo ids whose caption got the phrase inserted
+    notes: list[str] = field(default_factory=list)  # what was retried or repaired, for the user
+
+
+class Captioner(Protocol):
+    """Anything that turns a CaptionRequest into a CaptionResult (or raises StencilError)."""
+
+    name: str
+
+    def caption(self, request: CaptionRequest) -> CaptionResult:
+        """Caption every photo of `request`."""
+        ...
+
+
+# -- phrase helpers -------------------------------------------------------------------------------
+
+
+def clean_phrase(phrase: str | None) -> str | None:
+    """Collapse whitespace and strip quotes/punctuation around a phrase; None if nothing is left."""
+    if phrase is None:
+        return None
+    text = " ".join(str(phrase).split()).strip(" \"'.,;:!?")
+    return text or None
+
+
+def _phrase_pattern(phrase: str) -> re.Pattern[str]:
+    words = [re.escape(word) for word in phrase.split()]
+    return re.compile(r"(?<!\w)" + r"\s+".join(words) + r"(?!\w)", re.IGNORECASE)
+
+
+def contains_phrase(text: str, phrase: str) -> bool:
+    """True if `text` contains `phrase` as whole words (case and spacing ignored, as CLIP tokenizes)."""
+    return bool(text) and bool(_phrase_pattern(phrase).search(text))
+
+
+def article(phrase: str) -> str:
+    """'a' or 'an' for `phrase` (by its first letter; good enough for captions)."""
+    return "an" if phrase[:1].lower() in "aeiou" else "a"
+
+
+def insert_phrase(caption: str, phrase: str) -> str:
+    """Make `caption` contain `phrase`: prefix it with 'a photo of a PHRASE' (used after a failed retry)."""
+    caption = caption.strip()
+    prefix = f"a photo of {article(phrase)} {phrase}"
+    return f"{prefix}: {caption}" if caption else prefix
+
+
+def template_caption(phrase: str, index: int) -> str:
+    """The `index`-th template caption for `phrase` ("a photo of a cat", "a close-up photo of a cat", ...)."""
+    template = TEMPLATES[index % len(TEMPLATES)]
+    return template.format(a=article(phrase), phrase=phrase)
+
+
+# -- template captioner ---------------------------------------------------------------------------
+
+
+class TemplateCaptioner:
+    """Offline captions from templates ("a photo of a {phrase}"); needs a phrase, gives no description."""
+
+    name = "template"
+
+    def caption(self, request: CaptionRequest) -> CaptionResult:
+        """Caption each photo with a rotating template around the subject's phrase (or class word)."""
+        phrase = clean_phrase(request.phrase) or clean_phrase(request.class_word)
+        if phrase is None:
+            raise StencilError(
+                "the template captioner needs the subject's phrase, and this subject has none",
+                hint="pass --phrase 'cat' (or set it with `stencil add NAME --phrase ...`)",
+            )
+        captions = {photo.id: template_caption(phrase, index) for index, photo in enumerate(request.photos)}
+        return CaptionResult(phrase=phrase, captions=captions, source="template")
+
+
+# -- OpenAI vision captioner ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Bounded retries with exponential backoff for network errors, HTTP 429 and 5xx."""
+
+    retries: int = DEFAULT_RETRIES
+    backoff_s: float = DEFAULT_BACKOFF_S  # first wait; doubles each time (with jitter)
+    max_backoff_s: float = MAX_BACKOFF_S
+
+    def wait(self, attempt: int, retry_after: float | None = None) -> float:
+        """Seconds to wait before retry number `attempt` (0-based); honours a server's Retry-After, capped."""
+        if retry_after is not None and retry_after >= 0:
+            return min(retry_after, self.max_backoff_s)
+        delay = self.backoff_s * (2**attempt)
+        return min(delay * (0.75 + 0.25 * random.random()), self.max_backoff_s)
+
+
+ANSWER_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "phrase": {"type": "string", "description": "short subject phrase, 1-4 words, e.g. 'toy robot'"},
+        "description": {"type": "string", "description": "the subject's appearance in 1-3 sentences"},
+        "captions": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "photo": {"type": "integer", "description": "the photo's number as labelled"},
+                    "caption": {"type": "string"},
+                },
+                "required": ["photo", "caption"],
+                "additionalProperties": False,
+            },
+        },
+    },
+    "required": ["phrase", "description", "captions"],
+    "additionalProperties": False,
+}
+
+SYSTEM_PROMPT = """You write training captions for a personalised text-to-image model.
+All photos show the same subject (one object, animal or person) that the model will learn.
+Answer with JSON only, in this shape:
+{"phrase": "...", "description": "...", "captions": [{"photo": 1, "caption": "..."}, ...]}
+- phrase: the short words the subject is bound to, 1-4 lowercase words naming what it is
+  (e.g. "cat", "toy robot", "red backpack"); no names, no articles.
+- description: the subject's appearance in 1-3 sentences: colours, materials, shapes, markings.
+  Describe the subject only, not the backgrounds.
+- captions: exactly one per photo, using the photo numbers given. Each caption is one detailed sentence
+  of 15-40 words that contains the phrase verbatim early on, and describes the setting, background,
+  lighting, pose and viewpoint of that photo (details that belong to the photo, not to the subject)."""
+
+
+def _fixed_phrase_rule(phrase: str) -> str:
+    return f'The phrase is fixed: use exactly "{phrase}" as the phrase and in every caption.'
+
+
+class OpenAICaptioner:
+    """Captions from a vision model behind the OpenAI chat completions API (OpenAI or a compatible server)."""
+
+    def __init__(
+        self,
+        *,
+        model: str = DEFAULT_MODEL,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        retry: RetryPolicy | None = None,
+        max_side: int = MAX_SIDE,
+        detail: str = "high",
+        response_format: str = "json_schema",
+        max_photos_per_request: int = MAX_PHOTOS_PER_REQUEST,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        key = api_key if api_key is not None else os.environ.get(KEY_ENV, "")
+        if not key.strip():
+            raise StencilError(
+                f"{KEY_ENV} is not set: export your OpenAI API key as {KEY_ENV} "
+                f"(or {BASE_URL_ENV} for a compatible server), or caption offline with `--captioner template`"
+            )
+        if timeout_s <= 0:
+            raise BadInputError("--timeout must be a positive number of seconds")
+        if response_format not in ("json_schema", "json_object"):
+            raise BadInputError("response format must be json_schema or json_object")
+        self._key = key.strip()
+        self.model = model
+        self.base_url = base_url or os.environ.get(BASE_URL_ENV) or "https://api.openai.com/v1"
+        self.timeout_s = timeout_s
+        self.retry = retry or RetryPolicy()
+        self.max_side = max_side
+        self.detail = detail
+        self.response_format = response_format
+        self.max_photos_per_request = max(1, max_photos_per_request)
+        self._sleep = sleep
+        self._client: Any = None
+        self.name = f"openai:{model}"
+        self.requests_sent = 0
+
+    def __repr__(self) -> str:
+        return f"OpenAICaptioner(model={self.model!r}, base_url={self.base_url!r})"  # never the key
+
+    @property
+    def host(self) -> str:
+        """The server's host (for messages)."""
+        return urlsplit(self.base_url).netloc or self.base_url
+
+    def _openai(self) -> Any:
+        if self._client is None:
+            import openai
+
+            # our RetryPolicy does the retrying (bounded, configurable backoff), so the client's is off
+            self._client = openai.OpenAI(
+                api_key=self._key, base_url=self.base_url, timeout=self.timeout_s, max_retries=0
+            )
+        return self._client
+
+    # -- request building --
+
+    def encode_photo(self, path: Path) -> str:
+        """The photo downscaled (longer side <= max_side) as a JPEG data URL."""
+        image = load_rgb(path)
+        image.thumbnail((self.max_side, self.max_side), Image.Resampling.LANCZOS)
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=85)
+        return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+    def build_messages(self, photos: Sequence[Photo], phrase: str | None) -> list[dict[str, Any]]:
+        """The chat messages for one request: instructions, then each photo labelled with its number."""
+        numbers = ", ".join(str(photo.id) for photo in photos)
+        intro = f"Here are {len(photos)} photos of the subject, labelled with their numbers ({numbers})."
+        if phrase:
+            intro += " " + _fixed_phrase_rule(phrase)
+        content: list[dict[str, Any]] = [{"type": "text", "text": intro}]
+        for photo in photos:
+            content.append({"type": "text", "text": f"Photo {photo.id}:"})
+            content.append(
+                {
+                    "type": "image_url",
+                    "image_url": {"url": self.encode_photo(photo.path), "detail": self.detail},
+                }
+            )
+        return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": content}]
+
+    def _format_param(self) -> dict[str, Any]:
+        if self.response_format == "json_object":
+            return {"type": "json_object"}
+        return {
+            "type": "json_schema",
+            "json_schema": {"name": "subject_captions", "schema": ANSWER_SCHEMA, "strict": True},
+        }
+
+    # -- transport --
+
+    def _scrub(self, text: str) -> str:
+        return text.replace(self._key, "***") if self._key else text
+
+    def complete(self, messages: list[dict[str, Any]]) -> str:
+        """Send one chat completion (with bounded retries) and return the answer's text."""
+        import openai
+
+        client = self._openai()
+        attempt = 0
+        while True:
+            try:
+                self.requests_sent += 1
+                response = client.chat.completions.create(
+                    model=self.model,
+                    messages=messages,
+                    response_format=self._format_param(),
+                    temperature=0.2,
+                )
+                break
+            except openai.APITimeoutError:
+                raise StencilError(
+                    f"no answer from {self.host} within {self.timeout_s:g} s",
+                    hint="raise the limit with --timeout SECONDS, or try again later",
+                ) from None
+            except openai.AuthenticationError:
+                raise StencilError(
+                    f"{self.host} refused the key in {KEY_ENV} (HTTP 401)",
+                    hint=f"check {KEY_ENV}, or caption offline with `--captioner template`",
+                ) from None
+            except openai.BadRequestError as error:
+                if self.response_format == "json_schema" and "response_format" in self._message(error):
+                    self.response_format = "json_object"  # an older/compatible server: plain JSON mode
+                    continue
+                raise StencilError(f"{self.host} rejected the request: {self._message(error)}") from None
+            except openai.NotFoundError as error:
+                raise StencilError(
+                    f"{self.host} does not know model {self.model!r} (HTTP 404): {self._message(error)}",
+                    hint="pick another with --model",
+                ) from None
+            except (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError) as error:
+                quota = isinstance(error, openai.RateLimitError) and "insufficient_quota" in self._message(
+                    error
+                )
+                if quota or attempt >= self.retry.retries:
+                    raise StencilError(
+                        self._give_up_message(error, attempt), hint=self._give_up_hint(quota)
+                    ) from None
+                self._sleep(self.retry.wait(attempt, self._retry_after(error)))
+                attempt += 1
+            except openai.APIStatusError as error:
+                raise StencilError(
+                    f"{self.host} answered HTTP {error.status_code}: {self._message(error)}"
+                ) from None
+        choices = getattr(response, "choices", None) or []
+        if not choices:
+            return ""
+        message = choices[0].message
+        return (message.content or message.refusal or "") if message is not None else ""
+
+    def _message(self, error: Exception) -> str:
+        body = getattr(error, "body", None)
+        text = ""
+        if isinstance(body, dict):
+            inner = body.get("error", body)
+            if isinstance(inner, dict):
+                text = str(inner.get("message") or "").strip()
+                if inner.get("code"):
+                    text = f"{text} ({inner['code']})" if text else str(inner["code"])
+        text = text or str(getattr(error, "message", "") or error)
+        return self._scrub(" ".join(text.split()))[:300]
+
+    @staticmethod
+    def _retry_after(error: Exception) -> float | None:
+        response = getattr(error, "response", None)
+        headers = getattr(response, "headers", None)
+        if headers is None:
+            return None
+        for name, divisor in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
+            value = headers.get(name)
+            if value is not None:
+                try:
+                    return float(value) / divisor
+                except ValueError:
+                    return None
+        return None
+
+    def _give_up_message(self, error: Exception, attempt: int) -> str:
+        tries = f"after {attempt + 1} tries" if attempt else "on the first try"
+        status = getattr(error, "status_code", None)
+        if status == 429:
+            what = "rate limit or quota (HTTP 429)"
+        elif status is not None:
+            what = f"server error (HTTP {status})"
+        else:
+            what = f"cannot reach {self.base_url}"
+        detail = self._message(error) if status is not None else ""
+        return f"captioning failed {tries}: {what}" + (f": {detail}" if detail else "")
+
+    @staticmethod
+    def _give_up_hint(quota: bool) -> str:
+        if quota:
+            return "the account has no quota left: check its billing, or use `--captioner template`"
+        return f"try again later, check {BASE_URL_ENV} / your network, or use `--captioner template`"
+
+    # -- the captioning itself --
+
+    def caption(self, request: CaptionRequest) -> CaptionResult:
+        """Caption the photos, one request per batch of max_photos_per_request, validated and repaired."""
+        photos = list(request.photos)
+        if not photos:
+            raise BadInputError("no photos to caption")
+        phrase = clean_phrase(request.phrase)
+        result: CaptionResult | None = None
+        for start in range(0, len(photos), self.max_photos_per_request):
+            batch = photos[start : start + self.max_photos_per_request]
+            part = self._caption_batch(batch, phrase)
+            phrase = part.phrase  # later batches keep the phrase the first one settled
+            if result is None:
+                result = part
+            else:
+                result.captions.update(part.captions)
+                result.repaired.extend(part.repaired)
+                result.notes.extend(part.notes)
+        assert result is not None
+        return result
+
+    def _caption_batch(self, photos: list[Photo], phrase: str | None) -> CaptionResult:
+        messages = self.build_messages(photos, phrase)
+        first_text = self.complete(messages)
+        first = parse_answer(first_text, photos, phrase)
+        if not first.problems:
+            return first.to_result(self.name)
+        # one retry: show the model its answer and what is wrong with it
+        retry_messages = [
+            *messages,
+            {"role": "assistant", "content": first_text or "(empty answer)"},
+            {
+                "role": "user",
+                "content": "Your answer is not valid: "
+                + "; ".join(first.problems[:10])
+                + ". Answer again with the complete JSON for all photos."
+                + (f" {_fixed_phrase_rule(first.phrase)}" if first.phrase else ""),
+            },
+        ]
+        second = parse_answer(self.complete(retry_messages), photos, phrase or first.phrase)
+        notes = [f"the first answer was invalid ({'; '.join(first.problems[:3])}); asked again"]
+        for candidate in (second, first):
+            if candidate.repairable:
+                result = candidate.to_result(self.name, repair=True)
+                result.notes[:0] = notes
+                return result
+        problems = "; ".join(second.problems[:3])
+        raise StencilError(
+            f"{self.model} gave no usable captions after one retry ({problems}); nothing was stored",
+            hint="run the command again, try another --model, or use `--captioner template`",
+        )
+
+
+# -- answer validation ----------------------------------------------------------------------------
+
+
+@dataclass
+class ParsedAnswer:
+    """A model's answer checked against the request: what it says and what is wrong with it."""
+
+    phrase: str | None
+    description: str | None
+    captions: dict[int, str]  # photo id -> caption (as given)
+    problems: list[str]
+    structural: bool  # True if the problems go beyond captions lacking the phrase
+
+    @property
+    def repairable(self) -> bool:
+        """True if only captions lacking the phrase are wrong (which inserting the phrase fixes)."""
+        return not self.structural and self.phrase is not None
+
+    def to_result(self, source: str, *, repair: bool = False) -> CaptionResult:
+        """The answer as a CaptionResult, inserting the phrase where a caption lacks it if `repair`."""
+        assert self.phrase is not None
+        captions: dict[int, str] = {}
+        repaired: list[int] = []
+        for photo_id, text in self.captions.items():
+            if contains_phrase(text, self.phrase):
+                captions[photo_id] = text
+            elif repair:
+                captions[photo_id] = insert_phrase(text, self.phrase)
+                repaired.append(photo_id)
+            else:
+                raise AssertionError("unrepaired caption without the phrase")
+        notes = []
+        if repaired:
+            notes.append(f"inserted the phrase {self.phrase!r} into the caption of photo(s) {repaired}")
+        return CaptionResult(
+            phrase=self.phrase,
+            captions=captions,
+            source=source,
+            description=self.description,
+            repaired=repaired,
+            notes=notes,
+        )
+
+
+def parse_answer(text: str, photos: Sequence[Photo], phrase: str | None) -> ParsedAnswer:
+    """Parse and check a model's JSON answer for `photos`; `phrase` (if given) overrides the answer's."""
+    problems: list[str] = []
+    data = _load_json(text)
+    if not isinstance(data, dict):
+        what = "empty answer" if not (text or "").strip() else "the answer is not a JSON object"
+        return ParsedAnswer(phrase, None, {}, [what], structural=True)
+    structural = False
+    answered = clean_phrase(data.get("phrase")) if isinstance(data.get("phrase"), str) else None
+    if phrase is None:
+        if answered is None:
+            problems.append("'phrase' is missing or empty")
+            structural = True
+        elif len(answered.split()) > MAX_PHRASE_WORDS:
+            problems.append(f"'phrase' is too long ({answered!r}; use 1-4 words)")
+            structural = True
+            answered = None
+        phrase = answered
+    description = data.get("description")
+    description = (
+        " ".join(description.split()) if isinstance(description, str) and description.strip() else None
+    )
+    by_id = {photo.id: photo for photo in photos}
+    captions: dict[int, str] = {}
+    items = data.get("captions")
+    if isinstance(items, dict):  # {"1": "...", "2": "..."} is a common variation: accept it
+        items = [{"photo": key, "caption": value} for key, value in items.items()]
+    if not isinstance(items, list):
+        problems.append("'captions' is missing or not a list")
+        items = []
+        structural = True
+    for item in items:
+        if not isinstance(item, dict):
+            continue
+        number = _as_int(item.get("photo", item.get("image", item.get("id"))))
+        text_value = item.get("caption")
+        if number is None or number not in by_id:
+            problems.append(f"caption for unknown photo {item.get('photo')!r}")
+            structural = True
+            continue
+        if not isinstance(text_value, str) or not text_value.strip():
+            continue  # reported below as missing
+        captions[number] = " ".join(text_value.split())
+    missing = [photo.id for photo in photos if photo.id not in captions]
+    if missing:
+        problems.append(f"no caption for photo(s) {missing}")
+        structural = True
+    if phrase is not None:
+        lacking = [
+            photo.id
+            for photo in photos
+            if photo.id in captions and not contains_phrase(captions[photo.id], phrase)
+        ]
+        if lacking:
+            problems.append(f"the caption(s) of photo(s) {lacking} lack the phrase {phrase!r}")
+    return ParsedAnswer(phrase, description, captions, problems, structural)
+
+
+def _load_json(text: str | None) -> Any:
+    if not text:
+        return None
+    stripped = text.strip()
+    fenced = re.match(
+        r"^```(?:json)?\s*(.*?)\s*```$", stripped, re.DOTALL
+    )  # some servers wrap JSON in fences
+    if fenced:
+        stripped = fenced.group(1)
+    try:
+        return json.loads(stripped)
+    except ValueError:
+        return None
+
+
+def _as_int(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        match = re.search(r"\d+", value)
+        return int(match.group()) if match else None
+    return None
+
+
+def make_captioner(
+    kind: str,
+    *,
+    model: str = DEFAULT_MODEL,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    retries: int = DEFAULT_RETRIES,
+    backoff_s: float = DEFAULT_BACKOFF_S,
+) -> Captioner:
+    """Build the captioner called `kind` ('openai' or 'template')."""
+    if kind == "template":
+        return TemplateCaptioner()
+    if kind == "openai":
+        if retries < 0:
+            raise BadInputError("--retries must be 0 or more")
+        return OpenAICaptioner(
+            model=model, timeout_s=timeout_s, retry=RetryPolicy(retries=retries, backoff_s=backoff_s)
+        )
+    raise BadInputError(f"unknown captioner {kind!r}: use openai or template")
