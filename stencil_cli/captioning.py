@@ -244,6 +244,7 @@ class OpenAICaptioner:
         self.max_side = max_side
         self.detail = detail
         self.response_format = response_format
+        self.temperature: float | None = 0.2
         self.max_photos_per_request = max(1, max_photos_per_request)
         self._sleep = sleep
         self._client: Any = None
@@ -317,11 +318,9 @@ class OpenAICaptioner:
         while True:
             try:
                 self.requests_sent += 1
+                extra: dict[str, Any] = {} if self.temperature is None else {"temperature": self.temperature}
                 response = client.chat.completions.create(
-                    model=self.model,
-                    messages=messages,
-                    response_format=self._format_param(),
-                    temperature=0.2,
+                    model=self.model, messages=messages, response_format=self._format_param(), **extra
                 )
                 break
             except openai.APITimeoutError:
@@ -337,6 +336,9 @@ class OpenAICaptioner:
             except openai.BadRequestError as error:
                 if self.response_format == "json_schema" and "response_format" in self._message(error):
                     self.response_format = "json_object"  # an older/compatible server: plain JSON mode
+                    continue
+                if self.temperature is not None and "temperature" in self._message(error):
+                    self.temperature = None  # reasoning models accept only their default temperature
                     continue
                 raise StencilError(f"{self.host} rejected the request: {self._message(error)}") from None
             except openai.NotFoundError as error:

@@ -458,6 +458,25 @@ def test_json_schema_rejected_by_a_compatible_server_falls_back_to_json_object(
     assert all(caption for caption, _ in captions_of(robot).values())
 
 
+def test_a_model_that_rejects_temperature_is_asked_again_without_it(cli, robot, openai_env) -> None:
+    openai_env.replies = [
+        error_reply(400, "Unsupported value: 'temperature' does not support 0.2", "unsupported_value"),
+        completion(answer()),
+    ]
+    result = cli("caption", robot, "--model", "o4-mini")
+    assert result.exit_code == 0, result.output
+    assert [("temperature" in r["body"]) for r in openai_env.requests] == [True, False]
+
+
+def test_other_bad_requests_are_one_line_errors(cli, robot, openai_env) -> None:
+    openai_env.replies = [error_reply(400, "Invalid image data", "invalid_image")]
+    result = cli("caption", robot)
+    assert result.exit_code == 1
+    assert len(openai_env.requests) == 1
+    assert "rejected the request: Invalid image data (invalid_image)" in result.stderr
+    assert_nothing_stored(robot)
+
+
 def test_only_missing_captions_are_filled_unless_forced(cli, robot, openai_env, tmp_path) -> None:
     openai_env.replies = [completion(answer())]
     assert cli("caption", robot).exit_code == 0
