@@ -222,7 +222,7 @@ def _check_local_folder(path: Path, ref: str) -> dict[str, Any]:
     if not index.is_file():
         raise StencilError(
             f"{ref} is not a diffusers model folder (no model_index.json)",
-            hint="give a folder saved with save_pretrained, a Hub id, or a preset (sd15, sd3-medium, tiny)",
+            hint="give a folder saved with save_pretrained, a Hub id, or a preset such as sd15",
         )
     try:
         data = json.loads(index.read_text(encoding="utf-8"))
@@ -466,7 +466,8 @@ def _absent_components(index: dict[str, Any]) -> dict[str, None]:
 
 def load_subject_pipeline(ref: str, *, device: str = "auto", precision: str = "auto") -> Any:
     """Load an SD1.5-shaped StableDiffusionPipeline (SD1.5 DDIM, no safety checker) on device/dtype."""
-    from diffusers import StableDiffusionPipeline
+    with quiet_libraries():
+        from diffusers import StableDiffusionPipeline
 
     torch_device = resolve_device(device)
     dtype = resolve_dtype(precision, torch_device)
@@ -499,7 +500,8 @@ def load_context_pipeline(
     ref: str, *, device: str = "auto", precision: str = "auto", no_t5: bool = False
 ) -> Any:
     """Load the context (draft) text-to-image pipeline; SD3-shaped for tiny / sd3-medium; --no-t5 drops T5."""
-    from diffusers import DiffusionPipeline
+    with quiet_libraries():
+        from diffusers import DiffusionPipeline
 
     torch_device = resolve_device(device)
     dtype = resolve_dtype(precision, torch_device)
@@ -719,3 +721,247 @@ def ensure_tiny(folder: Path | None = None) -> Path:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return folder
+
+
+# -- full-size architectures (random weights, no download) ------------------------------------------------
+
+FULL_SIZE_PRESETS = ("sd15", "sd3-medium")
+
+
+def full_size_config(preset: str) -> dict[str, Any]:
+    """The shipped architecture configs of a full-size preset (``stencil_cli/configs/<preset>.json``)."""
+    from importlib import resources
+
+    if preset not in FULL_SIZE_PRESETS:
+        raise BadInputError(f"no full-size config for {preset!r}: use one of {', '.join(FULL_SIZE_PRESETS)}")
+    text = resources.files("stencil_cli").joinpath("configs", f"{preset}.json").read_text(encoding="utf-8")
+    return json.loads(text)
+
+
+def _instantiate(config: dict[str, Any]) -> torch.nn.Module:
+    """Build one component with random weights from its config (diffusers or transformers class)."""
+    import diffusers
+    import transformers
+
+    config = dict(config)
+    class_name = config.pop("_class_name")
+    if hasattr(diffusers, class_name) and not class_name.startswith(("CLIP", "T5")):
+        return getattr(diffusers, class_name).from_config(config)
+    model_cls = getattr(transformers, class_name)
+    config_cls = model_cls.config_class
+    if class_name.startswith("CLIP"):
+        config_cls = transformers.CLIPTextConfig
+    return model_cls(config_cls(**config))
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_full_size_component(
+    preset: str, component: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> torch.nn.Module:
+    """One real-sized network (e.g. sd15 unet, sd3-medium transformer) with random weights, built on device.
+
+    ``device="meta"`` builds it without memory (shapes and parameter counts only).
+    """
+    components = full_size_config(preset)["components"]
+    if component not in components:
+        raise BadInputError(f"{preset} has no component {component!r}: use one of {', '.join(components)}")
+    with quiet_libraries(), torch.device(device), _default_dtype(dtype):
+        module = _instantiate(components[component])
+    return module.eval()
+
+
+def full_size_parameter_counts(preset: str) -> dict[str, int]:
+    """Parameter count of every component of a full-size preset (built on the meta device, no memory)."""
+    return {
+        name: sum(p.numel() for p in build_full_size_component(preset, name, device="meta").parameters())
+        for name in full_size_config(preset)["components"]
+    }
+
+
+def byte_level_t5_tokenizer() -> Any:
+    """A T5 tokenizer over single characters (a Unigram vocabulary), for random-weight full-size SD3 runs."""
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
+    pieces += [(char, -2.0) for char in bytes_to_unicode().values()]
+    return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=512)
+
+
+def build_full_size_pipeline(
+    preset: str,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    no_t5: bool = False,
+) -> Any:
+    """A full-size SD1.5 or SD3 Medium pipeline, random weights, byte-level tokenizers (benchmarks)."""
+    with quiet_libraries():
+        from diffusers import (
+            FlowMatchEulerDiscreteScheduler,
+            StableDiffusion3Pipeline,
+            StableDiffusionPipeline,
+        )
+
+    def part(name: str) -> torch.nn.Module:
+        return build_full_size_component(preset, name, device=device, dtype=dtype)
+
+    if preset == "sd15":
+        with quiet_libraries():
+            return StableDiffusionPipeline(
+                vae=part("vae"),
+                text_encoder=part("text_encoder"),
+                tokenizer=byte_level_clip_tokenizer(),
+                unet=part("unet"),
+                scheduler=sd15_ddim_scheduler(),
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+            )
+    config = full_size_config(preset)
+    scheduler_config = {k: v for k, v in config["scheduler"].items() if not k.startswith("_")}
+    with quiet_libraries():
+        return StableDiffusion3Pipeline(
+            transformer=part("transformer"),
+            scheduler=FlowMatchEulerDiscreteScheduler(**scheduler_config),
+            vae=part("vae"),
+            text_encoder=part("text_encoder"),
+            tokenizer=byte_level_clip_tokenizer(),
+            text_encoder_2=part("text_encoder_2"),
+            tokenizer_2=byte_level_clip_tokenizer(pad_token="!"),
+            text_encoder_3=None if no_t5 else part("text_encoder_3"),
+            tokenizer_3=None if no_t5 else byte_level_t5_tokenizer(),
+        )
+
+
+# -- what is present locally, downloading -----------------------------------------------------------------
+
+
+def folder_size(path: Path) -> int:
+    """Total size in bytes of the files under `path` (following a top-level symlink)."""
+    total = 0
+    for root, _dirs, files in os.walk(Path(path), followlinks=True):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += (Path(root) / name).stat().st_size
+    return total
+
+
+def cached_repos() -> dict[str, dict[str, Any]]:
+    """Diffusers models in the Hugging Face cache: repo id -> {path, size_bytes, revisions}."""
+    from huggingface_hub import scan_cache_dir
+
+    cache = hub_cache_dir()
+    if not cache.is_dir():
+        return {}
+    try:
+        info = scan_cache_dir(cache)
+    except Exception:  # noqa: BLE001 - an unreadable cache is an empty one here
+        return {}
+    found: dict[str, dict[str, Any]] = {}
+    for repo in info.repos:
+        if repo.repo_type != "model":
+            continue
+        snapshots = [rev for rev in repo.revisions if (Path(rev.snapshot_path) / "model_index.json").exists()]
+        if not snapshots:
+            continue
+        latest = max(snapshots, key=lambda rev: rev.last_modified)
+        found[repo.repo_id] = {
+            "path": str(latest.snapshot_path),
+            "size_bytes": int(repo.size_on_disk),
+            "revisions": len(repo.revisions),
+        }
+    return found
+
+
+def model_status(
+    ref: str, role: str = SUBJECT, cache: dict[str, dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """Where a model reference points and whether it is available offline (no loading, no network)."""
+    source = resolve_ref(ref, role)
+    cache = cached_repos() if cache is None else cache
+    row: dict[str, Any] = {
+        "ref": ref,
+        "kind": source.kind,
+        "repo_id": source.repo_id,
+        "gated": source.gated,
+        "present": False,
+        "path": None,
+        "size_bytes": None,
+    }
+    if source.kind == "preset" and source.repo_id is None:
+        folder = tiny_dir()
+        row.update(present=tiny_ready(folder), path=str(folder))
+        if row["present"]:
+            row["size_bytes"] = folder_size(folder)
+    elif source.kind == "local":
+        assert source.path is not None
+        row.update(present=(source.path / "model_index.json").is_file(), path=str(source.path))
+        row["size_bytes"] = folder_size(source.path) if row["present"] else None
+    elif source.repo_id in cache:
+        entry = cache[source.repo_id]
+        row.update(present=True, path=entry["path"], size_bytes=entry["size_bytes"])
+    return row
+
+
+def inspect_ref(ref: str, role: str = SUBJECT) -> tuple[ModelSource, dict[str, Any]]:
+    """Resolve `ref` and read its model_index.json without loading weights; raises clear errors."""
+    source = resolve_ref(ref, role)
+    gated = _gated_without_token(source)
+    if gated:
+        raise gated
+    _location_str, index = _location(source)
+    return source, index
+
+
+def pull_model(ref: str, role: str = SUBJECT, *, progress: bool = True) -> Path:
+    """Download a Hub model (configs, tokenizers, safetensors) into the HF cache; tiny: build it."""
+    source = resolve_ref(ref, role)
+    if source.kind == "preset" and source.repo_id is None:
+        return ensure_tiny()
+    if source.kind == "local":
+        raise BadInputError(f"{ref} is a local folder: there is nothing to download")
+    assert source.repo_id is not None
+    if is_offline():
+        raise StencilError(
+            f"cannot download {source.label}: HF_HUB_OFFLINE is set",
+            hint="unset HF_HUB_OFFLINE (or set it to 0) and run the command again",
+        )
+    gated = _gated_without_token(source)
+    if gated:
+        raise gated
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was_disabled = are_progress_bars_disabled()
+    if not progress:
+        disable_progress_bars()
+    try:
+        folder = snapshot_download(
+            source.repo_id,
+            cache_dir=str(hub_cache_dir()),
+            allow_patterns=PULL_ALLOW_PATTERNS,
+            ignore_patterns=PULL_IGNORE_PATTERNS,
+        )
+    except Exception as error:  # noqa: BLE001 - translated into one line
+        translated = hub_error(error, source)
+        if translated is not None:
+            raise translated from error
+        raise StencilError(f"download of {source.label} failed: {error}") from error
+    finally:
+        if not progress and not was_disabled:
+            enable_progress_bars()
+    if not (Path(folder) / "model_index.json").is_file():
+        raise StencilError(
+            f"{source.label} is not a diffusers model (no model_index.json)",
+            hint="stencil needs a model saved in diffusers layout",
+        )
+    return Path(folder)
