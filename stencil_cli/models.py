@@ -608,16 +608,17 @@ def build_tiny_subject_pipeline() -> Any:
         sample_size=64,
         scaling_factor=0.18215,
     )
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=sd15_ddim_scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    with quiet_libraries():  # the pipeline warns about steps_offset=0, which METHOD.md asks for
+        return StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=sd15_ddim_scheduler(),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
 
 
 def build_tiny_context_pipeline() -> Any:
