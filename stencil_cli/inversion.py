@@ -1,0 +1,279 @@
+"""DDIM inversion and null-text optimisation (Mokady et al., CVPR 2023), diffusers-pipeline style.
+
+The loops are written out step by step. The UNet and the DDIM scheduler are passed in; nothing here builds a
+model, touches the store or prints. METHOD.md section 3 is the algorithm; the reference settings are the
+defaults of `NullTextSettings`.
+
+Conventions used throughout:
+
+* ``scheduler.set_timesteps(steps)`` gives the denoising timesteps, noisiest first: ``t_0 > t_1 > ...``.
+  A denoising step at ``t`` goes from noise level ``t`` to ``t - stride`` (``stride = T // steps``, the same
+  formula as ``DDIMScheduler.step``; below 0 it lands on ``final_alpha_cumprod``).
+* DDIM inversion walks the same timesteps backwards, each inverse step going from ``t - stride`` to ``t``,
+  so that inversion and denoising use exactly the same pairs of noise levels (the alignment pitfall).
+* A trajectory is a list ``[z_clean, z_1, ..., z_steps]``: ``trajectory[k]`` is the latent after ``k`` inverse
+  steps, so denoising step ``i`` (from the noisiest) goes from ``trajectory[steps - i]`` towards
+  ``trajectory[steps - i - 1]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F  # noqa: N812 - the usual name
+
+# progress hook: (stage, step done (1-based), total steps, extra info) -> None
+ProgressHook = Callable[[str, int, int, dict[str, Any]], None]
+
+
+def no_progress(stage: str, step: int, total: int, extra: dict[str, Any]) -> None:
+    """A progress hook that does nothing."""
+    return None
+
+
+@dataclass(frozen=True)
+class NullTextSettings:
+    """Null-text optimisation settings; the defaults are the reference settings (METHOD.md section 3)."""
+
+    guidance: float = 7.5
+    inner_steps: int = 10
+    lr: float = 1e-2
+    early_stop: float = 1e-5  # step i stops once its loss < early_stop + i * early_stop_slope
+    early_stop_slope: float = 2e-5
+
+
+@dataclass
+class InversionResult:
+    """What inverting one latent produced."""
+
+    trajectory: list[torch.Tensor]  # [z_clean, ..., z_noisiest], float32
+    null_embeddings: list[torch.Tensor]  # one per denoising step, noisiest first, float32
+    method: str  # "nti" | "npi" | "ddim"
+    inner_iterations: list[int] = field(default_factory=list)  # per step (nti)
+    losses: list[float] = field(default_factory=list)  # last loss per step (nti)
+
+    @property
+    def latent(self) -> torch.Tensor:
+        """The inverted (noisiest) latent that denoising starts from."""
+        return self.trajectory[-1]
+
+
+# -- prompt embeddings ------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def encode_prompt(pipe: Any, prompt: str, device: torch.device | str | None = None) -> torch.Tensor:
+    """Text-encoder hidden states of `prompt` (shape [1, tokens, dim]) for an SD1.5-style pipeline."""
+    device = torch.device(device) if device is not None else pipe.unet.device
+    embeds, _ = pipe.encode_prompt(prompt, device, 1, False)
+    return embeds
+
+
+# -- DDIM arithmetic ----------------------------------------------------------------------------------
+
+
+def stride_of(scheduler: Any) -> int:
+    """Training timesteps between two inference steps (``T // steps``), as DDIMScheduler.step uses."""
+    return scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+
+
+def _alpha(scheduler: Any, timestep: int) -> torch.Tensor:
+    alphas = scheduler.alphas_cumprod
+    return alphas[timestep] if timestep >= 0 else scheduler.final_alpha_cumprod
+
+
+def _move(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return value.to(device=like.device, dtype=like.dtype)
+
+
+def _check_epsilon(scheduler: Any) -> None:
+    kind = scheduler.config.get("prediction_type", "epsilon")
+    if kind != "epsilon":
+        raise ValueError(f"only epsilon-prediction subject models are supported (got {kind!r})")
+
+
+def ddim_step(scheduler: Any, noise: torch.Tensor, timestep: int, latent: torch.Tensor) -> torch.Tensor:
+    """One deterministic DDIM denoising step (eta 0) from level `timestep` to `timestep - stride`."""
+    t = int(timestep)
+    alpha_t = _move(_alpha(scheduler, t), latent)
+    alpha_prev = _move(_alpha(scheduler, t - stride_of(scheduler)), latent)
+    clean = (latent - (1 - alpha_t).sqrt() * noise) / alpha_t.sqrt()
+    return alpha_prev.sqrt() * clean + (1 - alpha_prev).sqrt() * noise
+
+
+def ddim_inverse_step(
+    scheduler: Any, noise: torch.Tensor, timestep: int, latent: torch.Tensor
+) -> torch.Tensor:
+    """One DDIM inversion step from level `timestep - stride` up to `timestep` (the exact inverse pairing)."""
+    t = int(timestep)
+    alpha_t = _move(_alpha(scheduler, t), latent)
+    alpha_prev = _move(_alpha(scheduler, t - stride_of(scheduler)), latent)
+    clean = (latent - (1 - alpha_prev).sqrt() * noise) / alpha_prev.sqrt()
+    return alpha_t.sqrt() * clean + (1 - alpha_t).sqrt() * noise
+
+
+def _unet(unet: Any, latent: torch.Tensor, timestep: int, embeds: torch.Tensor) -> torch.Tensor:
+    dtype = unet.dtype
+    out = unet(latent.to(dtype), timestep, encoder_hidden_states=embeds.to(dtype)).sample
+    return out.to(latent.dtype)
+
+
+def guided_noise(
+    unet: Any,
+    latent: torch.Tensor,
+    timestep: int,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    guidance: float,
+) -> torch.Tensor:
+    """Classifier-free guided noise prediction (one batched UNet call for uncond + cond)."""
+    if guidance == 1.0:
+        return _unet(unet, latent, timestep, cond)
+    both = _unet(unet, torch.cat([latent, latent]), timestep, torch.cat([uncond, cond]))
+    noise_uncond, noise_cond = both.chunk(2)
+    return noise_uncond + guidance * (noise_cond - noise_uncond)
+
+
+# -- inversion ----------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def ddim_inversion(
+    unet: Any,
+    scheduler: Any,
+    latent: torch.Tensor,
+    cond: torch.Tensor,
+    *,
+    progress: ProgressHook = no_progress,
+) -> list[torch.Tensor]:
+    """DDIM-invert a clean latent under the conditional prompt only (guidance 1); returns the trajectory.
+
+    `scheduler.set_timesteps(steps)` must have been called; the result has ``steps + 1`` float32 latents.
+    """
+    _check_epsilon(scheduler)
+    latent = latent.float()
+    trajectory = [latent]
+    timesteps = [int(t) for t in scheduler.timesteps.flip(0)]  # least noisy first
+    for k, t in enumerate(timesteps):
+        noise = _unet(unet, latent, t, cond)
+        latent = ddim_inverse_step(scheduler, noise, t, latent)
+        trajectory.append(latent)
+        progress("inversion", k + 1, len(timesteps), {"t": t})
+    return trajectory
+
+
+def null_text_optimization(
+    unet: Any,
+    scheduler: Any,
+    trajectory: list[torch.Tensor],
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    settings: NullTextSettings = NullTextSettings(),
+    *,
+    progress: ProgressHook = no_progress,
+) -> InversionResult:
+    """Optimise one unconditional embedding per step so guided DDIM steps retrace `trajectory`.
+
+    Reference settings: per step ``i`` from the noisiest a fresh Adam at ``lr * (1 - i / 100)``, at most
+    `inner_steps` iterations, early stop once the loss is below ``early_stop + i * early_stop_slope``, warm
+    start from the previous step's result, the conditional prediction computed once per step without
+    gradients, all in float32 (the UNet must run in float32; `generation` upcasts it for the inversion).
+    """
+    _check_epsilon(scheduler)
+    timesteps = [int(t) for t in scheduler.timesteps]
+    steps = len(timesteps)
+    if len(trajectory) != steps + 1:
+        raise ValueError(f"trajectory has {len(trajectory)} latents, expected {steps + 1}")
+    cond = cond.detach().float()
+    current_uncond = uncond.detach().float()
+    latent = trajectory[-1].detach().float()
+    null_embeddings: list[torch.Tensor] = []
+    iterations: list[int] = []
+    losses: list[float] = []
+    # the reference decays over 100 steps; with more steps decay over all of them (lr stays positive)
+    decay_over = max(100, steps)
+    was_training = unet.training
+    unet.eval()
+    grad_flags = [p.requires_grad for p in unet.parameters()]
+    unet.requires_grad_(False)
+    try:
+        for i, t in enumerate(timesteps):
+            target = trajectory[steps - i - 1].detach().float()
+            null = current_uncond.clone().requires_grad_(True)
+            optimizer = torch.optim.Adam([null], lr=settings.lr * (1.0 - i / decay_over))
+            with torch.no_grad():
+                noise_cond = _unet(unet, latent, t, cond)
+            threshold = settings.early_stop + i * settings.early_stop_slope
+            done = 0
+            loss_value = float("nan")
+            for _ in range(settings.inner_steps):
+                with torch.enable_grad():
+                    noise_uncond = _unet(unet, latent, t, null)
+                    noise = noise_uncond + settings.guidance * (noise_cond - noise_uncond)
+                    loss = F.mse_loss(ddim_step(scheduler, noise, t, latent), target)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                optimizer.step()
+                done += 1
+                loss_value = loss.item()
+                progress("null-text", i + 1, steps, {"inner": done, "loss": loss_value})
+                if loss_value < threshold:
+                    break
+            current_uncond = null.detach()
+            null_embeddings.append(current_uncond)
+            iterations.append(done)
+            losses.append(loss_value)
+            with torch.no_grad():
+                noise = guided_noise(unet, latent, t, cond, current_uncond, settings.guidance)
+                latent = ddim_step(scheduler, noise, t, latent)
+            progress("null-text", i + 1, steps, {"inner": done, "loss": loss_value, "step_done": True})
+    finally:
+        for parameter, flag in zip(unet.parameters(), grad_flags, strict=True):
+            parameter.requires_grad_(flag)
+        unet.train(was_training)
+    return InversionResult(
+        trajectory=[z.detach().float() for z in trajectory],
+        null_embeddings=null_embeddings,
+        method="nti",
+        inner_iterations=iterations,
+        losses=losses,
+    )
+
+
+def negative_prompt_inversion(trajectory: list[torch.Tensor], cond: torch.Tensor) -> InversionResult:
+    """Negative-prompt inversion (Miyake et al.): every step's null embedding is the prompt embedding."""
+    steps = len(trajectory) - 1
+    null = cond.detach().float()
+    return InversionResult(
+        trajectory=[z.detach().float() for z in trajectory],
+        null_embeddings=[null] * steps,
+        method="npi",
+        inner_iterations=[0] * steps,
+    )
+
+
+def invert(
+    unet: Any,
+    scheduler: Any,
+    latent: torch.Tensor,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    *,
+    method: str = "nti",
+    settings: NullTextSettings = NullTextSettings(),
+    progress: ProgressHook = no_progress,
+) -> InversionResult:
+    """DDIM-invert `latent`, then null-text optimisation ("nti"), negative-prompt inversion ("npi") or
+    nothing ("ddim": the null embeddings are `uncond` at every step)."""
+    trajectory = ddim_inversion(unet, scheduler, latent, cond, progress=progress)
+    if method == "nti":
+        return null_text_optimization(unet, scheduler, trajectory, cond, uncond, settings, progress=progress)
+    if method == "npi":
+        return negative_prompt_inversion(trajectory, cond)
+    if method == "ddim":
+        steps = len(trajectory) - 1
+        return InversionResult(trajectory, [uncond.detach().float()] * steps, "ddim", [0] * steps)
+    raise ValueError(f"unknown inversion method {method!r} (nti, npi or ddim)")
