@@ -251,7 +251,8 @@ def test_full_size_configs_have_the_real_shapes() -> None:
     assert sd3["transformer"] == 2_028_328_000
     assert sd3["text_encoder_3"] == 4_762_310_656
     unet = models.build_full_size_component("sd15", "unet", device="meta")
-    assert unet.config.cross_attention_dim == 768 and list(unet.config.block_out_channels) == [320, 640, 1280, 1280]
+    assert unet.config.cross_attention_dim == 768
+    assert list(unet.config.block_out_channels) == [320, 640, 1280, 1280]
     with pytest.raises(BadInputError):
         models.full_size_config("sdxl")
 
