@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=None, help="default: 6 (the paper's)")
+    parser.add_argument("--resolution", type=int, default=None, help="image px (default: the model's)")
     parser.add_argument("--photos", type=int, default=4, help="reference photos (sampled with replacement)")
     parser.add_argument("--precision", default=None, help="fp32|fp16|bf16 (default: bf16 on CUDA)")
     parser.add_argument("--train", default="decoder", choices=("decoder", "all"))
@@ -72,6 +73,8 @@ def main() -> None:
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     batch = args.batch_size or 6
     unet, scheduler, latent, text_dim = build(args.preset, device)
+    if args.resolution:
+        latent = args.resolution // 8
     generator = torch.Generator().manual_seed(0)
     latents = torch.randn(args.photos, 4, latent, latent, generator=generator).to(device)
     embeddings = torch.randn(args.photos, 77, text_dim, generator=generator).to(device)
