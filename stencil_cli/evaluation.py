@@ -82,9 +82,7 @@ def parse_eval_models(spec: str | None) -> EvalModelRefs:
         raise BadInputError(f"bad --eval-models {spec!r}: do not mix 'REF' and 'dino=REF' forms")
     if positional:
         if len(positional) != 2:
-            raise BadInputError(
-                f"bad --eval-models {spec!r}: give two models, DINO_REF,CLIP_REF (or 'tiny')"
-            )
+            raise BadInputError(f"bad --eval-models {spec!r}: give two models, DINO_REF,CLIP_REF (or 'tiny')")
         return EvalModelRefs(positional[0], positional[1])
     return EvalModelRefs(named.get("dino", DEFAULT_DINO), named.get("clip", DEFAULT_CLIP))
 

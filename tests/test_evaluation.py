@@ -1,0 +1,376 @@
+"""Evaluation (issue 7): DINO / CLIP-I / CLIP-T scores, DreamBench parsing, `stencil eval`, the runner."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from stencil_cli import evaluation
+from stencil_cli.errors import BadInputError, StencilError
+
+SHARED_DREAMBENCH = Path(__file__).resolve().parents[1] / ".." / "shared" / "dreambench"
+
+# A two-subject DreamBench in the real file's format (one object, one live subject), for the runner tests.
+PROMPT_FILE = """Classes
+
+subject_name,class
+backpack,backpack
+dog,dog
+
+Prompts
+
+Object Prompts
+
+prompt_list = [
+'a {0} {1} in the jungle'.format(unique_token, class_token),
+'a {0} {1} in the snow'.format(unique_token, class_token),
+'a red {0} {1}'.format(unique_token, class_token)
+]
+
+Live Subject Prompts
+
+prompt_list = [
+'a {0} {1} in the jungle'.format(unique_token, class_token),
+'a {0} {1} wearing a red hat'.format(unique_token, class_token),
+'a {0} {1} in a chef outfit'.format(unique_token, class_token)
+]
+"""
+
+TINY_RUN = [
+    "--prompts", "2", "--images-per-prompt", "1", "--train-steps", "1", "--batch-size", "2",
+    "--steps", "2", "--inner-steps", "1", "--draft-steps", "1",
+    "--subject-model", "tiny", "--context-model", "tiny", "--device", "cpu", "--precision", "fp32",
+    "--eval-models", "tiny",
+]  # fmt: skip
+
+
+def random_image(seed: int, size: int = 64) -> Image.Image:
+    """A reproducible noise picture."""
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((size, size, 3)) * 255).astype("uint8"))
+
+
+def smooth_image(seed: int, size: int = 256) -> Image.Image:
+    """A smooth colour gradient (a plausible photo stand-in, large enough for `stencil add`)."""
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0, 1, size)
+    colour = rng.random(3)
+    pixels = np.stack([np.outer(ramp, ramp) * c + (1 - c) * ramp[None, :] for c in colour], axis=-1)
+    return Image.fromarray((pixels * 255).astype("uint8"))
+
+
+# -- fixtures ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_eval_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny eval models, built once per session."""
+    from stencil_cli.tiny_eval import ensure_tiny_eval
+
+    return ensure_tiny_eval(tmp_path_factory.mktemp("tiny-eval") / "tiny-eval")
+
+
+@pytest.fixture
+def tiny_eval(tiny_eval_build: Path, stencil_home: Path) -> Path:
+    """Make `--eval-models tiny` available in this test's store (a symlink to the session build)."""
+    target = stencil_home / "models" / "tiny-eval"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not target.exists():
+        target.symlink_to(tiny_eval_build, target_is_directory=True)
+    return target
+
+
+@pytest.fixture(scope="session")
+def eval_models(tiny_eval_build: Path) -> evaluation.EvalModels:
+    """The tiny DINO and CLIP, loaded through the same from_pretrained path as the real ones."""
+    refs = evaluation.EvalModelRefs(str(tiny_eval_build / "dino"), str(tiny_eval_build / "clip"))
+    return evaluation.load_eval_models(refs, "cpu")
+
+
+@pytest.fixture
+def fake_dreambench(tmp_path: Path) -> Path:
+    """A DreamBench folder with two subjects of two small photos each."""
+    root = tmp_path / "dreambench"
+    for index, name in enumerate(("backpack", "dog")):
+        (root / name).mkdir(parents=True)
+        for k in range(2):
+            smooth_image(10 * index + k).save(root / name / f"{k:02d}.png")
+    (root / "prompts_and_classes.txt").write_text(PROMPT_FILE, encoding="utf-8")
+    return root
+
+
+# -- scores -----------------------------------------------------------------------------------------------
+
+
+def test_identical_images_score_one(eval_models: evaluation.EvalModels) -> None:
+    image = random_image(1)
+    [scores] = evaluation.score_images(eval_models, [image], [image], ["a dog"])
+    assert scores.dino == pytest.approx(1.0, abs=1e-5)
+    assert scores.clip_i == pytest.approx(1.0, abs=1e-5)
+    other = random_image(2)
+    [different] = evaluation.score_images(eval_models, [other], [image], ["a dog"])
+    assert different.dino < 0.99999 and different.clip_i < 0.99999
+
+
+def test_scores_are_cosines_in_range_and_means(eval_models: evaluation.EvalModels) -> None:
+    generated = [random_image(i) for i in range(3)] + [Image.new("RGB", (80, 48), "black")]
+    references = [random_image(10), smooth_image(3, 64)]
+    prompts = ["a dog in the jungle", "a red backpack", "", "x" * 300]  # empty and over-long prompts too
+    scores = evaluation.score_images(eval_models, generated, references, prompts)
+    assert len(scores) == 4
+    for item in scores:
+        for value in item.to_dict().values():
+            assert -1.0 <= value <= 1.0
+    # DINO is the mean pairwise cosine against every reference
+    dino_gen = evaluation.dino_embeddings(eval_models, generated[:1])
+    dino_ref = evaluation.dino_embeddings(eval_models, references)
+    assert scores[0].dino == pytest.approx(float((dino_gen @ dino_ref.T).mean()), abs=1e-5)
+    mean = evaluation.mean_scores(scores)
+    assert mean["dino"] == pytest.approx(sum(s.dino for s in scores) / 4)
+    assert evaluation.mean_scores([]) == {"dino": None, "clip_i": None, "clip_t": None}
+
+
+def test_dino_uses_the_cls_token_not_the_pooler(eval_models: evaluation.EvalModels) -> None:
+    assert eval_models.dino.pooler is None  # loaded with add_pooling_layer=False
+    image = random_image(4)
+    pixels = eval_models.dino_processor(images=[image], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        cls = eval_models.dino(pixel_values=pixels).last_hidden_state[:, 0]
+    expected = torch.nn.functional.normalize(cls, dim=-1)
+    assert torch.allclose(evaluation.dino_embeddings(eval_models, [image]), expected, atol=1e-6)
+
+
+def test_clip_t_uses_the_prompt_text(eval_models: evaluation.EvalModels) -> None:
+    image = random_image(5)
+    prompts = ["a dog in the jungle", "a purple teapot on a mirror"]
+    scores = evaluation.score_images(eval_models, [image, image], [image], prompts)
+    assert scores[0].clip_t != pytest.approx(scores[1].clip_t, abs=1e-6)
+    text = evaluation.clip_text_embeddings(eval_models, prompts)
+    picture = evaluation.clip_image_embeddings(eval_models, [image])
+    assert scores[1].clip_t == pytest.approx(float(picture[0] @ text[1]), abs=1e-5)
+    assert scores[0].clip_i == scores[1].clip_i  # the image scores do not depend on the text
+
+
+def test_parse_eval_models() -> None:
+    default = evaluation.parse_eval_models(None)
+    assert (default.dino, default.clip) == ("facebook/dino-vits16", "openai/clip-vit-base-patch32")
+    assert evaluation.parse_eval_models("tiny") == evaluation.EvalModelRefs("tiny", "tiny")
+    assert evaluation.parse_eval_models("a/b,c/d") == evaluation.EvalModelRefs("a/b", "c/d")
+    assert evaluation.parse_eval_models("clip=c/d") == evaluation.EvalModelRefs("facebook/dino-vits16", "c/d")
+    for bad in ("a/b", "a/b,c/d,e/f", "dino=a/b,c/d", "vit=a/b", "a/b,"):
+        with pytest.raises(BadInputError):
+            evaluation.parse_eval_models(bad)
+
+
+def test_uncached_eval_model_offline_says_how_to_pull(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(StencilError, match=r"stencil models pull facebook/dino-vits16"):
+        evaluation.load_eval_models(evaluation.EvalModelRefs(), "cpu")
+
+
+# -- DreamBench prompts -----------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not SHARED_DREAMBENCH.is_dir(), reason="shared DreamBench folder absent")
+def test_shared_prompt_file_parses() -> None:
+    bench = evaluation.load_dreambench(SHARED_DREAMBENCH)
+    assert len(bench.subjects) == 30
+    assert len(bench.object_prompts) == 25 and len(bench.live_prompts) == 25
+    live = sorted(name for name, subject in bench.subjects.items() if subject.live)
+    assert live == ["cat", "cat2", "dog", "dog2", "dog3", "dog5", "dog6", "dog7", "dog8"]
+    for name in bench.subjects:
+        assert len(bench.prompts(name)) == 25
+    assert bench.subjects["robot_toy"].class_word == "toy"
+    assert bench.subjects["bear_plushie"].class_word == "stuffed animal"
+    assert bench.prompts("dog")[10] == "a dog wearing a red hat"  # live list
+    assert bench.prompts("backpack")[10] == "a backpack with a wheat field in the background"  # object list
+    assert bench.prompts("robot_toy")[-1] == "a cube shaped toy"
+    assert evaluation.format_prompt(bench.object_prompts[0], "dog", "sks") == "a sks dog in the jungle"
+    present = evaluation.available_subjects(bench, SHARED_DREAMBENCH)
+    assert {"backpack", "cat", "dog", "robot_toy", "teapot"} <= set(present)
+
+
+def test_subject_selection_errors(fake_dreambench: Path) -> None:
+    bench = evaluation.load_dreambench(fake_dreambench)
+    assert evaluation.select_subjects(bench, fake_dreambench, None) == ["backpack", "dog"]
+    with pytest.raises(BadInputError, match="unknown DreamBench subject 'dgo'; did you mean 'dog'"):
+        evaluation.select_subjects(bench, fake_dreambench, ["dgo"])
+    prompt_file = fake_dreambench / "prompts_and_classes.txt"
+    prompt_file.write_text("Classes\n\nsubject_name,class\n", encoding="utf-8")
+    with pytest.raises(BadInputError, match="no object prompts"):
+        evaluation.load_dreambench(fake_dreambench)
+
+
+def test_bench_bad_input_is_a_clear_error(cli, tmp_path: Path, fake_dreambench: Path) -> None:
+    empty = tmp_path / "not-dreambench"
+    empty.mkdir()
+    result = cli("bench", "dreambench", empty)
+    assert result.exit_code == 2
+    assert "has no prompts_and_classes.txt" in result.output and "Traceback" not in result.output
+    result = cli("bench", "dreambench", fake_dreambench, "--subjects", "dog,teapot")
+    assert result.exit_code == 2
+    assert "unknown DreamBench subject 'teapot'" in result.output
+
+
+# -- stencil eval -----------------------------------------------------------------------------------------
+
+
+def test_eval_command_scores_and_stores(
+    cli, tmp_path: Path, tiny_eval: Path, eval_models: evaluation.EvalModels
+) -> None:
+    from stencil_cli.store import open_store
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for k in range(2):
+        smooth_image(k).save(photos / f"{k}.png")
+    assert cli("add", "rex", photos, "--phrase", "dog").exit_code == 0
+    store = open_store()
+    subject = store.get_subject("rex")
+    first = store.add_generation(
+        "rex", {"prompt": "a dog in the snow", "seed": 0, "image_path": Path(subject.images[0]["file"])}
+    )
+    out = store.generation_dir("rex") / "x.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    random_image(7).save(out)
+    second = store.add_generation("rex", {"prompt": "on the beach", "seed": 1, "image_path": out})
+
+    result = cli("eval", "rex", "--eval-models", "tiny", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert [row["id"] for row in data["generations"]] == [first["id"], second["id"]]
+    by_id = {row["id"]: row for row in data["generations"]}
+    # generation 1 is photo 0 itself: its CLIP-I is the mean of 1.0 and its cosine with photo 1
+    photo_embeddings = evaluation.clip_image_embeddings(eval_models, [smooth_image(0), smooth_image(1)])
+    expected = (1.0 + float(photo_embeddings[0] @ photo_embeddings[1])) / 2
+    assert by_id[first["id"]]["scores"]["clip_i"] == pytest.approx(expected, abs=1e-4)
+    assert by_id[second["id"]]["clip_t_text"] == "a dog on the beach"  # the subject prompt, phrase included
+    stored = store.get_generation(second["id"])["scores"]
+    assert stored["clip_t"] == pytest.approx(by_id[second["id"]]["scores"]["clip_t"])
+    assert stored["eval_models"] == {"dino": "tiny", "clip": "tiny"}
+    assert data["mean"]["dino"] == pytest.approx(
+        (by_id[first["id"]]["scores"]["dino"] + by_id[second["id"]]["scores"]["dino"]) / 2
+    )
+
+    only = cli("eval", "rex", "--eval-models", "tiny", "--generations", str(second["id"]))
+    assert only.exit_code == 0 and "on the beach" in only.stdout and "snow" not in only.stdout
+    missing = cli("eval", "rex", "--eval-models", "tiny", "--generations", "999")
+    assert missing.exit_code == 1 and "no generation(s) 999" in missing.output
+    assert cli("eval", "rex", "--generations", "x").exit_code == 2
+
+
+# -- the runner -------------------------------------------------------------------------------------------
+
+
+def score_rows(results: dict) -> list[tuple]:
+    """The merged table without timings, rounded to the table's precision."""
+    return [
+        (row["subject"], row["images"], *(round(row[key], 4) for key in ("dino", "clip_t", "clip_i")))
+        for row in results["subjects"]
+    ]
+
+
+def table_without_time(markdown: str) -> list[str]:
+    """The Markdown table minus its GPU-seconds column."""
+    return [line.rsplit("|", 2)[0] for line in markdown.splitlines() if line.startswith("|")]
+
+
+@pytest.fixture
+def reference_run(cli, tmp_path: Path, fake_dreambench: Path, tiny_preset: Path, tiny_eval: Path) -> Path:
+    """An uninterrupted single-process run of the runner on the tiny preset."""
+    out = tmp_path / "single"
+    result = cli("bench", "dreambench", fake_dreambench, "--out", out, *TINY_RUN, "--json")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_runner_completes_and_resumes_after_interruption(
+    cli, tmp_path: Path, fake_dreambench: Path, reference_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stencil_cli import generation
+    from stencil_cli.commands import bench
+    from stencil_cli.store import Store
+
+    reference = json.loads((reference_run / "results.json").read_text())
+    assert [row["subject"] for row in reference["subjects"]] == ["backpack", "dog"]
+    assert reference["overall"]["images"] == 4 and all(row["images"] == 2 for row in reference["subjects"])
+    for key in ("dino", "clip_t", "clip_i"):
+        assert -1 <= reference["overall"][key] <= 1
+    for name in ("backpack", "dog"):
+        assert (reference_run / "subjects" / name / "contact-sheet.png").is_file()
+    assert (reference_run / "scores.png").is_file() and (reference_run / "results.md").is_file()
+    dog = json.loads((reference_run / "subjects" / "dog" / "result.json").read_text())
+    assert [p["prompt"] for p in dog["prompts"]] == ["a dog in the jungle", "a dog wearing a red hat"]
+    assert dog["prompts"][1]["text"] == "a dog wearing a red hat" and dog["gpu_seconds"] > 0
+
+    real_guided = generation.guided_images
+    calls: list[str] = []
+
+    def interrupt_at_fourth(*args, **kwargs):
+        calls.append(args[2])
+        if len(calls) == 4:  # the second image of the second subject
+            raise KeyboardInterrupt
+        return real_guided(*args, **kwargs)
+
+    out = tmp_path / "resumed"
+    monkeypatch.setattr(generation, "guided_images", interrupt_at_fourth)
+    result = cli("bench", "dreambench", fake_dreambench, "--out", out, *TINY_RUN)
+    assert result.exit_code == 130
+    assert (out / "subjects" / "backpack" / "result.json").is_file()
+    assert not (out / "subjects" / "dog" / "result.json").exists()
+    assert not (out / "results.json").exists()
+    backpack_mtime = (out / "subjects" / "backpack" / "result.json").stat().st_mtime_ns
+
+    calls.clear()
+    trained: list[str] = []
+    real_train = bench.Runner.train
+
+    def counting_train(self, job):
+        trained.append(job.name)
+        return real_train(self, job)
+
+    monkeypatch.setattr(bench.Runner, "train", counting_train)
+    result = cli("bench", "dreambench", fake_dreambench, "--out", out, *TINY_RUN)
+    assert result.exit_code == 0, result.output
+    assert calls == ["a dog wearing a red hat"]  # only the missing image was made
+    assert trained == ["dog"]  # its finished run was found again, not retrained
+    store = Store(out / "store")
+    assert [run["status"] for run in store.list_runs("dog")] == ["done"]
+    assert len(store.list_generations("dog")) == 2
+    store.close()
+    assert (out / "subjects" / "backpack" / "result.json").stat().st_mtime_ns == backpack_mtime
+    resumed = json.loads((out / "results.json").read_text())
+    assert score_rows(resumed) == score_rows(reference)
+
+    # a finished benchmark is not redone; other settings in the same folder are refused
+    calls.clear()
+    assert cli("bench", "dreambench", fake_dreambench, "--out", out, *TINY_RUN).exit_code == 0
+    assert calls == []
+    changed = cli("bench", "dreambench", fake_dreambench, "--out", out, *TINY_RUN, "--tau", "200")
+    assert changed.exit_code == 2 and "other settings (tau" in changed.output
+
+
+def test_two_process_sharded_run_matches_single_process(
+    cli, tmp_path: Path, fake_dreambench: Path, reference_run: Path
+) -> None:
+    out = tmp_path / "sharded"
+    result = cli("bench", "dreambench", fake_dreambench, "--out", out, *TINY_RUN, "--num-processes", "2")
+    assert result.exit_code == 0, result.output
+    sharded = json.loads((out / "results.json").read_text())
+    reference = json.loads((reference_run / "results.json").read_text())
+    assert score_rows(sharded) == score_rows(reference)
+    assert table_without_time((out / "results.md").read_text()) == table_without_time(
+        (reference_run / "results.md").read_text()
+    )
+    # each process ran one subject, on its own, in one store
+    assert json.loads((out / "subjects" / "dog" / "result.json").read_text())["images"] == 2
+    assert "backpack" in result.stdout and "overall" in result.stdout
+    assert os.environ.get("WORLD_SIZE") is None  # the test process itself stays a single process
