@@ -376,3 +376,23 @@ def test_sigint_leaves_an_interrupted_run_and_resume_finishes_it(
     assert run["step"] == checkpoint_step + 2 and len(run["losses"]) == checkpoint_step + 2
     assert Path(run["weights_file"]).is_file() and not (run_dir / "checkpoint.pt").exists()
     assert cli("train", "robot", "--resume").exit_code == 1  # nothing left to resume
+
+
+def test_mixed_precision_keeps_fp32_master_weights(tiny_subject_pipe, data) -> None:
+    """bf16 autocast trains (params move) while the trained parameters stay fp32."""
+    unet = _fresh_unet(tiny_subject_pipe)
+    before = unet.up_blocks[0].resnets[0].conv1.weight.clone()
+    result = train_unet(unet, tiny_subject_pipe.scheduler, data, _config(steps=2, precision="bf16"))
+    params = dict(unet.named_parameters())
+    assert all(params[name].dtype == torch.float32 for name in result.names)
+    assert not torch.equal(before, unet.up_blocks[0].resnets[0].conv1.weight)
+
+
+def test_gradient_checkpointing_gives_the_same_weights(tiny_subject_pipe, data) -> None:
+    """Recomputing activations changes memory, not the result."""
+    plain, checkpointed = _fresh_unet(tiny_subject_pipe), _fresh_unet(tiny_subject_pipe)
+    train_unet(plain, tiny_subject_pipe.scheduler, data, _config(steps=2))
+    train_unet(checkpointed, tiny_subject_pipe.scheduler, data, _config(steps=2, gradient_checkpointing=True))
+    pairs = zip(plain.state_dict().values(), checkpointed.state_dict().values(), strict=True)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in pairs)
+    assert not checkpointed.is_gradient_checkpointing
