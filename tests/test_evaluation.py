@@ -96,13 +96,7 @@ def eval_models(tiny_eval_build: Path) -> evaluation.EvalModels:
 @pytest.fixture
 def fake_dreambench(tmp_path: Path) -> Path:
     """A DreamBench folder with two subjects of two small photos each."""
-    root = tmp_path / "dreambench"
-    for index, name in enumerate(("backpack", "dog")):
-        (root / name).mkdir(parents=True)
-        for k in range(2):
-            smooth_image(10 * index + k).save(root / name / f"{k:02d}.png")
-    (root / "prompts_and_classes.txt").write_text(PROMPT_FILE, encoding="utf-8")
-    return root
+    return make_fake_dreambench(tmp_path / "dreambench")
 
 
 # -- scores -----------------------------------------------------------------------------------------------
@@ -283,22 +277,71 @@ def table_without_time(markdown: str) -> list[str]:
     return [line.rsplit("|", 2)[0] for line in markdown.splitlines() if line.startswith("|")]
 
 
-@pytest.fixture
-def reference_run(cli, tmp_path: Path, fake_dreambench: Path, tiny_preset: Path, tiny_eval: Path) -> Path:
-    """An uninterrupted single-process run of the runner on the tiny preset."""
-    out = tmp_path / "single"
-    result = cli("bench", "dreambench", fake_dreambench, "--out", out, *TINY_RUN, "--json")
+def make_fake_dreambench(root: Path) -> Path:
+    """A DreamBench folder with two subjects (an object and a live one) of two small photos each."""
+    for index, name in enumerate(("backpack", "dog")):
+        (root / name).mkdir(parents=True)
+        for k in range(2):
+            smooth_image(10 * index + k).save(root / name / f"{k:02d}.png")
+    (root / "prompts_and_classes.txt").write_text(PROMPT_FILE, encoding="utf-8")
+    return root
+
+
+def link_tiny_models(home: Path, tiny_models: Path, tiny_eval_models: Path) -> None:
+    """Make the tiny preset and the tiny eval models available in the store at `home`."""
+    (home / "models").mkdir(parents=True, exist_ok=True)
+    for name, source in (("tiny", tiny_models), ("tiny-eval", tiny_eval_models)):
+        if not (home / "models" / name).exists():
+            (home / "models" / name).symlink_to(source, target_is_directory=True)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for the runner tests (restored after): the CI CPUs are shared, and two threads
+    fighting other processes for two cores make tiny convolutions hundreds of times slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def reference_run(
+    tmp_path_factory: pytest.TempPathFactory, tiny_models_dir: Path, tiny_eval_build: Path, one_thread: None
+) -> tuple[Path, Path]:
+    """An uninterrupted single-process run of the runner on the tiny preset: (out folder, dataset)."""
+    from typer.testing import CliRunner
+
+    from stencil_cli.cli import app
+
+    base = tmp_path_factory.mktemp("reference-run")
+    dataset = make_fake_dreambench(base / "dreambench")
+    link_tiny_models(base / "home", tiny_models_dir, tiny_eval_build)
+    out = base / "single"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("STENCIL_HOME", str(base / "home"))
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        args = ["bench", "dreambench", str(dataset), "--out", str(out), *TINY_RUN, "--json"]
+        result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    return out
+    return out, dataset
+
+
+@pytest.fixture
+def runner_home(stencil_home: Path, tiny_models_dir: Path, tiny_eval_build: Path, one_thread: None) -> Path:
+    """This test's store with the tiny preset and tiny eval models linked in."""
+    link_tiny_models(stencil_home, tiny_models_dir, tiny_eval_build)
+    return stencil_home
 
 
 def test_runner_completes_and_resumes_after_interruption(
-    cli, tmp_path: Path, fake_dreambench: Path, reference_run: Path, monkeypatch: pytest.MonkeyPatch
+    cli, tmp_path: Path, reference_run: tuple[Path, Path], runner_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from stencil_cli import generation
     from stencil_cli.commands import bench
     from stencil_cli.store import Store
 
+    reference_run, fake_dreambench = reference_run
     reference = json.loads((reference_run / "results.json").read_text())
     assert [row["subject"] for row in reference["subjects"]] == ["backpack", "dog"]
     assert reference["overall"]["images"] == 4 and all(row["images"] == 2 for row in reference["subjects"])
@@ -359,8 +402,9 @@ def test_runner_completes_and_resumes_after_interruption(
 
 
 def test_two_process_sharded_run_matches_single_process(
-    cli, tmp_path: Path, fake_dreambench: Path, reference_run: Path
+    cli, tmp_path: Path, reference_run: tuple[Path, Path], runner_home: Path
 ) -> None:
+    reference_run, fake_dreambench = reference_run
     out = tmp_path / "sharded"
     result = cli("bench", "dreambench", fake_dreambench, "--out", out, *TINY_RUN, "--num-processes", "2")
     assert result.exit_code == 0, result.output
