@@ -40,6 +40,11 @@ from stencil_cli.inversion import (
 TRAIN_TIMESTEPS = 1000
 PLACEHOLDERS = ("{subject}", "{}")
 ARTICLES = ("a", "an", "the")
+# words after which a description's own article is dropped ("another {}" -> "another corgi")
+DETERMINER_BEFORE = re.compile(
+    r"\b(?:another|my|your|his|her|its|our|their|this|that|these|those|each|every|one|no|some)\s+$",
+    re.IGNORECASE,
+)
 
 
 # -- prompts ------------------------------------------------------------------------------------------
@@ -63,6 +68,8 @@ def _substitute(text: str, pattern: str, replacement: str) -> str:
         article = match.group("article")
         if article and has_article:
             return replacement
+        if not article and has_article and DETERMINER_BEFORE.search(match.string[: match.start()]):
+            return replacement.split(maxsplit=1)[1] if len(replacement.split()) > 1 else replacement
         if article:
             fixed = _article(replacement) if article.lower() in ("a", "an") else article
             if article[:1].isupper():

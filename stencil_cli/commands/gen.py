@@ -26,6 +26,7 @@ from stencil_cli.commands.options import (
 )
 from stencil_cli.errors import BadInputError, StencilError
 from stencil_cli.fsutil import atomic_write_bytes
+from stencil_cli.images import center_crop_resize
 from stencil_cli.output import err_console, escape, info, print_json, warn
 from stencil_cli.progress import add_task, progress_bar
 from stencil_cli.store import Store, Subject, open_store
@@ -427,14 +428,14 @@ def _run_job(job: Job, settings: Any, *, output: Path | None, grid: bool) -> lis
                 models.free_pipeline(context)
                 del context
             timings["draft"] = time.perf_counter() - started
-        elif job.mode == "edit":
-            assert job.draft_image is not None
-            drafts = {seed: job.draft_image for seed in job.seeds}
         with models.quiet_libraries():
             pipe = models.load_subject_pipeline(job.subject_model, device=job.device, precision=job.precision)
         training.load_trained_weights(pipe.unet, Path(job.run["weights_file"]))
         resolution = job.resolution or generation.subject_resolution(pipe)
         job.resolution = resolution
+        if job.mode == "edit" and job.draft_image is not None:
+            edit_draft = center_crop_resize(job.draft_image, resolution)
+            drafts = {seed: edit_draft for seed in job.seeds}
         results: list[tuple[int, float | None, Image.Image, dict[str, Any]]] = []
         for seed in job.seeds:
             if job.mode == "plain":
