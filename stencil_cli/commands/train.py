@@ -199,7 +199,7 @@ def _model_ref(ref: str) -> str:
 @handle_errors
 def train(
     name: Annotated[str, typer.Argument(help="Subject name.")],
-    steps: Annotated[int | None, typer.Option("--steps", help="Training steps. [default: 100]")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="Training steps (default 100).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Photos per step (with replacement).")] = 6,
     lr: Annotated[float, typer.Option("--lr", help="Adam learning rate.")] = 2e-5,
     threshold: Annotated[
@@ -208,7 +208,7 @@ def train(
     seed: Annotated[int, typer.Option("--seed", help="Seed for masks, sampling and noise.")] = 0,
     resolution: Annotated[
         int | None,
-        typer.Option("--resolution", help="Training image size (centre crop). [default: the model's, 512]"),
+        typer.Option("--resolution", help="Image size, centre crop (default: the model's, 512 for SD1.5)."),
     ] = None,
     train_what: Annotated[
         str, typer.Option("--train", help="decoder (up_blocks, the paper) or all (the whole UNet).")
