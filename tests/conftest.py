@@ -50,7 +50,7 @@ def tiny_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_subject_pipe(tiny_models_dir: Path):
-    """The tiny SD1.5-shaped pipeline (CPU, fp32), loaded through load_subject_pipeline once per session."""
+    """The tiny SD1.5-shaped pipeline (CPU, fp32), loaded once per session: shared, do not modify in place."""
     from stencil_cli.models import load_subject_pipeline
 
     return load_subject_pipeline(str(tiny_models_dir / "subject"), device="cpu", precision="fp32")

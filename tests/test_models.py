@@ -54,15 +54,17 @@ def test_tiny_subject_is_sd15_shaped(tiny_subject_pipe) -> None:
     assert tiny_subject_pipe.device.type == "cpu" and tiny_subject_pipe.dtype == torch.float32
 
 
-def test_tiny_round_trips_through_save_pretrained(tiny_models_dir: Path, tiny_subject_pipe) -> None:
+def test_tiny_round_trips_through_save_pretrained(tiny_models_dir: Path) -> None:
     subject = tiny_models_dir / "subject"
     assert (subject / "model_index.json").is_file()
     assert list(subject.glob("unet/*.safetensors")) and not list(subject.rglob("*.bin"))
+    loaded = models.load_subject_pipeline(str(subject), device="cpu", precision="fp32")  # fresh, not shared
     rebuilt = models.build_tiny_subject_pipeline()  # same fixed seed -> same weights as the saved ones
-    saved = tiny_subject_pipe.unet.state_dict()
-    for name, tensor in rebuilt.unet.state_dict().items():
-        assert torch.equal(tensor, saved[name]), name
-    assert rebuilt.tokenizer("a cat").input_ids == tiny_subject_pipe.tokenizer("a cat").input_ids
+    for part in ("unet", "vae", "text_encoder"):
+        saved = getattr(loaded, part).state_dict()
+        for name, tensor in getattr(rebuilt, part).state_dict().items():
+            assert torch.equal(tensor, saved[name]), f"{part}.{name}"
+    assert rebuilt.tokenizer("a cat").input_ids == loaded.tokenizer("a cat").input_ids
 
 
 def test_tiny_generation_is_deterministic(tiny_subject_pipe) -> None:
