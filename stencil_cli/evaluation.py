@@ -102,10 +102,43 @@ class _Location:
     ref: str
     path: str  # local folder or Hub id
     hub: bool
+    revision: str | None = None  # Hub branch, tag, ``refs/pr/N`` or commit
+
+
+def split_revision(ref: str) -> tuple[str, str | None]:
+    """``owner/name@revision`` -> (``owner/name``, ``revision``); no ``@``: (ref, None)."""
+    repo, sep, revision = ref.partition("@")
+    return (repo, revision.strip() or None) if sep else (ref, None)
+
+
+def cached_safetensors_revision(repo_id: str, cache_dir: Path) -> str | None:
+    """The commit of a cached snapshot of `repo_id` with config.json and model.safetensors (main first).
+
+    The official DINO and CLIP repos keep their safetensors weights on the Hub's conversion pull request
+    (``refs/pr/N``), which transformers finds by itself online; offline the snapshot has to be found here.
+    """
+    folder = Path(cache_dir) / ("models--" + repo_id.replace("/", "--"))
+    snapshots = folder / "snapshots"
+    if not snapshots.is_dir():
+        return None
+    usable = [
+        snap
+        for snap in snapshots.iterdir()
+        if (snap / "config.json").is_file()
+        and ((snap / "model.safetensors").is_file() or (snap / "model.safetensors.index.json").is_file())
+    ]
+    if not usable:
+        return None
+    try:
+        main = (folder / "refs" / "main").read_text(encoding="utf-8").strip()
+    except OSError:
+        main = None
+    usable.sort(key=lambda snap: (snap.name != main, -snap.stat().st_mtime))
+    return usable[0].name
 
 
 def _locate(ref: str, kind: str) -> _Location:
-    """Resolve one eval model reference (tiny / local folder / Hub id); offline-aware clear errors."""
+    """Resolve one eval model reference (tiny / local folder / Hub id[@revision]); offline-aware errors."""
     if ref == TINY:
         from stencil_cli.tiny_eval import ensure_tiny_eval
 
@@ -115,25 +148,23 @@ def _locate(ref: str, kind: str) -> _Location:
         if not (path / "config.json").is_file():
             raise StencilError(f"{ref} is not a transformers model folder (no config.json)")
         return _Location(ref, str(path.resolve()), hub=False)
-    if path.exists() or ref.startswith((".", "/", "~")) or not _HUB_ID.match(ref):
+    repo_id, revision = split_revision(ref)
+    if path.exists() or ref.startswith((".", "/", "~")) or not _HUB_ID.match(repo_id):
         raise BadInputError(
-            f"unknown {kind} eval model {ref!r}: use a Hub id (owner/name), a local folder or 'tiny'"
+            f"unknown {kind} eval model {ref!r}: use a Hub id (owner/name[@revision]), a folder or 'tiny'"
         )
     from stencil_cli.models import hub_cache_dir, is_offline
 
-    if is_offline():
-        from huggingface_hub import try_to_load_from_cache
-
-        try:
-            found = try_to_load_from_cache(ref, "config.json", cache_dir=str(hub_cache_dir()))
-        except Exception:  # noqa: BLE001 - an unusable id is "not cached"
-            found = None
-        if not isinstance(found, str):
+    if is_offline() and revision is None:
+        revision = cached_safetensors_revision(repo_id, hub_cache_dir())
+        if revision is None:
             raise StencilError(
-                f"eval model {ref} is not in the Hugging Face cache and HF_HUB_OFFLINE is set",
-                hint=f"run `stencil models pull {ref}` while online, or use --eval-models tiny (smoke runs)",
+                f"eval model {repo_id} (config and safetensors weights) is not in the Hugging Face cache "
+                "and HF_HUB_OFFLINE is set",
+                hint="run the command once while online (it downloads them), see docs/evaluation.md, "
+                "or use --eval-models tiny for a smoke run",
             )
-    return _Location(ref, ref, hub=True)
+    return _Location(ref, repo_id, hub=True, revision=revision)
 
 
 def _load(cls: Any, location: _Location, *, weights: bool = True, **kwargs: Any) -> Any:
@@ -142,6 +173,8 @@ def _load(cls: Any, location: _Location, *, weights: bool = True, **kwargs: Any)
 
     if location.hub:
         kwargs.setdefault("cache_dir", str(hub_cache_dir()))
+        if location.revision:
+            kwargs["revision"] = location.revision
         if is_offline():
             kwargs["local_files_only"] = True
     if weights:
@@ -152,14 +185,17 @@ def _load(cls: Any, location: _Location, *, weights: bool = True, **kwargs: Any)
     except StencilError:
         raise
     except Exception as error:  # noqa: BLE001 - translated into one line below
-        source = ModelSource(location.ref, "hub" if location.hub else "local", location.ref, None)
+        source = ModelSource(location.ref, "hub" if location.hub else "local", location.path, None)
         translated = hub_error(error, source)
         if translated is not None:
+            if translated.hint and "models pull" in translated.hint:  # that command pulls diffusers models
+                translated.hint = "run the command once while online, or see docs/evaluation.md"
             raise translated from error
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         if weights and "safetensors" in first.lower():
             raise StencilError(
-                f"eval model {location.ref} has no safetensors weights (stencil never loads pickle files)"
+                f"eval model {location.ref} has no safetensors weights (stencil never loads pickle files)",
+                hint="pin a revision that has them, e.g. owner/name@refs/pr/N (the Hub's safetensors PR)",
             ) from error
         raise StencilError(f"cannot load eval model {location.ref}: {first}") from error
 

@@ -166,8 +166,33 @@ def test_uncached_eval_model_offline_says_how_to_pull(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
-    with pytest.raises(StencilError, match=r"stencil models pull facebook/dino-vits16"):
+    with pytest.raises(StencilError, match=r"facebook/dino-vits16 .* not in the Hugging Face cache"):
         evaluation.load_eval_models(evaluation.EvalModelRefs(), "cpu")
+
+
+def test_offline_hub_model_loads_from_a_cached_safetensors_pr_revision(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_eval_build: Path, eval_models: evaluation.EvalModels
+) -> None:
+    """The official repos keep safetensors on a `refs/pr/N` branch: offline, that cached snapshot is found."""
+    import shutil
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--facebook--dino-vits16"
+    sha = "1" * 40
+    shutil.copytree(tiny_eval_build / "dino", repo / "snapshots" / sha)
+    (repo / "snapshots" / ("2" * 40)).mkdir()  # main's snapshot: config only, no safetensors
+    (repo / "snapshots" / ("2" * 40) / "config.json").write_text("{}")
+    (repo / "refs" / "refs" / "pr").mkdir(parents=True)
+    (repo / "refs" / "refs" / "pr" / "1").write_text(sha)
+    (repo / "refs" / "main").write_text("2" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    assert evaluation.cached_safetensors_revision("facebook/dino-vits16", cache) == sha
+    refs = evaluation.EvalModelRefs("facebook/dino-vits16", str(tiny_eval_build / "clip"))
+    loaded = evaluation.load_eval_models(refs, "cpu")
+    image = random_image(3)
+    expected = evaluation.dino_embeddings(eval_models, [image])
+    assert torch.allclose(evaluation.dino_embeddings(loaded, [image]), expected, atol=1e-6)
+    assert evaluation.split_revision("owner/name@refs/pr/1") == ("owner/name", "refs/pr/1")
 
 
 # -- DreamBench prompts -----------------------------------------------------------------------------------
