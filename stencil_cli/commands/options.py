@@ -23,7 +23,7 @@ SubjectModelOption = Annotated[
     typer.Option(
         "--subject-model",
         envvar="STENCIL_SUBJECT_MODEL",
-        help="Subject model: preset (sd15, tiny), Hub id or local folder. [default: sd15]",
+        help="Subject model: preset (sd15, tiny), Hub id or local folder. Default: sd15.",
         show_default=False,
     ),
 ]
@@ -32,7 +32,7 @@ ContextModelOption = Annotated[
     typer.Option(
         "--context-model",
         envvar="STENCIL_CONTEXT_MODEL",
-        help="Draft model: preset (sd3-medium, tiny), Hub id or local folder. [default: sd3-medium]",
+        help="Draft model: preset (sd3-medium, tiny), Hub id or local folder. Default: sd3-medium.",
         show_default=False,
     ),
 ]
@@ -41,7 +41,7 @@ DeviceOption = Annotated[
     typer.Option(
         "--device",
         envvar="STENCIL_DEVICE",
-        help="auto | cpu | cuda | cuda:N | mps. [default: auto]",
+        help="auto | cpu | cuda | cuda:N | mps. Default: auto.",
         show_default=False,
     ),
 ]
@@ -50,7 +50,7 @@ PrecisionOption = Annotated[
     typer.Option(
         "--precision",
         envvar="STENCIL_PRECISION",
-        help="auto | fp32 | fp16 | bf16. [default: auto]",
+        help="auto | fp32 | fp16 | bf16. Default: auto.",
         show_default=False,
     ),
 ]
