@@ -103,6 +103,7 @@ class _Location:
     path: str  # local folder or Hub id
     hub: bool
     revision: str | None = None  # Hub branch, tag, ``refs/pr/N`` or commit
+    files: str | None = None  # local folder with config/processor/tokenizer files, if not beside the weights
 
 
 def split_revision(ref: str) -> tuple[str, str | None]:
@@ -111,30 +112,51 @@ def split_revision(ref: str) -> tuple[str, str | None]:
     return (repo, revision.strip() or None) if sep else (ref, None)
 
 
-def cached_safetensors_revision(repo_id: str, cache_dir: Path) -> str | None:
-    """The commit of a cached snapshot of `repo_id` with config.json and model.safetensors (main first).
+@dataclass(frozen=True)
+class CachedModel:
+    """A Hub model found in the local cache: the snapshot with the weights and the one with the configs."""
 
-    The official DINO and CLIP repos keep their safetensors weights on the Hub's conversion pull request
-    (``refs/pr/N``), which transformers finds by itself online; offline the snapshot has to be found here.
-    """
+    weights: Path
+    files: Path
+
+
+def _snapshots(repo_id: str, cache_dir: Path) -> list[Path]:
+    """The cached snapshot folders of `repo_id`: the one `main` points to first, then newest first."""
     folder = Path(cache_dir) / ("models--" + repo_id.replace("/", "--"))
-    snapshots = folder / "snapshots"
-    if not snapshots.is_dir():
-        return None
-    usable = [
-        snap
-        for snap in snapshots.iterdir()
-        if (snap / "config.json").is_file()
-        and ((snap / "model.safetensors").is_file() or (snap / "model.safetensors.index.json").is_file())
-    ]
-    if not usable:
-        return None
+    if not (folder / "snapshots").is_dir():
+        return []
     try:
         main = (folder / "refs" / "main").read_text(encoding="utf-8").strip()
     except OSError:
         main = None
-    usable.sort(key=lambda snap: (snap.name != main, -snap.stat().st_mtime))
-    return usable[0].name
+    found = [snap for snap in (folder / "snapshots").iterdir() if snap.is_dir()]
+    return sorted(found, key=lambda snap: (snap.name != main, -snap.stat().st_mtime))
+
+
+def cached_eval_model(repo_id: str, cache_dir: Path) -> CachedModel | None:
+    """Find `repo_id`'s safetensors weights and config/processor files in the Hugging Face cache.
+
+    The official DINO and CLIP repos keep their safetensors weights only on the Hub's conversion pull request
+    (``refs/pr/N``); online, transformers fetches the weights from there and the configs from ``main``, so
+    the two may sit in different snapshots. Offline, both are found here.
+    """
+    snapshots = _snapshots(repo_id, cache_dir)
+    weights = next(
+        (
+            s
+            for s in snapshots
+            if (s / "model.safetensors").is_file() or (s / "model.safetensors.index.json").is_file()
+        ),
+        None,
+    )
+    if weights is None:
+        return None
+
+    def complete(snap: Path) -> bool:
+        return (snap / "config.json").is_file() and (snap / "preprocessor_config.json").is_file()
+
+    files = weights if complete(weights) else next((s for s in snapshots if complete(s)), None)
+    return CachedModel(weights, files) if files is not None else None
 
 
 def _locate(ref: str, kind: str) -> _Location:
@@ -156,14 +178,15 @@ def _locate(ref: str, kind: str) -> _Location:
     from stencil_cli.models import hub_cache_dir, is_offline
 
     if is_offline() and revision is None:
-        revision = cached_safetensors_revision(repo_id, hub_cache_dir())
-        if revision is None:
+        cached = cached_eval_model(repo_id, hub_cache_dir())
+        if cached is None:
             raise StencilError(
-                f"eval model {repo_id} (config and safetensors weights) is not in the Hugging Face cache "
+                f"eval model {repo_id} (configs and safetensors weights) is not in the Hugging Face cache "
                 "and HF_HUB_OFFLINE is set",
                 hint="run the command once while online (it downloads them), see docs/evaluation.md, "
                 "or use --eval-models tiny for a smoke run",
             )
+        return _Location(ref, str(cached.weights), hub=False, files=str(cached.files))
     return _Location(ref, repo_id, hub=True, revision=revision)
 
 
@@ -177,11 +200,18 @@ def _load(cls: Any, location: _Location, *, weights: bool = True, **kwargs: Any)
             kwargs["revision"] = location.revision
         if is_offline():
             kwargs["local_files_only"] = True
+    path = location.path
     if weights:
         kwargs["use_safetensors"] = True
+    elif location.files:
+        path = location.files
     try:
         with quiet_libraries():
-            return cls.from_pretrained(location.path, **kwargs)
+            if weights and location.files:
+                from transformers import AutoConfig
+
+                kwargs["config"] = AutoConfig.from_pretrained(location.files)
+            return cls.from_pretrained(path, **kwargs)
     except StencilError:
         raise
     except Exception as error:  # noqa: BLE001 - translated into one line below

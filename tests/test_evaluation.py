@@ -170,23 +170,35 @@ def test_uncached_eval_model_offline_says_how_to_pull(
         evaluation.load_eval_models(evaluation.EvalModelRefs(), "cpu")
 
 
-def test_offline_hub_model_loads_from_a_cached_safetensors_pr_revision(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_eval_build: Path, eval_models: evaluation.EvalModels
+@pytest.mark.parametrize("layout", ["split", "one-snapshot"])
+def test_offline_hub_model_loads_from_the_cache(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    tiny_eval_build: Path,
+    eval_models: evaluation.EvalModels,
+    layout: str,
 ) -> None:
-    """The official repos keep safetensors on a `refs/pr/N` branch: offline, that cached snapshot is found."""
+    """Safetensors live on a `refs/pr/N` snapshot; configs on main's ("split", an online first run) or beside
+    the weights ("one-snapshot", `hf download --revision refs/pr/N`). Offline, both are found."""
     import shutil
 
     cache = tmp_path / "hub"
     repo = cache / "models--facebook--dino-vits16"
-    sha = "1" * 40
-    shutil.copytree(tiny_eval_build / "dino", repo / "snapshots" / sha)
-    (repo / "snapshots" / ("2" * 40)).mkdir()  # main's snapshot: config only, no safetensors
-    (repo / "snapshots" / ("2" * 40) / "config.json").write_text("{}")
+    pr_sha, main_sha = "1" * 40, "2" * 40
+    source = tiny_eval_build / "dino"
+    (repo / "snapshots" / pr_sha).mkdir(parents=True)
+    (repo / "snapshots" / main_sha).mkdir(parents=True)
+    shutil.copy(source / "model.safetensors", repo / "snapshots" / pr_sha)
+    config_home = main_sha if layout == "split" else pr_sha
+    for name in ("config.json", "preprocessor_config.json"):
+        shutil.copy(source / name, repo / "snapshots" / config_home / name)
     (repo / "refs" / "refs" / "pr").mkdir(parents=True)
-    (repo / "refs" / "refs" / "pr" / "1").write_text(sha)
-    (repo / "refs" / "main").write_text("2" * 40)
+    (repo / "refs" / "refs" / "pr" / "1").write_text(pr_sha)
+    (repo / "refs" / "main").write_text(main_sha)
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    assert evaluation.cached_safetensors_revision("facebook/dino-vits16", cache) == sha
+    found = evaluation.cached_eval_model("facebook/dino-vits16", cache)
+    assert found is not None
+    assert (found.weights.name, found.files.name) == (pr_sha, config_home)
     refs = evaluation.EvalModelRefs("facebook/dino-vits16", str(tiny_eval_build / "clip"))
     loaded = evaluation.load_eval_models(refs, "cpu")
     image = random_image(3)

@@ -97,6 +97,7 @@ class BenchConfig:
     lr: float = 2e-5
     steps: int = 50
     inner_steps: int = 10
+    inversion: str = "nti"  # nti (null-text, the paper) | npi (negative-prompt, much faster)
     draft_steps: int = 50
     tau: float = 60.0
     seed: int = 0
@@ -118,6 +119,7 @@ class BenchConfig:
             "lr",
             "steps",
             "inner_steps",
+            "inversion",
             "draft_steps",
             "tau",
             "seed",
@@ -463,6 +465,7 @@ class Runner:
         settings_ = generation.GenerationSettings(
             steps=self.config.steps,
             null_text=NullTextSettings(inner_steps=self.config.inner_steps),
+            inversion=self.config.inversion,
             draft_steps=self.config.draft_steps,
         )
         subject = self.store.get_subject(job.name)
@@ -504,6 +507,7 @@ class Runner:
                     "tau": self.config.tau,
                     "steps": settings_.steps,
                     "inner_steps": self.config.inner_steps,
+                    "inversion": self.config.inversion,
                     "mode": "context",
                     "subject": job.name,
                     "phrase": phrase,
@@ -782,7 +786,7 @@ def markdown_report(results: dict[str, Any]) -> str:
         "# DreamBench results\n\n"
         f"Subject model `{s['subject_model']}`, context model `{s['context_model']}`, "
         f"{s['train_steps']} training steps, {s['steps']} DDIM steps, "
-        f"{s['inner_steps']} null-text iterations, "
+        f"{s['inner_steps']} null-text iterations ({s['inversion']}), "
         f"tau {s['tau']:g}; {results['prompts_per_subject'] or 25} prompt(s) x "
         f"{results['images_per_prompt']} image(s) per subject; eval models `{s['eval_dino']}`, "
         f"`{s['eval_clip']}`. Overall = mean over all images; GPU s = mean per subject (training + drafts + "
@@ -897,7 +901,7 @@ def run_benchmark(config: BenchConfig, shard: Shard | None = None) -> dict[str, 
     return results
 
 
-def child_args(config: BenchConfig, eval_models_given: bool, json_output: bool) -> list[str]:
+def child_args(config: BenchConfig, json_output: bool = False) -> list[str]:
     """The `stencil ...` arguments that repeat this run in each launched process."""
     args = ["-q"] if settings.quiet else []
     args += [
@@ -920,6 +924,8 @@ def child_args(config: BenchConfig, eval_models_given: bool, json_output: bool) 
         str(config.steps),
         "--inner-steps",
         str(config.inner_steps),
+        "--inversion",
+        config.inversion,
         "--draft-steps",
         str(config.draft_steps),
         "--tau",
@@ -984,6 +990,9 @@ def dreambench(
     inner_steps: Annotated[
         int, typer.Option("--inner-steps", help="Null-text iterations per step.", min=1)
     ] = 10,
+    inversion: Annotated[
+        str, typer.Option("--inversion", help="nti (null-text, the paper) or npi (negative-prompt, faster).")
+    ] = "nti",
     draft_steps: Annotated[
         int, typer.Option("--draft-steps", help="Context-model steps per draft.", min=1)
     ] = 50,
@@ -1012,6 +1021,9 @@ def dreambench(
 
     if not 0 <= tau <= 1000:
         raise BadInputError(f"--tau must be in [0, 1000] (got {tau})")
+    inversion = inversion.strip().lower()
+    if inversion not in ("nti", "npi"):
+        raise BadInputError(f"--inversion must be nti or npi (got {inversion!r})")
     if captioner not in ("template", "openai"):
         raise BadInputError(f"unknown captioner {captioner!r}: use template or openai")
     bench = evaluation.load_dreambench(dataset_dir)
@@ -1040,6 +1052,7 @@ def dreambench(
         lr=lr,
         steps=steps,
         inner_steps=inner_steps,
+        inversion=inversion,
         draft_steps=draft_steps,
         tau=tau,
         seed=seed,
@@ -1061,7 +1074,7 @@ def dreambench(
         if cpu and device_name == "auto":
             config.device = "cpu"
         check_out_folder(config)
-        command = launch_command(num_processes, child_args(config, bool(eval_models), False), cpu=cpu)
+        command = launch_command(num_processes, child_args(config), cpu=cpu)
         info(
             f"launching {num_processes} processes with accelerate ({'CPU, gloo' if cpu else 'one GPU each'})"
         )
