@@ -388,7 +388,7 @@ def contact_sheet(rows: list[list[tuple[str, Image.Image]]], cell: int | None = 
     """A grid image: one row per list of (label, image), labels drawn under each cell."""
     from PIL import ImageDraw
 
-    cell = cell or max(image.width for row in rows for _, image in row)
+    cell = cell or max(128, *(image.width for row in rows for _, image in row))
     label_h = 14
     columns = max(len(row) for row in rows)
     sheet = Image.new("RGB", (columns * cell, len(rows) * (cell + label_h)), "white")
@@ -396,6 +396,7 @@ def contact_sheet(rows: list[list[tuple[str, Image.Image]]], cell: int | None = 
     for r, row in enumerate(rows):
         for c, (label, image) in enumerate(row):
             x, y = c * cell, r * (cell + label_h)
-            sheet.paste(image.convert("RGB").resize((cell, cell)), (x, y))
+            resample = Image.Resampling.NEAREST if image.width < cell else Image.Resampling.LANCZOS
+            sheet.paste(image.convert("RGB").resize((cell, cell), resample), (x, y))
             draw.text((x + 2, y + cell + 1), label, fill="black")
     return sheet

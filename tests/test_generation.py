@@ -283,7 +283,7 @@ def test_no_context_and_npi_and_grid_and_show_prompts(cli: Any, trained: str, tm
     assert len(paths) == 2 and all(Path(p).is_file() for p in paths)
     grid = Path(paths[0]).parent / "grid.png"
     with Image.open(grid) as sheet:
-        assert sheet.width == 3 * 64  # draft, tau 0, tau 60
+        assert sheet.width == 3 * 128  # draft, tau 0, tau 60 (small images are shown at 128 px)
     assert read_png_parameters(Path(paths[0]))["inversion"] == "npi"
 
 
@@ -319,3 +319,37 @@ def test_an_untrained_subject_is_refused_with_the_train_command(cli: Any, tmp_pa
     result = cli("gen", "plant", "on a table")
     assert result.exit_code == 1
     assert "not trained yet" in result.stderr and "stencil train plant" in result.stderr
+
+
+# -- stencil demo ----------------------------------------------------------------------------------------
+
+
+def test_demo_runs_the_whole_flow_offline_and_prints_where_the_images_are(
+    cli: Any, tiny_preset: Path
+) -> None:
+    result = cli("demo", "--train-steps", "2", "--steps", "4")
+    assert result.exit_code == 0, result.output
+    paths = [Path(line) for line in result.stdout.split()]
+    assert len(paths) == 2 and all(path.is_file() for path in paths)  # tau 60 and tau 1000
+    assert (paths[0].parent / "grid.png").is_file()
+    assert "images in" in " ".join(result.stderr.split())
+    store = open_store()
+    subject = store.get_subject("demo")
+    assert len(subject.images) == 4 and all("toy robot" in image["caption"] for image in subject.images)
+    run = store.latest_done_run("demo")
+    assert run is not None and run["step"] == 2 and Path(run["weights_file"]).is_file()
+    rows = store.list_generations("demo")
+    assert {row["tau"] for row in rows} == {60.0, 1000.0}
+    assert all(row["run_id"] == run["id"] and row["draft_prompt"] for row in rows)
+    assert read_png_parameters(paths[0])["subject"] == "demo"
+
+
+def test_demo_never_overwrites_a_subject_and_refuses_a_missing_folder(cli: Any, tmp_path: Path) -> None:
+    from stencil_cli.commands.demo import free_name, robot_photo
+
+    assert free_name("demo", ["demo", "demo-2", "other"]) == "demo-3"
+    assert free_name("demo", []) == "demo"
+    assert robot_photo(0).size == (512, 512)
+    assert robot_photo(0).tobytes() != robot_photo(1).tobytes()
+    result = cli("demo", str(tmp_path / "nope"))
+    assert result.exit_code == 2 and "not a folder" in result.stderr

@@ -211,6 +211,7 @@ def _trained_run(store: Store, name: str, run_id: int | None) -> dict[str, Any]:
 def _image_meta(
     job: Job, settings: Any, *, seed: int, tau: float | None, draft_file: str | None
 ) -> dict[str, Any]:
+    nti = job.mode != "plain" and settings.inversion == "nti"
     return {
         "prompt": job.prompt,
         "draft_prompt": job.draft_prompt if job.mode == "context" else None,
@@ -219,8 +220,8 @@ def _image_meta(
         "steps": settings.steps,
         "guidance": settings.guidance,
         "inversion": settings.inversion if job.mode != "plain" else None,
-        "inner_steps": settings.null_text.inner_steps if job.mode != "plain" else None,
-        "null_lr": settings.null_text.lr if job.mode != "plain" else None,
+        "inner_steps": settings.null_text.inner_steps if nti else None,
+        "null_lr": settings.null_text.lr if nti else None,
         "draft_steps": settings.draft_steps if job.mode == "context" else None,
         "mode": job.mode,
         "subject": job.subject.name,
@@ -330,8 +331,9 @@ def gen(
             hint=f"caption it with `stencil caption {name}` or re-add with --phrase",
         )
     if not subject.description and not no_context and draft is None:
-        warn(
-            f"{name} has no description yet (run `stencil caption {name}`); the draft prompt uses {phrase!r}"
+        info(
+            f"[dim]{escape(name)} has no description (the OpenAI captioner writes one); "
+            f"the draft prompt uses {escape(repr(phrase))}[/dim]"
         )
     prompts = build_prompts(prompt, phrase, subject.description)
     if show_prompts:
@@ -533,9 +535,9 @@ def _write_outputs(
     if grid:
         rows = []
         for seed in job.seeds:
-            row = [("draft", drafts[seed])] if seed in drafts else []
+            row = [(f"draft, seed {seed}", drafts[seed])] if seed in drafts else []
             row += [
-                (f"s{s} tau {tau_label(t)}" if t is not None else f"seed {s}", image)
+                (f"tau {tau_label(t)}" if t is not None else f"seed {s}", image)
                 for s, t, image, _ in results
                 if s == seed
             ]
