@@ -669,13 +669,13 @@ class Runner:
         from PIL import Image
 
         from stencil_cli.generation import contact_sheet
-        from stencil_cli.images import load_rgb
+        from stencil_cli.images import center_crop_resize, load_rgb
 
         subject = self.store.get_subject(job.name)
         columns = max(1, self.config.images_per_prompt)
         sheet_rows = [
             [
-                (f"photo {i + 1}", load_rgb(Path(image["file"])))
+                (f"photo {i + 1}", center_crop_resize(load_rgb(Path(image["file"])), 128))
                 for i, image in enumerate(subject.images[: max(columns, 4)])
             ]
         ]
@@ -685,7 +685,7 @@ class Runner:
             for row in mine:
                 with Image.open(row["image_file"]) as opened:
                     cells.append(
-                        (f"p{index} s{row['seed']} D{row['scores']['dino']:.2f}", opened.convert("RGB"))
+                        (f"p{index} s{row['seed']} DINO {row['scores']['dino']:.2f}", opened.convert("RGB"))
                     )
             if cells:
                 sheet_rows.append(cells)
@@ -806,7 +806,7 @@ def plot_scores(results: dict[str, Any]) -> Any:
     labels = {"dino": "DINO", "clip_t": "CLIP-T", "clip_i": "CLIP-I"}
     bar, gap, left, top, height = 14, 18, 50, 40, 240
     width = left + len(groups) * (3 * bar + gap) + 20
-    image = Image.new("RGB", (max(width, 360), top + height + 60), "white")
+    image = Image.new("RGB", (max(width, 300), top + height + 40), "white")
     draw = ImageDraw.Draw(image)
     base = top + height
     for tick in range(0, 11, 2):
@@ -823,14 +823,14 @@ def plot_scores(results: dict[str, Any]) -> Any:
             value = max(0.0, min(1.0, float(row.get(key) or 0.0)))
             x = x0 + k * bar
             draw.rectangle([x, base - int(height * value), x + bar - 2, base], fill=colours[key])
-        draw.text((x0, base + 6), name[:10], fill="black")
+        draw.text((x0, base + 2), name[:10], fill="black")
     draw.line([(left, top), (left, base), (image.width - 10, base)], fill="black")
     x = left
     for key in ("dino", "clip_t", "clip_i"):
         draw.rectangle([x, 12, x + 10, 22], fill=colours[key])
         draw.text((x + 14, 11), labels[key], fill="black")
         x += 70
-    draw.text((x, 11), "dashed: paper (Stencil)", fill="black")
+    draw.text((left, top + height + 22), "dashed lines: the paper's Stencil DINO / CLIP-T", fill="black")
     return image
 
 
