@@ -1,0 +1,563 @@
+"""Stencil against the plain reference (benchmarks/reference.py), stage by stage, in one invocation.
+
+    python benchmarks/run.py --preset tiny                          # tiny models, CPU (seconds)
+    python benchmarks/run.py --preset tiny --repeat 5 --json        # medians of 5, one JSON object
+    python benchmarks/run.py --preset full --device cuda --json     # SD1.5 + SD3 Medium architectures
+
+Stages: the mask pass (encode the photos and captions, one frozen UNet pass per photo), N training steps
+(100 by default, batch 6), the context model's draft, the null-text inversion and the guided denoise of one
+image. Each stage runs stencil's path and the reference's on the same models, the same inputs and the same
+machine, after an untimed warm-up, CUDA-synchronised, by wall clock; `--repeat N` alternates the two N times
+and reports the medians. Peak memory per stage: on CUDA `torch.cuda.max_memory_allocated` (everything
+resident, reset before each stage); on the CPU the growth of the resident set over the stage (the kernel's
+high-water mark, reset through /proc/self/clear_refs, or a psutil sampler elsewhere).
+
+`--preset full` builds the full-size SD1.5 and SD3 Medium architectures with random weights (nothing is
+downloaded; speed and memory do not depend on the weights). Stencil runs as `stencil train` / `stencil gen`
+do on that device: on CUDA training with bf16 autocast over fp32 master weights, the pipelines in bf16 and
+the null-text inversion in fp32; the reference runs in fp32 throughout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+import reference as ref  # noqa: E402
+
+from stencil_cli import generation, models, training  # noqa: E402
+from stencil_cli.inversion import NullTextSettings  # noqa: E402
+
+STAGES = ("mask", "train", "draft", "inversion", "denoise")
+PHRASE = "toy robot"
+CAPTIONS = (
+    "a photo of a toy robot on a wooden table",
+    "a toy robot standing on grass in the sun",
+    "a close-up photo of a toy robot in front of a blue wall",
+    "a red toy robot on a white shelf",
+)
+PROMPT = "a toy robot on a beach at sunset"
+DRAFT_PROMPT = "a small red tin robot with round eyes on a beach at sunset"
+
+
+# -- measuring -----------------------------------------------------------------------------------------
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _hwm_bytes() -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no VmHWM")
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")  # resets the peak resident set size (Linux >= 4.0)
+        _hwm_bytes()
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def cpu_peak() -> Iterator[dict[str, int]]:
+    """Measure the resident-set high-water mark inside the block: {'start', 'peak'} in bytes."""
+    out: dict[str, int] = {}
+    gc.collect()
+    if _reset_hwm():
+        out["start"] = _rss_bytes()
+        yield out
+        out["peak"] = max(_hwm_bytes(), out["start"])
+        return
+    import psutil  # fallback (macOS, no /proc): sample every 2 ms
+
+    process = psutil.Process()
+    out["start"] = out["peak"] = process.memory_info().rss
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.002):
+            out["peak"] = max(out["peak"], process.memory_info().rss)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield out
+    finally:
+        stop.set()
+        thread.join()
+        out["peak"] = max(out["peak"], process.memory_info().rss)
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Run:
+    """One timed call: wall seconds, process CPU seconds, peak memory (bytes, absolute) and its growth."""
+
+    seconds: float
+    cpu: float
+    peak: int
+    extra: int
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> tuple[Run, Any]:
+    """Call `fn` once: synchronised wall clock and peak memory on `device`."""
+    gc.collect()
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        start_mem = torch.cuda.memory_allocated(device)
+        start, cpu = time.perf_counter(), time.process_time()
+        result = fn()
+        sync(device)
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+        peak = torch.cuda.max_memory_allocated(device)
+        return Run(seconds, cpu, peak, peak - start_mem), result
+    with cpu_peak() as memory:
+        start, cpu = time.perf_counter(), time.process_time()
+        result = fn()
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return Run(seconds, cpu, memory["peak"], memory["peak"] - memory["start"]), result
+
+
+@dataclass
+class StageResult:
+    """All timed runs of one stage, both paths."""
+
+    stencil: list[Run] = field(default_factory=list)
+    reference: list[Run] = field(default_factory=list)
+
+    @staticmethod
+    def _median(runs: list[Run], attr: str) -> float:
+        return float(statistics.median(getattr(run, attr) for run in runs))
+
+    def summary(self) -> dict[str, Any]:
+        """Medians, the ratio reference/stencil, peak memory in MiB and the raw seconds."""
+        s, r = self._median(self.stencil, "seconds"), self._median(self.reference, "seconds")
+        mib = 2**20
+        return {
+            "stencil_s": round(s, 4),
+            "reference_s": round(r, 4),
+            "ratio": round(r / s, 3) if s > 0 else None,
+            "stencil_peak_mb": round(max(x.peak for x in self.stencil) / mib, 1),
+            "reference_peak_mb": round(max(x.peak for x in self.reference) / mib, 1),
+            "stencil_extra_mb": round(max(x.extra for x in self.stencil) / mib, 1),
+            "reference_extra_mb": round(max(x.extra for x in self.reference) / mib, 1),
+            "stencil_cpu_s": round(self._median(self.stencil, "cpu"), 4),
+            "reference_cpu_s": round(self._median(self.reference, "cpu"), 4),
+            "stencil_runs_s": [round(x.seconds, 4) for x in self.stencil],
+            "reference_runs_s": [round(x.seconds, 4) for x in self.reference],
+        }
+
+
+# -- the workload --------------------------------------------------------------------------------------
+
+
+def synthetic_photos(count: int, resolution: int) -> list[Image.Image]:
+    """Square photos at `resolution` (so cropping is the identity for both paths): a shape on a gradient."""
+    photos = []
+    for k in range(count):
+        x = np.linspace(0, 1, resolution, dtype=np.float32)
+        base = np.stack(np.meshgrid(x, x), -1)
+        rgb = np.concatenate([base, np.full_like(base[..., :1], 0.3 + 0.1 * k)], -1)
+        image = Image.fromarray((rgb * 255).astype(np.uint8))
+        draw = ImageDraw.Draw(image)
+        a, b = resolution // 4 + k * resolution // 16, resolution // 2 + k * resolution // 16
+        draw.ellipse([a, a, b + resolution // 8, b + resolution // 8], fill=(220, 40 + 40 * k, 30))
+        photos.append(image)
+    return photos
+
+
+@dataclass
+class Workload:
+    """Models and inputs shared by both paths."""
+
+    device: torch.device
+    subject: Any  # SD1.5-shaped pipeline, fp32
+    context: Any  # SD3-shaped pipeline, fp32
+    unet_state: dict[str, torch.Tensor]  # the UNet's initial weights (CPU copy), restored before each run
+    photos: list[Image.Image]
+    captions: list[str]
+    resolution: int
+    gen_dtype: torch.dtype  # the dtype `stencil gen` loads pipelines in on this device
+    train_precision: str  # the autocast `stencil train` uses on this device
+
+
+def build_workload(preset: str, device: torch.device, photos: int, no_t5: bool) -> Workload:
+    """Tiny (in memory) or full-size random-weight pipelines on `device`, fp32, and synthetic photos."""
+    with models.quiet_libraries():
+        if preset == "tiny":
+            subject, context = models.build_tiny_subject_pipeline(), models.build_tiny_context_pipeline()
+            subject.to(device)
+            context.to(device)
+        else:
+            torch.manual_seed(0)
+            subject = models.build_full_size_pipeline("sd15", device=device, dtype=torch.float32)
+            context = models.build_full_size_pipeline(
+                "sd3-medium", device=device, dtype=torch.float32, no_t5=no_t5
+            )
+    for pipe in (subject, context):
+        pipe.set_progress_bar_config(disable=True)
+    resolution = training.default_resolution(subject)
+    gen_dtype = models.resolve_dtype("auto", device)
+    precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(gen_dtype, "fp32")
+    state = {k: v.detach().to("cpu", copy=True) for k, v in subject.unet.state_dict().items()}
+    return Workload(
+        device=device,
+        subject=subject,
+        context=context,
+        unet_state=state,
+        photos=synthetic_photos(photos, resolution),
+        captions=[CAPTIONS[k % len(CAPTIONS)] for k in range(photos)],
+        resolution=resolution,
+        gen_dtype=gen_dtype,
+        train_precision=precision,
+    )
+
+
+def to_dtype(pipe: Any, dtype: torch.dtype) -> None:
+    """Cast a pipeline's modules to `dtype` (quietly; nothing to do when they already are)."""
+    modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
+    if any(p.dtype != dtype for m in modules for p in m.parameters()):
+        with models.quiet_libraries():
+            pipe.to(dtype=dtype)
+
+
+def restore(work: Workload, dtype: torch.dtype = torch.float32) -> None:
+    """Put the subject pipeline back to its initial weights, in `dtype`."""
+    to_dtype(work.subject, torch.float32)
+    work.subject.unet.load_state_dict(work.unet_state)
+    work.subject.unet.requires_grad_(False)
+    work.subject.unet.eval()
+    to_dtype(work.subject, dtype)
+
+
+@dataclass
+class Settings:
+    """Sizes of the run."""
+
+    steps: int = 100
+    batch_size: int = 6
+    ddim_steps: int = 50
+    inner_steps: int = 10
+    draft_steps: int = 50
+    tau: float = 60.0
+    seed: int = 0
+
+
+@dataclass
+class Shared:
+    """Outputs one stage hands to the next (so every stage has real inputs)."""
+
+    data: Any = None  # stencil's TrainingData
+    masks: Any = None  # the reference's masks
+    draft: Image.Image | None = None
+    inversion: Any = None
+    reference_inversion: Any = None
+
+
+def stage_calls(
+    stage: str, work: Workload, s: Settings, shared: Shared, *, warmup: bool
+) -> tuple[Callable[[], Any], Callable[[], Any]]:
+    """(stencil's call, the reference's call) for `stage`; `warmup` shrinks them to a few steps."""
+    res, pipe = work.resolution, work.subject
+    steps = 2 if warmup else s.steps
+    ddim = 2 if warmup else s.ddim_steps
+    inner = 2 if warmup else s.inner_steps
+    draft_steps = 2 if warmup else s.draft_steps
+    gen_settings = generation.GenerationSettings(
+        steps=ddim, draft_steps=draft_steps, null_text=NullTextSettings(inner_steps=inner)
+    )
+
+    if stage == "mask":
+        config = training.TrainConfig(resolution=res, seed=s.seed)
+
+        def stencil() -> Any:
+            shared.data = training.prepare_training_data(pipe, work.photos, work.captions, PHRASE, config)
+
+        def reference() -> Any:
+            shared.masks, _ = ref.reference_masks(
+                pipe, work.photos, work.captions, PHRASE, resolution=res, seed=s.seed
+            )
+
+    elif stage == "train":
+        config = training.TrainConfig(
+            steps=steps,
+            batch_size=s.batch_size,
+            resolution=res,
+            seed=s.seed,
+            precision=work.train_precision,
+        )
+
+        def stencil() -> Any:
+            return training.train_unet(pipe.unet, pipe.scheduler, shared.data, config)
+
+        def reference() -> Any:
+            return ref.reference_train(
+                pipe,
+                work.photos,
+                work.captions,
+                shared.masks,
+                steps=steps,
+                batch_size=s.batch_size,
+                seed=s.seed,
+                resolution=res,
+            )
+
+    elif stage == "draft":
+
+        def stencil() -> Any:
+            shared.draft = generation.render_draft(
+                work.context, DRAFT_PROMPT, resolution=res, seed=s.seed, steps=draft_steps
+            )
+
+        def reference() -> Any:
+            return ref.reference_draft(
+                work.context, DRAFT_PROMPT, resolution=res, seed=s.seed, steps=draft_steps
+            )
+
+    elif stage == "inversion":
+
+        def stencil() -> Any:
+            shared.inversion = generation.invert_image(
+                pipe, shared.draft, PROMPT, gen_settings, resolution=res
+            )
+
+        def reference() -> Any:
+            shared.reference_inversion = ref.reference_invert(
+                pipe, shared.draft, PROMPT, resolution=res, steps=ddim, inner_steps=inner
+            )
+
+    elif stage == "denoise":
+
+        def stencil() -> Any:
+            return generation.guided_images(pipe, shared.inversion, PROMPT, [s.tau], gen_settings)[0]
+
+        def reference() -> Any:
+            return ref.reference_denoise(pipe, shared.reference_inversion, PROMPT, tau=s.tau, steps=ddim)
+
+    else:
+        raise ValueError(f"unknown stage {stage!r}")
+    return stencil, reference
+
+
+def prepare(stage: str, path: str, work: Workload) -> None:
+    """Untimed set-up before a call: only the stage's pipeline on the device, weights and dtype as
+    `stencil train` / `stencil gen` (or the reference) would have them."""
+    if work.device.type != "cpu":
+        (work.subject if stage == "draft" else work.context).to("cpu")
+        gc.collect()
+        torch.cuda.empty_cache()
+        (work.context if stage == "draft" else work.subject).to(work.device)
+    if stage == "draft":
+        to_dtype(work.context, work.gen_dtype if path == "stencil" else torch.float32)
+    elif stage in ("inversion", "denoise"):
+        restore(work, work.gen_dtype if path == "stencil" else torch.float32)
+    else:  # mask pass and training: fp32 weights (training autocasts on CUDA)
+        restore(work)
+
+
+DEPENDS = {"train": ("mask",), "inversion": ("draft",), "denoise": ("draft", "inversion")}
+
+
+def run_benchmark(
+    work: Workload, s: Settings, stages: list[str], repeat: int, warmup: bool
+) -> dict[str, Any]:
+    """Warm up, then time every stage `repeat` times, alternating which path goes first.
+
+    Stages a chosen stage depends on (training needs the masks, denoising the inversion) run untimed.
+    """
+    shared = Shared()
+    results = {stage: StageResult() for stage in stages}
+    wanted = set(stages) | {d for stage in stages for d in DEPENDS.get(stage, ())}
+    needed = [stage for stage in STAGES if stage in wanted]
+    paths = ("stencil", "reference")
+    if warmup:
+        for stage in needed:
+            for path, call in zip(paths, stage_calls(stage, work, s, shared, warmup=True), strict=True):
+                prepare(stage, path, work)
+                call()
+    for r in range(repeat):
+        for stage in needed:
+            calls = dict(zip(paths, stage_calls(stage, work, s, shared, warmup=False), strict=True))
+            if stage not in stages:
+                if r == 0:
+                    for path in paths:
+                        prepare(stage, path, work)
+                        calls[path]()
+                continue
+            for path in paths if r % 2 == 0 else paths[::-1]:
+                prepare(stage, path, work)
+                run, _ = timed(calls[path], work.device)
+                getattr(results[stage], path).append(run)
+    return {stage: results[stage].summary() for stage in stages}
+
+
+# -- reporting -----------------------------------------------------------------------------------------
+
+
+def device_name(device: torch.device) -> str:
+    """A short name for the device (GPU model, or CPU model and core count)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
+LABELS = {
+    "mask": "mask pass",
+    "train": "{steps} training steps",
+    "draft": "draft",
+    "inversion": "inversion",
+    "denoise": "denoise",
+    "total": "end to end",
+}
+
+
+def with_total(stages: dict[str, Any]) -> dict[str, Any]:
+    """Add the end-to-end row (sums of the medians; the largest peak)."""
+    if len(stages) < 2:
+        return stages
+    s = sum(v["stencil_s"] for v in stages.values())
+    r = sum(v["reference_s"] for v in stages.values())
+    total = {
+        "stencil_s": round(s, 4),
+        "reference_s": round(r, 4),
+        "ratio": round(r / s, 3) if s > 0 else None,
+    }
+    for key in ("stencil_cpu_s", "reference_cpu_s"):
+        total[key] = round(sum(v[key] for v in stages.values()), 4)
+    for key in ("stencil_peak_mb", "reference_peak_mb", "stencil_extra_mb", "reference_extra_mb"):
+        total[key] = max(v[key] for v in stages.values())
+    return {**stages, "total": total}
+
+
+def table(report: dict[str, Any]) -> str:
+    """A Markdown table of the report."""
+    cuda = report["device"].startswith("cuda")
+    memory = "peak GPU memory" if cuda else "peak RSS growth"
+    key = "peak_mb" if cuda else "extra_mb"
+    lines = [
+        f"| stage | stencil s | reference s | ratio (ref/stencil) | stencil {memory} | reference {memory} |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for stage, row in report["stages"].items():
+        label = LABELS[stage].format(steps=report["settings"]["steps"])
+        lines.append(
+            f"| {label} | {row['stencil_s']:.2f} | {row['reference_s']:.2f} | {row['ratio']:.2f}x "
+            f"| {row['stencil_' + key]:.1f} MiB | {row['reference_' + key]:.1f} MiB |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Parse options, run, print the table (or the JSON object); returns the report."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", choices=("tiny", "full"), default="tiny")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (default: cpu)")
+    parser.add_argument("--steps", type=int, default=100, help="training steps (default 100)")
+    parser.add_argument("--batch-size", type=int, default=6)
+    parser.add_argument("--photos", type=int, default=4)
+    parser.add_argument("--ddim-steps", type=int, default=50)
+    parser.add_argument("--inner-steps", type=int, default=10, help="null-text iterations per step")
+    parser.add_argument("--draft-steps", type=int, default=50)
+    parser.add_argument("--stages", default=",".join(STAGES), help="comma list of " + ", ".join(STAGES))
+    parser.add_argument("--repeat", type=int, default=1, help="timed runs per path; medians are reported")
+    parser.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up calls")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--no-t5", action="store_true", help="full preset: SD3 without its T5 encoder")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    args = parser.parse_args(argv)
+
+    stages = [x.strip() for x in args.stages.split(",") if x.strip()]
+    unknown = [x for x in stages if x not in STAGES]
+    if unknown or not stages:
+        parser.error(f"unknown stage(s) {unknown}: use {', '.join(STAGES)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = models.resolve_device(args.device)
+    settings = Settings(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        ddim_steps=args.ddim_steps,
+        inner_steps=args.inner_steps,
+        draft_steps=args.draft_steps,
+    )
+    started = time.perf_counter()
+    work = build_workload(args.preset, device, args.photos, args.no_t5)
+    load = ""
+    with contextlib.suppress(OSError):
+        load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    results = run_benchmark(work, settings, stages, max(1, args.repeat), not args.no_warmup)
+    report = {
+        "preset": args.preset,
+        "device": str(device),
+        "machine": device_name(device),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "torch": torch.__version__,
+        "repeat": max(1, args.repeat),
+        "load_average_at_start": load,
+        "settings": {
+            **settings.__dict__,
+            "photos": args.photos,
+            "resolution": work.resolution,
+            "stencil_train_precision": work.train_precision,
+            "stencil_gen_dtype": str(work.gen_dtype),
+        },
+        "stages": with_total(results),
+        "wall_s": round(time.perf_counter() - started, 1),
+    }
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(
+            f"# {args.preset} preset on {report['machine']} ({report['date']}, torch {torch.__version__}, "
+            f"median of {report['repeat']}, load {load})"
+        )
+        print(table(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()

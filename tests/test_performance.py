@@ -1,0 +1,148 @@
+"""Stencil's fast paths compute what the plain reference (benchmarks/reference.py) computes (tiny preset).
+
+The reference runs every attention layer eagerly, in float32, with the VAE and the text encoder inside every
+training step, gradients through the whole UNet and no early stopping; stencil precomputes, keeps SDPA on
+self-attention, uses foreach/fused Adam and freezes what it does not train. The results must agree.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import reference as ref  # noqa: E402
+import run as bench  # noqa: E402
+
+from stencil_cli import generation, inversion, training  # noqa: E402
+from stencil_cli.models import quiet_libraries  # noqa: E402
+
+RESOLUTION = 64
+PHRASE = bench.PHRASE
+
+
+@pytest.fixture
+def pipe(tiny_subject_pipe: Any) -> Any:
+    """The session's tiny pipeline with a private copy of its UNet (training changes it)."""
+    parts = {k: v for k, v in tiny_subject_pipe.components.items() if k != "unet"}
+    parts.update(unet=copy.deepcopy(tiny_subject_pipe.unet), requires_safety_checker=False)
+    with quiet_libraries():
+        clone = StableDiffusionPipeline(**parts)
+    clone.set_progress_bar_config(disable=True)
+    return clone
+
+
+@pytest.fixture(scope="module")
+def photos() -> tuple[list[Any], list[str]]:
+    """Three synthetic photos at the tiny resolution and their captions (with the phrase)."""
+    return bench.synthetic_photos(3, RESOLUTION), list(bench.CAPTIONS[:3])
+
+
+def test_mask_pass_equals_the_eager_whole_unet_reference(pipe: Any, photos: Any) -> None:
+    images, captions = photos
+    config = training.TrainConfig(resolution=RESOLUTION)
+    data = training.prepare_training_data(pipe, images, captions, PHRASE, config)
+    masks, maps = ref.reference_masks(pipe, images, captions, PHRASE, resolution=RESOLUTION)
+    assert data.masks.shape == masks.shape == (3, 1, 8, 8)
+    assert 0 < masks.mean() < 1  # a real mask, not all or nothing
+    torch.testing.assert_close(data.maps, maps, atol=1e-4, rtol=0)
+    intersection = (data.masks * masks).sum()
+    union = ((data.masks + masks) > 0).float().sum()
+    assert float(intersection / union) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_training_steps_equal_the_reference_loop(pipe: Any, photos: Any) -> None:
+    images, captions = photos
+    initial = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    config = training.TrainConfig(steps=3, batch_size=4, lr=1e-3, resolution=RESOLUTION)
+    data = training.prepare_training_data(pipe, images, captions, PHRASE, config)
+    fast = training.train_unet(pipe.unet, pipe.scheduler, data, config)
+    fast_state = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+
+    pipe.unet.load_state_dict(initial)
+    slow = ref.reference_train(
+        pipe, images, captions, data.masks, steps=3, batch_size=4, lr=1e-3, resolution=RESOLUTION
+    )
+    slow_state = pipe.unet.state_dict()
+
+    assert sorted(slow.names) == sorted(fast.names)
+    torch.testing.assert_close(torch.tensor(fast.losses), torch.tensor(slow.losses), rtol=1e-4, atol=1e-6)
+    change, disagreement = 0.0, 0.0
+    for name, before in initial.items():
+        if name.startswith("up_blocks."):
+            change += float((fast_state[name] - before).pow(2).sum())
+            disagreement += float((fast_state[name] - slow_state[name]).pow(2).sum())
+        else:
+            assert torch.equal(fast_state[name], before) and torch.equal(slow_state[name], before), name
+    # Adam moves every weight by about lr per step, whatever its gradient's size, so a weight whose gradient
+    # is at rounding level may move either way: compare the whole update, not each weight
+    assert change > 1e-3
+    assert (disagreement / change) ** 0.5 < 1e-2
+
+
+def test_null_text_inversion_and_denoise_equal_the_reference(pipe: Any, photos: Any) -> None:
+    image, prompt, steps, inner, lr = photos[0][1], "a toy robot on a beach", 5, 3, 3e-2
+    # early stopping is what the reference does not do; switched off here so both run every iteration
+    no_stop = inversion.NullTextSettings(inner_steps=inner, lr=lr, early_stop=0.0, early_stop_slope=0.0)
+    settings = generation.GenerationSettings(steps=steps, null_text=no_stop)
+    fast = generation.invert_image(pipe, image, prompt, settings, resolution=RESOLUTION)
+    slow = ref.reference_invert(
+        pipe, image, prompt, resolution=RESOLUTION, steps=steps, inner_steps=inner, lr=lr
+    )
+
+    assert fast.inner_iterations == [inner] * steps
+    assert len(fast.trajectory) == len(slow.trajectory) == steps + 1
+    for mine, theirs in zip(fast.trajectory, slow.trajectory, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-4)
+    empty = ref.encode_text(pipe, [""])
+    for mine, theirs in zip(fast.null_embeddings, slow.null_embeddings, strict=True):
+        # Adam moves every element by about lr whatever its gradient's size, so an element whose gradient is
+        # at rounding level may go either way: most agree closely, and the whole update agrees
+        assert float((mine - empty).norm()) > 0.1  # it optimised
+        assert float(((mine - theirs).abs() < 1e-3).float().mean()) > 0.9
+        assert float((mine - theirs).norm() / (mine - empty).norm()) < 5e-2
+
+    inject = generation.injected_steps(600, steps)  # tau 600 of 1000 with 5 steps: the first 3
+    assert inject == 3
+    scheduler = generation.ddim_scheduler(pipe, steps)
+    latent = generation.denoise(
+        pipe.unet,
+        scheduler,
+        fast.latent,
+        inversion.encode_prompt(pipe, prompt),
+        inversion.encode_prompt(pipe, ""),
+        null_embeddings=fast.null_embeddings,
+        inject=inject,
+    )
+    reference_latent = ref.reference_denoise_latent(
+        pipe, slow.latent, prompt, slow.null_embeddings, inject=inject, steps=steps
+    )
+    torch.testing.assert_close(latent, reference_latent, rtol=0, atol=1e-2)  # off by one step: ~0.4
+    image_fast = generation.guided_images(pipe, fast, prompt, [600], settings)[0]
+    image_slow = ref.reference_denoise(pipe, slow, prompt, tau=600, steps=steps)
+    diff = torch.tensor(bench.np.asarray(image_fast), dtype=torch.int16) - torch.tensor(
+        bench.np.asarray(image_slow), dtype=torch.int16
+    )
+    assert int(diff.abs().max()) <= 2
+
+
+def test_run_prints_one_json_object_with_every_stage(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["--preset", "tiny", "--steps", "2", "--ddim-steps", "2", "--inner-steps", "1"]
+    bench.main([*args, "--draft-steps", "2", "--photos", "2", "--batch-size", "2", "--no-warmup", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["stages"]) == {*bench.STAGES, "total"}
+    for stage in bench.STAGES:
+        row = report["stages"][stage]
+        assert row["stencil_s"] > 0 and row["reference_s"] > 0
+        assert row["ratio"] == pytest.approx(row["reference_s"] / row["stencil_s"], rel=1e-2)
+        assert row["stencil_peak_mb"] > 0 and row["reference_peak_mb"] > 0
+    assert report["settings"]["steps"] == 2 and report["device"] == "cpu"
