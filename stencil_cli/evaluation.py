@@ -183,7 +183,7 @@ def _locate(ref: str, kind: str) -> _Location:
             raise StencilError(
                 f"eval model {repo_id} (configs and safetensors weights) is not in the Hugging Face cache "
                 "and HF_HUB_OFFLINE is set",
-                hint="run the command once while online (it downloads them), see docs/evaluation.md, "
+                hint="run the command once while online to download them, see docs/evaluation.md; "
                 "or use --eval-models tiny for a smoke run",
             )
         return _Location(ref, str(cached.weights), hub=False, files=str(cached.files))
