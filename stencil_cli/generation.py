@@ -203,13 +203,21 @@ def decode_latent(pipe: Any, latent: torch.Tensor) -> Image.Image:
 
 @contextmanager
 def float32_unet(unet: Any) -> Iterator[Any]:
-    """Run the UNet in float32 inside the block (null-text optimisation), then restore its dtype."""
+    """Run the UNet in float32 inside the block (null-text optimisation), then restore its dtype.
+
+    On CUDA, float32 matmuls may use TF32 tensor cores inside the block (cuDNN convolutions already do by
+    PyTorch's default): storage, the optimised embedding, the latents and the loss stay float32.
+    """
     dtype = unet.dtype
+    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
     if dtype != torch.float32:
         unet.to(torch.float32)
+    if unet.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
     try:
         yield unet
     finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
         if dtype != torch.float32:
             unet.to(dtype)
 
