@@ -451,7 +451,14 @@ def test_two_process_sharded_run_matches_single_process(
     assert table_without_time((out / "results.md").read_text()) == table_without_time(
         (reference_run / "results.md").read_text()
     )
-    # each process ran one subject, on its own, in one store
-    assert json.loads((out / "subjects" / "dog" / "result.json").read_text())["images"] == 2
+    # each process ran one subject (round robin), on the CPU
+    made_by = {
+        name: json.loads((out / "subjects" / name / "result.json").read_text())["process"]
+        for name in ("backpack", "dog")
+    }
+    assert made_by == {
+        "backpack": {"rank": 0, "world": 2, "device": "cpu"},
+        "dog": {"rank": 1, "world": 2, "device": "cpu"},
+    }
     assert "backpack" in result.stdout and "overall" in result.stdout
     assert os.environ.get("WORLD_SIZE") is None  # the test process itself stays a single process

@@ -274,10 +274,11 @@ class SubjectJob:
 class Runner:
     """Runs subjects in this process; keeps the eval models loaded between subjects."""
 
-    def __init__(self, config: BenchConfig, store: Store, device: str) -> None:
+    def __init__(self, config: BenchConfig, store: Store, device: str, shard: Shard | None = None) -> None:
         self.config = config
         self.store = store
         self.device = device
+        self.shard = shard or Shard()
         self._eval_models: Any = None
 
     # -- steps ------------------------------------------------------------------------------------------
@@ -661,6 +662,7 @@ class Runner:
             "generate_seconds": round(generate_s, 3),
             "gpu_seconds": round(train_s + generate_s, 3),
             "run_ids": run_ids,
+            "process": {"rank": self.shard.rank, "world": self.shard.world, "device": self.device},
             "prompts": prompts,
         }
 
@@ -880,7 +882,7 @@ def run_benchmark(config: BenchConfig, shard: Shard | None = None) -> dict[str, 
     shard.wait()
     device = shard_device(shard, config.device)
     store = Store(config.out / "store")
-    runner = Runner(config, store, device)
+    runner = Runner(config, store, device, shard)
     mine = [job for job in jobs if job.name in shard.mine(config.subjects)]
     if shard.world > 1:
         info(
