@@ -353,3 +353,16 @@ def test_demo_never_overwrites_a_subject_and_refuses_a_missing_folder(cli: Any, 
     assert robot_photo(0).tobytes() != robot_photo(1).tobytes()
     result = cli("demo", str(tmp_path / "nope"))
     assert result.exit_code == 2 and "not a folder" in result.stderr
+
+
+def test_a_run_that_is_not_done_and_draft_with_no_context_are_refused(
+    cli: Any, trained: str, tmp_path: Path
+) -> None:
+    store = open_store()
+    failed = store.create_run(trained, {"subject_model": "tiny", "resolution": 64}, base_model="tiny")
+    store.finish_run(failed["id"], "failed", error="boom")
+    result = cli("gen", trained, "x", "--run", str(failed["id"]))
+    assert result.exit_code == 1 and "is failed, not done" in result.stderr
+    photo = _photo(tmp_path / "p.png", (1, 2, 3))
+    result = cli("gen", trained, "x", "--draft", str(photo), "--no-context")
+    assert result.exit_code == 2 and "do not go together" in result.stderr
