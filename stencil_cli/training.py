@@ -179,6 +179,7 @@ def prepare_training_data(
         threshold=config.threshold,
         timestep=config.mask_timestep,
         seed=config.seed,
+        batch_size=config.batch_size,  # photos per frozen pass; the training step holds more than this
     )
     return TrainingData(latents, embeddings, result.masks.to(latents.device), result.maps, crops)
 
