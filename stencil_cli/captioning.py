@@ -252,12 +252,15 @@ class OpenAICaptioner:
         self.requests_sent = 0
 
     def __repr__(self) -> str:
-        return f"OpenAICaptioner(model={self.model!r}, base_url={self.base_url!r})"  # never the key
+        return f"OpenAICaptioner(model={self.model!r}, host={self.host!r})"  # never the key
 
     @property
     def host(self) -> str:
-        """The server's host (for messages)."""
-        return urlsplit(self.base_url).netloc or self.base_url
+        """The server's host and port (for messages), without any credentials the URL may carry."""
+        parts = urlsplit(self.base_url)
+        if not parts.hostname:
+            return "the configured server"
+        return f"{parts.hostname}:{parts.port}" if parts.port else parts.hostname
 
     def _openai(self) -> Any:
         if self._client is None:
@@ -401,7 +404,7 @@ class OpenAICaptioner:
         elif status is not None:
             what = f"server error (HTTP {status})"
         else:
-            what = f"cannot reach {self.base_url}"
+            what = f"cannot reach {self.host}"
         detail = self._message(error) if status is not None else ""
         return f"captioning failed {tries}: {what}" + (f": {detail}" if detail else "")
 

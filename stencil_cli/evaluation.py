@@ -19,8 +19,6 @@ This module never touches the store and never prints.
 
 from __future__ import annotations
 
-import math
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -85,11 +83,6 @@ def parse_eval_models(spec: str | None) -> EvalModelRefs:
             raise BadInputError(f"bad --eval-models {spec!r}: give two models, DINO_REF,CLIP_REF (or 'tiny')")
         return EvalModelRefs(positional[0], positional[1])
     return EvalModelRefs(named.get("dino", DEFAULT_DINO), named.get("clip", DEFAULT_CLIP))
-
-
-def eval_models_from_env(flag: str | None) -> EvalModelRefs:
-    """The eval models from the flag, else ``STENCIL_EVAL_MODELS``, else the defaults."""
-    return parse_eval_models(flag if flag else os.environ.get(EVAL_MODELS_ENV))
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -351,6 +344,9 @@ def embed_references(models: EvalModels, references: Sequence[Image.Image]) -> R
 
 
 def _clamp(value: float) -> float:
+    # float rounding may give 1.0000001 for identical images; anything further out is a bug, not rounding
+    if not -1.0 - 1e-4 <= value <= 1.0 + 1e-4:
+        raise ValueError(f"cosine similarity {value} is outside [-1, 1]: embeddings were not normalised")
     return max(-1.0, min(1.0, value))
 
 
@@ -518,7 +514,3 @@ def select_subjects(bench: DreamBench, folder: Path, wanted: Sequence[str] | Non
             chosen.append(name)
     return chosen
 
-
-def nan_to_none(value: float | None) -> float | None:
-    """None for NaN (JSON has no NaN)."""
-    return None if value is None or math.isnan(value) else value

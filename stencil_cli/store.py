@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -225,10 +226,6 @@ class Store:
         """The folder holding a subject's files."""
         return self.root / "subjects" / validate_name(name)
 
-    def models_dir(self) -> Path:
-        """The folder for locally built models (the tiny preset)."""
-        return self.root / "models"
-
     def absolute(self, relative: str) -> Path:
         """Turn a path stored in the database (relative to the root) into an absolute one."""
         return self.root / relative
@@ -428,25 +425,49 @@ class Store:
             if updates:
                 self.db["subjects"].update(subject.id, updates)
 
-    def clean(self) -> list[Path]:
-        """Remove files inside subject folders that no row refers to (left by a crash); return them."""
+    def clean(self, min_age_s: float = 300.0) -> list[Path]:
+        """Remove what crashed commands left behind (files no row refers to); return what was removed.
+
+        That is: folders of subjects that have no row, photos no image row refers to, and run folders with no
+        run row. Anything modified in the last `min_age_s` seconds is left alone: it may belong to a command
+        that is still running in another process.
+        """
+        cutoff = time.time() - min_age_s
         referenced = {row["path"] for row in self.db.query("select path from images")}
+        run_ids = {str(row["id"]) for row in self.db.query("select id from runs")}
         removed: list[Path] = []
         subjects_root = self.root / "subjects"
         if not subjects_root.exists():
             return removed
+
+        def stale(path: Path) -> bool:
+            newest = max([path.stat().st_mtime, *(p.stat().st_mtime for p in path.rglob("*"))])
+            return newest < cutoff
+
         known = set(self.subject_names())
         for folder in subjects_root.iterdir():
-            if folder.is_dir() and folder.name not in known:
-                self._delete_tree(folder)
-                removed.append(folder)
+            if not folder.is_dir():
                 continue
+            if folder.name not in known:
+                if stale(folder):
+                    self._delete_tree(folder)
+                    removed.append(folder)
+                continue
+            candidates: list[Path] = []
             images_dir = folder / "images"
             if images_dir.is_dir():
-                for file in images_dir.iterdir():
-                    if self.relative(file) not in referenced:
-                        file.unlink(missing_ok=True)
-                        removed.append(file)
+                candidates += [f for f in images_dir.iterdir() if self.relative(f) not in referenced]
+            runs_dir = folder / "runs"
+            if runs_dir.is_dir():
+                candidates += [d for d in runs_dir.iterdir() if d.is_dir() and d.name not in run_ids]
+            for path in candidates:
+                if not stale(path):
+                    continue
+                if path.is_dir():
+                    self._delete_tree(path)
+                else:
+                    path.unlink(missing_ok=True)
+                removed.append(path)
         return removed
 
     # -- runs (training) ----------------------------------------------------------------------

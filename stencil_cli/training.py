@@ -397,9 +397,9 @@ def train_unet(
     device = next(unet.parameters()).device
     names = trainable_names(unet, config.train)
     params = freeze_except(unet, names)
-    bad = [name for name, p in zip(names, params, strict=True) if p.dtype != torch.float32]
+    bad = [(name, p.dtype) for name, p in zip(names, params, strict=True) if p.dtype != torch.float32]
     if bad:
-        raise ValueError(f"trained parameters must be fp32 master weights ({bad[0]} is {params[0].dtype})")
+        raise ValueError(f"trained parameters must be fp32 master weights ({bad[0][0]} is {bad[0][1]})")
     optimizer = make_optimizer(params, config.lr)
     autocast_dtype = AUTOCAST_DTYPES[config.precision]
     scaler = torch.amp.GradScaler(device.type) if autocast_dtype == torch.float16 else None

@@ -675,3 +675,12 @@ def _request(photos: list[Photo]):
     from stencil_cli.captioning import CaptionRequest
 
     return CaptionRequest(photos=photos)
+
+
+def test_credentials_in_the_base_url_are_never_shown(monkeypatch) -> None:
+    from stencil_cli.captioning import OpenAICaptioner
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    captioner = OpenAICaptioner(base_url="https://alice:s3cret@llm.example.com:8443/v1")
+    assert captioner.host == "llm.example.com:8443"
+    assert "s3cret" not in repr(captioner) and "alice" not in repr(captioner)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from types import SimpleNamespace
 from typing import Any
 
@@ -223,14 +224,19 @@ def test_optimisation_leaves_the_unet_untouched(tiny_subject_pipe: Any, inverted
 def test_inversion_runs_in_float32_even_for_a_half_precision_unet(
     tiny_subject_pipe: Any, inverted: dict[str, Any]
 ) -> None:
-    pipe = tiny_subject_pipe
+    # a private bf16 copy: the session pipe is shared and must not be rounded through bf16
+    components = {**tiny_subject_pipe.components, "unet": copy.deepcopy(tiny_subject_pipe.unet)}
+    pipe = type(tiny_subject_pipe)(**components)
     pipe.unet.to(torch.bfloat16)
+    seen: list[torch.dtype] = []
+    hook = pipe.unet.register_forward_pre_hook(lambda module, args: seen.append(module.dtype))
     try:
         settings = GenerationSettings(steps=2, null_text=inv.NullTextSettings(inner_steps=1))
         result = invert_image(pipe, inverted["draft"], PROMPT, settings)
-        assert pipe.unet.dtype == torch.bfloat16  # restored afterwards
     finally:
-        pipe.unet.to(torch.float32)
+        hook.remove()
+    assert seen and set(seen) == {torch.float32}  # every UNet call of the inversion ran in float32
+    assert pipe.unet.dtype == torch.bfloat16  # restored afterwards
     assert all(null.dtype == torch.float32 for null in result.null_embeddings)
     assert all(z.dtype == torch.float32 and torch.isfinite(z).all() for z in result.trajectory)
 

@@ -76,16 +76,6 @@ def test_tiny_generation_is_deterministic(tiny_subject_pipe) -> None:
     assert not np.array_equal(first, other)
 
 
-def test_tiny_generation_is_fast(tiny_subject_pipe) -> None:
-    import time
-
-    _generate(tiny_subject_pipe, seed=0, steps=1)  # warm-up
-    start = time.perf_counter()
-    _generate(tiny_subject_pipe, seed=0, steps=4)
-    # well under a second on an idle CPU; generous here because CI machines are shared
-    assert time.perf_counter() - start < 10
-
-
 def test_tiny_context_is_sd3_shaped_and_drafts(tiny_context_pipe) -> None:
     assert type(tiny_context_pipe).__name__ == "StableDiffusion3Pipeline"
     assert type(tiny_context_pipe.transformer).__name__ == "SD3Transformer2DModel"

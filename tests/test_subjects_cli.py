@@ -232,7 +232,7 @@ def test_sigkill_during_add_leaves_nothing_to_trip_over(
     )
     assert retry.returncode == 0, retry.stderr
     assert len(json.loads(retry.stdout)["added"]) == 4
-    store.clean()
+    store.clean(min_age_s=0)
     rows = {row["path"] for row in store.db.query("select path from images")}
     assert {store.relative(p) for p in _store_files(stencil_home)} == rows
 
@@ -244,9 +244,15 @@ def test_store_clean_removes_leftovers(tmp_path: Path, stencil_home: Path, cli) 
     stray.write_bytes(b"x")
     ghost = stencil_home / "subjects" / "ghost" / "images"
     ghost.mkdir(parents=True)
-    result = cli("store", "clean")
-    assert result.exit_code == 0 and "removed 2" in result.stdout
-    assert not stray.exists() and not ghost.parent.exists()
+    orphan_run = stencil_home / "subjects" / "dog" / "runs" / "7"
+    orphan_run.mkdir(parents=True)
+    (orphan_run / "weights.safetensors").write_bytes(b"partial")
+    fresh = cli("store", "clean")  # default: leaves recent files alone (another process may own them)
+    assert fresh.exit_code == 0 and "removed 0" in fresh.stdout
+    assert stray.exists() and ghost.exists() and orphan_run.exists()
+    result = cli("store", "clean", "--older-than", "0")
+    assert result.exit_code == 0 and "removed 3" in result.stdout
+    assert not stray.exists() and not ghost.parent.exists() and not orphan_run.exists()
     assert len(open_store().get_subject("dog").images) == 1
 
 

@@ -199,9 +199,14 @@ def store_path() -> None:
 
 @store_app.command("clean")
 @handle_errors
-def store_clean() -> None:
+def store_clean(
+    older_than: Annotated[
+        float,
+        typer.Option("--older-than", min=0, help="Only remove leftovers untouched for this many seconds."),
+    ] = 300.0,
+) -> None:
     """Remove files left behind by interrupted commands (nothing that a row refers to)."""
-    removed = open_store().clean()
+    removed = open_store().clean(min_age_s=older_than)
     typer.echo(f"removed {len(removed)} orphan file(s)/folder(s)")
 
 
