@@ -63,3 +63,45 @@ def crash_point(name: str) -> None:
         import signal
 
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def folder_has_version(folder: Path, version: str) -> bool:
+    """Whether `folder` holds a complete build of `version` (its VERSION file, written last, says so)."""
+    try:
+        return (Path(folder) / "VERSION").read_text(encoding="utf-8").strip() == version
+    except OSError:
+        return False
+
+
+def build_folder_once(folder: Path, version: str, build: Callable[[Path], object]) -> Path:
+    """Make `folder` by calling `build(staging)` unless it already holds `version`; safe across processes.
+
+    The build goes to a staging folder beside `folder`, gets a VERSION file, and is renamed into place, so a
+    reader never sees a half-built folder; when two processes race, the first complete build wins.
+    """
+    import shutil
+
+    folder = Path(folder)
+    if folder_has_version(folder, version):
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-build-", dir=folder.parent))
+    try:
+        build(staging)
+        (staging / "VERSION").write_text(version + "\n", encoding="utf-8")
+        if folder.is_symlink() or folder.exists():
+            if folder_has_version(folder, version):  # another process finished first
+                return folder
+            if folder.is_symlink() or folder.is_file():
+                folder.unlink()
+            else:
+                shutil.rmtree(folder)
+        try:
+            os.replace(staging, folder)
+        except OSError:
+            if not folder_has_version(folder, version):
+                raise
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return folder

@@ -15,8 +15,6 @@ import gc
 import json
 import os
 import re
-import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,6 +25,7 @@ from typing import Any
 import torch
 
 from stencil_cli.errors import BadInputError, StencilError
+from stencil_cli.fsutil import build_folder_once, folder_has_version
 
 # -- presets ----------------------------------------------------------------------------------------------
 
@@ -685,43 +684,17 @@ def build_tiny(target: Path) -> Path:
     with quiet_libraries():
         build_tiny_subject_pipeline().save_pretrained(target / SUBJECT, safe_serialization=True)
         build_tiny_context_pipeline().save_pretrained(target / CONTEXT, safe_serialization=True)
-    (target / "VERSION").write_text(TINY_VERSION + "\n", encoding="utf-8")
     return target
 
 
 def tiny_ready(folder: Path) -> bool:
     """Whether `folder` holds a complete tiny preset of the current version."""
-    try:
-        return (Path(folder) / "VERSION").read_text(encoding="utf-8").strip() == TINY_VERSION
-    except OSError:
-        return False
+    return folder_has_version(folder, TINY_VERSION)
 
 
 def ensure_tiny(folder: Path | None = None) -> Path:
     """Build the tiny preset at `folder` (default: the store's) unless it is already there; returns it."""
-    folder = Path(folder) if folder is not None else tiny_dir()
-    if tiny_ready(folder):
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-build-", dir=folder.parent))
-    try:
-        build_tiny(staging)
-        if folder.is_symlink() or folder.exists():
-            if tiny_ready(folder):  # another process finished first
-                return folder
-            if folder.is_symlink() or folder.is_file():
-                folder.unlink()
-            else:
-                shutil.rmtree(folder)
-        try:
-            os.replace(staging, folder)
-        except OSError:
-            if not tiny_ready(folder):
-                raise
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    return folder
+    return build_folder_once(Path(folder) if folder is not None else tiny_dir(), TINY_VERSION, build_tiny)
 
 
 # -- full-size architectures (random weights, no download) ------------------------------------------------

@@ -8,12 +8,11 @@ The CLIP tokenizer is the byte-level one of the tiny diffusion models (no merges
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from stencil_cli.fsutil import build_folder_once, folder_has_version
 
 TINY_EVAL_VERSION = "1"  # bump when the architecture changes; old folders are rebuilt
 TINY_EVAL_SEED = 0
@@ -88,40 +87,15 @@ def build_tiny_eval(target: Path) -> Path:
         CLIPImageProcessorPil(
             size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
         ).save_pretrained(target / "clip")
-    (target / "VERSION").write_text(TINY_EVAL_VERSION + "\n", encoding="utf-8")
     return target
 
 
 def tiny_eval_ready(folder: Path) -> bool:
     """Whether `folder` holds complete tiny eval models of the current version."""
-    try:
-        return (Path(folder) / "VERSION").read_text(encoding="utf-8").strip() == TINY_EVAL_VERSION
-    except OSError:
-        return False
+    return folder_has_version(folder, TINY_EVAL_VERSION)
 
 
 def ensure_tiny_eval(folder: Path | None = None) -> Path:
     """Build the tiny eval models at `folder` (default: the store's) unless present; safe across processes."""
-    folder = Path(folder) if folder is not None else tiny_eval_dir()
-    if tiny_eval_ready(folder):
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-eval-build-", dir=folder.parent))
-    try:
-        build_tiny_eval(staging)
-        if folder.is_symlink() or folder.exists():
-            if tiny_eval_ready(folder):  # another process finished first
-                return folder
-            if folder.is_symlink() or folder.is_file():
-                folder.unlink()
-            else:
-                shutil.rmtree(folder)
-        try:
-            os.replace(staging, folder)
-        except OSError:
-            if not tiny_eval_ready(folder):
-                raise
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    return folder
+    target = Path(folder) if folder is not None else tiny_eval_dir()
+    return build_folder_once(target, TINY_EVAL_VERSION, build_tiny_eval)
