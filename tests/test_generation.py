@@ -234,6 +234,39 @@ def test_gen_writes_images_drafts_rows_and_png_parameters(cli: Any, trained: str
     assert copied == ["draft-s7.png", "s7-tau20.png", "s7-tau60.png"]
 
 
+def test_an_interruption_keeps_the_finished_images_drafts_and_rows(
+    cli: Any, trained: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C at the third seed of three: seeds 1-2 have their PNGs, rows and copies; nothing half-written."""
+    real_guided = generation.guided_images
+    calls: list[int] = []
+
+    def interrupt_at_third(*args: Any, **kwargs: Any) -> list[Image.Image]:
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_guided(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "guided_images", interrupt_at_third)
+    out = tmp_path / "out"
+    result = _gen(cli, trained, "on the moon", "-n", "3", "--seed", "5", "--tau", "20,60", "-o", str(out))
+    assert result.exit_code == 130, result.output
+    assert "stopped after 4 of 6 image(s)" in " ".join(result.stderr.split())
+    rows = open_store().list_generations(trained)
+    assert [(row["seed"], row["tau"]) for row in rows] == [(5, 20.0), (5, 60.0), (6, 20.0), (6, 60.0)]
+    folder = Path(rows[0]["image_file"]).parent
+    for row in rows:
+        params = read_png_parameters(Path(row["image_file"]))  # whole PNGs carrying their parameters
+        assert params["seed"] == row["seed"] and params["tau"] == row["tau"]
+        assert Path(row["draft_file"]).is_file() and Path(row["params"]["output_file"]).is_file()
+    made = sorted(path.name for path in folder.iterdir())
+    assert made == [
+        "draft-s5.png", "draft-s6.png", "draft-s7.png",
+        "s5-tau20.png", "s5-tau60.png", "s6-tau20.png", "s6-tau60.png",
+    ]  # every draft was rendered before the subject model loaded; no temp files, no image of seed 7
+    assert len(list(out.iterdir())) == 7 and not list(out.glob(".*"))
+
+
 def test_same_seed_same_images_and_seeds_count_up(cli: Any, trained: str) -> None:
     first = json.loads(_gen(cli, trained, "in a garden", "--seed", "3", "-n", "2", "--json").stdout)
     again = json.loads(_gen(cli, trained, "in a garden", "--seed", "3", "--json").stdout)

@@ -378,7 +378,17 @@ def gen(
         )
     except ValueError as error:
         raise BadInputError(str(error)) from None
-    records = _run_job(job, settings, output=output, grid=grid)
+    batch = Batch(job, settings, output)
+    batch.prepare()
+    try:
+        records = _run_job(batch, grid=grid)
+    except BaseException:
+        if batch.records or batch.drafts:
+            info(
+                f"[yellow]stopped after {len(batch.records)} of {batch.expected} image(s)[/yellow]; "
+                f"kept what was finished in {escape(str(batch.folder))}"
+            )
+        raise
     if json_output:
         print_json(records)
         return
@@ -388,108 +398,54 @@ def gen(
     info(f"[green]made {len(records)} image(s)[/green] in {escape(str(where))}")
 
 
-def _run_job(job: Job, settings: Any, *, output: Path | None, grid: bool) -> list[dict[str, Any]]:
-    """Draft(s), then the subject model: inversion and denoise per seed, files, rows. Returns the rows."""
-    from stencil_cli import generation, models, training
+@dataclass
+class Batch:
+    """The files of one `stencil gen` call, written as each is made (an interruption keeps them)."""
 
-    timings: dict[str, float] = {"draft": 0.0, "inversion": 0.0, "denoise": 0.0}
-    per_seed = len(job.seeds)
-    n_taus = max(1, len(job.taus))
-    totals = {
-        "draft": per_seed * settings.draft_steps,
-        "inversion": per_seed * settings.steps,
-        "null-text": per_seed * settings.steps,
-        "denoise": per_seed * n_taus * settings.steps,
-    }
-    drafts: dict[int, Image.Image] = {}
-    with progress_bar() as progress:
-        hook = StageProgress(progress, totals)
-        if job.mode == "context":
-            started = time.perf_counter()
-            with models.quiet_libraries():
-                context = models.load_context_pipeline(
-                    job.context_model, device=job.device, precision=job.precision, no_t5=job.no_t5
-                )
-            resolution = job.resolution or 512
-            try:
-                for seed in job.seeds:
-                    before = hook.counts.get("draft", 0)
-                    drafts[seed] = generation.render_draft(
-                        context,
-                        job.draft_prompt,
-                        resolution=resolution,
-                        seed=seed,
-                        steps=settings.draft_steps,
-                        guidance=settings.draft_guidance,
-                        progress=hook,
-                    )
-                    reported = hook.counts.get("draft", 0) - before
-                    if reported < settings.draft_steps:
-                        hook.finish("draft", int(settings.draft_steps - reported))
-            finally:
-                models.free_pipeline(context)
-                del context
-            timings["draft"] = time.perf_counter() - started
-        with models.quiet_libraries():
-            pipe = models.load_subject_pipeline(job.subject_model, device=job.device, precision=job.precision)
-        training.load_trained_weights(pipe.unet, Path(job.run["weights_file"]))
-        resolution = job.resolution or generation.subject_resolution(pipe)
-        job.resolution = resolution
-        if job.mode == "edit" and job.draft_image is not None:
-            edit_draft = center_crop_resize(job.draft_image, resolution)
-            drafts = {seed: edit_draft for seed in job.seeds}
-        results: list[tuple[int, float | None, Image.Image, dict[str, Any]]] = []
-        for seed in job.seeds:
-            if job.mode == "plain":
-                started = time.perf_counter()
-                image = generation.plain_generate(
-                    pipe, job.prompt, seed, settings, resolution=resolution, progress=hook
-                )
-                timings["denoise"] += time.perf_counter() - started
-                results.append((seed, None, image, {}))
-                continue
-            started = time.perf_counter()
-            inverted = generation.invert_image(
-                pipe, drafts[seed], job.prompt, settings, resolution=resolution, progress=hook
-            )
-            timings["inversion"] += time.perf_counter() - started
-            if settings.inversion == "npi":
-                hook.finish("null-text", settings.steps)
-            started = time.perf_counter()
-            images = generation.guided_images(pipe, inverted, job.prompt, job.taus, settings, progress=hook)
-            timings["denoise"] += time.perf_counter() - started
-            extra = {"inner_iterations": inverted.inner_iterations, "null_text_losses": inverted.losses}
-            for tau_value, image in zip(job.taus, images, strict=True):
-                results.append((seed, tau_value, image, extra))
-        models.free_pipeline(pipe)
-    return _write_outputs(job, settings, drafts, results, timings, output=output, grid=grid)
+    job: Job
+    settings: Any
+    output: Path | None
+    name: str = field(default_factory=batch_id)
+    drafts: dict[int, Path] = field(default_factory=dict)
+    images: list[tuple[int, float | None, Path]] = field(default_factory=list)
+    records: list[dict[str, Any]] = field(default_factory=list)
+    copies: list[Path] = field(default_factory=list)
 
+    @property
+    def folder(self) -> Path:
+        """The batch's folder in the store."""
+        return self.job.store.generation_dir(self.job.subject.name) / self.name
 
-def _write_outputs(
-    job: Job,
-    settings: Any,
-    drafts: dict[int, Image.Image],
-    results: list[tuple[int, float | None, Image.Image, dict[str, Any]]],
-    timings: dict[str, float],
-    *,
-    output: Path | None,
-    grid: bool,
-) -> list[dict[str, Any]]:
-    """Write PNGs (with parameters) and drafts into the store, copy them to `output`, add a row per image."""
-    from stencil_cli.generation import contact_sheet
+    @property
+    def expected(self) -> int:
+        """How many images the batch makes when it runs to the end."""
+        return len(self.job.seeds) * max(1, len(self.job.taus))
 
-    batch = batch_id()
-    folder = job.store.generation_dir(job.subject.name) / batch
-    if output is not None:
-        output = Path(output).expanduser()
+    def prepare(self) -> None:
+        """Create the output folder up front (a bad -o fails before any model loads)."""
+        if self.output is None:
+            return
+        self.output = Path(self.output).expanduser()
         try:
-            output.mkdir(parents=True, exist_ok=True)
+            self.output.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise StencilError(f"cannot create the output folder {output}: {error.strerror}") from None
-    copies: list[tuple[Path, Path]] = []
-    draft_files: dict[int, Path] = {}
-    for seed, image in drafts.items():
-        path = folder / f"draft-s{seed}.png"
+            raise StencilError(f"cannot create the output folder {self.output}: {error.strerror}") from None
+
+    def _copy_name(self, path: Path) -> str:
+        return f"{self.job.subject.name}-{self.name}-{path.name}"
+
+    def _write(self, path: Path, data: bytes) -> None:
+        """Write one file atomically into the store and, with -o, its copy."""
+        atomic_write_bytes(path, data)
+        if self.output is not None:
+            copy = self.output / self._copy_name(path)
+            atomic_write_bytes(copy, data)
+            self.copies.append(copy)
+
+    def save_draft(self, seed: int, image: Image.Image) -> Path:
+        """Write the draft of `seed` (with its parameters) now."""
+        job = self.job
+        path = self.folder / f"draft-s{seed}.png"
         meta = {
             "role": "draft",
             "draft_prompt": job.draft_prompt if job.mode == "context" else None,
@@ -498,24 +454,38 @@ def _write_outputs(
             "subject": job.subject.name,
             "draft_source": job.draft_source,
         }
-        atomic_write_bytes(path, png_bytes(image, meta))
-        draft_files[seed] = path
-        copies.append((path, Path(f"{job.subject.name}-{batch}-{path.name}")))
-    records: list[dict[str, Any]] = []
-    for seed, tau_value, image, extra in results:
-        stem = f"s{seed}" if tau_value is None else f"s{seed}-tau{tau_label(tau_value)}"
-        path = folder / f"{stem}.png"
-        draft_file = draft_files.get(seed)
+        self._write(path, png_bytes(image, meta))
+        self.drafts[seed] = path
+        return path
+
+    def load_draft(self, seed: int) -> Image.Image:
+        """The draft of `seed`, read back from its file (drafts are not kept in memory)."""
+        from PIL import Image
+
+        with Image.open(self.drafts[seed]) as opened:
+            return opened.convert("RGB")
+
+    def save_image(
+        self,
+        seed: int,
+        tau: float | None,
+        image: Image.Image,
+        timings: dict[str, float],
+        extra: dict[str, Any],
+    ) -> dict[str, Any]:
+        """Write one image (PNG with its parameters) and add its generation row now; returns the row."""
+        job = self.job
+        stem = f"s{seed}" if tau is None else f"s{seed}-tau{tau_label(tau)}"
+        path = self.folder / f"{stem}.png"
+        draft_file = self.drafts.get(seed)
         meta = _image_meta(
-            job, settings, seed=seed, tau=tau_value, draft_file=draft_file.name if draft_file else None
+            job, self.settings, seed=seed, tau=tau, draft_file=draft_file.name if draft_file else None
         )
-        atomic_write_bytes(path, png_bytes(image, meta))
-        copy_name = Path(f"{job.subject.name}-{batch}-{path.name}")
-        copies.append((path, copy_name))
+        self._write(path, png_bytes(image, meta))
         params = {k: v for k, v in meta.items() if v is not None}
-        params.update(batch=batch, timings_s={k: round(v, 3) for k, v in timings.items()}, **extra)
-        if output is not None:
-            params["output_file"] = str((output / copy_name).resolve())
+        params.update(batch=self.name, timings_s={k: round(v, 3) for k, v in timings.items()}, **extra)
+        if self.output is not None:
+            params["output_file"] = str((self.output / self._copy_name(path)).resolve())
         record = job.store.add_generation(
             job.subject.name,
             {
@@ -523,39 +493,133 @@ def _write_outputs(
                 "prompt": job.prompt,
                 "draft_prompt": job.draft_prompt if job.mode == "context" else None,
                 "seed": seed,
-                "tau": tau_value,
+                "tau": tau,
                 "params": params,
                 "image_path": path,
                 "draft_path": draft_file,
             },
         )
-        if output is not None:
+        if self.output is not None:
             record["output_file"] = params["output_file"]
-        records.append(record)
-    if grid:
+        self.images.append((seed, tau, path))
+        self.records.append(record)
+        return record
+
+    def save_grid(self) -> Path:
+        """The contact sheet (each seed's draft, then its images), built from the files written."""
+        from PIL import Image
+
+        from stencil_cli.generation import contact_sheet
+
+        def read(path: Path) -> Image.Image:
+            with Image.open(path) as opened:
+                return opened.convert("RGB")
+
         rows = []
-        for seed in job.seeds:
-            row = [(f"draft, seed {seed}", drafts[seed])] if seed in drafts else []
+        for seed in self.job.seeds:
+            row = [(f"draft, seed {seed}", read(self.drafts[seed]))] if seed in self.drafts else []
             row += [
-                (f"tau {tau_label(t)}" if t is not None else f"seed {s}", image)
-                for s, t, image, _ in results
+                (f"tau {tau_label(t)}" if t is not None else f"seed {s}", read(path))
+                for s, t, path in self.images
                 if s == seed
             ]
             rows.append(row)
-        sheet = contact_sheet(rows)
-        path = folder / "grid.png"
-        atomic_write_bytes(
-            path,
-            png_bytes(sheet, {"role": "grid", "prompt": job.prompt, "taus": job.taus, "seeds": job.seeds}),
-        )
-        copies.append((path, Path(f"{job.subject.name}-{batch}-grid.png")))
-        for record in records:
+        path = self.folder / "grid.png"
+        meta = {"role": "grid", "prompt": self.job.prompt, "taus": self.job.taus, "seeds": self.job.seeds}
+        self._write(path, png_bytes(contact_sheet(rows), meta))
+        for record in self.records:
             record["grid_file"] = str(path)
-        info(f"contact sheet: {escape(str(path if output is None else output / copies[-1][1]))}")
-    if output is not None:
-        for source, name in copies:
-            atomic_write_bytes(output / name, source.read_bytes())
-    return records
+        return self.copies[-1] if self.output is not None else path
+
+
+def _run_job(batch: Batch, *, grid: bool) -> list[dict[str, Any]]:
+    """Draft(s), then the subject model: inversion and denoise per seed. Each file and row is written as soon
+    as it is made, so an interruption keeps every finished image. Returns the rows."""
+    from stencil_cli import generation, models, training
+
+    job, settings = batch.job, batch.settings
+    per_seed = len(job.seeds)
+    n_taus = max(1, len(job.taus))
+    totals = {
+        "draft": per_seed * settings.draft_steps,
+        "inversion": per_seed * settings.steps,
+        "null-text": per_seed * settings.steps,
+        "denoise": per_seed * n_taus * settings.steps,
+    }
+    draft_seconds: dict[int, float] = {}
+    with progress_bar() as progress:
+        hook = StageProgress(progress, totals)
+        if job.mode == "context":
+            with models.quiet_libraries():
+                context = models.load_context_pipeline(
+                    job.context_model, device=job.device, precision=job.precision, no_t5=job.no_t5
+                )
+            resolution = job.resolution or 512
+            try:
+                for seed in job.seeds:
+                    before = hook.counts.get("draft", 0)
+                    started = time.perf_counter()
+                    draft = generation.render_draft(
+                        context,
+                        job.draft_prompt,
+                        resolution=resolution,
+                        seed=seed,
+                        steps=settings.draft_steps,
+                        guidance=settings.draft_guidance,
+                        progress=hook,
+                    )
+                    draft_seconds[seed] = time.perf_counter() - started
+                    batch.save_draft(seed, draft)
+                    reported = hook.counts.get("draft", 0) - before
+                    if reported < settings.draft_steps:
+                        hook.finish("draft", int(settings.draft_steps - reported))
+            finally:
+                models.free_pipeline(context)
+                del context
+        with models.quiet_libraries():
+            pipe = models.load_subject_pipeline(job.subject_model, device=job.device, precision=job.precision)
+        try:
+            training.load_trained_weights(pipe.unet, Path(job.run["weights_file"]))
+            resolution = job.resolution or generation.subject_resolution(pipe)
+            job.resolution = resolution
+            if job.mode == "edit" and job.draft_image is not None:
+                edit_draft = center_crop_resize(job.draft_image, resolution)
+                for seed in job.seeds:
+                    batch.save_draft(seed, edit_draft)
+            for seed in job.seeds:
+                if job.mode == "plain":
+                    started = time.perf_counter()
+                    image = generation.plain_generate(
+                        pipe, job.prompt, seed, settings, resolution=resolution, progress=hook
+                    )
+                    batch.save_image(seed, None, image, {"denoise": time.perf_counter() - started}, {})
+                    continue
+                started = time.perf_counter()
+                inverted = generation.invert_image(
+                    pipe, batch.load_draft(seed), job.prompt, settings, resolution=resolution, progress=hook
+                )
+                inversion_s = time.perf_counter() - started
+                if settings.inversion == "npi":
+                    hook.finish("null-text", settings.steps)
+                started = time.perf_counter()
+                images = generation.guided_images(
+                    pipe, inverted, job.prompt, job.taus, settings, progress=hook
+                )
+                # draft and inversion are per seed (shared by its taus); denoising per image
+                timings = {
+                    "draft": draft_seconds.get(seed, 0.0),
+                    "inversion": inversion_s,
+                    "denoise": (time.perf_counter() - started) / len(images),
+                }
+                extra = {"inner_iterations": inverted.inner_iterations, "null_text_losses": inverted.losses}
+                for tau_value, image in zip(job.taus, images, strict=True):
+                    batch.save_image(seed, tau_value, image, timings, extra)
+        finally:
+            models.free_pipeline(pipe)
+    if grid:
+        where = batch.save_grid()
+        info(f"contact sheet: {escape(str(where))}")
+    return batch.records
 
 
 def register(app: typer.Typer) -> None:
