@@ -227,8 +227,9 @@ def null_text_optimization(
             null_embeddings.append(current_uncond)
             iterations.append(done)
             losses.append(loss_value)
-            with torch.no_grad():
-                noise = guided_noise(unet, latent, t, cond, current_uncond, settings.guidance)
+            with torch.no_grad():  # the step's conditional prediction is already known: one UNet call
+                noise_uncond = _unet(unet, latent, t, current_uncond)
+                noise = noise_uncond + settings.guidance * (noise_cond - noise_uncond)
                 latent = ddim_step(scheduler, noise, t, latent)
             progress("null-text", i + 1, steps, {"inner": done, "loss": loss_value, "step_done": True})
     finally:
