@@ -374,8 +374,7 @@ def runner_home(stencil_home: Path, tiny_models_dir: Path, tiny_eval_build: Path
 def test_runner_completes_and_resumes_after_interruption(
     cli, tmp_path: Path, reference_run: tuple[Path, Path], runner_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from stencil_cli import generation
-    from stencil_cli.commands import bench
+    from stencil_cli import dreambench, generation
     from stencil_cli.store import Store
 
     reference_run, fake_dreambench = reference_run
@@ -411,13 +410,13 @@ def test_runner_completes_and_resumes_after_interruption(
 
     calls.clear()
     trained: list[str] = []
-    real_train = bench.Runner.train
+    real_train = dreambench.Runner.train
 
     def counting_train(self, job):
         trained.append(job.name)
         return real_train(self, job)
 
-    monkeypatch.setattr(bench.Runner, "train", counting_train)
+    monkeypatch.setattr(dreambench.Runner, "train", counting_train)
     result = cli("bench", "dreambench", fake_dreambench, "--out", out, *TINY_RUN)
     assert result.exit_code == 0, result.output
     assert calls == ["a dog wearing a red hat"]  # only the missing image was made
@@ -425,6 +424,13 @@ def test_runner_completes_and_resumes_after_interruption(
     store = Store(out / "store")
     assert [run["status"] for run in store.list_runs("dog")] == ["done"]
     assert len(store.list_generations("dog")) == 2
+    # the runner trains and generates through the same code as `stencil train` / `stencil gen`
+    row = store.list_generations("dog")[0]
+    assert {"guidance", "null_lr", "draft_steps", "inner_steps", "inversion", "bench"} <= row["params"].keys()
+    assert row["draft_file"] and Path(row["draft_file"]).is_file()
+    (run,) = store.list_runs("dog")
+    assert len(list((store.run_dir("dog", run["id"]) / "masks").glob("*.png"))) == 2
+    assert run["params"]["bench"]["train_steps"] == run["params"]["steps"]
     store.close()
     assert (out / "subjects" / "backpack" / "result.json").stat().st_mtime_ns == backpack_mtime
     resumed = json.loads((out / "results.json").read_text())

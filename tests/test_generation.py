@@ -12,12 +12,13 @@ import torch
 from PIL import Image
 
 from stencil_cli import generation
-from stencil_cli.commands.gen import parse_taus, read_png_parameters
+from stencil_cli.commands.gen import parse_taus
 from stencil_cli.errors import BadInputError
 from stencil_cli.generation import GenerationSettings, build_prompts, injected_steps
 from stencil_cli.images import center_crop_resize
 from stencil_cli.inversion import NullTextSettings, encode_prompt
 from stencil_cli.store import open_store
+from stencil_cli.workflows import read_png_parameters
 
 DESCRIPTION = "a shiny red toy robot with round eyes"
 FAST = ["--steps", "4", "--inner-steps", "2", "--draft-steps", "2", "--subject-model", "tiny"]

@@ -18,7 +18,6 @@ from PIL import Image
 from safetensors import safe_open
 
 from stencil_cli import __version__
-from stencil_cli.commands.train import subject_lock
 from stencil_cli.errors import StencilError
 from stencil_cli.store import open_store
 from stencil_cli.training import (
@@ -32,6 +31,7 @@ from stencil_cli.training import (
     trained_state,
     weights_metadata,
 )
+from stencil_cli.workflows import subject_lock
 from tests.photos import make_photo
 
 PHRASE = "toy robot"
@@ -317,7 +317,7 @@ def test_lock_is_released_when_its_process_dies(stencil_home: Path) -> None:
     code = (
         "import os, signal\n"
         "from stencil_cli.store import open_store\n"
-        "from stencil_cli.commands.train import subject_lock\n"
+        "from stencil_cli.workflows import subject_lock\n"
         "store = open_store()\n"
         "with subject_lock(store, 'robot'):\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"

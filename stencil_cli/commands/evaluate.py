@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
+from stencil_cli import workflows
 from stencil_cli.clikit import JsonOption, handle_errors
 from stencil_cli.commands.options import DeviceOption, setting
 from stencil_cli.errors import BadInputError, NotFoundError, StencilError
 from stencil_cli.output import escape, info, print_json, warn
-from stencil_cli.store import Store, Subject, open_store
+from stencil_cli.store import open_store
 
 EvalModelsOption = Annotated[
     str | None,
@@ -50,61 +50,6 @@ def parse_ids(text: str | None) -> list[int] | None:
     return list(dict.fromkeys(ids))
 
 
-def clip_t_text(generation: dict[str, Any], subject: Subject) -> str:
-    """The text CLIP-T compares with: the subject prompt the image was rendered from (phrase included)."""
-    from stencil_cli.generation import build_prompts
-
-    prompt = generation.get("prompt") or ""
-    phrase = subject.phrase or subject.class_word
-    if not phrase:
-        return prompt
-    try:
-        return build_prompts(prompt, phrase).prompt
-    except ValueError:
-        return prompt
-
-
-def score_generations(
-    store: Store,
-    subject: Subject,
-    generations: list[dict[str, Any]],
-    models: Any,
-) -> list[dict[str, Any]]:
-    """Score `generations` of `subject` against its photos, store the scores, return one row per image."""
-    from stencil_cli import evaluation
-    from stencil_cli.images import load_rgb
-
-    photos = [load_rgb(Path(image["file"])) for image in subject.images if Path(image["file"]).is_file()]
-    if not photos:
-        raise StencilError(f"subject {subject.name!r} has no photos to compare against")
-    references = evaluation.embed_references(models, photos)
-    present = [g for g in generations if g.get("image_file") and Path(g["image_file"]).is_file()]
-    for missing in (g for g in generations if g not in present):
-        warn(f"generation {missing['id']}: image file missing, skipped")
-    images = [load_rgb(Path(g["image_file"])) for g in present]
-    texts = [clip_t_text(g, subject) for g in present]
-    scores = evaluation.score_images(models, images, references, texts)
-    rows = []
-    for generation, text, score in zip(present, texts, scores, strict=True):
-        stored = {
-            **score.to_dict(),
-            "eval_models": models.refs.to_dict(),
-            "clip_t_text": text,
-            "references": references.count,
-        }
-        store.set_generation_scores(generation["id"], stored)
-        rows.append(
-            {
-                "id": generation["id"],
-                "prompt": generation.get("prompt"),
-                "image_file": generation["image_file"],
-                "scores": score.to_dict(),
-                "clip_t_text": text,
-            }
-        )
-    return rows
-
-
 @handle_errors
 def evaluate(
     name: Annotated[str, typer.Argument(help="Subject name.")],
@@ -140,7 +85,13 @@ def evaluate(
     torch_device = models.resolve_device(setting(store, "device", device))
     info(f"loading eval models {escape(refs.dino)} and {escape(refs.clip)} on {torch_device} ...")
     loaded = evaluation.load_eval_models(refs, torch_device)
-    scored = score_generations(store, subject, rows, loaded)
+    scored = workflows.score_generations(
+        store,
+        subject,
+        rows,
+        loaded,
+        on_missing=lambda row: warn(f"generation {row['id']}: image file missing, skipped"),
+    )
     mean = evaluation.mean_scores([row["scores"] for row in scored])
     if json_output:
         print_json(

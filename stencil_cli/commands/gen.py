@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import io
-import json
 import math
 import secrets
-import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from stencil_cli import __version__
+from stencil_cli import workflows
 from stencil_cli.clikit import JsonOption, handle_errors
 from stencil_cli.commands.options import (
     ContextModelOption,
@@ -25,18 +21,15 @@ from stencil_cli.commands.options import (
     setting,
 )
 from stencil_cli.errors import BadInputError, StencilError
-from stencil_cli.fsutil import atomic_write_bytes
-from stencil_cli.images import center_crop_resize
 from stencil_cli.output import err_console, escape, info, print_json, warn
 from stencil_cli.progress import add_task, progress_bar
-from stencil_cli.store import Store, Subject, open_store
+from stencil_cli.store import Store, open_store
 
 if TYPE_CHECKING:
     from PIL import Image
     from rich.progress import Progress
 
 MAX_TAU = 1000
-PNG_KEY = "stencil"  # the text chunk holding every parameter as JSON
 
 
 # -- small pure helpers (tested directly) -----------------------------------------------------------------
@@ -62,43 +55,6 @@ def parse_taus(text: str) -> list[float]:
     if not values:
         raise BadInputError("--tau needs at least one value in [0, 1000], e.g. --tau 60")
     return values
-
-
-def tau_label(tau: float) -> str:
-    """60.0 -> '60', 12.5 -> '12.5' (for file names and labels)."""
-    return f"{tau:g}"
-
-
-def png_bytes(image: Image.Image, meta: dict[str, Any]) -> bytes:
-    """Encode `image` as PNG with `meta` in text chunks: one per key, plus all of it as JSON ("stencil")."""
-    from PIL.PngImagePlugin import PngInfo
-
-    info_chunks = PngInfo()
-    for key, value in meta.items():
-        if value is None:
-            continue
-        text = value if isinstance(value, str) else json.dumps(value)
-        info_chunks.add_itxt(key, text)
-    info_chunks.add_itxt(PNG_KEY, json.dumps(meta, default=str))
-    info_chunks.add_text("Software", f"stencil {__version__}")
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info_chunks)
-    return buffer.getvalue()
-
-
-def read_png_parameters(path: Path) -> dict[str, Any]:
-    """The parameters a stencil PNG carries (its 'stencil' JSON text chunk); {} if none."""
-    from PIL import Image
-
-    with Image.open(path) as image:
-        image.load()
-        text = dict(getattr(image, "text", {}) or {})
-    return json.loads(text[PNG_KEY]) if PNG_KEY in text else {}
-
-
-def batch_id() -> str:
-    """A folder name for one `stencil gen` call: UTC time plus a random suffix."""
-    return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
 
 
 # -- progress ------------------------------------------------------------------------------------------------
@@ -127,9 +83,13 @@ class StageProgress:
             self.tasks[stage] = add_task(self.progress, self.LABELS.get(stage, stage), self.totals.get(stage))
         return self.tasks[stage]
 
-    def __call__(self, stage: str, step: int, total: int, extra: dict[str, Any]) -> None:
+    def __call__(self, stage: str, step: int, total: int | None, extra: dict[str, Any]) -> None:
         """The hook: advance the stage's bar; null-text shows inner-iteration counts and the loss."""
         task = self.task(stage)
+        if "advance" in extra:  # steps a pipeline or mode does not report one by one
+            self.counts[stage] = self.counts.get(stage, 0) + int(extra["advance"])
+            self.progress.update(task, advance=int(extra["advance"]))
+            return
         if stage == "null-text":
             if extra.get("step_done"):
                 self.counts[stage] = self.counts.get(stage, 0) + 1
@@ -143,96 +103,8 @@ class StageProgress:
         self.counts[stage] = self.counts.get(stage, 0) + 1
         self.progress.update(task, advance=1)
 
-    def finish(self, stage: str, count: int) -> None:
-        """Advance `stage` by `count` (for pipelines or modes that report no steps)."""
-        self.counts[stage] = self.counts.get(stage, 0) + count
-        self.progress.update(self.task(stage), advance=count)
-
 
 # -- the command -------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Job:
-    """Everything settled before the models load."""
-
-    store: Store
-    subject: Subject
-    run: dict[str, Any]
-    prompt: str
-    draft_prompt: str
-    seeds: list[int]
-    taus: list[float]
-    mode: str  # context | edit | plain
-    subject_model: str
-    context_model: str | None
-    device: str
-    precision: str
-    no_t5: bool
-    resolution: int
-    draft_image: Image.Image | None = None
-    draft_source: str | None = None
-
-
-def _load_draft(path: Path) -> tuple[Image.Image, str]:
-    from stencil_cli.images import load_rgb
-
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise BadInputError(f"--draft {path}: no such file")
-    try:
-        return load_rgb(path), str(path.resolve())
-    except Exception as error:  # noqa: BLE001 - Pillow raises many types for non-images
-        raise BadInputError(
-            f"--draft {path} is not an image Pillow can read ({type(error).__name__})"
-        ) from None
-
-
-def _trained_run(store: Store, name: str, run_id: int | None) -> dict[str, Any]:
-    if run_id is not None:
-        run = store.get_run(name, run_id)
-        if run["status"] != "done":
-            raise StencilError(
-                f"run {run_id} of {name!r} is {run['status']}, not done",
-                hint=f"pick a finished run (`stencil show {name}`) or train again: `stencil train {name}`",
-            )
-    else:
-        run = store.latest_done_run(name)
-        if run is None:
-            raise StencilError(f"subject {name!r} is not trained yet: run `stencil train {name}` first")
-    if not run.get("weights_file") or not Path(run["weights_file"]).is_file():
-        raise StencilError(
-            f"the weights of run {run['id']} of {name!r} are missing",
-            hint=f"train again with `stencil train {name}`",
-        )
-    return run
-
-
-def _image_meta(
-    job: Job, settings: Any, *, seed: int, tau: float | None, draft_file: str | None
-) -> dict[str, Any]:
-    nti = job.mode != "plain" and settings.inversion == "nti"
-    return {
-        "prompt": job.prompt,
-        "draft_prompt": job.draft_prompt if job.mode == "context" else None,
-        "seed": seed,
-        "tau": tau,
-        "steps": settings.steps,
-        "guidance": settings.guidance,
-        "inversion": settings.inversion if job.mode != "plain" else None,
-        "inner_steps": settings.null_text.inner_steps if nti else None,
-        "null_lr": settings.null_text.lr if nti else None,
-        "draft_steps": settings.draft_steps if job.mode == "context" else None,
-        "mode": job.mode,
-        "subject": job.subject.name,
-        "phrase": job.subject.phrase or job.subject.class_word,
-        "subject_model": job.subject_model,
-        "context_model": job.context_model if job.mode == "context" else None,
-        "run_id": job.run["id"],
-        "resolution": job.resolution,
-        "draft": draft_file,
-        "draft_source": job.draft_source,
-    }
 
 
 @handle_errors
@@ -305,13 +177,44 @@ def gen(
     json_output: JsonOption = False,
 ) -> None:
     """Render a trained subject in a new context: draft -> null-text inversion -> guided denoise."""
-    from stencil_cli.generation import GenerationSettings, build_prompts
-    from stencil_cli.inversion import NullTextSettings
-
-    # -- validate everything before any model loads ------------------------------------------------------
+    # everything is checked and settled before any model loads
     if not prompt.strip():
         raise BadInputError('the prompt is empty: say what to render, e.g. "on a beach at sunset"')
+    if draft is not None and no_context:
+        raise BadInputError("--draft and --no-context do not go together: a draft is the context")
     taus = parse_taus(tau)
+    settings = _settings(steps, guidance, inversion, null_lr, inner_steps, draft_steps)
+    store = open_store()
+    mode = "plain" if no_context else ("edit" if draft is not None else "context")
+    if mode == "edit" and count > 1:
+        warn("with --draft the result does not depend on the seed: making one image per tau")
+        count = 1
+    first_seed = seed if seed is not None else secrets.randbelow(2**31)
+    job = _make_job(
+        store,
+        name,
+        prompt,
+        mode,
+        run_id=run_id,
+        seeds=[first_seed + i for i in range(count)],
+        taus=taus,
+        draft=draft,
+        show_prompts=show_prompts,
+        models=Models(subject_model, context_model, device, precision, no_t5),
+    )
+    batch = workflows.GenerationBatch(job, settings, output)
+    batch.prepare()
+    records = _generate(batch, grid=grid)
+    _present(records, output, json_output)
+
+
+def _settings(
+    steps: int, guidance: float, inversion: str, null_lr: float, inner_steps: int, draft_steps: int
+) -> Any:
+    """The generation settings from the options, or a one-line BadInputError."""
+    from stencil_cli.generation import GenerationSettings
+    from stencil_cli.inversion import NullTextSettings
+
     inversion = inversion.strip().lower()
     if inversion not in ("nti", "npi"):
         raise BadInputError(f"--inversion must be nti or npi (got {inversion!r})")
@@ -319,18 +222,54 @@ def gen(
         raise BadInputError(f"--null-lr must be a positive number (got {null_lr})")
     if not (guidance >= 1 and math.isfinite(guidance)):
         raise BadInputError(f"--guidance must be at least 1 (got {guidance})")
-    if draft is not None and no_context:
-        raise BadInputError("--draft and --no-context do not go together: a draft is the context")
-    store = open_store()
+    try:
+        return GenerationSettings(
+            steps=steps,
+            guidance=guidance,
+            inversion=inversion,
+            null_text=NullTextSettings(lr=null_lr, inner_steps=inner_steps),
+            draft_steps=draft_steps,
+        )
+    except ValueError as error:
+        raise BadInputError(str(error)) from None
+
+
+@dataclass
+class Models:
+    """The model options as given (None: settled from env/config/defaults)."""
+
+    subject_model: str | None
+    context_model: str | None
+    device: str | None
+    precision: str | None
+    no_t5: bool
+
+
+def _make_job(
+    store: Store,
+    name: str,
+    prompt: str,
+    mode: str,
+    *,
+    run_id: int | None,
+    seeds: list[int],
+    taus: list[float],
+    draft: Path | None,
+    show_prompts: bool,
+    models: Models,
+) -> workflows.GenerationJob:
+    """The subject, its trained run, the prompts, the draft image and the models of this generation."""
+    from stencil_cli.generation import build_prompts
+
     subject = store.get_subject(name)
-    run = _trained_run(store, name, run_id)
+    run = workflows.trained_run(store, name, run_id)
     phrase = subject.phrase or subject.class_word
     if not phrase:
         raise StencilError(
             f"subject {name!r} has no phrase",
             hint=f"caption it with `stencil caption {name}` or re-add with --phrase",
         )
-    if not subject.description and not no_context and draft is None:
+    if not subject.description and mode == "context":
         info(
             f"[dim]{escape(name)} has no description (the OpenAI captioner writes one); "
             f"the draft prompt uses {escape(repr(phrase))}[/dim]"
@@ -340,48 +279,58 @@ def gen(
         err_console.print(f"prompt:       {escape(prompts.prompt)}")
         err_console.print(f"draft prompt: {escape(prompts.draft_prompt)}")
     draft_image, draft_source = _load_draft(draft) if draft is not None else (None, None)
-    mode = "plain" if no_context else ("edit" if draft is not None else "context")
-    first_seed = seed if seed is not None else secrets.randbelow(2**31)
-    if mode == "edit" and count > 1:
-        warn("with --draft the result does not depend on the seed: making one image per tau")
-        count = 1
     run_params = run.get("params") or {}
     trained_on = run_params.get("subject_model") or run.get("base_model")
-    subject_ref = subject_model or trained_on or setting(store, "subject_model", None)
-    if subject_model and trained_on and subject_model != trained_on:
-        warn(f"run {run['id']} was trained on {trained_on}; generating with {subject_model} as asked")
-    job = Job(
+    subject_ref = models.subject_model or trained_on or setting(store, "subject_model", None)
+    if models.subject_model and trained_on and models.subject_model != trained_on:
+        warn(f"run {run['id']} was trained on {trained_on}; generating with {models.subject_model} as asked")
+    return workflows.GenerationJob(
         store=store,
         subject=subject,
         run=run,
         prompt=prompts.prompt,
         draft_prompt=prompts.draft_prompt,
-        seeds=[first_seed + i for i in range(count)],
+        seeds=seeds,
         taus=taus if mode != "plain" else [],
         mode=mode,
         subject_model=subject_ref,
-        context_model=setting(store, "context_model", context_model) if mode == "context" else None,
-        device=setting(store, "device", device),
-        precision=setting(store, "precision", precision),
-        no_t5=no_t5,
+        context_model=setting(store, "context_model", models.context_model) if mode == "context" else None,
+        device=setting(store, "device", models.device),
+        precision=setting(store, "precision", models.precision),
+        no_t5=models.no_t5,
         resolution=int(run_params.get("resolution") or 0),
         draft_image=draft_image,
         draft_source=draft_source,
     )
+
+
+def _load_draft(path: Path) -> tuple[Image.Image, str]:
+    from stencil_cli.images import load_rgb
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise BadInputError(f"--draft {path}: no such file")
     try:
-        settings = GenerationSettings(
-            steps=steps,
-            guidance=guidance,
-            inversion=inversion,
-            null_text=NullTextSettings(lr=null_lr, inner_steps=inner_steps),
-            draft_steps=draft_steps,
-        )
-    except ValueError as error:
-        raise BadInputError(str(error)) from None
-    batch = Batch(job, settings, output)
-    batch.prepare()
+        return load_rgb(path), str(path.resolve())
+    except Exception as error:  # noqa: BLE001 - Pillow raises many types for non-images
+        raise BadInputError(
+            f"--draft {path} is not an image Pillow can read ({type(error).__name__})"
+        ) from None
+
+
+def _generate(batch: workflows.GenerationBatch, *, grid: bool) -> list[dict[str, Any]]:
+    """Run the batch under progress bars; on any interruption say how much was kept, then re-raise."""
+    job, settings = batch.job, batch.settings
+    seeds = len(job.seeds)
+    totals = {
+        "draft": seeds * settings.draft_steps,
+        "inversion": seeds * settings.steps,
+        "null-text": seeds * settings.steps,
+        "denoise": seeds * max(1, len(job.taus)) * settings.steps,
+    }
     try:
-        records = _run_job(batch, grid=grid)
+        with progress_bar() as progress:
+            records = workflows.generate_images(batch, progress=StageProgress(progress, totals))
     except BaseException:
         if batch.records or batch.drafts:
             info(
@@ -389,6 +338,13 @@ def gen(
                 f"kept what was finished in {escape(str(batch.folder))}"
             )
         raise
+    if grid:
+        info(f"contact sheet: {escape(str(batch.save_grid()))}")
+    return records
+
+
+def _present(records: list[dict[str, Any]], output: Path | None, json_output: bool) -> None:
+    """The records as JSON, or one image path per line (stdout) and a summary (stderr)."""
     if json_output:
         print_json(records)
         return
@@ -396,230 +352,6 @@ def gen(
         typer.echo(record.get("output_file") or record["image_file"])
     where = output if output is not None else Path(records[0]["image_file"]).parent
     info(f"[green]made {len(records)} image(s)[/green] in {escape(str(where))}")
-
-
-@dataclass
-class Batch:
-    """The files of one `stencil gen` call, written as each is made (an interruption keeps them)."""
-
-    job: Job
-    settings: Any
-    output: Path | None
-    name: str = field(default_factory=batch_id)
-    drafts: dict[int, Path] = field(default_factory=dict)
-    images: list[tuple[int, float | None, Path]] = field(default_factory=list)
-    records: list[dict[str, Any]] = field(default_factory=list)
-    copies: list[Path] = field(default_factory=list)
-
-    @property
-    def folder(self) -> Path:
-        """The batch's folder in the store."""
-        return self.job.store.generation_dir(self.job.subject.name) / self.name
-
-    @property
-    def expected(self) -> int:
-        """How many images the batch makes when it runs to the end."""
-        return len(self.job.seeds) * max(1, len(self.job.taus))
-
-    def prepare(self) -> None:
-        """Create the output folder up front (a bad -o fails before any model loads)."""
-        if self.output is None:
-            return
-        self.output = Path(self.output).expanduser()
-        try:
-            self.output.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise StencilError(f"cannot create the output folder {self.output}: {error.strerror}") from None
-
-    def _copy_name(self, path: Path) -> str:
-        return f"{self.job.subject.name}-{self.name}-{path.name}"
-
-    def _write(self, path: Path, data: bytes) -> None:
-        """Write one file atomically into the store and, with -o, its copy."""
-        atomic_write_bytes(path, data)
-        if self.output is not None:
-            copy = self.output / self._copy_name(path)
-            atomic_write_bytes(copy, data)
-            self.copies.append(copy)
-
-    def save_draft(self, seed: int, image: Image.Image) -> Path:
-        """Write the draft of `seed` (with its parameters) now."""
-        job = self.job
-        path = self.folder / f"draft-s{seed}.png"
-        meta = {
-            "role": "draft",
-            "draft_prompt": job.draft_prompt if job.mode == "context" else None,
-            "seed": seed,
-            "context_model": job.context_model,
-            "subject": job.subject.name,
-            "draft_source": job.draft_source,
-        }
-        self._write(path, png_bytes(image, meta))
-        self.drafts[seed] = path
-        return path
-
-    def load_draft(self, seed: int) -> Image.Image:
-        """The draft of `seed`, read back from its file (drafts are not kept in memory)."""
-        from PIL import Image
-
-        with Image.open(self.drafts[seed]) as opened:
-            return opened.convert("RGB")
-
-    def save_image(
-        self,
-        seed: int,
-        tau: float | None,
-        image: Image.Image,
-        timings: dict[str, float],
-        extra: dict[str, Any],
-    ) -> dict[str, Any]:
-        """Write one image (PNG with its parameters) and add its generation row now; returns the row."""
-        job = self.job
-        stem = f"s{seed}" if tau is None else f"s{seed}-tau{tau_label(tau)}"
-        path = self.folder / f"{stem}.png"
-        draft_file = self.drafts.get(seed)
-        meta = _image_meta(
-            job, self.settings, seed=seed, tau=tau, draft_file=draft_file.name if draft_file else None
-        )
-        self._write(path, png_bytes(image, meta))
-        params = {k: v for k, v in meta.items() if v is not None}
-        params.update(batch=self.name, timings_s={k: round(v, 3) for k, v in timings.items()}, **extra)
-        if self.output is not None:
-            params["output_file"] = str((self.output / self._copy_name(path)).resolve())
-        record = job.store.add_generation(
-            job.subject.name,
-            {
-                "run_id": job.run["id"],
-                "prompt": job.prompt,
-                "draft_prompt": job.draft_prompt if job.mode == "context" else None,
-                "seed": seed,
-                "tau": tau,
-                "params": params,
-                "image_path": path,
-                "draft_path": draft_file,
-            },
-        )
-        if self.output is not None:
-            record["output_file"] = params["output_file"]
-        self.images.append((seed, tau, path))
-        self.records.append(record)
-        return record
-
-    def save_grid(self) -> Path:
-        """The contact sheet (each seed's draft, then its images), built from the files written."""
-        from PIL import Image
-
-        from stencil_cli.generation import contact_sheet
-
-        def read(path: Path) -> Image.Image:
-            with Image.open(path) as opened:
-                return opened.convert("RGB")
-
-        rows = []
-        for seed in self.job.seeds:
-            row = [(f"draft, seed {seed}", read(self.drafts[seed]))] if seed in self.drafts else []
-            row += [
-                (f"tau {tau_label(t)}" if t is not None else f"seed {s}", read(path))
-                for s, t, path in self.images
-                if s == seed
-            ]
-            rows.append(row)
-        path = self.folder / "grid.png"
-        meta = {"role": "grid", "prompt": self.job.prompt, "taus": self.job.taus, "seeds": self.job.seeds}
-        self._write(path, png_bytes(contact_sheet(rows), meta))
-        for record in self.records:
-            record["grid_file"] = str(path)
-        return self.copies[-1] if self.output is not None else path
-
-
-def _run_job(batch: Batch, *, grid: bool) -> list[dict[str, Any]]:
-    """Draft(s), then the subject model: inversion and denoise per seed. Each file and row is written as soon
-    as it is made, so an interruption keeps every finished image. Returns the rows."""
-    from stencil_cli import generation, models, training
-
-    job, settings = batch.job, batch.settings
-    per_seed = len(job.seeds)
-    n_taus = max(1, len(job.taus))
-    totals = {
-        "draft": per_seed * settings.draft_steps,
-        "inversion": per_seed * settings.steps,
-        "null-text": per_seed * settings.steps,
-        "denoise": per_seed * n_taus * settings.steps,
-    }
-    draft_seconds: dict[int, float] = {}
-    with progress_bar() as progress:
-        hook = StageProgress(progress, totals)
-        if job.mode == "context":
-            with models.quiet_libraries():
-                context = models.load_context_pipeline(
-                    job.context_model, device=job.device, precision=job.precision, no_t5=job.no_t5
-                )
-            resolution = job.resolution or 512
-            try:
-                for seed in job.seeds:
-                    before = hook.counts.get("draft", 0)
-                    started = time.perf_counter()
-                    draft = generation.render_draft(
-                        context,
-                        job.draft_prompt,
-                        resolution=resolution,
-                        seed=seed,
-                        steps=settings.draft_steps,
-                        guidance=settings.draft_guidance,
-                        progress=hook,
-                    )
-                    draft_seconds[seed] = time.perf_counter() - started
-                    batch.save_draft(seed, draft)
-                    reported = hook.counts.get("draft", 0) - before
-                    if reported < settings.draft_steps:
-                        hook.finish("draft", int(settings.draft_steps - reported))
-            finally:
-                models.free_pipeline(context)
-                del context
-        with models.quiet_libraries():
-            pipe = models.load_subject_pipeline(job.subject_model, device=job.device, precision=job.precision)
-        try:
-            training.load_trained_weights(pipe.unet, Path(job.run["weights_file"]))
-            resolution = job.resolution or generation.subject_resolution(pipe)
-            job.resolution = resolution
-            if job.mode == "edit" and job.draft_image is not None:
-                edit_draft = center_crop_resize(job.draft_image, resolution)
-                for seed in job.seeds:
-                    batch.save_draft(seed, edit_draft)
-            for seed in job.seeds:
-                if job.mode == "plain":
-                    started = time.perf_counter()
-                    image = generation.plain_generate(
-                        pipe, job.prompt, seed, settings, resolution=resolution, progress=hook
-                    )
-                    batch.save_image(seed, None, image, {"denoise": time.perf_counter() - started}, {})
-                    continue
-                started = time.perf_counter()
-                inverted = generation.invert_image(
-                    pipe, batch.load_draft(seed), job.prompt, settings, resolution=resolution, progress=hook
-                )
-                inversion_s = time.perf_counter() - started
-                if settings.inversion == "npi":
-                    hook.finish("null-text", settings.steps)
-                started = time.perf_counter()
-                images = generation.guided_images(
-                    pipe, inverted, job.prompt, job.taus, settings, progress=hook
-                )
-                # draft and inversion are per seed (shared by its taus); denoising per image
-                timings = {
-                    "draft": draft_seconds.get(seed, 0.0),
-                    "inversion": inversion_s,
-                    "denoise": (time.perf_counter() - started) / len(images),
-                }
-                extra = {"inner_iterations": inverted.inner_iterations, "null_text_losses": inverted.losses}
-                for tau_value, image in zip(job.taus, images, strict=True):
-                    batch.save_image(seed, tau_value, image, timings, extra)
-        finally:
-            models.free_pipeline(pipe)
-    if grid:
-        where = batch.save_grid()
-        info(f"contact sheet: {escape(str(where))}")
-    return batch.records
 
 
 def register(app: typer.Typer) -> None:

@@ -1,0 +1,820 @@
+"""The DreamBench protocol end to end (the runner behind `stencil bench dreambench`), sharded by processes.
+
+For each subject: add its photos, caption them (template: the class word is the phrase), train, render every
+prompt (``images_per_prompt`` seeds each) with Context Guidance, score (DINO, CLIP-T, CLIP-I). Then a results
+table per subject and overall (Markdown + JSON), a plot and a contact sheet per subject. Training, drafts,
+images and scores go through `workflows.py`, the same code `stencil train` / `gen` / `eval` use. Nothing here
+prints: progress and notes go to the `BenchHooks` the command passes.
+
+Layout of ``--out``::
+
+    bench.json                 the settings the results were made with (resuming checks them)
+    store/                     the benchmark's own stencil store: subjects, runs (+ masks), generations
+    store/subjects/<name>/generations/bench/         the images (p00-0.png: prompt 0, image 0)
+    store/subjects/<name>/generations/bench/drafts/  the context model's drafts, same names
+    subjects/<name>/result.json, contact-sheet.png
+    results.json, results.md, scores.png
+
+Resuming: a subject whose ``result.json`` covers the requested prompts is skipped; otherwise only missing
+drafts, a missing training run, missing images and missing scores are made. Sharding: every process
+(``accelerate launch`` sets ``WORLD_SIZE``/``RANK``) takes subjects ``rank::world``; the main process waits
+for the others (a barrier through ``accelerate.PartialState``: NCCL on GPUs, gloo on CPUs) and merges.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stencil_cli import workflows
+from stencil_cli.errors import BadInputError, StencilError
+from stencil_cli.fsutil import atomic_write_bytes
+from stencil_cli.store import Store
+
+BENCH_FILE = "bench.json"
+RESULT_FILE = "result.json"
+RESULTS_JSON = "results.json"
+RESULTS_MD = "results.md"
+PLOT_FILE = "scores.png"
+SHEET_FILE = "contact-sheet.png"
+GENERATION_FOLDER = "bench"
+
+# The paper's table (SD1.5 base; METHOD.md, Evaluation). GPU seconds from its GPU-hours per subject.
+PAPER_ROWS: list[dict[str, Any]] = [
+    {"method": "Stencil (paper)", "dino": 0.671, "clip_t": 0.328, "clip_i": None, "gpu_seconds": 360.0},
+    {"method": "DreamBooth (paper)", "dino": 0.668, "clip_t": 0.305, "clip_i": None, "gpu_seconds": 720.0},
+    {
+        "method": "Custom Diffusion (paper)",
+        "dino": 0.643,
+        "clip_t": 0.305,
+        "clip_i": None,
+        "gpu_seconds": None,
+    },
+    {
+        "method": "Textual Inversion (paper)",
+        "dino": 0.569,
+        "clip_t": 0.255,
+        "clip_i": None,
+        "gpu_seconds": None,
+    },
+    {"method": "Real images (paper)", "dino": 0.774, "clip_t": None, "clip_i": None, "gpu_seconds": None},
+]
+
+
+# -- settings -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BenchConfig:
+    """Everything one benchmark run needs, settled before any model loads."""
+
+    dataset: Path
+    out: Path
+    subjects: list[str]
+    prompts: int | None = None  # the first N prompts of each subject (None: all 25)
+    images_per_prompt: int = 4
+    train_steps: int = 100
+    batch_size: int = 6
+    lr: float = 2e-5
+    steps: int = 50
+    inner_steps: int = 10
+    inversion: str = "nti"  # nti (null-text, the paper) | npi (negative-prompt, much faster)
+    draft_steps: int = 50
+    tau: float = 60.0
+    seed: int = 0
+    captioner: str = "template"
+    subject_model: str = "sd15"
+    context_model: str = "sd3-medium"
+    device: str = "auto"
+    precision: str = "auto"
+    no_t5: bool = False
+    eval_dino: str = "facebook/dino-vits16"
+    eval_clip: str = "openai/clip-vit-base-patch32"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings that change the numbers (a resumed run must match them)."""
+        keys = (
+            "train_steps",
+            "batch_size",
+            "lr",
+            "steps",
+            "inner_steps",
+            "inversion",
+            "draft_steps",
+            "tau",
+            "seed",
+            "captioner",
+            "subject_model",
+            "context_model",
+            "precision",
+            "no_t5",
+            "eval_dino",
+            "eval_clip",
+        )
+        return {key: getattr(self, key) for key in keys}
+
+    def train_key(self) -> dict[str, Any]:
+        """The settings a reusable training run must have been made with."""
+        return {
+            k: getattr(self, k)
+            for k in ("train_steps", "batch_size", "lr", "seed", "subject_model", "precision", "captioner")
+        }
+
+    def train_config(self, *, resolution: int, precision: str) -> Any:
+        """The training settings of every subject (the model's resolution, the autocast precision)."""
+        from stencil_cli.training import TrainConfig
+
+        return TrainConfig(
+            steps=self.train_steps,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            seed=self.seed,
+            resolution=resolution,
+            precision=precision,
+        )
+
+    def generation_settings(self) -> Any:
+        """The generation settings of every image (ValueError for values that cannot work)."""
+        from stencil_cli.generation import GenerationSettings
+        from stencil_cli.inversion import NullTextSettings
+
+        return GenerationSettings(
+            steps=self.steps,
+            null_text=NullTextSettings(inner_steps=self.inner_steps),
+            inversion=self.inversion,
+            draft_steps=self.draft_steps,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready view."""
+        data = asdict(self)
+        data["dataset"] = str(self.dataset)
+        data["out"] = str(self.out)
+        return data
+
+
+def check_out_folder(config: BenchConfig) -> None:
+    """Create ``--out`` and record the settings; a folder made with other settings is a clear error."""
+    path = config.out / BENCH_FILE
+    wanted = config.fingerprint()
+    if path.is_file():
+        try:
+            stored = json.loads(path.read_text(encoding="utf-8")).get("settings", {})
+        except (OSError, ValueError):
+            stored = {}
+        changed = [key for key in wanted if key in stored and stored[key] != wanted[key]]
+        if changed:
+            key = changed[0]
+            raise BadInputError(
+                f"{config.out} holds results made with other settings ({key}: {stored[key]!r}, now "
+                f"{wanted[key]!r}); use another --out, or the same settings to resume"
+            )
+        return
+    config.out.mkdir(parents=True, exist_ok=True)
+    data = {"settings": wanted, "dataset": str(config.dataset)}
+    atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
+
+
+# -- sharding -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Shard:
+    """This process's place among the benchmark's processes."""
+
+    rank: int = 0
+    world: int = 1
+    state: Any = None  # accelerate.PartialState when launched with several processes
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process merges and writes the results."""
+        return self.rank == 0
+
+    def mine(self, subjects: list[str]) -> list[str]:
+        """The subjects this process runs (round robin)."""
+        return subjects[self.rank :: self.world]
+
+    def wait(self) -> None:
+        """Wait until every process got here (no-op in a single process)."""
+        if self.state is not None:
+            self.state.wait_for_everyone()
+
+
+def current_shard(device: str) -> Shard:
+    """The shard from accelerate's environment (``WORLD_SIZE``/``RANK``); one process without it."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return Shard()
+    import torch
+    from accelerate import PartialState
+
+    cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    state = PartialState(cpu=cpu)
+    return Shard(state.process_index, state.num_processes, state)
+
+
+def shard_device(shard: Shard, device: str) -> str:
+    """The device this process uses: accelerate's per-process GPU when sharded across GPUs."""
+    if shard.state is not None and device in ("auto", "cuda") and shard.state.device.type == "cuda":
+        return str(shard.state.device)
+    return device
+
+
+# -- one subject ----------------------------------------------------------------------------------------
+
+
+def _stem(prompt_index: int, image_index: int) -> str:
+    return f"p{prompt_index:02d}-{image_index}"
+
+
+def _ignore(*args: Any) -> None:
+    """A hook that reports nothing."""
+
+
+@dataclass
+class BenchHooks:
+    """How the runner reports (it never prints): the command maps these onto rich progress and messages."""
+
+    status: Callable[[str, str, int, int], None] = _ignore  # subject, what now, images done, images planned
+    note: Callable[[str], None] = _ignore  # a line for the user (which subjects this process runs)
+    warn: Callable[[str], None] = _ignore  # something skipped (a photo that cannot be used)
+
+
+@dataclass
+class SubjectJob:
+    """The plan for one subject: its prompts and the (prompt, image) items to make."""
+
+    name: str
+    class_word: str
+    live: bool
+    prompts: list[str]
+    items: list[tuple[int, int]]
+
+
+class Runner:
+    """Runs subjects in this process; keeps the eval models loaded between subjects."""
+
+    def __init__(
+        self,
+        config: BenchConfig,
+        store: Store,
+        device: str,
+        shard: Shard | None = None,
+        hooks: BenchHooks | None = None,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.device = device
+        self.shard = shard or Shard()
+        self.hooks = hooks or BenchHooks()
+        self._eval_models: Any = None
+
+    # -- steps ------------------------------------------------------------------------------------------
+
+    def subject_folder(self, name: str) -> Path:
+        """Where a subject's result and contact sheet go."""
+        return self.config.out / "subjects" / name
+
+    def image_folder(self, name: str) -> Path:
+        """Where a subject's benchmark images go (in the benchmark's store)."""
+        return self.store.generation_dir(name) / GENERATION_FOLDER
+
+    def draft_folder(self, name: str) -> Path:
+        """Where a subject's drafts go (beside its images, so the generation rows can point at them)."""
+        return self.image_folder(name) / "drafts"
+
+    def add(self, job: SubjectJob) -> None:
+        """Add the subject's photos to the benchmark store (once)."""
+        from stencil_cli.images import IMAGE_SUFFIXES, RejectedImage, prepare_image
+
+        existing = self.store.find_subject(job.name)
+        if existing is not None and existing.images:
+            return
+        folder = self.config.dataset / job.name
+        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        prepared = []
+        for file in files:
+            result = prepare_image(file)
+            if isinstance(result, RejectedImage):
+                self.hooks.warn(f"{job.name}: skipped {file.name}: {result.reason}")
+            else:
+                prepared.append(result)
+        if not prepared:
+            raise StencilError(f"DreamBench subject {job.name!r} has no usable photos in {folder}")
+        self.store.add_images(job.name, prepared, phrase=job.class_word, class_word=job.class_word)
+
+    def caption(self, job: SubjectJob) -> None:
+        """Caption the photos that have no caption yet (template captioner: the class word is the phrase)."""
+        from stencil_cli.captioning import CaptionRequest, Photo, make_captioner
+
+        subject = self.store.get_subject(job.name)
+        if all(image["caption"] for image in subject.images):
+            return
+        captioner = make_captioner(self.config.captioner)
+        photos = [Photo(image["id"], Path(image["file"])) for image in subject.images]
+        result = captioner.caption(
+            CaptionRequest(photos, phrase=subject.phrase, class_word=subject.class_word)
+        )
+        self.store.set_captions(
+            job.name, result.captions, result.source, description=result.description, phrase=result.phrase
+        )
+
+    def train(self, job: SubjectJob) -> dict[str, Any]:
+        """The subject's training run made with these settings, training it first if there is none."""
+        from stencil_cli import models, training
+
+        key = self.config.train_key()
+        for run in reversed(self.store.list_runs(job.name)):
+            weights = run["weights_file"]
+            if (
+                run["status"] == "done"
+                and run["params"].get("bench") == key
+                and weights
+                and Path(weights).is_file()
+            ):
+                return run
+        subject, captions = workflows.check_subject(self.store, job.name, use_mask=True)
+        device = models.resolve_device(self.device)
+        pipe = workflows.load_training_pipeline(self.config.subject_model, device)
+        config = self.config.train_config(
+            resolution=training.default_resolution(pipe),
+            precision=workflows.training_precision(self.config.precision, device),
+        )
+        config.validate()
+        workflows.check_captions(pipe.tokenizer, subject, captions)
+        run = workflows.start_run(self.store, subject, config, self.config.subject_model, {"bench": key})
+        outcome = workflows.train_subject(self.store, subject, pipe, config, self.config.subject_model, run)
+        assert outcome.run is not None
+        return outcome.run
+
+    def generation_job(
+        self, job: SubjectJob, run: dict[str, Any], prompt_index: int, image_index: int, resolution: int
+    ) -> workflows.GenerationJob:
+        """What one (prompt, image) item renders: its prompts, seed, tau and models."""
+        from stencil_cli import generation
+
+        subject = self.store.get_subject(job.name)
+        phrase = subject.phrase or job.class_word
+        prompts = generation.build_prompts(job.prompts[prompt_index], phrase, subject.description)
+        return workflows.GenerationJob(
+            store=self.store,
+            subject=subject,
+            run=run,
+            prompt=prompts.prompt,
+            draft_prompt=prompts.draft_prompt,
+            seeds=[self.config.seed + image_index],
+            taus=[self.config.tau],
+            mode="context",
+            subject_model=self.config.subject_model,
+            context_model=self.config.context_model,
+            device=self.device,
+            precision=self.config.precision,
+            no_t5=self.config.no_t5,
+            resolution=resolution,
+        )
+
+    def drafts(self, job: SubjectJob, todo: list[tuple[int, int]], run: dict[str, Any]) -> None:
+        """Render the missing drafts of `todo` with the context model (loaded once, freed afterwards)."""
+        folder = self.draft_folder(job.name)
+        missing = [item for item in todo if not (folder / f"{_stem(*item)}.png").is_file()]
+        if not missing:
+            return
+        resolution = int(run["params"].get("resolution") or 512)
+        settings = self.config.generation_settings()
+        timings = self._draft_timings(job.name)
+        with workflows.context_pipeline(
+            self.config.context_model,
+            device=self.device,
+            precision=self.config.precision,
+            no_t5=self.config.no_t5,
+        ) as context:
+            for prompt_index, image_index in missing:
+                item = self.generation_job(job, run, prompt_index, image_index, resolution)
+                seed = item.seeds[0]
+                draft, seconds = workflows.render_draft(
+                    context, item, seed, settings, resolution=resolution, progress=workflows.no_progress
+                )
+                stem = _stem(prompt_index, image_index)
+                workflows.save_draft(folder / f"{stem}.png", draft, item, seed)
+                timings[stem] = round(seconds, 4)
+                atomic_write_bytes(folder / "timings.json", json.dumps(timings, indent=1).encode())
+
+    def _draft_timings(self, name: str) -> dict[str, float]:
+        path = self.draft_folder(name) / "timings.json"
+        try:
+            return {str(k): float(v) for k, v in json.loads(path.read_text(encoding="utf-8")).items()}
+        except (OSError, ValueError, AttributeError):
+            return {}
+
+    def generate(
+        self, job: SubjectJob, todo: list[tuple[int, int]], run: dict[str, Any], on_item: Callable[[], None]
+    ) -> None:
+        """Invert each draft with the fine-tuned model and denoise it (tau); one generation row per image."""
+        from stencil_cli import generation
+
+        settings = self.config.generation_settings()
+        draft_timings = self._draft_timings(job.name)
+        with workflows.subject_pipeline(
+            self.config.subject_model, run, device=self.device, precision=self.config.precision
+        ) as pipe:
+            resolution = int(run["params"].get("resolution") or generation.subject_resolution(pipe))
+            for prompt_index, image_index in todo:
+                stem = _stem(prompt_index, image_index)
+                item = self.generation_job(job, run, prompt_index, image_index, resolution)
+                draft_path = self.draft_folder(job.name) / f"{stem}.png"
+                draft = workflows.read_rgb(draft_path)
+                guided = workflows.guided_generation(
+                    pipe, draft, item.prompt, item.taus, settings, resolution=resolution
+                )
+                timings = {"draft": draft_timings.get(stem, 0.0), **guided.timings}
+                workflows.save_generation(
+                    item,
+                    settings,
+                    seed=item.seeds[0],
+                    tau=self.config.tau,
+                    image=guided.images[0],
+                    path=self.image_folder(job.name) / f"{stem}.png",
+                    draft_path=draft_path,
+                    meta={"bench": {"prompt_index": prompt_index, "image_index": image_index}},
+                    params={
+                        "timings_s": {k: round(v, 4) for k, v in timings.items()},
+                        "inner_iterations": guided.inversion.inner_iterations,
+                    },
+                )
+                on_item()
+
+    def eval_models(self) -> Any:
+        """The DINO and CLIP models (loaded on first use, kept for the next subjects)."""
+        if self._eval_models is None:
+            from stencil_cli import evaluation, models
+
+            refs = evaluation.EvalModelRefs(self.config.eval_dino, self.config.eval_clip)
+            self._eval_models = evaluation.load_eval_models(refs, models.resolve_device(self.device))
+        return self._eval_models
+
+    def score(self, job: SubjectJob, rows: list[dict[str, Any]]) -> None:
+        """Score the rows that have no scores from these eval models yet (stored with the generations)."""
+        wanted = {"dino": self.config.eval_dino, "clip": self.config.eval_clip}
+        unscored = [row for row in rows if not row["scores"] or row["scores"].get("eval_models") != wanted]
+        if unscored:
+            workflows.score_generations(
+                self.store,
+                self.store.get_subject(job.name),
+                unscored,
+                self.eval_models(),
+                on_missing=lambda row: self.hooks.warn(f"generation {row['id']}: image file missing"),
+            )
+
+    # -- the whole subject ------------------------------------------------------------------------------
+
+    def bench_rows(self, name: str) -> dict[tuple[int, int], dict[str, Any]]:
+        """The subject's benchmark generations by (prompt index, image index) (newest wins)."""
+        rows: dict[tuple[int, int], dict[str, Any]] = {}
+        if self.store.find_subject(name) is None:
+            return rows
+        for row in self.store.list_generations(name):
+            key = row["params"].get("bench")
+            image = row.get("image_file")
+            if isinstance(key, dict) and image and Path(image).is_file():
+                rows[(int(key["prompt_index"]), int(key["image_index"]))] = row
+        return rows
+
+    def run_subject(self, job: SubjectJob) -> dict[str, Any]:
+        """Run one subject end to end (skipping what is already done) and write its result.json."""
+        result_path = self.subject_folder(job.name) / RESULT_FILE
+        planned = [list(item) for item in job.items]
+        if result_path.is_file():
+            try:
+                done = json.loads(result_path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                done = {}
+            if done.get("items") == planned and done.get("settings") == self.config.fingerprint():
+                return done
+        total = len(job.items)
+        self.hooks.status(job.name, "photos and captions", 0, total)
+        self.add(job)
+        self.caption(job)
+        rows = self.bench_rows(job.name)
+        todo = [item for item in job.items if item not in rows]
+        made = total - len(todo)
+        if todo:
+            self.hooks.status(job.name, "training", made, total)
+            run = self.train(job)
+            self.hooks.status(job.name, "drafts", made, total)
+            self.drafts(job, todo, run)
+            self.hooks.status(job.name, "generating", made, total)
+
+            def one_more() -> None:
+                nonlocal made
+                made += 1
+                self.hooks.status(job.name, "generating", made, total)
+
+            self.generate(job, todo, run, one_more)
+            rows = self.bench_rows(job.name)
+        self.hooks.status(job.name, "scoring", total, total)
+        chosen = [rows[item] for item in job.items]
+        self.score(job, chosen)
+        by_id = {row["id"]: row for row in self.store.list_generations(job.name)}
+        chosen = [by_id[row["id"]] for row in chosen]
+        result = self.summarise(job, chosen)
+        atomic_write_bytes(result_path, (json.dumps(result, indent=2) + "\n").encode())
+        self.write_contact_sheet(job, chosen)
+        self.hooks.status(job.name, "done", total, total)
+        return result
+
+    def summarise(self, job: SubjectJob, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """The subject's result: per-prompt and per-image scores, means, GPU seconds."""
+        from stencil_cli import evaluation
+
+        run_ids = sorted({row["run_id"] for row in rows if row.get("run_id") is not None})
+        train_s = 0.0
+        for run_id in run_ids:
+            train_s += float(self.store.get_run(job.name, run_id).get("duration_s") or 0.0)
+        generate_s = sum(
+            sum(float(v) for v in (row["params"].get("timings_s") or {}).values()) for row in rows
+        )
+        prompts = []
+        for index, prompt in enumerate(job.prompts):
+            mine = [row for row in rows if row["params"]["bench"]["prompt_index"] == index]
+            if not mine:
+                continue
+            images = [
+                {
+                    "image_index": row["params"]["bench"]["image_index"],
+                    "seed": row["seed"],
+                    "generation_id": row["id"],
+                    "file": row["image_file"],
+                    "scores": {key: row["scores"][key] for key in evaluation.SCORE_KEYS},
+                }
+                for row in mine
+            ]
+            prompts.append(
+                {
+                    "index": index,
+                    "prompt": prompt,
+                    "text": workflows.clip_t_text(mine[0], self.store.get_subject(job.name)),
+                    "images": images,
+                    "mean": evaluation.mean_scores([i["scores"] for i in images]),
+                }
+            )
+        all_scores = [image["scores"] for prompt in prompts for image in prompt["images"]]
+        return {
+            "subject": job.name,
+            "class": job.class_word,
+            "live": job.live,
+            "items": [list(item) for item in job.items],
+            "settings": self.config.fingerprint(),
+            "images": len(all_scores),
+            "mean": evaluation.mean_scores(all_scores),
+            "train_seconds": round(train_s, 3),
+            "generate_seconds": round(generate_s, 3),
+            "gpu_seconds": round(train_s + generate_s, 3),
+            "run_ids": run_ids,
+            "process": {"rank": self.shard.rank, "world": self.shard.world, "device": self.device},
+            "prompts": prompts,
+        }
+
+    def write_contact_sheet(self, job: SubjectJob, rows: list[dict[str, Any]]) -> None:
+        """A grid: the reference photos, then one row per prompt with its images."""
+        from PIL import Image
+
+        from stencil_cli.generation import contact_sheet
+        from stencil_cli.images import center_crop_resize, load_rgb
+
+        subject = self.store.get_subject(job.name)
+        columns = max(1, self.config.images_per_prompt)
+        sheet_rows = [
+            [
+                (f"photo {i + 1}", center_crop_resize(load_rgb(Path(image["file"])), 128))
+                for i, image in enumerate(subject.images[: max(columns, 4)])
+            ]
+        ]
+        for index, _prompt in enumerate(job.prompts):
+            mine = [row for row in rows if row["params"]["bench"]["prompt_index"] == index]
+            cells = []
+            for row in mine:
+                with Image.open(row["image_file"]) as opened:
+                    cells.append(
+                        (f"p{index} s{row['seed']} DINO {row['scores']['dino']:.2f}", opened.convert("RGB"))
+                    )
+            if cells:
+                sheet_rows.append(cells)
+        sheet = contact_sheet(sheet_rows, cell=128)
+        path = self.subject_folder(job.name) / SHEET_FILE
+        from io import BytesIO
+
+        buffer = BytesIO()
+        sheet.save(buffer, format="PNG")
+        atomic_write_bytes(path, buffer.getvalue())
+
+
+# -- results --------------------------------------------------------------------------------------------
+
+
+# -- results --------------------------------------------------------------------------------------------
+
+
+def merge_results(config: BenchConfig, subjects: list[str]) -> dict[str, Any]:
+    """Read every subject's result.json and compute the overall row (mean over all images)."""
+    from stencil_cli import evaluation
+
+    rows = []
+    for name in subjects:
+        path = config.out / "subjects" / name / RESULT_FILE
+        if not path.is_file():
+            raise StencilError(
+                f"subject {name!r} has no result in {path.parent}; run the benchmark again to finish it"
+            )
+        rows.append(json.loads(path.read_text(encoding="utf-8")))
+    images = [image["scores"] for row in rows for prompt in row["prompts"] for image in prompt["images"]]
+    gpu = [float(row["gpu_seconds"]) for row in rows]
+    overall = {
+        "images": len(images),
+        **evaluation.mean_scores(images),
+        "gpu_seconds": sum(gpu) / len(gpu) if gpu else None,
+        "gpu_seconds_total": sum(gpu),
+    }
+    summary = [
+        {
+            "subject": row["subject"],
+            "class": row["class"],
+            "live": row["live"],
+            "images": row["images"],
+            **row["mean"],
+            "gpu_seconds": row["gpu_seconds"],
+            "train_seconds": row["train_seconds"],
+            "generate_seconds": row["generate_seconds"],
+        }
+        for row in rows
+    ]
+    return {
+        "benchmark": "dreambench",
+        "settings": config.fingerprint(),
+        "prompts_per_subject": config.prompts,
+        "images_per_prompt": config.images_per_prompt,
+        "subjects": summary,
+        "overall": overall,
+        "paper": PAPER_ROWS,
+    }
+
+
+def _cell(value: float | None, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """The results in the paper's layout (DINO, CLIP-T, CLIP-I, GPU seconds), per subject and overall."""
+    lines = [
+        "| subject | class | images | DINO | CLIP-T | CLIP-I | GPU s |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in results["subjects"]:
+        lines.append(
+            f"| {row['subject']} | {row['class']} | {row['images']} | {_cell(row['dino'])} | "
+            f"{_cell(row['clip_t'])} | {_cell(row['clip_i'])} | {_cell(row['gpu_seconds'], 1)} |"
+        )
+    o = results["overall"]
+    lines.append(
+        f"| **overall** | | {o['images']} | {_cell(o['dino'])} | {_cell(o['clip_t'])} | "
+        f"{_cell(o['clip_i'])} | {_cell(o['gpu_seconds'], 1)} |"
+    )
+    return "\n".join(lines) + "\n"
+
+
+def paper_table() -> str:
+    """The paper's reference rows in the same layout."""
+    lines = ["| method | DINO | CLIP-T | CLIP-I | GPU s / subject |", "| --- | ---: | ---: | ---: | ---: |"]
+    for row in PAPER_ROWS:
+        lines.append(
+            f"| {row['method']} | {_cell(row['dino'])} | {_cell(row['clip_t'])} | {_cell(row['clip_i'])} | "
+            f"{_cell(row['gpu_seconds'], 0)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def markdown_report(results: dict[str, Any]) -> str:
+    """results.md: settings, our table, the paper's table."""
+    s = results["settings"]
+    return (
+        "# DreamBench results\n\n"
+        f"Subject model `{s['subject_model']}`, context model `{s['context_model']}`, "
+        f"{s['train_steps']} training steps, {s['steps']} DDIM steps, "
+        f"{s['inner_steps']} null-text iterations ({s['inversion']}), "
+        f"tau {s['tau']:g}; {results['prompts_per_subject'] or 25} prompt(s) x "
+        f"{results['images_per_prompt']} image(s) per subject; eval models `{s['eval_dino']}`, "
+        f"`{s['eval_clip']}`. Overall = mean over all images; GPU s = mean per subject (training + drafts + "
+        "inversion + denoising).\n\n"
+        + markdown_table(results)
+        + "\nThe paper (SD1.5 base), for reference:\n\n"
+        + paper_table()
+    )
+
+
+def plot_scores(results: dict[str, Any]) -> Any:
+    """A bar chart (Pillow only): DINO, CLIP-T and CLIP-I per subject and overall, paper lines dashed."""
+    from PIL import Image, ImageDraw
+
+    groups = [(row["subject"], row) for row in results["subjects"]] + [("overall", results["overall"])]
+    colours = {"dino": (52, 101, 164), "clip_t": (204, 102, 0), "clip_i": (78, 154, 6)}
+    labels = {"dino": "DINO", "clip_t": "CLIP-T", "clip_i": "CLIP-I"}
+    bar, gap, left, top, height = 14, 18, 50, 40, 240
+    width = left + len(groups) * (3 * bar + gap) + 20
+    image = Image.new("RGB", (max(width, 300), top + height + 40), "white")
+    draw = ImageDraw.Draw(image)
+    base = top + height
+    for tick in range(0, 11, 2):
+        y = base - int(height * tick / 10)
+        draw.line([(left - 4, y), (image.width - 10, y)], fill=(225, 225, 225))
+        draw.text((8, y - 6), f"{tick / 10:.1f}", fill="black")
+    for key, value in (("dino", 0.671), ("clip_t", 0.328)):
+        y = base - int(height * value)
+        for x in range(left, image.width - 10, 8):
+            draw.line([(x, y), (x + 4, y)], fill=colours[key])
+    for g, (name, row) in enumerate(groups):
+        x0 = left + g * (3 * bar + gap)
+        for k, key in enumerate(("dino", "clip_t", "clip_i")):
+            value = max(0.0, min(1.0, float(row.get(key) or 0.0)))
+            x = x0 + k * bar
+            draw.rectangle([x, base - int(height * value), x + bar - 2, base], fill=colours[key])
+        draw.text((x0, base + 2), name[:10], fill="black")
+    draw.line([(left, top), (left, base), (image.width - 10, base)], fill="black")
+    x = left
+    for key in ("dino", "clip_t", "clip_i"):
+        draw.rectangle([x, 12, x + 10, 22], fill=colours[key])
+        draw.text((x + 14, 11), labels[key], fill="black")
+        x += 70
+    draw.text((left, top + height + 22), "dashed lines: the paper's Stencil DINO / CLIP-T", fill="black")
+    return image
+
+
+def write_results(config: BenchConfig, results: dict[str, Any]) -> dict[str, Path]:
+    """Write results.json, results.md and the plot into ``--out``; return their paths."""
+    from io import BytesIO
+
+    paths = {
+        "json": config.out / RESULTS_JSON,
+        "markdown": config.out / RESULTS_MD,
+        "plot": config.out / PLOT_FILE,
+    }
+    atomic_write_bytes(paths["json"], (json.dumps(results, indent=2) + "\n").encode())
+    atomic_write_bytes(paths["markdown"], markdown_report(results).encode())
+    buffer = BytesIO()
+    plot_scores(results).save(buffer, format="PNG")
+    atomic_write_bytes(paths["plot"], buffer.getvalue())
+    return paths
+
+
+# -- driving it -----------------------------------------------------------------------------------------
+
+
+def plan(config: BenchConfig, bench: Any) -> list[SubjectJob]:
+    """The job of every selected subject: its prompts (first N) and its (prompt, image) items."""
+    jobs = []
+    for name in config.subjects:
+        prompts = bench.prompts(name)
+        if config.prompts is not None:
+            prompts = prompts[: config.prompts]
+        items = [(p, k) for p in range(len(prompts)) for k in range(config.images_per_prompt)]
+        subject = bench.subjects[name]
+        jobs.append(SubjectJob(name, subject.class_word, subject.live, prompts, items))
+    return jobs
+
+
+def run_benchmark(
+    config: BenchConfig, shard: Shard | None = None, hooks: BenchHooks | None = None
+) -> dict[str, Any] | None:
+    """Run this process's share of the benchmark; the main process merges and returns the results."""
+    from stencil_cli import evaluation
+
+    shard = shard or Shard()
+    hooks = hooks or BenchHooks()
+    bench = evaluation.load_dreambench(config.dataset)
+    jobs = plan(config, bench)
+    if shard.is_main:
+        check_out_folder(config)
+    shard.wait()
+    device = shard_device(shard, config.device)
+    store = Store(config.out / "store")
+    runner = Runner(config, store, device, shard, hooks)
+    mine = [job for job in jobs if job.name in shard.mine(config.subjects)]
+    if shard.world > 1:
+        hooks.note(
+            f"process {shard.rank + 1}/{shard.world} on {device}: "
+            f"{', '.join(job.name for job in mine) or 'nothing'}"
+        )
+    try:
+        for job in mine:
+            runner.run_subject(job)
+    finally:
+        store.close()
+    shard.wait()
+    if not shard.is_main:
+        return None
+    results = merge_results(config, config.subjects)
+    write_results(config, results)
+    return results
