@@ -255,7 +255,8 @@ def render_draft(
         kwargs["callback_on_step_end"] = on_step
     if hasattr(context_pipe, "set_progress_bar_config"):
         context_pipe.set_progress_bar_config(disable=True)
-    image = context_pipe(**kwargs).images[0]
+    with torch.inference_mode():  # no autograd bookkeeping at all (the pipeline itself only uses no_grad)
+        image = context_pipe(**kwargs).images[0]
     if image.size != (resolution, resolution):
         image = center_crop_resize(image, resolution)
     return image.convert("RGB")
@@ -297,7 +298,7 @@ def invert_image(
         )
 
 
-@torch.no_grad()
+@torch.inference_mode()  # its latents only go to the VAE decoder, never into autograd
 def denoise(
     unet: Any,
     scheduler: Any,
