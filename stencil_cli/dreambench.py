@@ -125,6 +125,34 @@ class BenchConfig:
             for k in ("train_steps", "batch_size", "lr", "seed", "subject_model", "precision", "captioner")
         }
 
+    def validate(self) -> None:
+        """A one-line BadInputError naming the option for a setting that cannot work (before any work)."""
+        if not 0 <= self.tau <= 1000:
+            raise BadInputError(f"--tau must be in [0, 1000] (got {self.tau})")
+        if self.inversion not in ("nti", "npi"):
+            raise BadInputError(f"--inversion must be nti or npi (got {self.inversion!r})")
+        if self.captioner not in ("template", "openai"):
+            raise BadInputError(f"unknown captioner {self.captioner!r}: use template or openai")
+        counts = {
+            "--steps": (self.steps, 1000),
+            "--inner-steps": (self.inner_steps, None),
+            "--draft-steps": (self.draft_steps, None),
+            "--images-per-prompt": (self.images_per_prompt, None),
+            "--prompts": (1 if self.prompts is None else self.prompts, None),
+        }
+        for option, (value, most) in counts.items():
+            if value < 1 or (most is not None and value > most):
+                bounds = f"in [1, {most}]" if most is not None else "at least 1"
+                raise BadInputError(f"{option} must be {bounds} (got {value})")
+        try:  # the full training config, as every subject will train with it
+            self.train_config(resolution=512, precision="fp32").validate()
+        except BadInputError as error:
+            raise BadInputError(str(error).replace("--steps", "--train-steps", 1)) from None
+        try:
+            self.generation_settings()
+        except ValueError as error:
+            raise BadInputError(f"bad generation settings: {error}") from None
+
     def train_config(self, *, resolution: int, precision: str) -> Any:
         """The training settings of every subject (the model's resolution, the autocast precision)."""
         from stencil_cli.training import TrainConfig
@@ -791,6 +819,7 @@ def run_benchmark(
     """Run this process's share of the benchmark; the main process merges and returns the results."""
     from stencil_cli import evaluation
 
+    config.validate()
     shard = shard or Shard()
     hooks = hooks or BenchHooks()
     bench = evaluation.load_dreambench(config.dataset)

@@ -251,6 +251,44 @@ def test_bench_bad_input_is_a_clear_error(cli, tmp_path: Path, fake_dreambench: 
     assert "unknown DreamBench subject 'teapot'" in result.output
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--steps", "2000"], "Invalid value for '--steps'"),
+        (["--lr", "0"], "--lr must be a positive number (got 0.0)"),
+        (["--lr", "-1e-5"], "--lr must be a positive number"),
+        (["--lr", "nan"], "--lr must be a positive number"),
+        (["--tau", "1001"], "--tau must be in [0, 1000]"),
+    ],
+)
+def test_bench_settings_that_cannot_work_are_refused_before_any_work(
+    cli, tmp_path: Path, fake_dreambench: Path, args: list[str], message: str
+) -> None:
+    out = tmp_path / "results"
+    result = cli("bench", "dreambench", fake_dreambench, "--out", out, *TINY_RUN, *args)
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split()) and "Traceback" not in result.output
+    assert not out.exists()  # nothing was started
+
+
+def test_bench_config_validates_everything_it_will_use(fake_dreambench: Path, tmp_path: Path) -> None:
+    from stencil_cli.dreambench import BenchConfig
+
+    good = BenchConfig(dataset=fake_dreambench, out=tmp_path, subjects=["dog"])
+    good.validate()
+    for changes, message in [
+        ({"steps": 2000}, "--steps must be in [1, 1000] (got 2000)"),
+        ({"train_steps": 0}, "--train-steps must be at least 1 (got 0)"),
+        ({"lr": float("inf")}, "--lr must be a positive number"),
+        ({"inner_steps": 0}, "--inner-steps must be at least 1"),
+        ({"inversion": "ddim"}, "--inversion must be nti or npi"),
+    ]:
+        config = BenchConfig(dataset=fake_dreambench, out=tmp_path, subjects=["dog"], **changes)
+        with pytest.raises(BadInputError) as caught:
+            config.validate()
+        assert str(caught.value) == message or message in str(caught.value)
+
+
 # -- stencil eval -----------------------------------------------------------------------------------------
 
 

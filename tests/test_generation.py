@@ -387,6 +387,7 @@ def test_demo_never_overwrites_a_subject_and_refuses_a_missing_folder(cli: Any, 
     assert robot_photo(0).tobytes() != robot_photo(1).tobytes()
     result = cli("demo", str(tmp_path / "nope"))
     assert result.exit_code == 2 and "not a folder" in result.stderr
+    assert cli("demo", "--steps", "2000").exit_code == 2  # refused before it trains, not after
 
 
 def test_a_run_that_is_not_done_and_draft_with_no_context_are_refused(

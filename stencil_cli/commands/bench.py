@@ -169,7 +169,9 @@ def dreambench(
     ] = 100,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Training batch size.", min=1)] = 6,
     lr: Annotated[float, typer.Option("--lr", help="Training learning rate.")] = 2e-5,
-    steps: Annotated[int, typer.Option("--steps", help="DDIM steps (inversion and denoising).", min=1)] = 50,
+    steps: Annotated[
+        int, typer.Option("--steps", help="DDIM steps (inversion and denoising).", min=1, max=1000)
+    ] = 50,
     inner_steps: Annotated[
         int, typer.Option("--inner-steps", help="Null-text iterations per step.", min=1)
     ] = 10,
@@ -242,12 +244,7 @@ def _settle_config(
     from stencil_cli import evaluation
     from stencil_cli.store import open_store
 
-    if not 0 <= config.tau <= 1000:
-        raise BadInputError(f"--tau must be in [0, 1000] (got {config.tau})")
-    if config.inversion not in ("nti", "npi"):
-        raise BadInputError(f"--inversion must be nti or npi (got {config.inversion!r})")
-    if config.captioner not in ("template", "openai"):
-        raise BadInputError(f"unknown captioner {config.captioner!r}: use template or openai")
+    config.validate()  # every setting, before any work (a bad one must not fail after hours of training)
     bench = evaluation.load_dreambench(config.dataset)
     config.subjects = evaluation.select_subjects(bench, config.dataset, _split(subjects))
     subject_model, context_model, device, precision = models

@@ -94,7 +94,9 @@ def demo(
     phrase: Annotated[str, typer.Option("--phrase", help="The subject phrase.")] = "toy robot",
     prompt: Annotated[str, typer.Option("--prompt", help="What to render.")] = "on a beach at sunset",
     train_steps: Annotated[int, typer.Option("--train-steps", help="Training steps.", min=1)] = 10,
-    steps: Annotated[int, typer.Option("--steps", help="DDIM steps for inversion and denoise.", min=1)] = 10,
+    steps: Annotated[
+        int, typer.Option("--steps", help="DDIM steps for inversion and denoise.", min=1, max=1000)
+    ] = 10,
     output: Annotated[
         Path | None, typer.Option("-o", "--output", help="Also copy the images into this folder.")
     ] = None,
