@@ -9,6 +9,7 @@ progress through a hook ``progress(stage, step, total, extra)`` (the signature t
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -36,6 +37,7 @@ LOCK_NAME = ".train.lock"
 MASKS_DIR = "masks"
 DB_UPDATE_SECONDS = 1.0
 PNG_KEY = "stencil"  # the text chunk holding every parameter as JSON
+CAPTIONS_KEY = "captions_sha256"  # run params: the hash of the captions + phrase trained on
 
 
 def no_progress(stage: str, step: int, total: int | None, extra: dict[str, Any]) -> None:
@@ -234,13 +236,29 @@ def resumable_run(store: Store, name: str) -> dict[str, Any]:
     )
 
 
-def check_resume(run: dict[str, Any], subject: Subject) -> None:
-    """Refuse to resume `run` when the subject's photos changed since it started."""
+def captions_digest(captions: list[str], phrase: str | None) -> str:
+    """A hash of the captions and the phrase the masks and caption embeddings come from."""
+    text = json.dumps({"captions": list(captions), "phrase": phrase or ""}, ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def check_resume(run: dict[str, Any], subject: Subject, captions: list[str]) -> bool:
+    """Refuse to resume `run` when the subject's photos, captions or phrase changed since it started
+    (the masks would silently change mid-run). False when the run predates the caption hash (unchecked)."""
     if run["params"].get("images") != [image["id"] for image in subject.images]:
         raise StencilError(
             f"the photos of {subject.name!r} changed since run {run['id']}; "
             "start a fresh run (without --resume)"
         )
+    stored = run["params"].get(CAPTIONS_KEY)
+    if stored is None:
+        return False
+    if stored != captions_digest(captions, subject.phrase):
+        raise StencilError(
+            f"the captions or the phrase of {subject.name!r} changed since run {run['id']} was started "
+            "(the masks would change mid-run); start a fresh run (without --resume)"
+        )
+    return True
 
 
 def training_precision(precision: str, device: Any) -> str:
@@ -275,12 +293,13 @@ def load_training_pipeline(model_ref: str, device: Any) -> Any:
 def start_run(
     store: Store, subject: Subject, config: Any, model_ref: str, extra: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """Create the run row: the training settings, the model, the phrase and the photos trained on."""
+    """Create the run row: the training settings, the model, the phrase, the photos and a captions hash."""
     params = {
         **config.to_params(),
         "subject_model": model_ref,
         "phrase": subject.phrase,
         "images": [image["id"] for image in subject.images],
+        CAPTIONS_KEY: captions_digest([image["caption"] or "" for image in subject.images], subject.phrase),
         **(extra or {}),
     }
     return store.create_run(subject.name, params, model_ref)

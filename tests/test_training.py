@@ -312,6 +312,39 @@ def test_refusals(cli, tiny_preset, tmp_path: Path) -> None:
     assert cli("train", "robot", "--steps", "0").exit_code == 2
 
 
+def test_resume_refuses_changed_captions_or_phrase(cli, tiny_preset, tmp_path: Path, monkeypatch) -> None:
+    """The run stores a hash of captions + phrase; --resume after either changed is a one-line refusal."""
+    from stencil_cli import training
+
+    _add_subject(cli, tmp_path)
+    real_save = training.save_trained_weights
+
+    def crash_before_saving(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "save_trained_weights", crash_before_saving)
+    result = cli("train", "robot", "--subject-model", "tiny", "--steps", "2", "--batch-size", "2",
+                 "--checkpoint-every", "1")
+    assert result.exit_code == 130, result.output
+    monkeypatch.setattr(training, "save_trained_weights", real_save)
+    store = open_store()
+    (run,) = store.list_runs("robot")
+    assert run["status"] == "interrupted" and len(run["params"]["captions_sha256"]) == 64
+    subject = store.get_subject("robot")
+    first = subject.images[0]["id"]
+    store.set_captions("robot", {first: "a toy robot on a beach"}, "manual")
+    result = cli("train", "robot", "--resume")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "captions or the phrase of 'robot' changed since run" in " ".join(result.stderr.split())
+    store.set_captions("robot", {first: CAPTIONS[0]}, "manual")  # back as they were ...
+    store.set_captions("robot", {}, "manual", phrase="robot")  # ... but another phrase
+    assert cli("train", "robot", "--resume").exit_code == 1
+    store.set_captions("robot", {}, "manual", phrase=PHRASE)  # everything as it was: resume works
+    result = cli("train", "robot", "--resume", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["status"] == "done"
+
+
 def test_lock_is_released_when_its_process_dies(stencil_home: Path) -> None:
     """A process killed while holding the lock does not block the next training."""
     code = (

@@ -129,8 +129,8 @@ def train(
             model_ref = workflows.stored_model_ref(setting(store, "subject_model", subject_model))
         config.validate()  # bad options fail before the model loads
         subject, captions = workflows.check_subject(store, name, config.use_mask or masks_only)
-        if run is not None:
-            workflows.check_resume(run, subject)
+        if run is not None and not workflows.check_resume(run, subject, captions):
+            warn(f"run {run['id']} predates caption checks: resuming with the current captions and phrase")
         fresh = run is None
         pipe = _load_model(store, model_ref, config, device, precision, fresh=fresh, resolution=resolution)
         if config.use_mask or masks_only:
