@@ -826,6 +826,9 @@ def run_benchmark(
     jobs = plan(config, bench)
     if shard.is_main:
         check_out_folder(config)
+        # create the store (WAL mode, migrations) before the others open it: two processes switching a new
+        # database to WAL at once fail with "database is locked"
+        Store(config.out / "store").close()
     shard.wait()
     device = shard_device(shard, config.device)
     store = Store(config.out / "store")
