@@ -409,11 +409,7 @@ def train_subject(
             on_step=on_step,
         )
         weights = run_dir / WEIGHTS_NAME
-        tensors = training.trained_state(unet, result.names, training.SAVE_DTYPES[config.save_dtype])
-        metadata = training.weights_metadata(
-            config, model_ref, result.names, subject=name, phrase=subject.phrase or "", run_id=str(run["id"])
-        )
-        training.save_trained_weights(weights, tensors, metadata)
+        save_run_weights(weights, unet, result.names, config, model_ref, subject, run)
     except KeyboardInterrupt:
         store.finish_run(run["id"], "interrupted", duration_s=elapsed(), step=step, losses=losses)
         raise
@@ -428,6 +424,25 @@ def train_subject(
     del unet
     models.free_pipeline(None)
     return TrainOutcome(store.get_run(name, run["id"]), masks)
+
+
+def save_run_weights(
+    path: Path,
+    unet: Any,
+    names: list[str],
+    config: Any,
+    model_ref: str,
+    subject: Subject,
+    run: dict[str, Any],
+) -> None:
+    """Write the trained parameters (in `config.save_dtype`) and their metadata atomically to `path`."""
+    from stencil_cli import training
+
+    tensors = training.trained_state(unet, names, training.SAVE_DTYPES[config.save_dtype])
+    metadata = training.weights_metadata(
+        config, model_ref, names, subject=subject.name, phrase=subject.phrase or "", run_id=str(run["id"])
+    )
+    training.save_trained_weights(path, tensors, metadata)
 
 
 # -- generation: what to make --------------------------------------------------------------------
@@ -781,6 +796,21 @@ class GenerationBatch:
         return copy or path
 
 
+def _render_drafts(batch: GenerationBatch, progress: Progress) -> dict[int, float]:
+    """Render and save every seed's draft with the context model (freed afterwards); seconds per seed."""
+    job = batch.job
+    assert job.context_model is not None
+    seconds: dict[int, float] = {}
+    options = {"device": job.device, "precision": job.precision, "no_t5": job.no_t5}
+    with context_pipeline(job.context_model, **options) as pipe:
+        for seed in job.seeds:
+            image, seconds[seed] = render_draft(
+                pipe, job, seed, batch.settings, resolution=job.resolution or 512, progress=progress
+            )
+            batch.save_draft(seed, image)
+    return seconds
+
+
 def generate_images(batch: GenerationBatch, *, progress: Progress = no_progress) -> list[dict[str, Any]]:
     """Draft(s) with the context model, then per seed the subject model's inversion and denoise.
 
@@ -791,17 +821,7 @@ def generate_images(batch: GenerationBatch, *, progress: Progress = no_progress)
     from stencil_cli.images import center_crop_resize
 
     job, settings = batch.job, batch.settings
-    draft_seconds: dict[int, float] = {}
-    if job.mode == "context":
-        assert job.context_model is not None
-        with context_pipeline(
-            job.context_model, device=job.device, precision=job.precision, no_t5=job.no_t5
-        ) as context:
-            for seed in job.seeds:
-                image, draft_seconds[seed] = render_draft(
-                    context, job, seed, settings, resolution=job.resolution or 512, progress=progress
-                )
-                batch.save_draft(seed, image)
+    draft_seconds = _render_drafts(batch, progress) if job.mode == "context" else {}
     with subject_pipeline(job.subject_model, job.run, device=job.device, precision=job.precision) as pipe:
         job.resolution = job.resolution or generation.subject_resolution(pipe)
         if job.mode == "edit" and job.draft_image is not None:
