@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import sqlite3
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -190,11 +191,27 @@ class Store:
         self.db_path = self.root / DB_NAME
         self.db = sqlite_utils.Database(self.db_path)
         self.db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        self.db.execute("PRAGMA journal_mode = WAL")
+        self._enable_wal()
         self.db.execute("PRAGMA foreign_keys = ON")
         self.db.execute("PRAGMA synchronous = NORMAL")
         with self.write():
             migrations.apply(self.db)
+
+    def _enable_wal(self) -> None:
+        # Switching a new database to WAL needs an exclusive lock, and SQLite may answer "database is locked"
+        # at once (without the busy handler) when another process is switching it at the same moment.
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        while True:
+            try:
+                self.db.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as error:
+                if "locked" not in str(error) or time.monotonic() > deadline:
+                    raise StencilError(
+                        f"the store database {self.db_path} is locked by another process",
+                        hint="try again when the other stencil command has finished",
+                    ) from error
+                time.sleep(0.05)
 
     # -- transactions -------------------------------------------------------------------------
 

@@ -273,3 +273,12 @@ def test_real_dreambench_photos(cli) -> None:
     assert all(image["width"] >= 512 and len(image["sha256"]) == 64 for image in shown["images"])
     again = json.loads(cli("add", "dog", DREAMBENCH / "dog", "--json").stdout)
     assert again["added"] == []
+
+
+def test_many_processes_open_a_new_store_at_once(tmp_path: Path) -> None:
+    home = tmp_path / "fresh-store"
+    env = {**os.environ, "STENCIL_HOME": str(home)}
+    procs = [_stencil("ls", "--json", env=env) for _ in range(4)]
+    outcomes = [proc.communicate(timeout=120) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0] * 4, outcomes
+    assert all(json.loads(out) == [] for out, _ in outcomes)
