@@ -224,9 +224,9 @@ def test_optimisation_leaves_the_unet_untouched(tiny_subject_pipe: Any, inverted
 def test_inversion_runs_in_float32_even_for_a_half_precision_unet(
     tiny_subject_pipe: Any, inverted: dict[str, Any]
 ) -> None:
-    # a private bf16 copy: the session pipe is shared and must not be rounded through bf16
-    components = {**tiny_subject_pipe.components, "unet": copy.deepcopy(tiny_subject_pipe.unet)}
-    pipe = type(tiny_subject_pipe)(**components)
+    # a private copy: the session pipe is shared and must not be rounded through bf16 (nor rebuilt through the
+    # pipeline constructor, which rewrites the shared scheduler's steps_offset)
+    pipe = copy.deepcopy(tiny_subject_pipe)
     pipe.unet.to(torch.bfloat16)
     seen: list[torch.dtype] = []
     hook = pipe.unet.register_forward_pre_hook(lambda module, args: seen.append(module.dtype))
