@@ -152,6 +152,14 @@ def cached_eval_model(repo_id: str, cache_dir: Path) -> CachedModel | None:
     return CachedModel(weights, files) if files is not None else None
 
 
+def pull_command(ref: str) -> str:
+    """The command that downloads eval model `ref` for offline use (the presets for the default models)."""
+    presets = {DEFAULT_DINO: "dino", DEFAULT_CLIP: "clip"}
+    if ref in presets:
+        return "stencil models pull dino clip"
+    return f"stencil models pull {ref}"
+
+
 def _locate(ref: str, kind: str) -> _Location:
     """Resolve one eval model reference (tiny / local folder / Hub id[@revision]); offline-aware errors."""
     if ref == TINY:
@@ -176,7 +184,7 @@ def _locate(ref: str, kind: str) -> _Location:
             raise StencilError(
                 f"eval model {repo_id} (configs and safetensors weights) is not in the Hugging Face cache "
                 "and HF_HUB_OFFLINE is set",
-                hint="run the command once while online to download them, see docs/evaluation.md; "
+                hint=f"run `{pull_command(ref)}` while online (see docs/evaluation.md); "
                 "or use --eval-models tiny for a smoke run",
             )
         return _Location(ref, str(cached.weights), hub=False, files=str(cached.files))
@@ -211,14 +219,15 @@ def _load(cls: Any, location: _Location, *, weights: bool = True, **kwargs: Any)
         source = ModelSource(location.ref, "hub" if location.hub else "local", location.path, None)
         translated = hub_error(error, source)
         if translated is not None:
-            if translated.hint and "models pull" in translated.hint:  # that command pulls diffusers models
-                translated.hint = "run the command once while online, or see docs/evaluation.md"
+            if translated.hint and "models pull" in translated.hint:  # name the eval pull, with revision
+                translated.hint = f"run `{pull_command(location.ref)}` while online (see docs/evaluation.md)"
             raise translated from error
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         if weights and "safetensors" in first.lower():
             raise StencilError(
                 f"eval model {location.ref} has no safetensors weights (stencil never loads pickle files)",
-                hint="pin a revision that has them, e.g. owner/name@refs/pr/N (the Hub's safetensors PR)",
+                hint=f"run `stencil models pull {split_revision(location.ref)[0]}` (it finds the Hub's "
+                "safetensors pull request), or pin one: owner/name@refs/pr/N",
             ) from error
         raise StencilError(f"cannot load eval model {location.ref}: {first}") from error
 

@@ -31,6 +31,7 @@ from stencil_cli.fsutil import build_folder_once, folder_has_version
 
 SUBJECT = "subject"
 CONTEXT = "context"
+EVAL = "eval"  # transformers models that score images (evaluation.py), not diffusion pipelines
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ class Preset:
     """A named model: where it comes from and what it is for."""
 
     name: str
-    role: str  # "subject" | "context" | "both"
+    role: str  # "subject" | "context" | "both" | "eval"
     repo_id: str | None  # Hub id, None for locally built presets
     gated: bool = False
     description: str = ""
@@ -56,6 +57,11 @@ PRESETS: dict[str, Preset] = {
         description="Stable Diffusion 3 Medium (gated: accept its licence on the Hub, then log in)",
     ),
     "tiny": Preset("tiny", "both", None, description="tiny random-weight models built locally"),
+    # the default evaluation models (evaluation.DEFAULT_DINO / DEFAULT_CLIP); transformers layout
+    "dino": Preset("dino", EVAL, "facebook/dino-vits16", description="DINO ViT-S/16 (DINO score)"),
+    "clip": Preset(
+        "clip", EVAL, "openai/clip-vit-base-patch32", description="CLIP ViT-B/32 (CLIP-I and CLIP-T scores)"
+    ),
 }
 
 # The DDIM settings the Stencil method uses with SD1.5 (METHOD.md); steps_offset 0 and "leading" spacing
@@ -87,6 +93,24 @@ PULL_IGNORE_PATTERNS = [
     "safety_checker/*",
     "*.emaonly.*",
 ]
+
+# Files `models pull` fetches for a transformers (eval) model: top-level configs, tokenizer/processor files
+# and safetensors weights; no pickles (.bin, .h5, .msgpack), no subfolders (onnx/ ...), no fp16 variants.
+TRANSFORMERS_ALLOW_PATTERNS = ["*.json", "*.txt", "*.model", "model.safetensors", "model-*-of-*.safetensors"]
+TRANSFORMERS_IGNORE_PATTERNS = [
+    "*/*",
+    "*.fp16.*",
+    "*.bin",
+    "*.h5",
+    "*.msgpack",
+    "*.ckpt",
+    "*.pt",
+    "*.pth",
+    "*.onnx*",
+]
+SAFETENSORS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+# The Hub account that opens the automatic "Adding `safetensors` variant of this model" pull requests.
+CONVERSION_BOT = "SFconvertbot"
 
 HUB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -175,6 +199,11 @@ def resolve_ref(ref: str, role: str = SUBJECT) -> ModelSource:
         )
     if ref in PRESETS:
         preset = PRESETS[ref]
+        if preset.role == EVAL and role != EVAL:
+            raise BadInputError(
+                f"{ref} is an evaluation model ({preset.repo_id}), not a diffusion model: use sd15, "
+                "sd3-medium, tiny, a Hub id or a folder"
+            )
         if preset.repo_id is None:
             return ModelSource(ref, "preset", None, tiny_dir() / role)
         return ModelSource(ref, "preset", preset.repo_id, None, gated=preset.gated)
@@ -880,6 +909,15 @@ def model_status(
         assert source.path is not None
         row.update(present=(source.path / "model_index.json").is_file(), path=str(source.path))
         row["size_bytes"] = folder_size(source.path) if row["present"] else None
+    elif role == EVAL and source.repo_id is not None:
+        from stencil_cli.evaluation import cached_eval_model
+
+        found = cached_eval_model(source.repo_id, hub_cache_dir())
+        if found is not None:
+            size = folder_size(found.weights) + (
+                folder_size(found.files) if found.files != found.weights else 0
+            )
+            row.update(present=True, path=str(found.weights), size_bytes=size)
     elif source.repo_id in cache:
         entry = cache[source.repo_id]
         row.update(present=True, path=entry["path"], size_bytes=entry["size_bytes"])
@@ -896,14 +934,59 @@ def inspect_ref(ref: str, role: str = SUBJECT) -> tuple[ModelSource, dict[str, A
     return source, index
 
 
+@dataclass(frozen=True)
+class PulledModel:
+    """What `pull` downloaded (or built): the local folder, and the Hub id and revision it came from."""
+
+    ref: str
+    path: Path
+    repo_id: str | None = None
+    revision: str | None = None  # None: main; else e.g. ``refs/pr/3`` (the Hub's safetensors conversion)
+    layout: str = "diffusers"  # "diffusers" | "transformers" | "tiny"
+
+
 def pull_model(ref: str, role: str = SUBJECT, *, progress: bool = True) -> Path:
     """Download a Hub model (configs, tokenizers, safetensors) into the HF cache; tiny: build it."""
+    return pull(ref, role, progress=progress).path
+
+
+def pull(ref: str, role: str = SUBJECT, *, progress: bool = True) -> PulledModel:
+    """Download a diffusers or transformers (eval) model into the HF cache, safetensors only; tiny: build it.
+
+    ``dino`` / ``clip`` and ``owner/name@revision`` are transformers models; another Hub id is a transformers
+    model when its repo has ``config.json`` but no ``model_index.json``, else a diffusers pipeline.
+    """
+    ref = (ref or "").strip()
+    preset = PRESETS.get(ref)
+    if preset is not None and preset.role == EVAL:
+        assert preset.repo_id is not None
+        return _pull_transformers(ref, preset.repo_id, None, progress=progress)
+    if "@" in ref:
+        repo_id, _sep, revision = ref.partition("@")
+        if not HUB_ID_PATTERN.match(repo_id) or not revision.strip():
+            raise BadInputError(f"bad model reference {ref!r}: use owner/name or owner/name@revision")
+        return _pull_transformers(ref, repo_id, revision.strip(), progress=progress)
     source = resolve_ref(ref, role)
     if source.kind == "preset" and source.repo_id is None:
-        return ensure_tiny()
+        return PulledModel(ref, ensure_tiny(), layout="tiny")
     if source.kind == "local":
         raise BadInputError(f"{ref} is a local folder: there is nothing to download")
     assert source.repo_id is not None
+    _check_can_download(source)
+    if source.kind == "hub":
+        files = _hub_call(source, lambda api: api.list_repo_files(source.repo_id))
+        if "model_index.json" not in files and "config.json" in files:
+            return _pull_transformers(ref, source.repo_id, None, progress=progress, main_files=files)
+    folder = _snapshot(source, None, PULL_ALLOW_PATTERNS, PULL_IGNORE_PATTERNS, progress=progress)
+    if not (folder / "model_index.json").is_file():
+        raise StencilError(
+            f"{source.label} is not a diffusers model (no model_index.json)",
+            hint="stencil needs a model saved in diffusers layout",
+        )
+    return PulledModel(ref, folder, source.repo_id)
+
+
+def _check_can_download(source: ModelSource) -> None:
     if is_offline():
         raise StencilError(
             f"cannot download {source.label}: HF_HUB_OFFLINE is set",
@@ -912,18 +995,46 @@ def pull_model(ref: str, role: str = SUBJECT, *, progress: bool = True) -> Path:
     gated = _gated_without_token(source)
     if gated:
         raise gated
+
+
+def _hub_call(source: ModelSource, call: Any) -> Any:
+    """Run ``call(HfApi())`` with Hub errors turned into one clear line."""
+    from huggingface_hub import HfApi
+
+    try:
+        return call(HfApi())
+    except StencilError:
+        raise
+    except Exception as error:  # noqa: BLE001 - translated into one line
+        translated = hub_error(error, source)
+        if translated is not None:
+            raise translated from error
+        raise StencilError(f"cannot read {source.label} on the Hugging Face Hub: {error}") from error
+
+
+def _snapshot(
+    source: ModelSource,
+    revision: str | None,
+    allow: list[str],
+    ignore: list[str],
+    *,
+    progress: bool,
+) -> Path:
+    """snapshot_download into the stencil-wide HF cache with the given patterns; errors made clear."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
+    assert source.repo_id is not None
     was_disabled = are_progress_bars_disabled()
     if not progress:
         disable_progress_bars()
     try:
         folder = snapshot_download(
             source.repo_id,
+            revision=revision,
             cache_dir=str(hub_cache_dir()),
-            allow_patterns=PULL_ALLOW_PATTERNS,
-            ignore_patterns=PULL_IGNORE_PATTERNS,
+            allow_patterns=allow,
+            ignore_patterns=ignore,
         )
     except Exception as error:  # noqa: BLE001 - translated into one line
         translated = hub_error(error, source)
@@ -933,9 +1044,88 @@ def pull_model(ref: str, role: str = SUBJECT, *, progress: bool = True) -> Path:
     finally:
         if not progress and not was_disabled:
             enable_progress_bars()
-    if not (Path(folder) / "model_index.json").is_file():
-        raise StencilError(
-            f"{source.label} is not a diffusers model (no model_index.json)",
-            hint="stencil needs a model saved in diffusers layout",
-        )
     return Path(folder)
+
+
+def has_safetensors(files: list[str]) -> bool:
+    """Whether a repo file listing has top-level transformers safetensors weights (single or sharded)."""
+    return any(name in files for name in SAFETENSORS_WEIGHTS)
+
+
+def _pr_number(ref: str) -> int | None:
+    match = re.fullmatch(r"refs/pr/(\d+)", ref)
+    return int(match.group(1)) if match else None
+
+
+def find_safetensors_revision(repo_id: str, main_files: list[str] | None = None) -> str | None:
+    """The revision of `repo_id` with safetensors weights: None when ``main`` has them, else a ``refs/pr/N``.
+
+    Official repos such as facebook/dino-vits16 keep only pickles on ``main``; the Hub's conversion bot
+    (SFconvertbot) opened a pull request adding ``model.safetensors``. Its PRs are tried first (lowest number
+    first), then any other PR. Raises a clear StencilError when no revision has safetensors weights.
+    """
+    source = ModelSource(repo_id, "hub", repo_id, None)
+    files = (
+        main_files if main_files is not None else _hub_call(source, lambda api: api.list_repo_files(repo_id))
+    )
+    if has_safetensors(files):
+        return None
+    if "config.json" not in files:
+        raise StencilError(f"{repo_id} is not a transformers model (no config.json on main)")
+    refs = _hub_call(source, lambda api: api.list_repo_refs(repo_id, include_pull_requests=True))
+    prs = sorted(
+        (number, item.ref)
+        for item in (refs.pull_requests or [])
+        if (number := _pr_number(item.ref)) is not None
+    )
+    try:
+        discussions = _hub_call(
+            source,
+            lambda api: list(
+                api.get_repo_discussions(repo_id, author=CONVERSION_BOT, discussion_type="pull_request")
+            ),
+        )
+        by_bot = {int(d.num) for d in discussions}
+    except StencilError:  # the discussion list is only a preference
+        by_bot = set()
+    prs.sort(key=lambda pr: (pr[0] not in by_bot, pr[0]))
+    for _number, revision in prs:
+        if has_safetensors(
+            _hub_call(source, lambda api, r=revision: api.list_repo_files(repo_id, revision=r))
+        ):
+            return revision
+    raise StencilError(
+        f"{repo_id} has no safetensors weights on main or on any pull request (stencil never loads pickle "
+        "files)",
+        hint="convert it at https://huggingface.co/spaces/safetensors/convert, or use another model",
+    )
+
+
+def _pull_transformers(
+    ref: str,
+    repo_id: str,
+    revision: str | None,
+    *,
+    progress: bool,
+    main_files: list[str] | None = None,
+) -> PulledModel:
+    """Pull a transformers model (configs, tokenizer/processor files, safetensors) from the right revision."""
+    source = ModelSource(
+        ref, "hub", repo_id, None, gated=any(p.repo_id == repo_id and p.gated for p in PRESETS.values())
+    )
+    _check_can_download(source)
+    if revision is None:
+        revision = find_safetensors_revision(repo_id, main_files)
+    else:
+        files = _hub_call(source, lambda api: api.list_repo_files(repo_id, revision=revision))
+        if not has_safetensors(files):
+            raise StencilError(
+                f"{repo_id} has no safetensors weights (model.safetensors) at revision {revision}",
+                hint=f"run `stencil models pull {repo_id}` to find the revision that has them",
+            )
+    folder = _snapshot(
+        source, revision, TRANSFORMERS_ALLOW_PATTERNS, TRANSFORMERS_IGNORE_PATTERNS, progress=progress
+    )
+    if not (folder / "config.json").is_file() or not any((folder / n).is_file() for n in SAFETENSORS_WEIGHTS):
+        raise StencilError(f"download of {source.label} is incomplete: no config.json or model.safetensors")
+    return PulledModel(ref, folder, repo_id, revision, layout="transformers")

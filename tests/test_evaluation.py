@@ -166,8 +166,51 @@ def test_uncached_eval_model_offline_says_how_to_pull(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
-    with pytest.raises(StencilError, match=r"facebook/dino-vits16 .* not in the Hugging Face cache"):
+    with pytest.raises(
+        StencilError, match=r"facebook/dino-vits16 .* not in the Hugging Face cache"
+    ) as caught:
         evaluation.load_eval_models(evaluation.EvalModelRefs(), "cpu")
+    assert "stencil models pull dino clip" in str(caught.value)
+    with pytest.raises(StencilError, match=r"stencil models pull acme/vit"):
+        evaluation.load_eval_models(evaluation.EvalModelRefs("acme/vit", "tiny"), "cpu")
+
+
+def test_models_pull_dino_clip_then_offline_eval_loads_them(
+    cli,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    tiny_eval_build: Path,
+    eval_models: evaluation.EvalModels,
+) -> None:
+    """`stencil models pull dino clip` (fake Hub: safetensors only on refs/pr/N) fills the cache so that the
+    default eval models load offline, unpinned and pinned to the PR revision."""
+    from tests import fakehub
+
+    cache = tmp_path / "hub"
+    repos = fakehub.eval_repos(tiny_eval_build / "dino", tiny_eval_build / "clip")
+    fakehub.install(monkeypatch, cache, repos)
+    result = cli("models", "pull", "dino", "clip")
+    assert result.exit_code == 0, result.output
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    found = evaluation.cached_eval_model("facebook/dino-vits16", cache)
+    assert found is not None and found.weights == found.files
+    loaded = evaluation.load_eval_models(evaluation.EvalModelRefs(), "cpu")
+    images = [random_image(5), random_image(6)]
+    prompts = ["a dog in the snow", "a red backpack"]
+    expected = evaluation.score_images(eval_models, images[:1], images[1:], prompts[:1])[0].to_dict()
+    scores = evaluation.score_images(loaded, images[:1], images[1:], prompts[:1])[0].to_dict()
+    assert scores == pytest.approx(expected, abs=1e-5)
+    assert torch.allclose(
+        evaluation.clip_text_embeddings(loaded, prompts),
+        evaluation.clip_text_embeddings(eval_models, prompts),
+    )
+    pinned = evaluation.EvalModelRefs(
+        "facebook/dino-vits16@refs/pr/2", "openai/clip-vit-base-patch32@refs/pr/5"
+    )
+    again = evaluation.load_eval_models(pinned, "cpu")
+    assert torch.allclose(
+        evaluation.dino_embeddings(again, images), evaluation.dino_embeddings(eval_models, images), atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("layout", ["split", "one-snapshot"])

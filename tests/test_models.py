@@ -187,6 +187,7 @@ def test_hub_errors_are_translated(monkeypatch, cli) -> None:
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setattr("huggingface_hub.snapshot_download", not_found)
+    monkeypatch.setattr("huggingface_hub.HfApi.list_repo_files", not_found)  # pull lists the repo first
     result = cli("models", "pull", "acme/typo")
     assert result.exit_code == 1 and "check the spelling" in result.output
 
@@ -197,6 +198,116 @@ def test_pull_offline_is_refused_and_tiny_is_built(cli, stencil_home: Path) -> N
     result = cli("models", "pull", "tiny")
     assert result.exit_code == 0
     assert models.tiny_ready(stencil_home / "models" / "tiny")
+
+
+# -- pulling eval (transformers) models -----------------------------------------------------------------
+
+
+def test_pull_dino_clip_take_safetensors_from_the_conversion_pr(cli, tmp_path: Path, monkeypatch) -> None:
+    from tests import fakehub
+
+    hub = fakehub.install(monkeypatch, tmp_path / "hf-cache", fakehub.eval_repos())
+    rows = {row["name"]: row for row in json.loads(cli("models", "ls", "--json").stdout)}
+    assert rows["dino"]["role"] == "eval" and rows["dino"]["source"] == "facebook/dino-vits16"
+    assert rows["clip"]["source"] == "openai/clip-vit-base-patch32"
+    assert rows["dino"]["present"] is False and rows["clip"]["present"] is False
+
+    result = cli("models", "pull", "dino", "clip", "--json")
+    assert result.exit_code == 0, result.output
+    pulled = {row["ref"]: row for row in json.loads(result.stdout)}
+    # DINO: PR 1 (community) and PR 2 (the conversion bot's) both have safetensors: the bot's wins.
+    assert pulled["dino"]["revision"] == "refs/pr/2" and pulled["dino"]["layout"] == "transformers"
+    # CLIP: PR 3 has no safetensors, PR 5 does (no bot PR listed).
+    assert pulled["clip"]["revision"] == "refs/pr/5"
+    assert [(d["repo_id"], d["revision"]) for d in hub.downloads] == [
+        ("facebook/dino-vits16", "refs/pr/2"),
+        ("openai/clip-vit-base-patch32", "refs/pr/5"),
+    ]
+    # configs, processor/tokenizer files and safetensors only: no pickles, no subfolders, no fp16 variant
+    assert hub.downloads[0]["files"] == ["config.json", "model.safetensors", "preprocessor_config.json"]
+    assert hub.downloads[1]["files"] == [
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
+    assert all(d["allow"] == models.TRANSFORMERS_ALLOW_PATTERNS for d in hub.downloads)
+    cache = tmp_path / "hf-cache"
+    assert (cache / "models--facebook--dino-vits16" / "refs" / "refs" / "pr" / "2").is_file()
+    assert Path(pulled["dino"]["path"], "model.safetensors").is_file()
+    rows = {row["name"]: row for row in json.loads(cli("models", "ls", "--json").stdout)}
+    assert rows["dino"]["present"] is True and rows["clip"]["present"] is True
+    assert rows["dino"]["path"] == pulled["dino"]["path"]
+    text = cli("models", "pull", "dino")
+    assert text.exit_code == 0 and "safetensors from revision refs/pr/2" in text.output
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    offline = cli("models", "pull", "clip")
+    assert offline.exit_code == 1 and "HF_HUB_OFFLINE" in offline.output
+
+
+def test_pull_transformers_ids_revisions_and_refusals(cli, tmp_path: Path, monkeypatch) -> None:
+    from tests import fakehub
+
+    pickles = ["config.json", "pytorch_model.bin"]
+    hub = fakehub.install(
+        monkeypatch,
+        tmp_path / "hf-cache",
+        {
+            "acme/vit": fakehub.FakeRepo({"main": ["config.json", "model.safetensors", "pytorch_model.bin"]}),
+            "acme/pickles": fakehub.FakeRepo({"main": pickles, "refs/pr/1": pickles + ["README.md"]}),
+            "acme/pinned": fakehub.FakeRepo({"main": pickles, "refs/pr/4": pickles + ["model.safetensors"]}),
+            "acme/tiny-sd": fakehub.FakeRepo(
+                {
+                    "main": [
+                        "model_index.json",
+                        "unet/config.json",
+                        "unet/diffusion_pytorch_model.safetensors",
+                        "unet/diffusion_pytorch_model.bin",
+                    ]
+                }
+            ),
+        },
+    )
+    # main has safetensors: no PR lookup, main is downloaded
+    result = cli("models", "pull", "acme/vit", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)[0]["revision"] is None
+    assert hub.downloads[-1]["files"] == ["config.json", "model.safetensors"]
+    # an explicit revision is used as given
+    result = cli("models", "pull", "acme/pinned@refs/pr/4", "--json")
+    assert result.exit_code == 0, result.output
+    assert (hub.downloads[-1]["repo_id"], hub.downloads[-1]["revision"]) == ("acme/pinned", "refs/pr/4")
+    # ... and refused when it has no safetensors
+    result = cli("models", "pull", "acme/pickles@refs/pr/1")
+    assert result.exit_code == 1
+    assert "no safetensors weights" in result.output and "refs/pr/1" in result.output
+    # no revision has safetensors: one clear line, nothing downloaded
+    before = len(hub.downloads)
+    result = cli("models", "pull", "acme/pickles")
+    assert result.exit_code == 1
+    assert "no safetensors weights on main or on any pull request" in result.output
+    assert "Traceback" not in result.output and len(hub.downloads) == before
+    # a diffusers repo still gets the diffusers patterns
+    result = cli("models", "pull", "acme/tiny-sd", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)[0]["layout"] == "diffusers"
+    assert hub.downloads[-1]["files"] == ["model_index.json", "unet/config.json",
+                                          "unet/diffusion_pytorch_model.safetensors"]  # fmt: skip
+    assert cli("models", "pull", "acme/@x").exit_code == 2
+
+
+def test_eval_presets_are_not_diffusion_models(cli) -> None:
+    with pytest.raises(BadInputError, match="evaluation model"):
+        models.resolve_ref("dino")
+    assert models.resolve_ref("clip", models.EVAL).repo_id == "openai/clip-vit-base-patch32"
+    from stencil_cli import evaluation
+
+    assert models.PRESETS["dino"].repo_id == evaluation.DEFAULT_DINO
+    assert models.PRESETS["clip"].repo_id == evaluation.DEFAULT_CLIP
+    result = cli("config", "set", "subject_model", "dino")
+    assert result.exit_code == 2 and "evaluation model" in result.output
 
 
 # -- devices and precision ------------------------------------------------------------------------------

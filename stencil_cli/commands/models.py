@@ -59,7 +59,7 @@ def _print_table(table: Table) -> None:
 
 
 def model_rows() -> list[dict[str, Any]]:
-    """Presets and every other diffusers model in the Hugging Face cache, with presence and size."""
+    """Presets (diffusion and eval models) and other diffusers models in the HF cache, presence and size."""
     cache = m.cached_repos()
     rows: list[dict[str, Any]] = []
     preset_repos = set()
@@ -116,7 +116,10 @@ def models_ls(json_output: JsonOption = False) -> None:
     _print_table(table)
     info(f"[dim]Hugging Face cache: {escape(str(m.hub_cache_dir()))}[/dim]")
     if any(not row["present"] and row["preset"] and row["source"] != "built locally" for row in rows):
-        info("[dim]download a preset with `stencil models pull sd15` (or sd3-medium)[/dim]")
+        info(
+            "[dim]download a preset with `stencil models pull sd15` (or sd3-medium; `dino clip` for "
+            "`stencil eval`)[/dim]"
+        )
 
 
 @handle_errors
@@ -124,7 +127,9 @@ def models_pull(
     refs: Annotated[
         list[str] | None,
         typer.Argument(
-            help="sd15, sd3-medium, tiny or a Hub id. [default: the configured subject and context models]"
+            help="sd15, sd3-medium, tiny, dino, clip (the eval models), a Hub id (owner/name, or "
+            "owner/name@revision for a transformers model) [default: the configured subject and context "
+            "models]"
         ),
     ] = None,
     json_output: JsonOption = False,
@@ -136,8 +141,19 @@ def models_pull(
     results = []
     for ref in refs:
         info(f"pulling {escape(ref)} ...")
-        folder = m.pull_model(ref, progress=not settings.quiet and not json_output)
-        results.append({"ref": ref, "path": str(folder), "size_bytes": m.folder_size(folder)})
+        pulled = m.pull(ref, progress=not settings.quiet and not json_output)
+        results.append(
+            {
+                "ref": ref,
+                "path": str(pulled.path),
+                "size_bytes": m.folder_size(pulled.path),
+                "repo_id": pulled.repo_id,
+                "revision": pulled.revision,
+                "layout": pulled.layout,
+            }
+        )
+        if pulled.revision is not None:
+            info(f"{escape(pulled.repo_id or ref)}: safetensors from revision {escape(pulled.revision)}")
         info(f"[green]ready:[/green] {escape(ref)} ({human_size(results[-1]['size_bytes'])})")
     if json_output:
         print_json(results)
