@@ -225,7 +225,7 @@ def build_workload(preset: str, device: torch.device, photos: int, no_t5: bool) 
     with models.quiet_libraries():
         subject = bench_generate.build_subject(preset, device, torch.float32)
         context = bench_generate.build_context(preset, device, torch.float32, no_t5)
-    resolution = training.default_resolution(subject)
+    resolution = models.native_resolution(subject)
     gen_dtype = models.resolve_dtype("auto", device)
     precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(gen_dtype, "fp32")
     state = {k: v.detach().to("cpu", copy=True) for k, v in subject.unet.state_dict().items()}

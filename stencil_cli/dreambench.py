@@ -354,7 +354,7 @@ class Runner:
 
     def train(self, job: SubjectJob) -> dict[str, Any]:
         """The subject's training run made with these settings, training it first if there is none."""
-        from stencil_cli import models, training
+        from stencil_cli import models
 
         key = self.config.train_key()
         for run in reversed(self.store.list_runs(job.name)):
@@ -370,7 +370,7 @@ class Runner:
         device = models.resolve_device(self.device)
         pipe = workflows.load_training_pipeline(self.config.subject_model, device)
         config = self.config.train_config(
-            resolution=training.default_resolution(pipe),
+            resolution=models.native_resolution(pipe),
             precision=workflows.training_precision(self.config.precision, device),
         )
         config.validate()
@@ -443,14 +443,14 @@ class Runner:
         self, job: SubjectJob, todo: list[tuple[int, int]], run: dict[str, Any], on_item: Callable[[], None]
     ) -> None:
         """Invert each draft with the fine-tuned model and denoise it (tau); one generation row per image."""
-        from stencil_cli import generation
+        from stencil_cli import models
 
         settings = self.config.generation_settings()
         draft_timings = self._draft_timings(job.name)
         with workflows.subject_pipeline(
             self.config.subject_model, run, device=self.device, precision=self.config.precision
         ) as pipe:
-            resolution = int(run["params"].get("resolution") or generation.subject_resolution(pipe))
+            resolution = int(run["params"].get("resolution") or models.native_resolution(pipe))
             for prompt_index, image_index in todo:
                 stem = _stem(prompt_index, image_index)
                 item = self.generation_job(job, run, prompt_index, image_index, resolution)

@@ -36,6 +36,7 @@ from stencil_cli.inversion import (
     invert,
     no_progress,
 )
+from stencil_cli.models import native_resolution
 
 TRAIN_TIMESTEPS = 1000
 PLACEHOLDERS = ("{subject}", "{}")
@@ -169,11 +170,6 @@ def ddim_scheduler(pipe: Any, steps: int) -> Any:
     return scheduler
 
 
-def subject_resolution(pipe: Any) -> int:
-    """The pixel size the subject model works at (UNet sample size times the VAE scale factor)."""
-    return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
-
-
 def pipe_device(pipe: Any) -> torch.device:
     """The device the pipeline's UNet (or transformer) lives on."""
     model = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
@@ -272,7 +268,7 @@ def invert_image(
     progress: ProgressHook = no_progress,
 ) -> InversionResult:
     """VAE-encode `image` and invert it with the subject model (nti or npi), in float32."""
-    resolution = resolution or subject_resolution(pipe)
+    resolution = resolution or native_resolution(pipe)
     scheduler = ddim_scheduler(pipe, settings.steps)
     latent = encode_image(pipe, image, resolution)
     device = pipe_device(pipe)
@@ -358,7 +354,7 @@ def guided_images(
 
 def initial_noise(pipe: Any, seed: int, resolution: int | None = None) -> torch.Tensor:
     """Seeded starting noise for plain generation (drawn on the CPU, then moved to the pipeline's device)."""
-    resolution = resolution or subject_resolution(pipe)
+    resolution = resolution or native_resolution(pipe)
     size = resolution // int(pipe.vae_scale_factor)
     shape = (1, int(pipe.unet.config.in_channels), size, size)
     noise = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)

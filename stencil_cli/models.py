@@ -408,6 +408,12 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def native_resolution(pipe: Any) -> int:
+    """The subject model's native image size (512 for SD1.5): UNet sample size x VAE scale factor."""
+    factor = int(getattr(pipe, "vae_scale_factor", 8) or 8)
+    return int(pipe.unet.config.sample_size) * factor
+
+
 def free_pipeline(pipe: Any) -> None:
     """Drop a pipeline's module references, collect garbage and empty the CUDA cache."""
     if pipe is not None:

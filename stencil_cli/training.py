@@ -112,12 +112,6 @@ class TrainingData:
     crops: list[Image.Image] = field(default_factory=list)  # the centre-cropped photos
 
 
-def default_resolution(pipe: Any) -> int:
-    """The subject model's native image size (512 for SD1.5): UNet sample size x VAE scale factor."""
-    factor = int(getattr(pipe, "vae_scale_factor", 8) or 8)
-    return int(pipe.unet.config.sample_size) * factor
-
-
 def images_to_tensor(
     images: Sequence[Image.Image], resolution: int
 ) -> tuple[torch.Tensor, list[Image.Image]]:

@@ -817,13 +817,13 @@ def generate_images(batch: GenerationBatch, *, progress: Progress = no_progress)
     Each draft, image and generation row is written as soon as it is made, so an interruption keeps every
     finished image (`batch.records`). Stages reported: draft, inversion, null-text, denoise. Returns the rows.
     """
-    from stencil_cli import generation
+    from stencil_cli import generation, models
     from stencil_cli.images import center_crop_resize
 
     job, settings = batch.job, batch.settings
     draft_seconds = _render_drafts(batch, progress) if job.mode == "context" else {}
     with subject_pipeline(job.subject_model, job.run, device=job.device, precision=job.precision) as pipe:
-        job.resolution = job.resolution or generation.subject_resolution(pipe)
+        job.resolution = job.resolution or models.native_resolution(pipe)
         if job.mode == "edit" and job.draft_image is not None:
             edit_draft = center_crop_resize(job.draft_image, job.resolution)
             for seed in job.seeds:

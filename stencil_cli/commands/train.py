@@ -167,7 +167,7 @@ def _load_model(
     resolution: int | None,
 ) -> Any:
     """Load the subject model; a fresh run takes its precision and (unless given) resolution from it."""
-    from stencil_cli import models, training
+    from stencil_cli import models
 
     torch_device = models.resolve_device(setting(store, "device", device))
     if fresh:
@@ -175,7 +175,7 @@ def _load_model(
     info(f"loading subject model {escape(model_ref)} on {torch_device} ...")
     pipe = workflows.load_training_pipeline(model_ref, torch_device)
     if fresh and resolution is None:
-        config.resolution = training.default_resolution(pipe)
+        config.resolution = models.native_resolution(pipe)
     config.validate()
     return pipe
 
