@@ -151,7 +151,7 @@ def injected_steps(tau: float, steps: int, train_timesteps: int = TRAIN_TIMESTEP
     """
     if not 0 <= tau <= train_timesteps:
         raise ValueError(f"tau must be in [0, {train_timesteps}] (got {tau})")
-    stride = train_timesteps / steps
+    stride = train_timesteps // steps  # DDIMScheduler's integer stride (leading spacing)
     return min(steps, math.ceil(tau / stride)) if tau > 0 else 0
 
 

@@ -74,6 +74,9 @@ def test_tau_60_injects_the_first_three_of_fifty_steps() -> None:
     assert injected_steps(21, 50) == 2
     assert injected_steps(1000, 50) == 50
     assert injected_steps(1000, 10) == 10
+    # steps that do not divide 1000: DDIM's integer stride (1000 // 7 = 142), as the scheduler steps
+    assert injected_steps(142, 7) == 1
+    assert injected_steps(142.5, 7) == 2
     with pytest.raises(ValueError):
         injected_steps(1001, 50)
 
