@@ -144,6 +144,7 @@ class BenchConfig:
             if value < 1 or (most is not None and value > most):
                 bounds = f"in [1, {most}]" if most is not None else "at least 1"
                 raise BadInputError(f"{option} must be {bounds} (got {value})")
+        workflows.check_seeds(self.seed, self.images_per_prompt)
         try:  # the full training config, as every subject will train with it
             self.train_config(resolution=512, precision="fp32").validate()
         except BadInputError as error:

@@ -37,6 +37,7 @@ from stencil_cli.images import PreparedImage
 
 DB_NAME = "stencil.db"
 BUSY_TIMEOUT_MS = 30_000
+SHEET_NAMES = frozenset({"grid.png", "contact-sheet.png"})  # contact sheets: no generation row points at them
 NAME_PATTERN = re.compile(r"^[a-z0-9_-]{1,64}$")
 
 migrations = Migrations("stencil")
@@ -445,13 +446,20 @@ class Store:
     def clean(self, min_age_s: float = 300.0) -> list[Path]:
         """Remove what crashed commands left behind (files no row refers to); return what was removed.
 
-        That is: folders of subjects that have no row, photos no image row refers to, and run folders with no
-        run row. Anything modified in the last `min_age_s` seconds is left alone: it may belong to a command
+        That is: folders of subjects that have no row, photos no image row refers to, run folders with no
+        run row, and generated images / drafts (PNG) no generation row points to (contact sheets are kept:
+        `grid.png`, `contact-sheet.png`). Anything modified in the last `min_age_s` seconds is left alone: it may belong to a command
         that is still running in another process.
         """
         cutoff = time.time() - min_age_s
         referenced = {row["path"] for row in self.db.query("select path from images")}
         run_ids = {str(row["id"]) for row in self.db.query("select id from runs")}
+        generated = {
+            row[key]
+            for row in self.db.query("select image_path, draft_path from generations")
+            for key in ("image_path", "draft_path")
+            if row[key]
+        }
         removed: list[Path] = []
         subjects_root = self.root / "subjects"
         if not subjects_root.exists():
@@ -477,6 +485,13 @@ class Store:
             runs_dir = folder / "runs"
             if runs_dir.is_dir():
                 candidates += [d for d in runs_dir.iterdir() if d.is_dir() and d.name not in run_ids]
+            generations_dir = folder / "generations"
+            if generations_dir.is_dir():
+                candidates += [
+                    f
+                    for f in generations_dir.rglob("*.png")
+                    if f.is_file() and f.name not in SHEET_NAMES and self.relative(f) not in generated
+                ]
             for path in candidates:
                 if not stale(path):
                     continue

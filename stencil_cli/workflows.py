@@ -38,6 +38,14 @@ MASKS_DIR = "masks"
 DB_UPDATE_SECONDS = 1.0
 PNG_KEY = "stencil"  # the text chunk holding every parameter as JSON
 CAPTIONS_KEY = "captions_sha256"  # run params: the hash of the captions + phrase trained on
+MAX_SEED = 2**63 - 1  # generation rows store the seed as an SQLite INTEGER (signed 64-bit)
+
+
+def check_seeds(first: int, count: int, option: str = "--seed") -> None:
+    """Refuse a first seed whose `count` seeds (first .. first + count - 1) do not fit a stored row."""
+    most = MAX_SEED - (count - 1)
+    if not 0 <= first <= most:
+        raise BadInputError(f"{option} must be in [0, {most}] for {count} image(s) (got {first})")
 
 
 def no_progress(stage: str, step: int, total: int | None, extra: dict[str, Any]) -> None:
@@ -664,12 +672,12 @@ def save_generation(
     )
     carried.update(meta or {})
     data = png_bytes(image, carried)
-    atomic_write_bytes(path, data)
     row_params = {k: v for k, v in carried.items() if v is not None}
     row_params.update(params or {})
     if copy_to is not None:
-        atomic_write_bytes(copy_to, data)
         row_params["output_file"] = str(copy_to.resolve())
+    atomic_write_bytes(path, data)
+    # the row right after the store file (a failing insert leaves no copy; `stencil clean` removes the file)
     record = job.store.add_generation(
         job.subject.name,
         {
@@ -684,6 +692,7 @@ def save_generation(
         },
     )
     if copy_to is not None:
+        atomic_write_bytes(copy_to, data)
         record["output_file"] = row_params["output_file"]
     return record
 

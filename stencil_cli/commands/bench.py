@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from stencil_cli import workflows
 from stencil_cli.clikit import JsonOption, handle_errors
 from stencil_cli.commands.evaluate import EvalModelsOption
 from stencil_cli.commands.options import (
@@ -183,7 +184,10 @@ def dreambench(
     ] = 50,
     tau: Annotated[float, typer.Option("--tau", help="Guidance strength in [0, 1000].")] = 60.0,
     seed: Annotated[
-        int, typer.Option("--seed", help="Seed of image 0 of each prompt (image k: seed + k).")
+        int,
+        typer.Option(
+            "--seed", help="Seed of image 0 of each prompt (image k: seed + k).", min=0, max=workflows.MAX_SEED
+        ),
     ] = 0,
     captioner: Annotated[str, typer.Option("--captioner", help="template (offline) or openai.")] = "template",
     num_processes: Annotated[

@@ -119,7 +119,10 @@ def gen(
     ],
     count: Annotated[int, typer.Option("-n", "--count", help="Images (seeds) to make.", min=1)] = 1,
     seed: Annotated[
-        int | None, typer.Option("--seed", help="First seed; image i uses seed + i. [default: random]")
+        int | None,
+        typer.Option(
+            "--seed", help="First seed; image i uses seed + i. [default: random]", min=0, max=workflows.MAX_SEED
+        ),
     ] = None,
     tau: Annotated[
         str,
@@ -182,6 +185,8 @@ def gen(
         raise BadInputError('the prompt is empty: say what to render, e.g. "on a beach at sunset"')
     if draft is not None and no_context:
         raise BadInputError("--draft and --no-context do not go together: a draft is the context")
+    if seed is not None:
+        workflows.check_seeds(seed, count)
     taus = parse_taus(tau)
     settings = _settings(steps, guidance, inversion, null_lr, inner_steps, draft_steps)
     store = open_store()

@@ -1,0 +1,107 @@
+"""Fixes from the review of workflows.py, dreambench.py and the commands (each test fails without its fix)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from stencil_cli import workflows
+from stencil_cli.errors import BadInputError, StencilError
+from stencil_cli.store import Store, open_store
+
+
+def _add(cli: Any, tmp_path: Path, name: str = "robot", phrase: str | None = "toy robot", count: int = 2) -> Store:
+    """Add a subject with `count` small photos (no captions) and return the open store."""
+    folder = tmp_path / f"photos-{name}"
+    folder.mkdir()
+    for i in range(count):
+        Image.new("RGB", (256, 256), (40 * i + 20, 90, 160)).save(folder / f"{i}.png")
+    args = ["add", name, str(folder)] + (["--phrase", phrase] if phrase else [])
+    result = cli(*args)
+    assert result.exit_code == 0, result.output
+    return open_store()
+
+
+def _age(path: Path, seconds: float = 3600.0) -> None:
+    old = path.stat().st_mtime - seconds
+    os.utime(path, (old, old))
+
+
+# -- 1: seeds that fit a row; the row right after the file; clean removes row-less images --------------------
+
+
+def test_gen_refuses_seeds_that_do_not_fit_a_stored_row(cli: Any) -> None:
+    too_big = cli("gen", "robot", "on the moon", "--seed", str(2**63))
+    assert too_big.exit_code == 2 and "Traceback" not in too_big.output
+    last_two = cli("gen", "robot", "on the moon", "--seed", str(2**63 - 1), "-n", "2")
+    assert last_two.exit_code == 2, last_two.output
+    assert "--seed must be in [0, 9223372036854775806] for 2 image(s)" in " ".join(last_two.output.split())
+
+
+def test_bench_config_refuses_seeds_that_do_not_fit(tmp_path: Path) -> None:
+    from stencil_cli.dreambench import BenchConfig
+
+    config = BenchConfig(dataset=tmp_path, out=tmp_path, subjects=["dog"], seed=2**63 - 2, images_per_prompt=4)
+    with pytest.raises(BadInputError, match="--seed must be in"):
+        config.validate()
+
+
+def _job(store: Store, name: str, run_id: int) -> workflows.GenerationJob:
+    return workflows.GenerationJob(
+        store=store,
+        subject=store.get_subject(name),
+        run={"id": run_id},
+        prompt="a toy robot",
+        draft_prompt="a toy robot",
+        seeds=[1],
+        taus=[60.0],
+        mode="context",
+        subject_model="tiny",
+        context_model="tiny",
+        device="cpu",
+        precision="fp32",
+        no_t5=False,
+        resolution=64,
+    )
+
+
+def test_a_failing_row_insert_leaves_no_copy_and_clean_removes_the_store_file(
+    cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stencil_cli.generation import GenerationSettings
+
+    store = _add(cli, tmp_path)
+    run = store.create_run("robot", {"subject_model": "tiny"}, base_model="tiny")
+    job = _job(store, "robot", run["id"])
+    folder = store.generation_dir("robot") / "batch"
+    kept = folder / "s0-tau60.png"
+    workflows.save_generation(
+        job, GenerationSettings(), seed=0, tau=60.0, image=Image.new("RGB", (8, 8)), path=kept, draft_path=None
+    )
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise OverflowError("Python int too large to convert to SQLite INTEGER")
+
+    monkeypatch.setattr(store, "add_generation", refuse)
+    path, copy = folder / "s1-tau60.png", tmp_path / "out" / "s1-tau60.png"
+    with pytest.raises(OverflowError):
+        workflows.save_generation(
+            job, GenerationSettings(), seed=1, tau=60.0, image=Image.new("RGB", (8, 8)), path=path,
+            draft_path=None, copy_to=copy,
+        )  # fmt: skip
+    assert path.is_file() and not copy.exists()
+    monkeypatch.undo()
+    grid, draft = folder / "grid.png", folder / "draft-s1.png"
+    Image.new("RGB", (8, 8)).save(grid)
+    Image.new("RGB", (8, 8)).save(draft)
+    for file in (kept, path, grid, draft):
+        _age(file)
+    recent = folder / "s2-tau60.png"
+    Image.new("RGB", (8, 8)).save(recent)
+    removed = store.clean()
+    assert sorted(p.name for p in removed) == ["draft-s1.png", "s1-tau60.png"]
+    assert kept.is_file() and grid.is_file() and recent.is_file()
