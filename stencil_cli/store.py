@@ -448,8 +448,8 @@ class Store:
 
         That is: folders of subjects that have no row, photos no image row refers to, run folders with no
         run row, and generated images / drafts (PNG) no generation row points to (contact sheets are kept:
-        `grid.png`, `contact-sheet.png`). Anything modified in the last `min_age_s` seconds is left alone: it may belong to a command
-        that is still running in another process.
+        `grid.png`, `contact-sheet.png`). Anything modified in the last `min_age_s` seconds is left alone:
+        it may belong to a command that is still running in another process.
         """
         cutoff = time.time() - min_age_s
         referenced = {row["path"] for row in self.db.query("select path from images")}

@@ -10,15 +10,15 @@ import pytest
 from PIL import Image
 
 from stencil_cli import workflows
-from stencil_cli.errors import BadInputError, StencilError
+from stencil_cli.errors import BadInputError, StencilError  # noqa: F401 - used below
 from stencil_cli.store import Store, open_store
 
 
-def _add(cli: Any, tmp_path: Path, name: str = "robot", phrase: str | None = "toy robot", count: int = 2) -> Store:
-    """Add a subject with `count` small photos (no captions) and return the open store."""
+def _add(cli: Any, tmp_path: Path, name: str = "robot", phrase: str | None = "toy robot") -> Store:
+    """Add a subject with two photos (no captions) and return the open store."""
     folder = tmp_path / f"photos-{name}"
     folder.mkdir()
-    for i in range(count):
+    for i in range(2):
         Image.new("RGB", (256, 256), (40 * i + 20, 90, 160)).save(folder / f"{i}.png")
     args = ["add", name, str(folder)] + (["--phrase", phrase] if phrase else [])
     result = cli(*args)
@@ -45,7 +45,10 @@ def test_gen_refuses_seeds_that_do_not_fit_a_stored_row(cli: Any) -> None:
 def test_bench_config_refuses_seeds_that_do_not_fit(tmp_path: Path) -> None:
     from stencil_cli.dreambench import BenchConfig
 
-    config = BenchConfig(dataset=tmp_path, out=tmp_path, subjects=["dog"], seed=2**63 - 2, images_per_prompt=4)
+    last = 2**63 - 1
+    fits = BenchConfig(dataset=tmp_path, out=tmp_path, subjects=["dog"], seed=last - 3, images_per_prompt=4)
+    fits.validate()
+    config = BenchConfig(dataset=tmp_path, out=tmp_path, subjects=["dog"], seed=last - 2, images_per_prompt=4)
     with pytest.raises(BadInputError, match="--seed must be in"):
         config.validate()
 
@@ -79,9 +82,9 @@ def test_a_failing_row_insert_leaves_no_copy_and_clean_removes_the_store_file(
     job = _job(store, "robot", run["id"])
     folder = store.generation_dir("robot") / "batch"
     kept = folder / "s0-tau60.png"
-    workflows.save_generation(
-        job, GenerationSettings(), seed=0, tau=60.0, image=Image.new("RGB", (8, 8)), path=kept, draft_path=None
-    )
+    picture = Image.new("RGB", (8, 8))
+    settings = GenerationSettings()
+    workflows.save_generation(job, settings, seed=0, tau=60.0, image=picture, path=kept, draft_path=None)
 
     def refuse(*args: Any, **kwargs: Any) -> Any:
         raise OverflowError("Python int too large to convert to SQLite INTEGER")

@@ -186,7 +186,10 @@ def dreambench(
     seed: Annotated[
         int,
         typer.Option(
-            "--seed", help="Seed of image 0 of each prompt (image k: seed + k).", min=0, max=workflows.MAX_SEED
+            "--seed",
+            help="Seed of image 0 of each prompt (image k: seed + k).",
+            min=0,
+            max=workflows.MAX_SEED,
         ),
     ] = 0,
     captioner: Annotated[str, typer.Option("--captioner", help="template (offline) or openai.")] = "template",

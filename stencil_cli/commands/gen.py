@@ -121,7 +121,10 @@ def gen(
     seed: Annotated[
         int | None,
         typer.Option(
-            "--seed", help="First seed; image i uses seed + i. [default: random]", min=0, max=workflows.MAX_SEED
+            "--seed",
+            help="First seed; image i uses seed + i. [default: random]",
+            min=0,
+            max=workflows.MAX_SEED,
         ),
     ] = None,
     tau: Annotated[
