@@ -380,7 +380,8 @@ def train_subject(
     device = next(pipe.unet.parameters()).device
     started = synced_clock(device)
     previous = float(run.get("duration_s") or 0.0)
-    step, losses = 0, []
+    # what the run recorded so far (a resumed run): kept if we stop before the loop starts
+    step, losses = int(run.get("step") or 0), [float(x) for x in run.get("losses") or []]
 
     def elapsed() -> float:
         return round(previous + synced_clock(device) - started, 3)

@@ -108,3 +108,30 @@ def test_a_failing_row_insert_leaves_no_copy_and_clean_removes_the_store_file(
     removed = store.clean()
     assert sorted(p.name for p in removed) == ["draft-s1.png", "s1-tau60.png"]
     assert kept.is_file() and grid.is_file() and recent.is_file()
+
+
+# -- 2: a resumed run keeps its recorded progress when stopped before the loop -----------------------------
+
+
+def test_ctrl_c_before_the_loop_keeps_a_resumed_runs_step_and_losses(
+    cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from types import SimpleNamespace
+
+    import torch
+
+    store = _add(cli, tmp_path)
+    run = store.create_run("robot", {"subject_model": "tiny"}, base_model="tiny")
+    store.finish_run(run["id"], "interrupted", step=5, losses=[0.5, 0.4, 0.3, 0.2, 0.1])
+    run = store.get_run("robot", run["id"])
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(workflows, "make_masks", interrupted)
+    pipe = SimpleNamespace(unet=torch.nn.Linear(1, 1))
+    with pytest.raises(KeyboardInterrupt):
+        workflows.train_subject(store, store.get_subject("robot"), pipe, None, "tiny", run)
+    after = store.get_run("robot", run["id"])
+    assert after["status"] == "interrupted"
+    assert after["step"] == 5 and after["losses"] == [0.5, 0.4, 0.3, 0.2, 0.1]
