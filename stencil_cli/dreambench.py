@@ -354,7 +354,16 @@ class Runner:
         )
 
     def train(self, job: SubjectJob) -> dict[str, Any]:
-        """The subject's training run made with these settings, training it first if there is none."""
+        """The subject's training run made with these settings, training it first if there is none.
+
+        Under the subject's training lock, like `stencil train`: runs left `running` by a process that died
+        are marked interrupted first.
+        """
+        with workflows.subject_lock(self.store, job.name):
+            workflows.mark_stale_runs(self.store, job.name)
+            return self._train_locked(job)
+
+    def _train_locked(self, job: SubjectJob) -> dict[str, Any]:
         from stencil_cli import models
 
         key = self.config.train_key()

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from stencil_cli import workflows
-from stencil_cli.errors import BadInputError, StencilError  # noqa: F401 - used below
+from stencil_cli.errors import BadInputError, StencilError
 from stencil_cli.store import Store, open_store
 
 
@@ -135,3 +135,28 @@ def test_ctrl_c_before_the_loop_keeps_a_resumed_runs_step_and_losses(
     after = store.get_run("robot", run["id"])
     assert after["status"] == "interrupted"
     assert after["step"] == 5 and after["losses"] == [0.5, 0.4, 0.3, 0.2, 0.1]
+
+
+# -- 3: the benchmark trains under the subject lock and marks stale runs ------------------------------------
+
+
+def test_benchmark_training_takes_the_lock_and_marks_stale_runs(
+    cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stencil_cli.dreambench import BenchConfig, Runner, SubjectJob
+
+    store = _add(cli, tmp_path)
+    stale = store.create_run("robot", {"subject_model": "tiny"}, base_model="tiny")
+    runner = Runner(BenchConfig(dataset=tmp_path, out=tmp_path, subjects=["robot"]), store, "cpu")
+    job = SubjectJob("robot", "robot", False, ["a {0} {1}"], [(0, 0)])
+    with workflows.subject_lock(store, "robot"), pytest.raises(StencilError, match="already being trained"):
+        runner.train(job)
+    assert store.get_run("robot", stale["id"])["status"] == "running"  # the holder's run is left alone
+
+    def stop(*args: Any, **kwargs: Any) -> Any:
+        raise StencilError("stop here")
+
+    monkeypatch.setattr(workflows, "check_subject", stop)
+    with pytest.raises(StencilError, match="stop here"):
+        runner.train(job)
+    assert store.get_run("robot", stale["id"])["status"] == "interrupted"
