@@ -211,6 +211,16 @@ def check_subject(store: Store, name: str, use_mask: bool) -> tuple[Subject, lis
             f"subject {name!r} has no phrase to locate it by: "
             f"set one with `stencil caption {name} --phrase WORDS`"
         )
+    if use_mask:
+        from stencil_cli.captioning import contains_phrase
+
+        phrase = subject.phrase or ""
+        lacking = [image["id"] for image in subject.images if not contains_phrase(image["caption"], phrase)]
+        if lacking:
+            raise StencilError(
+                f"{len(lacking)} of {len(subject.images)} captions of {name!r} lack the phrase {phrase!r} "
+                f"(ids {', '.join(map(str, lacking[:8]))}): recaption with `stencil caption {name} --force`"
+            )
     return subject, [image["caption"] for image in subject.images]
 
 

@@ -160,3 +160,37 @@ def test_benchmark_training_takes_the_lock_and_marks_stale_runs(
     with pytest.raises(StencilError, match="stop here"):
         runner.train(job)
     assert store.get_run("robot", stale["id"])["status"] == "interrupted"
+
+
+# -- 4: captions that lack the phrase: refused before the model loads; a new phrase recaptions them ---------
+
+
+def test_train_refuses_captions_without_the_phrase_before_loading_a_model(
+    cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_model(*args: Any) -> Any:
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(workflows, "load_training_pipeline", no_model)
+    store = _add(cli, tmp_path)
+    first, second = (image["id"] for image in store.get_subject("robot").images)
+    store.set_captions("robot", {first: "a photo of a toy robot", second: "a small red thing"}, "manual")
+    result = cli("train", "robot", "--subject-model", "tiny")
+    assert result.exit_code == 1, result.output
+    text = " ".join(result.output.split())
+    assert f"1 of 2 captions of 'robot' lack the phrase 'toy robot' (ids {second})" in text
+    assert "stencil caption robot --force" in text
+
+
+def test_a_new_phrase_recaptions_the_captions_that_lack_it(cli: Any, tmp_path: Path) -> None:
+    store = _add(cli, tmp_path, phrase=None)
+    first, second = (image["id"] for image in store.get_subject("robot").images)
+    assert cli("caption", "robot", "--set", str(first), "a small red thing").exit_code == 0
+    assert cli("caption", "robot", "--set", str(second), "a toy robot on grass").exit_code == 0
+    result = cli("caption", "robot", "--phrase", "toy robot", "--captioner", "template")
+    assert result.exit_code == 0, result.output
+    subject = open_store().get_subject("robot")
+    assert subject.phrase == "toy robot"
+    captions = {image["id"]: image["caption"] for image in subject.images}
+    assert "toy robot" in captions[first] and captions[second] == "a toy robot on grass"
+    workflows.check_subject(open_store(), "robot", use_mask=True)  # trainable now

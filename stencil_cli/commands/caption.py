@@ -148,7 +148,14 @@ def _run_captioner(
         )
     phrase, phrase_changed = _settle_phrase(subject, phrase_option, force)
     redo_all = force or (phrase_changed and subject.phrase is not None)
-    targets = [image for image in subject.images if redo_all or not image["caption"]]
+    # a new phrase also recaptions the captions that lack it (training locates the subject by it)
+    targets = [
+        image
+        for image in subject.images
+        if redo_all
+        or not image["caption"]
+        or (phrase_changed and phrase and not contains_phrase(image["caption"], phrase))
+    ]
     if not targets:
         if phrase_changed and phrase:
             store.update_subject(subject.name, phrase=phrase)
