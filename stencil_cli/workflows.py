@@ -913,8 +913,9 @@ def score_generations(
         raise StencilError(f"subject {subject.name!r} has no photos to compare against")
     references = evaluation.embed_references(models, photos)
     present = [g for g in generations if g.get("image_file") and Path(g["image_file"]).is_file()]
+    present_ids = {g["id"] for g in present}
     if on_missing is not None:
-        for missing in (g for g in generations if g not in present):
+        for missing in (g for g in generations if g["id"] not in present_ids):
             on_missing(missing)
     images = [load_rgb(Path(g["image_file"])) for g in present]
     texts = [clip_t_text(g, subject) for g in present]

@@ -194,3 +194,53 @@ def test_a_new_phrase_recaptions_the_captions_that_lack_it(cli: Any, tmp_path: P
     captions = {image["id"]: image["caption"] for image in subject.images}
     assert "toy robot" in captions[first] and captions[second] == "a toy robot on grass"
     workflows.check_subject(open_store(), "robot", use_mask=True)  # trainable now
+
+
+# -- 5, 19: eval with every selected file missing fails before the eval models load ------------------------
+
+
+def test_eval_with_every_image_file_missing_fails_before_loading_models(
+    cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stencil_cli import evaluation
+
+    def no_models(*args: Any) -> Any:
+        raise AssertionError("the eval models were loaded")
+
+    monkeypatch.setattr(evaluation, "load_eval_models", no_models)
+    store = _add(cli, tmp_path)
+    run = store.create_run("robot", {"subject_model": "tiny"}, base_model="tiny")
+    for seed in (1, 2):
+        gone = store.generation_dir("robot") / f"s{seed}.png"
+        store.add_generation("robot", {"run_id": run["id"], "prompt": "p", "seed": seed, "image_path": gone})
+    result = cli("eval", "robot", "--eval-models", "tiny")
+    assert result.exit_code == 1, result.output
+    text = " ".join(result.output.split())
+    assert "generation 1: image file missing" in text and "generation 2: image file missing" in text
+    assert "none of the 2 selected image file(s) of 'robot' exist" in text
+
+
+def test_score_generations_reports_each_missing_file_by_id(cli: Any, tmp_path: Path) -> None:
+    from unittest import mock
+
+    from stencil_cli import evaluation
+
+    store = _add(cli, tmp_path)
+    subject = store.get_subject("robot")
+    there = tmp_path / "there.png"
+    Image.new("RGB", (8, 8)).save(there)
+    rows = [
+        {"id": 1, "image_file": str(there), "prompt": "p"},
+        {"id": 2, "image_file": str(tmp_path / "gone.png"), "prompt": "p"},
+    ]
+    missing: list[int] = []
+    score = mock.Mock(to_dict=lambda: {"dino": 1.0})
+    with (
+        mock.patch.object(evaluation, "embed_references", return_value=mock.Mock(count=2)),
+        mock.patch.object(evaluation, "score_images", return_value=[score]),
+        mock.patch.object(store, "set_generation_scores"),
+    ):
+        scored = workflows.score_generations(
+            store, subject, rows, mock.Mock(), on_missing=lambda row: missing.append(row["id"])
+        )
+    assert [row["id"] for row in scored] == [1] and missing == [2]

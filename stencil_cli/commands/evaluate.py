@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 
@@ -82,6 +83,7 @@ def evaluate(
         raise StencilError(
             f"subject {name!r} has no generated images yet", hint=f"run `stencil gen {name} ...`"
         )
+    rows = _present_files(name, rows)  # before the eval models load
     torch_device = models.resolve_device(setting(store, "device", device))
     info(f"loading eval models {escape(refs.dino)} and {escape(refs.clip)} on {torch_device} ...")
     loaded = evaluation.load_eval_models(refs, torch_device)
@@ -115,6 +117,21 @@ def evaluate(
             f"{'mean':>5}  {mean['dino']:6.3f}  {mean['clip_i']:6.3f}  {mean['clip_t']:6.3f}  "
             f"({len(scored)} image(s))"
         )
+
+
+def _present_files(name: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows whose image file exists (a warning for each other); StencilError when none does."""
+    present = [row for row in rows if row.get("image_file") and Path(row["image_file"]).is_file()]
+    present_ids = {row["id"] for row in present}
+    for row in rows:
+        if row["id"] not in present_ids:
+            warn(f"generation {row['id']}: image file missing, skipped")
+    if not present:
+        raise StencilError(
+            f"none of the {len(rows)} selected image file(s) of {name!r} exist: nothing to score",
+            hint=f"generate new ones with `stencil gen {name} ...`",
+        )
+    return present
 
 
 def register(app: typer.Typer) -> None:
