@@ -112,11 +112,13 @@ def subject_lock(store: Store, name: str) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle: IO[str] = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held for the whole block
     try:
+        handle.seek(0)  # "a+" opens at the end; msvcrt.locking locks from the current position (byte 0)
         if not _try_lock(handle):
             handle.seek(0)
-            holder = handle.read().strip() or "another process"
+            holder = handle.read().strip()
+            who = f"by process {holder}" if holder else "by another process"
             raise StencilError(
-                f"subject {name!r} is already being trained (pid {holder}); wait for it to finish "
+                f"subject {name!r} is already being trained {who}; wait for it to finish "
                 "or stop it with Ctrl-C"
             )
         handle.seek(0)

@@ -244,3 +244,43 @@ def test_score_generations_reports_each_missing_file_by_id(cli: Any, tmp_path: P
             store, subject, rows, mock.Mock(), on_missing=lambda row: missing.append(row["id"])
         )
     assert [row["id"] for row in scored] == [1] and missing == [2]
+
+
+# -- 6, 10: the lock is taken at byte 0; the holder is named in words either way ---------------------------
+
+
+def test_the_lock_is_taken_from_the_start_of_the_file(
+    stencil_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = open_store()
+    lock = store.subject_dir("robot") / workflows.LOCK_NAME
+    lock.parent.mkdir(parents=True)
+    lock.write_text("12345", encoding="utf-8")  # left by an earlier process: "a+" opens at byte 5
+    positions: list[int] = []
+    real = workflows._try_lock
+
+    def recording(handle: Any) -> bool:
+        positions.append(handle.tell())
+        return real(handle)
+
+    monkeypatch.setattr(workflows, "_try_lock", recording)
+    with workflows.subject_lock(store, "robot"):
+        pass
+    assert positions == [0]
+
+
+@pytest.mark.skipif(os.name == "nt", reason="holds the lock with fcntl")
+def test_a_held_lock_names_its_holder_or_says_another_process(stencil_home: Path) -> None:
+    import fcntl
+
+    store = open_store()
+    lock = store.subject_dir("robot") / workflows.LOCK_NAME
+    lock.parent.mkdir(parents=True)
+    for content, words in (("", "by another process;"), ("4321", "by process 4321;")):
+        lock.write_text(content, encoding="utf-8")
+        with open(lock, encoding="utf-8") as held:
+            fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+            with pytest.raises(StencilError) as caught, workflows.subject_lock(store, "robot"):
+                pass
+        assert f"subject 'robot' is already being trained {words}" in str(caught.value)
+        assert "pid another" not in str(caught.value)
