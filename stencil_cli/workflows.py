@@ -325,9 +325,11 @@ def start_run(
     return store.create_run(subject.name, params, model_ref)
 
 
-def reopen_run(store: Store, run: dict[str, Any]) -> None:
-    """Mark a run being resumed as running again."""
-    store.update_run(run["id"], status="running", finished=None, error=None)
+def reopen_run(store: Store, run: dict[str, Any], steps: int) -> None:
+    """Mark a run being resumed as running again, with its (possibly new) step count in its params."""
+    params = {**run["params"], "steps": steps}
+    store.update_run(run["id"], status="running", finished=None, error=None, params=params)
+    run["params"] = params
 
 
 @dataclass

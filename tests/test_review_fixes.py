@@ -284,3 +284,39 @@ def test_a_held_lock_names_its_holder_or_says_another_process(stencil_home: Path
                 pass
         assert f"subject 'robot' is already being trained {words}" in str(caught.value)
         assert "pid another" not in str(caught.value)
+
+
+# -- 7: --resume refuses typed options that differ from the run's; a new --steps is recorded ----------------
+
+
+def _interrupted_run(store: Store) -> dict[str, Any]:
+    from stencil_cli.training import TrainConfig
+
+    params = {**TrainConfig(steps=10, batch_size=6).to_params(), "subject_model": "tiny"}
+    run = store.create_run("robot", params, base_model="tiny")
+    store.finish_run(run["id"], "interrupted", step=3, losses=[0.3, 0.2, 0.1])
+    checkpoint = store.run_dir("robot", run["id"]) / workflows.CHECKPOINT_NAME
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint.write_bytes(b"not read: the refusal comes first")
+    return store.get_run("robot", run["id"])
+
+
+def test_resume_refuses_options_that_differ_from_the_runs(cli: Any, tmp_path: Path) -> None:
+    store = _add(cli, tmp_path)
+    run = _interrupted_run(store)
+    args = ["train", "robot", "--resume", "--batch-size", "6", "--subject-model", "tiny"]
+    result = cli(*args, "--lr", "1e-4", "--checkpoint-every", "5", "--precision", "bf16")
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    drop = "drop --lr, --checkpoint-every, --precision (only --steps and --device may change"
+    assert f"--resume continues run {run['id']} with its own settings: {drop}" in text
+    assert "--batch-size" not in text and "--subject-model" not in text  # typed, but the same as the run's
+
+
+def test_reopening_a_run_records_its_new_step_count(cli: Any, tmp_path: Path) -> None:
+    store = _add(cli, tmp_path)
+    run = _interrupted_run(store)
+    workflows.reopen_run(store, run, 25)
+    after = store.get_run("robot", run["id"])
+    assert after["status"] == "running" and after["params"]["steps"] == 25
+    assert after["params"]["subject_model"] == "tiny"

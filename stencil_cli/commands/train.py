@@ -99,6 +99,7 @@ def train(
     device: DeviceOption = None,
     precision: PrecisionOption = None,
     json_output: JsonOption = False,
+    context: typer.Context = None,  # type: ignore[assignment] # typer passes it; None when called directly
 ) -> None:
     """Fine-tune the subject model on a captioned subject; saves the trained weights as safetensors."""
     from stencil_cli import training
@@ -112,6 +113,26 @@ def train(
         run = workflows.resumable_run(store, name) if resume else None
         if run is not None:
             config, model_ref = _resumed_config(run, steps)
+            _refuse_resume_changes(
+                context,
+                run,
+                config,
+                model_ref,
+                {
+                    "batch_size": batch_size,
+                    "lr": lr,
+                    "threshold": threshold,
+                    "seed": seed,
+                    "resolution": resolution,
+                    "train_what": train_what,
+                    "no_mask": no_mask,
+                    "gradient_checkpointing": gradient_checkpointing,
+                    "save_dtype": save_dtype,
+                    "checkpoint_every": checkpoint_every,
+                    "subject_model": subject_model,
+                    "precision": precision,
+                },
+            )
         else:
             config = training.TrainConfig(
                 steps=100 if steps is None else steps,
@@ -141,7 +162,7 @@ def train(
         if run is None:
             run = workflows.start_run(store, subject, config, model_ref)
         else:
-            workflows.reopen_run(store, run)
+            workflows.reopen_run(store, run, config.steps)
         outcome = _train(store, subject, pipe, config, model_ref, run)
     _present(name, outcome, json_output)
 
@@ -154,6 +175,65 @@ def _resumed_config(run: dict[str, Any], steps: int | None) -> tuple[Any, str]:
     if steps is not None:
         config.steps = steps
     return config, run["params"].get("subject_model") or run["base_model"]
+
+
+RESUME_FLAGS = {
+    "batch_size": "--batch-size",
+    "lr": "--lr",
+    "threshold": "--threshold",
+    "seed": "--seed",
+    "resolution": "--resolution",
+    "train_what": "--train",
+    "no_mask": "--no-mask",
+    "gradient_checkpointing": "--gradient-checkpointing",
+    "save_dtype": "--save-dtype",
+    "checkpoint_every": "--checkpoint-every",
+    "subject_model": "--subject-model",
+    "precision": "--precision",
+}
+
+
+def _given_on_the_command_line(context: typer.Context | None, parameter: str) -> bool:
+    """Whether the user typed this option (not its default, nor an environment variable's value)."""
+    if context is None:
+        return False
+    source = context.get_parameter_source(parameter)
+    return source is not None and source.name == "COMMANDLINE"
+
+
+def _refuse_resume_changes(
+    context: typer.Context | None, run: dict[str, Any], config: Any, model_ref: str, given: dict[str, Any]
+) -> None:
+    """--resume keeps the run's settings: refuse typed options that differ from them (only --steps and
+    --device may change), instead of silently ignoring them."""
+    kept = {
+        "batch_size": config.batch_size,
+        "lr": config.lr,
+        "threshold": config.threshold,
+        "seed": config.seed,
+        "resolution": config.resolution,
+        "train_what": config.train,
+        "no_mask": not config.use_mask,
+        "gradient_checkpointing": config.gradient_checkpointing,
+        "save_dtype": config.save_dtype,
+        "checkpoint_every": config.checkpoint_every,
+        "precision": config.precision,
+    }
+    conflicting = []
+    for parameter, value in given.items():
+        if not _given_on_the_command_line(context, parameter):
+            continue
+        if parameter == "subject_model":
+            differs = workflows.stored_model_ref(value) != model_ref
+        else:
+            differs = value != kept[parameter]
+        if differs:
+            conflicting.append(RESUME_FLAGS[parameter])
+    if conflicting:
+        raise BadInputError(
+            f"--resume continues run {run['id']} with its own settings: drop {', '.join(conflicting)} "
+            "(only --steps and --device may change; start a fresh run to change the others)"
+        )
 
 
 def _load_model(
