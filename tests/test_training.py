@@ -300,8 +300,8 @@ def test_refusals(cli, tiny_preset, tmp_path: Path) -> None:
     captions[subject.images[1]["id"]] = "a photo of a dog"
     store.set_captions("robot", captions, "manual")
     result = cli("train", "robot", "--subject-model", "tiny")
-    assert result.exit_code == 2
-    assert f"photo {subject.images[1]['id']}" in result.output and "toy robot" in result.output
+    assert result.exit_code == 1  # before the model loads
+    assert f"(ids {subject.images[1]['id']})" in result.output and "toy robot" in result.output
     with subject_lock(store, "robot"):
         result = cli("train", "robot", "--subject-model", "tiny")
         assert result.exit_code == 1 and "already being trained" in result.output
