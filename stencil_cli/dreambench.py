@@ -661,14 +661,14 @@ def merge_results(config: BenchConfig, subjects: list[str]) -> dict[str, Any]:
     """Read every subject's result.json and compute the overall row (mean over all images)."""
     from stencil_cli import evaluation
 
-    rows = []
-    for name in subjects:
-        path = config.out / "subjects" / name / RESULT_FILE
-        if not path.is_file():
-            raise StencilError(
-                f"subject {name!r} has no result in {path.parent}; run the benchmark again to finish it"
-            )
-        rows.append(json.loads(path.read_text(encoding="utf-8")))
+    paths = {name: config.out / "subjects" / name / RESULT_FILE for name in subjects}
+    missing = [name for name, path in paths.items() if not path.is_file()]
+    if missing:
+        raise StencilError(
+            f"{len(missing)} of {len(subjects)} subject(s) have no result in {config.out / 'subjects'} "
+            f"({', '.join(missing)}); run the benchmark again to finish them"
+        )
+    rows = [json.loads(path.read_text(encoding="utf-8")) for path in paths.values()]
     images = [image["scores"] for row in rows for prompt in row["prompts"] for image in prompt["images"]]
     gpu = [float(row["gpu_seconds"]) for row in rows]
     overall = {
@@ -854,7 +854,8 @@ def run_benchmark(
             runner.run_subject(job)
     finally:
         store.close()
-    shard.wait()
+        # every process reaches the barrier, even after an error: the others would wait for it forever
+        shard.wait()
     if not shard.is_main:
         return None
     results = merge_results(config, config.subjects)

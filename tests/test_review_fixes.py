@@ -320,3 +320,37 @@ def test_reopening_a_run_records_its_new_step_count(cli: Any, tmp_path: Path) ->
     after = store.get_run("robot", run["id"])
     assert after["status"] == "running" and after["params"]["steps"] == 25
     assert after["params"]["subject_model"] == "tiny"
+
+
+# -- 8: a failing shard still reaches the barrier; the merge names every missing subject -------------------
+
+
+def test_a_failing_shard_still_reaches_the_final_barrier(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from types import SimpleNamespace
+
+    from stencil_cli import dreambench, evaluation
+
+    waits: list[int] = []
+    state = SimpleNamespace(device=SimpleNamespace(type="cpu"), wait_for_everyone=lambda: waits.append(1))
+    config = dreambench.BenchConfig(dataset=tmp_path, out=tmp_path / "out", subjects=["cat", "dog"])
+    monkeypatch.setattr(evaluation, "load_dreambench", lambda path: None)
+    jobs = [dreambench.SubjectJob(name, name, False, ["a {0} {1}"], [(0, 0)]) for name in ("cat", "dog")]
+    monkeypatch.setattr(dreambench, "plan", lambda config, bench: jobs)
+
+    def fail(self: Any, job: Any) -> None:
+        raise RuntimeError(f"{job.name} failed")
+
+    monkeypatch.setattr(dreambench.Runner, "run_subject", fail)
+    with pytest.raises(RuntimeError, match="dog failed"):
+        dreambench.run_benchmark(config, dreambench.Shard(rank=1, world=2, state=state))
+    assert len(waits) == 2  # the start barrier and the final one
+
+
+def test_merge_results_names_every_missing_subject(tmp_path: Path) -> None:
+    from stencil_cli import dreambench
+
+    config = dreambench.BenchConfig(dataset=tmp_path, out=tmp_path, subjects=["cat", "dog"])
+    with pytest.raises(StencilError, match=r"2 of 2 subject\(s\) have no result .* \(cat, dog\)"):
+        dreambench.merge_results(config, ["cat", "dog"])
