@@ -354,3 +354,17 @@ def test_merge_results_names_every_missing_subject(tmp_path: Path) -> None:
     config = dreambench.BenchConfig(dataset=tmp_path, out=tmp_path, subjects=["cat", "dog"])
     with pytest.raises(StencilError, match=r"2 of 2 subject\(s\) have no result .* \(cat, dog\)"):
         dreambench.merge_results(config, ["cat", "dog"])
+
+
+# -- 9: doctor says what a missing OpenAI key means --------------------------------------------------------
+
+
+def test_doctor_says_the_openai_key_is_needed_for_the_openai_captioner(
+    cli: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    result = cli("doctor")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "needed for --captioner openai; use --captioner template offline" in text
+    assert "fall back to templates" not in text

@@ -418,7 +418,9 @@ def doctor(json_output: JsonOption = False) -> None:
         ("hf token", "set" if report["hf_token_set"] else "not set (needed for sd3-medium: `hf auth login`)"),
         (
             "openai key",
-            "set" if report["openai_api_key_set"] else "not set (captions fall back to templates)",
+            "set"
+            if report["openai_api_key_set"]
+            else "not set (needed for --captioner openai; use --captioner template offline)",
         ),
     ]
     plain += [(key, f"{row['value']} ({row['source']})") for key, row in report["settings"].items()]
