@@ -368,3 +368,32 @@ def test_doctor_says_the_openai_key_is_needed_for_the_openai_captioner(
     text = " ".join(result.output.split())
     assert "needed for --captioner openai; use --captioner template offline" in text
     assert "fall back to templates" not in text
+
+
+# -- 11: a relative path to the model a run was trained on is not "another model" ----------------------------
+
+
+def test_gen_does_not_warn_for_a_relative_path_to_the_trained_model(
+    cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stencil_cli.commands import gen as gen_cmd
+
+    store = _add(cli, tmp_path)
+    model = tmp_path / "my-model"
+    model.mkdir()
+    run = store.create_run("robot", {"subject_model": str(model.resolve())}, base_model=str(model.resolve()))
+    weights = store.run_dir("robot", run["id"]) / "weights.safetensors"
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    weights.write_bytes(b"not read here")
+    store.finish_run(run["id"], "done", weights_path=weights)
+    warnings: list[str] = []
+    monkeypatch.setattr(gen_cmd, "warn", warnings.append)
+    monkeypatch.chdir(tmp_path)
+    for given, warned in (("my-model", False), ("tiny", True)):
+        warnings.clear()
+        job = gen_cmd._make_job(
+            store, "robot", "on the moon", "plain", run_id=None, seeds=[1], taus=[], draft=None,
+            show_prompts=False, models=gen_cmd.Models(given, None, "cpu", "fp32", False),
+        )  # fmt: skip
+        assert job.subject_model == given
+        assert bool(warnings) is warned, warnings

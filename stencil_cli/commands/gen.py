@@ -290,7 +290,8 @@ def _make_job(
     run_params = run.get("params") or {}
     trained_on = run_params.get("subject_model") or run.get("base_model")
     subject_ref = models.subject_model or trained_on or setting(store, "subject_model", None)
-    if models.subject_model and trained_on and models.subject_model != trained_on:
+    # runs store local folders as absolute paths: compare the given reference the same way
+    if models.subject_model and trained_on and workflows.stored_model_ref(models.subject_model) != trained_on:
         warn(f"run {run['id']} was trained on {trained_on}; generating with {models.subject_model} as asked")
     return workflows.GenerationJob(
         store=store,
