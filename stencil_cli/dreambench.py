@@ -193,9 +193,15 @@ def check_out_folder(config: BenchConfig) -> None:
     wanted = config.fingerprint()
     if path.is_file():
         try:
-            stored = json.loads(path.read_text(encoding="utf-8")).get("settings", {})
-        except (OSError, ValueError):
-            stored = {}
+            data = json.loads(path.read_text(encoding="utf-8"))
+            stored = data["settings"] if isinstance(data, dict) else None
+        except (OSError, ValueError, KeyError):
+            stored = None
+        if not isinstance(stored, dict):  # the settings check must not be skipped silently
+            raise BadInputError(
+                f"{path} cannot be read as a benchmark's settings; use another --out, or delete that file "
+                "if the folder holds no results you want to keep"
+            )
         changed = [key for key in wanted if key in stored and stored[key] != wanted[key]]
         if changed:
             key = changed[0]

@@ -397,3 +397,19 @@ def test_gen_does_not_warn_for_a_relative_path_to_the_trained_model(
         )  # fmt: skip
         assert job.subject_model == given
         assert bool(warnings) is warned, warnings
+
+
+# -- 12: an unreadable bench.json is an error, not "no settings" ---------------------------------------------
+
+
+@pytest.mark.parametrize("content", ["{not json", "[]", '{"dataset": "x"}'])
+def test_an_unreadable_bench_file_is_a_clear_error(tmp_path: Path, content: str) -> None:
+    from stencil_cli import dreambench
+
+    config = dreambench.BenchConfig(dataset=tmp_path, out=tmp_path / "out", subjects=["dog"])
+    dreambench.check_out_folder(config)  # creates it
+    path = config.out / dreambench.BENCH_FILE
+    dreambench.check_out_folder(config)  # reads it back: the same settings
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(BadInputError, match="bench.json cannot be read as a benchmark's settings"):
+        dreambench.check_out_folder(config)
