@@ -413,3 +413,21 @@ def test_an_unreadable_bench_file_is_a_clear_error(tmp_path: Path, content: str)
     path.write_text(content, encoding="utf-8")
     with pytest.raises(BadInputError, match="bench.json cannot be read as a benchmark's settings"):
         dreambench.check_out_folder(config)
+
+
+# -- 20: a failed demo step leaves no half-made subject ------------------------------------------------------
+
+
+def test_a_failed_demo_step_removes_the_half_made_subject(cli: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from stencil_cli.commands import train as train_cmd
+
+    def fail(*args: Any, **kwargs: Any) -> None:
+        raise StencilError("training broke")
+
+    monkeypatch.setattr(train_cmd, "train", fail)
+    result = cli("demo", "--name", "robo")
+    assert result.exit_code == 1, result.output
+    text = " ".join(result.output.split())
+    assert "training broke" in text and "removed the half-made demo subject robo" in text
+    store = open_store()
+    assert store.subject_names() == [] and not store.subject_dir("robo").exists()

@@ -121,38 +121,42 @@ def demo(
     common = {"subject_model": "tiny", "device": "cpu", "precision": "fp32"}
     scratch = tempfile.TemporaryDirectory(prefix="stencil-demo-")
     folder = Path(photos) if photos is not None else Path(scratch.name)
-    with scratch, stdout_to_stderr():
-        if photos is None:
-            synthesise_photos(folder)
-            info("[bold]1/4 add[/bold]: 4 synthesised photos of a toy robot")
-        else:
-            info(f"[bold]1/4 add[/bold]: photos from {escape(str(folder))}")
-        subjects_cmd.add(subject_name, [folder], phrase=phrase, class_word=None, skip_bad=True)
-        info("[bold]2/4 caption[/bold] (template captioner, offline)")
-        caption_cmd.caption(subject_name, captioner="template")
-        store = open_store()
-        if not store.get_subject(subject_name).description and photos is None:
-            store.update_subject(subject_name, description=DEMO_DESCRIPTION)
-        store.close()
-        info(f"[bold]3/4 train[/bold] ({train_steps} steps on the tiny preset)")
-        train_cmd.train(subject_name, steps=train_steps, batch_size=2, **common)
-        info("[bold]4/4 gen[/bold] (tiny context model draft -> null-text inversion -> guided denoise)")
-        output_buffer = io.StringIO()
-        with contextlib.redirect_stdout(output_buffer):
-            gen_cmd.gen(
-                subject_name,
-                prompt,
-                seed=0,
-                tau="60,1000",
-                steps=steps,
-                inner_steps=5,
-                draft_steps=steps,
-                grid=True,
-                output=output,
-                context_model="tiny",
-                json_output=True,
-                **common,
-            )
+    try:
+        with scratch, stdout_to_stderr():
+            if photos is None:
+                synthesise_photos(folder)
+                info("[bold]1/4 add[/bold]: 4 synthesised photos of a toy robot")
+            else:
+                info(f"[bold]1/4 add[/bold]: photos from {escape(str(folder))}")
+            subjects_cmd.add(subject_name, [folder], phrase=phrase, class_word=None, skip_bad=True)
+            info("[bold]2/4 caption[/bold] (template captioner, offline)")
+            caption_cmd.caption(subject_name, captioner="template")
+            store = open_store()
+            if not store.get_subject(subject_name).description and photos is None:
+                store.update_subject(subject_name, description=DEMO_DESCRIPTION)
+            store.close()
+            info(f"[bold]3/4 train[/bold] ({train_steps} steps on the tiny preset)")
+            train_cmd.train(subject_name, steps=train_steps, batch_size=2, **common)
+            info("[bold]4/4 gen[/bold] (tiny context model draft -> null-text inversion -> guided denoise)")
+            output_buffer = io.StringIO()
+            with contextlib.redirect_stdout(output_buffer):
+                gen_cmd.gen(
+                    subject_name,
+                    prompt,
+                    seed=0,
+                    tau="60,1000",
+                    steps=steps,
+                    inner_steps=5,
+                    draft_steps=steps,
+                    grid=True,
+                    output=output,
+                    context_model="tiny",
+                    json_output=True,
+                    **common,
+                )
+    except BaseException:
+        _remove_half_made(subject_name)
+        raise
     records = json.loads(output_buffer.getvalue())
     seconds = time.monotonic() - started
     if json_output:
@@ -170,6 +174,17 @@ def demo(
         f'[bold]stencil gen {escape(subject_name)} "{escape(prompt)}"[/bold] (see the README\'s quickstart). '
         f"Remove the demo subject with `stencil rm {escape(subject_name)}`."
     )
+
+
+def _remove_half_made(name: str) -> None:
+    """After a failed step: remove the subject the demo started (it would linger in `stencil ls`)."""
+    store = open_store()
+    try:
+        if store.find_subject(name) is not None:
+            store.remove_subject(name)
+            info(f"removed the half-made demo subject {escape(name)}")
+    finally:
+        store.close()
 
 
 def register(app: typer.Typer) -> None:
