@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +94,6 @@ class BenchConfig:
     no_t5: bool = False
     eval_dino: str = "facebook/dino-vits16"
     eval_clip: str = "openai/clip-vit-base-patch32"
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def fingerprint(self) -> dict[str, Any]:
         """The settings that change the numbers (a resumed run must match them)."""
@@ -178,13 +177,6 @@ class BenchConfig:
             inversion=self.inversion,
             draft_steps=self.draft_steps,
         )
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready view."""
-        data = asdict(self)
-        data["dataset"] = str(self.dataset)
-        data["out"] = str(self.out)
-        return data
 
 
 def check_out_folder(config: BenchConfig) -> None:
@@ -393,7 +385,6 @@ class Runner:
         workflows.check_captions(pipe.tokenizer, subject, captions)
         run = workflows.start_run(self.store, subject, config, self.config.subject_model, {"bench": key})
         outcome = workflows.train_subject(self.store, subject, pipe, config, self.config.subject_model, run)
-        assert outcome.run is not None
         return outcome.run
 
     def generation_job(
@@ -655,9 +646,6 @@ class Runner:
         buffer = BytesIO()
         sheet.save(buffer, format="PNG")
         atomic_write_bytes(path, buffer.getvalue())
-
-
-# -- results --------------------------------------------------------------------------------------------
 
 
 # -- results --------------------------------------------------------------------------------------------

@@ -336,7 +336,7 @@ def reopen_run(store: Store, run: dict[str, Any], steps: int) -> None:
 class TrainOutcome:
     """What training a subject produced."""
 
-    run: dict[str, Any] | None  # the finished run row (None for a mask pass only)
+    run: dict[str, Any]  # the finished run row
     masks: list[dict[str, Any]]  # image_id, file, coverage per photo (empty with --no-mask)
 
 

@@ -81,7 +81,7 @@ def launch_command(num_processes: int, child_args: list[str], *, cpu: bool) -> l
     return command + ["-m", "stencil_cli", *child_args]
 
 
-def child_args(config: BenchConfig, json_output: bool = False) -> list[str]:
+def child_args(config: BenchConfig) -> list[str]:
     """The `stencil ...` arguments that repeat this run in each launched process."""
     args = ["-q"] if settings.quiet else []
     args += [
@@ -129,8 +129,6 @@ def child_args(config: BenchConfig, json_output: bool = False) -> list[str]:
         args += ["--prompts", str(config.prompts)]
     if config.no_t5:
         args.append("--no-t5")
-    if json_output:
-        args.append("--json")
     return args
 
 

@@ -67,7 +67,6 @@ class StageProgress:
     progress: Progress
     totals: dict[str, int]
     tasks: dict[str, int] = field(default_factory=dict)
-    counts: dict[str, int] = field(default_factory=dict)
     inner_total: int = 0
 
     LABELS = {
@@ -87,12 +86,10 @@ class StageProgress:
         """The hook: advance the stage's bar; null-text shows inner-iteration counts and the loss."""
         task = self.task(stage)
         if "advance" in extra:  # steps a pipeline or mode does not report one by one
-            self.counts[stage] = self.counts.get(stage, 0) + int(extra["advance"])
             self.progress.update(task, advance=int(extra["advance"]))
             return
         if stage == "null-text":
             if extra.get("step_done"):
-                self.counts[stage] = self.counts.get(stage, 0) + 1
                 self.inner_total += int(extra.get("inner", 0))
                 self.progress.update(
                     task, advance=1, status=f"{self.inner_total} inner iterations, loss {extra['loss']:.2e}"
@@ -100,7 +97,6 @@ class StageProgress:
             else:
                 self.progress.update(task, status=f"step {step}/{total}: inner {extra.get('inner', 0)}")
             return
-        self.counts[stage] = self.counts.get(stage, 0) + 1
         self.progress.update(task, advance=1)
 
 

@@ -298,7 +298,6 @@ def _train(
 def _present(name: str, outcome: workflows.TrainOutcome, json_output: bool) -> None:
     """The finished run as JSON, or one line."""
     run = outcome.run
-    assert run is not None
     if json_output:
         print_json({**run, "masks": outcome.masks})
         return
