@@ -126,6 +126,8 @@ class BenchConfig:
 
     def validate(self) -> None:
         """A one-line BadInputError naming the option for a setting that cannot work (before any work)."""
+        if self.out.exists() and not self.out.is_dir():
+            raise BadInputError(f"--out {self.out} is a file: give a folder for the results")
         if not 0 <= self.tau <= 1000:
             raise BadInputError(f"--tau must be in [0, 1000] (got {self.tau})")
         if self.inversion not in ("nti", "npi"):

@@ -38,7 +38,7 @@ from stencil_cli.images import PreparedImage
 DB_NAME = "stencil.db"
 BUSY_TIMEOUT_MS = 30_000
 SHEET_NAMES = frozenset({"grid.png", "contact-sheet.png"})  # contact sheets: no generation row points at them
-NAME_PATTERN = re.compile(r"^[a-z0-9_-]{1,64}$")
+NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")  # no leading '-': it would read as an option
 
 migrations = Migrations("stencil")
 
@@ -137,7 +137,8 @@ def validate_name(name: str) -> str:
     """Return `name` if it is a valid subject name, else raise BadInputError."""
     if not NAME_PATTERN.match(name or ""):
         raise BadInputError(
-            f"invalid subject name {name!r}: use 1-64 lowercase letters, digits, '-' or '_' (e.g. 'my-cat')"
+            f"invalid subject name {name!r}: use 1-64 lowercase letters, digits, '-' or '_', "
+            "starting with a letter or digit (e.g. 'my-cat')"
         )
     return name
 

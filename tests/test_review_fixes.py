@@ -431,3 +431,34 @@ def test_a_failed_demo_step_removes_the_half_made_subject(cli: Any, monkeypatch:
     assert "training broke" in text and "removed the half-made demo subject robo" in text
     store = open_store()
     assert store.subject_names() == [] and not store.subject_dir("robo").exists()
+
+
+def test_qa_bad_inputs_are_one_line_exit_2(cli, tmp_path: Path) -> None:
+    from stencil_cli.commands.gen import _load_draft
+    from stencil_cli.errors import BadInputError
+
+    for bad in (tmp_path, Path("")):
+        with pytest.raises(BadInputError, match="folder|empty"):
+            _load_draft(bad)
+    for resolution in ("0", "100000"):
+        result = cli("train", "anything", "--resolution", resolution)
+        assert result.exit_code == 2
+    assert cli("train", "anything", "--steps", "99999999999").exit_code == 2
+    out_file = tmp_path / "results.jpg"
+    out_file.write_text("x")
+    bench = cli("bench", "dreambench", tmp_path, "--out", out_file)
+    assert bench.exit_code == 2 and "is a file" in bench.stderr
+
+
+def test_caption_edit_unchanged_with_uncaptioned_photos_stores_nothing(
+    cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from photos import make_photo
+
+    make_photo(tmp_path / "p" / "a.jpg")
+    cli("add", "cat", tmp_path / "p", "--phrase", "cat")
+    monkeypatch.setenv("EDITOR", "true")  # quits without changing the file
+    monkeypatch.delenv("VISUAL", raising=False)
+    result = cli("caption", "cat", "--edit")
+    assert result.exit_code == 0, result.output
+    assert open_store().get_subject("cat").images[0]["caption"] is None

@@ -282,3 +282,33 @@ def test_many_processes_open_a_new_store_at_once(tmp_path: Path) -> None:
     outcomes = [proc.communicate(timeout=120) for proc in procs]
     assert [proc.returncode for proc in procs] == [0] * 4, outcomes
     assert all(json.loads(out) == [] for out, _ in outcomes)
+
+
+def test_rm_refuses_a_subject_that_is_being_trained(cli, tmp_path: Path) -> None:
+    from stencil_cli.workflows import subject_lock
+
+    _photos(tmp_path / "d", 1)
+    cli("add", "dog", tmp_path / "d")
+    code = (
+        "import time\nfrom stencil_cli.store import open_store\n"
+        "from stencil_cli.workflows import subject_lock\n"
+        "with subject_lock(open_store(), 'dog'):\n    print('locked', flush=True)\n    time.sleep(30)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        refused = cli("rm", "dog", "--yes")
+        assert refused.exit_code == 1 and "being trained" in refused.stderr
+        assert open_store().subject_names() == ["dog"]
+    finally:
+        holder.kill()
+        holder.wait()
+    with subject_lock(open_store(), "dog"):
+        pass  # the lock is free again once its holder is gone
+    assert cli("rm", "dog", "--yes").exit_code == 0
+
+
+def test_names_starting_with_a_dash_are_refused(cli, tmp_path: Path) -> None:
+    photo = make_photo(tmp_path / "p.jpg")
+    result = cli("add", "--", "-x", photo)
+    assert result.exit_code == 2 and "invalid subject name" in result.stderr

@@ -239,6 +239,8 @@ def parse_edit_text(text: str, subject: Subject, force: bool) -> dict[int, str]:
             raise BadInputError(f"{where}: photo {image_id} is not in subject {subject.name!r}")
         if image_id in captions:
             raise BadInputError(f"{where}: photo {image_id} appears twice")
+        if not rest.strip():  # a photo left without a caption: nothing to store for it
+            continue
         captions[image_id] = _check_text(rest, subject.phrase, force, f"{where} (photo {image_id})")
     return captions
 

@@ -312,7 +312,11 @@ def _make_job(
 def _load_draft(path: Path) -> tuple[Image.Image, str]:
     from stencil_cli.images import load_rgb
 
+    if not str(path).strip():
+        raise BadInputError("--draft is empty: give the path of an image file")
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise BadInputError(f"--draft {path} is a folder: give one image file")
     if not path.is_file():
         raise BadInputError(f"--draft {path}: no such file")
     try:

@@ -186,7 +186,10 @@ def rm(
         typer.confirm(
             f"Remove subject {name!r} with {len(subject.images)} photo(s) and all its runs?", abort=True
         )
-    store.remove_subject(name)
+    from stencil_cli.workflows import subject_lock
+
+    with subject_lock(store, name):  # never delete a subject under a running training
+        store.remove_subject(name)
     typer.echo(f"removed {name}")
 
 

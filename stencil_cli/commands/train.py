@@ -63,7 +63,9 @@ def _warn_about_masks(rows: list[dict[str, Any]]) -> None:
 @handle_errors
 def train(
     name: Annotated[str, typer.Argument(help="Subject name.")],
-    steps: Annotated[int | None, typer.Option("--steps", help="Training steps (default 100).")] = None,
+    steps: Annotated[
+        int | None, typer.Option("--steps", min=1, max=100_000, help="Training steps (default 100).")
+    ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Photos per step (with replacement).")] = 6,
     lr: Annotated[float, typer.Option("--lr", help="Adam learning rate.")] = 2e-5,
     threshold: Annotated[
@@ -72,7 +74,12 @@ def train(
     seed: Annotated[int, typer.Option("--seed", help="Seed for masks, sampling and noise.")] = 0,
     resolution: Annotated[
         int | None,
-        typer.Option("--resolution", help="Image size, centre crop (default: the model's, 512 for SD1.5)."),
+        typer.Option(
+            "--resolution",
+            min=64,
+            max=2048,
+            help="Image size, centre crop (default: the model's, 512 for SD1.5).",
+        ),
     ] = None,
     train_what: Annotated[
         str, typer.Option("--train", help="decoder (up_blocks, the paper) or all (the whole UNet).")
