@@ -339,10 +339,13 @@ def save_checkpoint(
     return Path(path)
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read a checkpoint written by `save_checkpoint` (tensors only, no pickled code)."""
+def load_checkpoint(path: Path, *, mmap: bool = False) -> dict[str, Any]:
+    """Read a checkpoint written by `save_checkpoint` (tensors only, no pickled code).
+
+    `mmap=True` maps the tensors instead of reading them: cheap when only the step count is wanted.
+    """
     try:
-        state = torch.load(Path(path), map_location="cpu", weights_only=True)
+        state = torch.load(Path(path), map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError as error:
         raise StencilError(f"no checkpoint at {path}") from error
     except Exception as error:  # noqa: BLE001

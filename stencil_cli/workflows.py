@@ -256,6 +256,19 @@ def resumable_run(store: Store, name: str) -> dict[str, Any]:
     )
 
 
+def check_resume_steps(store: Store, name: str, run: dict[str, Any], steps: int) -> None:
+    """Refuse resuming `run` to a step count its checkpoint has already reached."""
+    from stencil_cli import training
+
+    path = store.run_dir(name, run["id"]) / CHECKPOINT_NAME
+    done = int(training.load_checkpoint(path, mmap=True)["step"])
+    if steps <= done:
+        raise BadInputError(
+            f"--steps {steps} is not more than the {done} steps in run {run['id']}'s checkpoint: "
+            "give a larger --steps to resume"
+        )
+
+
 def captions_digest(captions: list[str], phrase: str | None) -> str:
     """A hash of the captions and the phrase the masks and caption embeddings come from."""
     text = json.dumps({"captions": list(captions), "phrase": phrase or ""}, ensure_ascii=False)

@@ -26,6 +26,9 @@ EvalModelsOption = Annotated[
 ]
 
 
+MAX_RANGE = 100_000  # a range is expanded into a list: keep a typo like 1-99999999999 from eating memory
+
+
 def parse_ids(text: str | None) -> list[int] | None:
     """Parse '3,5,7' or '3-7' (or a mix) into generation ids; None when not given."""
     if text is None or not text.strip():
@@ -39,13 +42,15 @@ def parse_ids(text: str | None) -> list[int] | None:
         try:
             if sep:
                 low, high = int(start), int(end)
-                if low > high:
+                if low > high or high - low > MAX_RANGE:
                     raise ValueError
                 ids.extend(range(low, high + 1))
             else:
                 ids.append(int(part))
         except ValueError:
-            raise BadInputError(f"bad --generations {text!r}: use ids like 3,5,7 or a range 3-7") from None
+            raise BadInputError(
+                f"bad --generations {text!r}: use ids like 3,5,7 or a range 3-7 (at most {MAX_RANGE} ids)"
+            ) from None
     if not ids:
         raise BadInputError(f"bad --generations {text!r}: no ids given")
     return list(dict.fromkeys(ids))

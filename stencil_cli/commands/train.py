@@ -159,6 +159,8 @@ def train(
         subject, captions = workflows.check_subject(store, name, config.use_mask or masks_only)
         if run is not None and not workflows.check_resume(run, subject, captions):
             warn(f"run {run['id']} predates caption checks: resuming with the current captions and phrase")
+        if run is not None:
+            workflows.check_resume_steps(store, name, run, config.steps)
         fresh = run is None
         pipe = _load_model(store, model_ref, config, device, precision, fresh=fresh, resolution=resolution)
         if config.use_mask or masks_only:
