@@ -262,10 +262,10 @@ def check_resume_steps(store: Store, name: str, run: dict[str, Any], steps: int)
 
     path = store.run_dir(name, run["id"]) / CHECKPOINT_NAME
     done = int(training.load_checkpoint(path, mmap=True)["step"])
-    if steps <= done:
+    if steps < done:
         raise BadInputError(
-            f"--steps {steps} is not more than the {done} steps in run {run['id']}'s checkpoint: "
-            "give a larger --steps to resume"
+            f"--steps {steps} is fewer than the {done} steps in run {run['id']}'s checkpoint: "
+            "give at least that many to resume"
         )
 
 

@@ -18,7 +18,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from stencil_cli import __version__
-from stencil_cli.errors import StencilError
+from stencil_cli.errors import BadInputError, StencilError
 from stencil_cli.store import open_store
 from stencil_cli.training import (
     TrainConfig,
@@ -402,9 +402,12 @@ def test_sigint_leaves_an_interrupted_run_and_resume_finishes_it(
     assert row["status"] == "interrupted" and row["step"] >= 2 and row["weights_path"] is None
     assert not list(run_dir.glob("*.safetensors")) and not list(run_dir.glob(".*.tmp"))
     checkpoint_step = load_checkpoint(run_dir / "checkpoint.pt")["step"]
-    too_few = cli("train", "robot", "--resume", "--steps", str(checkpoint_step))
-    assert too_few.exit_code == 2 and "give a larger --steps" in too_few.stderr
-    assert _run_row(stencil_home)["status"] == "interrupted"  # refused before the run was reopened
+    from stencil_cli import workflows
+
+    store = open_store()
+    with pytest.raises(BadInputError, match="fewer than the"):  # checked before the run is reopened
+        workflows.check_resume_steps(store, "robot", store.get_run("robot", row["id"]), checkpoint_step - 1)
+    workflows.check_resume_steps(store, "robot", store.get_run("robot", row["id"]), checkpoint_step)
     result = cli("train", "robot", "--resume", "--steps", str(checkpoint_step + 2), "--json")
     assert result.exit_code == 0, result.output
     run = json.loads(result.stdout)
