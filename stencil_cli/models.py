@@ -612,7 +612,7 @@ def _tiny_clip_config(vocab_size: int, with_projection: bool) -> Any:
 
 def build_tiny_subject_pipeline() -> Any:
     """An SD1.5-shaped pipeline with tiny fixed-seed random weights (64x64 images, 8x8 latents)."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     torch.manual_seed(TINY_SEED)
@@ -630,18 +630,7 @@ def build_tiny_subject_pipeline() -> Any:
         attention_head_dim=4,
         norm_num_groups=16,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 16, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=64,
-        scaling_factor=0.18215,
-    )
+    vae = _tiny_vae(latent_channels=4, scaling_factor=0.18215)
     with quiet_libraries():  # the pipeline warns about steps_offset=0, which METHOD.md asks for
         return StableDiffusionPipeline(
             vae=vae,
@@ -655,10 +644,26 @@ def build_tiny_subject_pipeline() -> Any:
         )
 
 
+def _tiny_vae(**shape: Any) -> Any:
+    """A 4-block VAE (latents 1/8 of the image) with tiny channels; `shape` sets the latent side."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=64,
+        **shape,
+    )
+
+
 def build_tiny_context_pipeline() -> Any:
     """An SD3-shaped pipeline (SD3 transformer, two projecting CLIP encoders, no T5) with tiny weights."""
     from diffusers import (
-        AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
@@ -683,16 +688,8 @@ def build_tiny_context_pipeline() -> Any:
         pooled_projection_dim=64,  # the two CLIP projections (32 + 32)
         pos_embed_max_size=16,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 16, 16),
-        layers_per_block=1,
+    vae = _tiny_vae(
         latent_channels=16,
-        norm_num_groups=8,
-        sample_size=64,
         scaling_factor=1.5305,
         shift_factor=0.0609,
         use_quant_conv=False,
