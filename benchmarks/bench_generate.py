@@ -29,6 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import fullsize  # noqa: E402
+
 from stencil_cli import generation, models  # noqa: E402
 from stencil_cli.inversion import NullTextSettings  # noqa: E402
 
@@ -54,7 +56,7 @@ def build_context(preset: str, device: torch.device, dtype: torch.dtype, no_t5: 
     if preset == "tiny":
         pipe = models.build_tiny_context_pipeline()
     else:
-        pipe = models.build_full_size_pipeline("sd3-medium", device=device, dtype=dtype, no_t5=no_t5)
+        pipe = fullsize.build_full_size_pipeline("sd3-medium", device=device, dtype=dtype, no_t5=no_t5)
     with models.quiet_libraries():
         pipe.to(device, dtype)
     pipe.set_progress_bar_config(disable=True)
@@ -66,7 +68,7 @@ def build_subject(preset: str, device: torch.device, dtype: torch.dtype) -> Any:
     if preset == "tiny":
         pipe = models.build_tiny_subject_pipeline()
     else:
-        pipe = models.build_full_size_pipeline("sd15", device=device, dtype=dtype)
+        pipe = fullsize.build_full_size_pipeline("sd15", device=device, dtype=dtype)
     with models.quiet_libraries():
         pipe.to(device, dtype)
     pipe.set_progress_bar_config(disable=True)

@@ -22,6 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import fullsize  # noqa: E402
+
 from stencil_cli import models  # noqa: E402
 from stencil_cli.attention import compute_masks  # noqa: E402
 from stencil_cli.training import TrainConfig, TrainingData, train_unet  # noqa: E402
@@ -38,7 +40,7 @@ def build(preset: str, device: torch.device) -> tuple[torch.nn.Module, object, i
         pipe = models.build_tiny_subject_pipeline()
         unet = pipe.unet
     else:
-        unet = models.build_full_size_component("sd15", "unet", device=device, dtype=torch.float32)
+        unet = fullsize.build_full_size_component("sd15", "unet", device=device, dtype=torch.float32)
     unet.to(device)
     size, width = int(unet.config.sample_size), int(unet.config.cross_attention_dim)
     return unet, models.sd15_ddim_scheduler(), size, width

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import functools
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Annotated, Any, TypeVar
 
 import typer
 
-from stencil_cli.errors import EXIT_FAILURE, StencilError
+from stencil_cli.errors import EXIT_FAILURE, FieldError, StencilError
 from stencil_cli.output import err_console, escape, settings
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -17,14 +17,44 @@ F = TypeVar("F", bound=Callable[..., Any])
 JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 
 
-def fail(error: StencilError) -> None:
-    """Print `error` as one line on stderr and exit with its code."""
-    err_console.print(f"[red]error:[/red] {escape(str(error))}")
+def flag_name(field: str, flags: Mapping[str, str] | None = None) -> str:
+    """The command-line flag that sets `field`: `flags[field]`, else `--field-name`."""
+    if flags and field in flags:
+        return flags[field]
+    return "--" + field.replace("_", "-")
+
+
+def fail(error: StencilError, flags: Mapping[str, str] | None = None) -> None:
+    """Print `error` as one line on stderr (fields named by their flags) and exit with its code."""
+    if isinstance(error, FieldError):
+        message = error.render({field: flag_name(field, flags) for field in error.fields})
+        if error.hint:
+            message = f"{message} ({error.hint})"
+    else:
+        message = str(error)
+    err_console.print(f"[red]error:[/red] {escape(message)}")
     raise typer.Exit(error.exit_code)
 
 
-def handle_errors(func: F) -> F:
-    """Turn StencilError (and, unless --debug, any crash) into one line and an exit code."""
+def given_fields(context: typer.Context | None, renames: Mapping[str, str] | None = None) -> frozenset[str]:
+    """The parameters the user typed on the command line (not defaults, nor environment variables)."""
+    if context is None:
+        return frozenset()
+    typed = set()
+    for name in context.params:
+        source = context.get_parameter_source(name)
+        if source is not None and source.name == "COMMANDLINE":
+            typed.add((renames or {}).get(name, name))
+    return frozenset(typed)
+
+
+def handle_errors(func: F | None = None, *, flags: Mapping[str, str] | None = None) -> Any:
+    """Turn StencilError (and, unless --debug, any crash) into one line and an exit code.
+
+    `flags` names the flag of each field a verb may complain about, where it is not `--field-name`.
+    """
+    if func is None:
+        return functools.partial(handle_errors, flags=flags)
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -35,7 +65,7 @@ def handle_errors(func: F) -> F:
         except StencilError as error:
             if settings.debug:
                 traceback.print_exc()
-            fail(error)
+            fail(error, flags)
         except KeyboardInterrupt:
             err_console.print("[red]interrupted[/red]")
             raise typer.Exit(130) from None

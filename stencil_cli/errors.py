@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 EXIT_OK = 0
 EXIT_FAILURE = 1  # a failure the user can fix: missing model, no captions, network
 EXIT_USAGE = 2  # bad input or usage
@@ -29,3 +31,35 @@ class BadInputError(StencilError):
 
 class NotFoundError(StencilError):
     """Something the user named does not exist (exit code 1)."""
+
+
+
+class FieldError(BadInputError):
+    """Bad values for named settings (fields such as ``steps``); each front end names its own flags for them.
+
+    ``template`` holds one ``{}`` for the field names (or ``{0}``, ``{1}``... for each in its place), e.g.
+    ``FieldError("steps", "{} must be at least 1")`` reads "steps must be at least 1"; `stencil train`
+    shows "--steps must be at least 1", `stencil bench` (whose training steps are a field called
+    `train_steps`) "--train-steps must be at least 1". No front end rewrites the message text.
+    """
+
+    def __init__(
+        self, fields: str | Sequence[str], template: str = "{}", *, hint: str | None = None
+    ) -> None:
+        self.fields = (fields,) if isinstance(fields, str) else tuple(fields)
+        self.template = template if ("{}" in template or "{0}" in template) else "{} " + template
+        super().__init__(self.render({}), hint=hint)
+
+    def render(self, names: Mapping[str, str]) -> str:
+        """The message with each field shown as `names[field]` (the field itself when absent)."""
+        shown = [names.get(field, field) for field in self.fields]
+        if "{0}" in self.template:  # each field in its own place (no str.format: the text may hold braces)
+            text = self.template
+            for index, name in enumerate(shown):
+                text = text.replace(f"{{{index}}}", name)
+            return text
+        return self.template.replace("{}", ", ".join(shown), 1)
+
+    def renamed(self, names: Mapping[str, str]) -> FieldError:
+        """The same error about renamed fields (a caller that embeds these settings under other names)."""
+        return FieldError([names.get(f, f) for f in self.fields], self.template, hint=self.hint)

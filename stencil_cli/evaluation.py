@@ -11,10 +11,10 @@ Scores, for one generated image ``g`` of a subject with reference photos ``r_1..
   this is also the form DreamBooth-style evaluations use: the prompt with the identifier token dropped.
 
 A subject's (or a benchmark's) score is the mean over its generated images. Every score is a cosine and lies
-in [-1, 1]. Model references: Hub ids, local folders saved with ``save_pretrained``, or the ``tiny`` preset
-(random-weight ViT and CLIP built locally by ``tiny_eval.py``, for tests and offline smoke runs).
+in [-1, 1]. The scoring models arrive loaded: `stencil_cli.models.load_eval_models` finds them (presets, Hub
+ids, local folders or the ``tiny`` preset) and returns an `EvalModels`.
 
-This module never touches the store and never prints.
+This module never touches the store, never loads models and never prints.
 """
 
 from __future__ import annotations
@@ -23,245 +23,18 @@ import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
 
 from stencil_cli.errors import BadInputError, StencilError
 
-DEFAULT_DINO = "facebook/dino-vits16"
-DEFAULT_CLIP = "openai/clip-vit-base-patch32"
-TINY = "tiny"
-EVAL_MODELS_ENV = "STENCIL_EVAL_MODELS"
+if TYPE_CHECKING:
+    from stencil_cli.models import EvalModels
+
 BATCH_SIZE = 16
 SCORE_KEYS = ("dino", "clip_i", "clip_t")
-
-# -- model references ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class EvalModelRefs:
-    """Which DINO and CLIP models score images (Hub ids, local folders or the tiny preset)."""
-
-    dino: str = DEFAULT_DINO
-    clip: str = DEFAULT_CLIP
-
-    def to_dict(self) -> dict[str, str]:
-        """A JSON-ready view."""
-        return {"dino": self.dino, "clip": self.clip}
-
-
-def parse_eval_models(spec: str | None) -> EvalModelRefs:
-    """Parse ``--eval-models``: empty/``default``, ``tiny``, ``DINO,CLIP`` or ``dino=REF,clip=REF``."""
-    text = (spec or "").strip()
-    if text in ("", "default"):
-        return EvalModelRefs()
-    if text == TINY:
-        return EvalModelRefs(TINY, TINY)
-    parts = [part.strip() for part in text.split(",")]
-    if any(not part for part in parts) or len(parts) > 2:
-        raise BadInputError(
-            f"bad --eval-models {spec!r}: use 'tiny', 'DINO_REF,CLIP_REF' or 'dino=REF,clip=REF' "
-            f"(default: {DEFAULT_DINO},{DEFAULT_CLIP})"
-        )
-    named: dict[str, str] = {}
-    positional: list[str] = []
-    for part in parts:
-        key, sep, value = part.partition("=")
-        if sep:
-            key = key.strip().lower()
-            if key not in ("dino", "clip") or not value.strip():
-                raise BadInputError(f"bad --eval-models entry {part!r}: use dino=REF or clip=REF")
-            named[key] = value.strip()
-        else:
-            positional.append(part)
-    if named and positional:
-        raise BadInputError(f"bad --eval-models {spec!r}: do not mix 'REF' and 'dino=REF' forms")
-    if positional:
-        if len(positional) != 2:
-            raise BadInputError(f"bad --eval-models {spec!r}: give two models, DINO_REF,CLIP_REF (or 'tiny')")
-        return EvalModelRefs(positional[0], positional[1])
-    return EvalModelRefs(named.get("dino", DEFAULT_DINO), named.get("clip", DEFAULT_CLIP))
-
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-@dataclass(frozen=True)
-class _Location:
-    """Where from_pretrained loads an eval model from."""
-
-    ref: str
-    path: str  # local folder or Hub id
-    hub: bool
-    revision: str | None = None  # Hub branch, tag, ``refs/pr/N`` or commit
-    files: str | None = None  # local folder with config/processor/tokenizer files, if not beside the weights
-
-
-def split_revision(ref: str) -> tuple[str, str | None]:
-    """``owner/name@revision`` -> (``owner/name``, ``revision``); no ``@``: (ref, None)."""
-    repo, sep, revision = ref.partition("@")
-    return (repo, revision.strip() or None) if sep else (ref, None)
-
-
-@dataclass(frozen=True)
-class CachedModel:
-    """A Hub model found in the local cache: the snapshot with the weights and the one with the configs."""
-
-    weights: Path
-    files: Path
-
-
-def _snapshots(repo_id: str, cache_dir: Path) -> list[Path]:
-    """The cached snapshot folders of `repo_id`: the one `main` points to first, then newest first."""
-    folder = Path(cache_dir) / ("models--" + repo_id.replace("/", "--"))
-    if not (folder / "snapshots").is_dir():
-        return []
-    try:
-        main = (folder / "refs" / "main").read_text(encoding="utf-8").strip()
-    except OSError:
-        main = None
-    found = [snap for snap in (folder / "snapshots").iterdir() if snap.is_dir()]
-    return sorted(found, key=lambda snap: (snap.name != main, -snap.stat().st_mtime))
-
-
-def cached_eval_model(repo_id: str, cache_dir: Path) -> CachedModel | None:
-    """Find `repo_id`'s safetensors weights and config/processor files in the Hugging Face cache.
-
-    The official DINO and CLIP repos keep their safetensors weights only on the Hub's conversion pull request
-    (``refs/pr/N``); online, transformers fetches the weights from there and the configs from ``main``, so
-    the two may sit in different snapshots. Offline, both are found here.
-    """
-    snapshots = _snapshots(repo_id, cache_dir)
-    weights = next(
-        (
-            s
-            for s in snapshots
-            if (s / "model.safetensors").is_file() or (s / "model.safetensors.index.json").is_file()
-        ),
-        None,
-    )
-    if weights is None:
-        return None
-
-    def complete(snap: Path) -> bool:
-        return (snap / "config.json").is_file() and (snap / "preprocessor_config.json").is_file()
-
-    files = weights if complete(weights) else next((s for s in snapshots if complete(s)), None)
-    return CachedModel(weights, files) if files is not None else None
-
-
-def pull_command(ref: str) -> str:
-    """The command that downloads eval model `ref` for offline use (the presets for the default models)."""
-    presets = {DEFAULT_DINO: "dino", DEFAULT_CLIP: "clip"}
-    if ref in presets:
-        return "stencil models pull dino clip"
-    return f"stencil models pull {ref}"
-
-
-def _locate(ref: str, kind: str) -> _Location:
-    """Resolve one eval model reference (tiny / local folder / Hub id[@revision]); offline-aware errors."""
-    if ref == TINY:
-        from stencil_cli.tiny_eval import ensure_tiny_eval
-
-        return _Location(ref, str(ensure_tiny_eval() / kind), hub=False)
-    path = Path(ref).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise StencilError(f"{ref} is not a transformers model folder (no config.json)")
-        return _Location(ref, str(path.resolve()), hub=False)
-    repo_id, revision = split_revision(ref)
-    if path.exists() or ref.startswith((".", "/", "~")) or not _HUB_ID.match(repo_id):
-        raise BadInputError(
-            f"unknown {kind} eval model {ref!r}: use a Hub id (owner/name[@revision]), a folder or 'tiny'"
-        )
-    from stencil_cli.models import hub_cache_dir, is_offline
-
-    if is_offline() and revision is None:
-        cached = cached_eval_model(repo_id, hub_cache_dir())
-        if cached is None:
-            raise StencilError(
-                f"eval model {repo_id} (configs and safetensors weights) is not in the Hugging Face cache "
-                "and HF_HUB_OFFLINE is set",
-                hint=f"run `{pull_command(ref)}` while online (see docs/evaluation.md); "
-                "or use --eval-models tiny for a smoke run",
-            )
-        return _Location(ref, str(cached.weights), hub=False, files=str(cached.files))
-    return _Location(ref, repo_id, hub=True, revision=revision)
-
-
-def _load(cls: Any, location: _Location, *, weights: bool = True, **kwargs: Any) -> Any:
-    """from_pretrained with safetensors only, the HF cache and offline mode; errors become one line."""
-    from stencil_cli.models import ModelSource, hub_cache_dir, hub_error, is_offline, quiet_libraries
-
-    if location.hub:
-        kwargs.setdefault("cache_dir", str(hub_cache_dir()))
-        if location.revision:
-            kwargs["revision"] = location.revision
-        if is_offline():
-            kwargs["local_files_only"] = True
-    path = location.path
-    if weights:
-        kwargs["use_safetensors"] = True
-    elif location.files:
-        path = location.files
-    try:
-        with quiet_libraries():
-            if weights and location.files:
-                from transformers import AutoConfig
-
-                kwargs["config"] = AutoConfig.from_pretrained(location.files)
-            return cls.from_pretrained(path, **kwargs)
-    except StencilError:
-        raise
-    except Exception as error:  # noqa: BLE001 - translated into one line below
-        source = ModelSource(location.ref, "hub" if location.hub else "local", location.path, None)
-        translated = hub_error(error, source)
-        if translated is not None:
-            if translated.hint and "models pull" in translated.hint:  # name the eval pull, with revision
-                translated.hint = f"run `{pull_command(location.ref)}` while online (see docs/evaluation.md)"
-            raise translated from error
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        if weights and "safetensors" in first.lower():
-            raise StencilError(
-                f"eval model {location.ref} has no safetensors weights (stencil never loads pickle files)",
-                hint=f"run `stencil models pull {split_revision(location.ref)[0]}` (it finds the Hub's "
-                "safetensors pull request), or pin one: owner/name@refs/pr/N",
-            ) from error
-        raise StencilError(f"cannot load eval model {location.ref}: {first}") from error
-
-
-# -- loaded models ------------------------------------------------------------------------------------
-
-
-@dataclass
-class EvalModels:
-    """Loaded DINO and CLIP models with their processors, in eval mode on one device (float32)."""
-
-    refs: EvalModelRefs
-    device: torch.device
-    dino: Any
-    dino_processor: Any
-    clip: Any
-    clip_processor: Any
-    clip_tokenizer: Any
-
-
-def load_eval_models(refs: EvalModelRefs = EvalModelRefs(), device: str | torch.device = "cpu") -> EvalModels:
-    """Load DINO (ViTModel, no pooler) and CLIP with their image processors and tokenizer onto `device`."""
-    from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel, ViTModel
-
-    torch_device = torch.device(device)
-    dino_at = _locate(refs.dino, "dino")
-    clip_at = _locate(refs.clip, "clip")
-    dino = _load(ViTModel, dino_at, add_pooling_layer=False).to(torch_device, torch.float32).eval()
-    dino_processor = _load(AutoImageProcessor, dino_at, weights=False, backend="pil")
-    clip = _load(CLIPModel, clip_at).to(torch_device, torch.float32).eval()
-    clip_processor = _load(AutoImageProcessor, clip_at, weights=False, backend="pil")
-    clip_tokenizer = _load(AutoTokenizer, clip_at, weights=False)
-    return EvalModels(refs, torch_device, dino, dino_processor, clip, clip_processor, clip_tokenizer)
-
 
 # -- embeddings ---------------------------------------------------------------------------------------
 

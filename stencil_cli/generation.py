@@ -405,3 +405,116 @@ def contact_sheet(rows: list[list[tuple[str, Image.Image]]], cell: int | None = 
             sheet.paste(image.convert("RGB").resize((cell, cell), resample), (x, y))
             draw.text((x + 2, y + cell + 1), label, fill="black")
     return sheet
+
+
+# -- whole stages, one result at a time (the verb saves each as it arrives) ------------------------------
+
+
+def _clock(device: Any) -> float:
+    """`time.perf_counter()` after the device's queued work is done (CUDA runs asynchronously)."""
+    import time
+
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+@dataclass
+class Draft:
+    """One rendered draft: the caller's key, the picture and how long it took."""
+
+    key: Any
+    image: Image.Image
+    seconds: float
+
+
+def render_drafts(
+    context_pipe: Any,
+    wanted: list[tuple[Any, str, int]],
+    *,
+    resolution: int,
+    steps: int = 50,
+    guidance: float = 7.5,
+    progress: ProgressHook = no_progress,
+) -> Iterator[Draft]:
+    """Render each (key, draft prompt, seed) with the context model, yielding every draft when it is done.
+
+    The progress hook gets every draft step, also from a pipeline without step callbacks.
+    """
+    device = pipe_device(context_pipe)
+    for key, prompt, seed in wanted:
+        reported = 0
+
+        def counting(stage: str, step: int, total: int | None, extra: dict[str, Any]) -> None:
+            nonlocal reported
+            reported += 1
+            progress(stage, step, total, extra)
+
+        started = _clock(device)
+        image = render_draft(
+            context_pipe,
+            prompt,
+            resolution=resolution,
+            seed=seed,
+            steps=steps,
+            guidance=guidance,
+            progress=counting,
+        )
+        seconds = _clock(device) - started
+        if reported < steps:  # a pipeline without step callbacks
+            progress("draft", steps, steps, {"advance": steps - reported})
+        yield Draft(key, image, seconds)
+
+
+@dataclass
+class GuidedImage:
+    """One image of Context Guidance: the caller's key, its tau, the picture and how it was made."""
+
+    key: Any
+    tau: float
+    image: Image.Image
+    inversion: InversionResult
+    timings: dict[str, float]  # inversion (per draft, shared by its taus) and denoise (per image)
+
+
+def context_guidance(
+    pipe: Any,
+    drafts: list[tuple[Any, Image.Image, str]],
+    taus: list[float],
+    settings: GenerationSettings = GenerationSettings(),
+    *,
+    resolution: int,
+    progress: ProgressHook = no_progress,
+) -> Iterator[GuidedImage]:
+    """For each (key, draft, subject prompt): invert the draft (nti or npi), denoise it once per tau.
+
+    Yields each image as soon as it is decoded.
+    """
+    device = pipe_device(pipe)
+    for key, draft, prompt in drafts:
+        started = _clock(device)
+        inverted = invert_image(pipe, draft, prompt, settings, resolution=resolution, progress=progress)
+        inversion_s = _clock(device) - started
+        if settings.inversion == "npi":  # no null-text steps to report
+            progress("null-text", settings.steps, settings.steps, {"advance": settings.steps})
+        for tau in taus:
+            began = _clock(device)
+            (image,) = guided_images(pipe, inverted, prompt, [tau], settings, progress=progress)
+            timings = {"inversion": inversion_s, "denoise": _clock(device) - began}
+            yield GuidedImage(key, tau, image, inverted, timings)
+
+
+def plain_images(
+    pipe: Any,
+    wanted: list[tuple[Any, str, int]],
+    settings: GenerationSettings = GenerationSettings(),
+    *,
+    resolution: int,
+    progress: ProgressHook = no_progress,
+) -> Iterator[tuple[Any, Image.Image, float]]:
+    """Plain generation of each (key, prompt, seed): yields (key, image, seconds) as each is done."""
+    device = pipe_device(pipe)
+    for key, prompt, seed in wanted:
+        started = _clock(device)
+        image = plain_generate(pipe, prompt, seed, settings, resolution=resolution, progress=progress)
+        yield key, image, _clock(device) - started

@@ -13,27 +13,44 @@ This module never imports torch.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import importlib
 import json
-import os
 import re
 import shutil
 import sqlite3
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
-
-import platformdirs
-import sqlite_utils
-from sqlite_utils import Migrations
+from typing import TYPE_CHECKING, Any
 
 from stencil_cli.errors import BadInputError, NotFoundError, StencilError
 from stencil_cli.fsutil import atomic_write_bytes, crash_point, is_within
-from stencil_cli.images import PreparedImage
+from stencil_cli.paths import default_root
+
+if TYPE_CHECKING:
+    from stencil_cli.images import PreparedImage
+
+
+def _import_sqlite_utils() -> Any:
+    """Import sqlite-utils without numpy: it imports numpy (~0.2 s) only to store numpy values, which stencil
+    never does, and every command (`stencil ls` in a shell loop) would pay for it at start-up."""
+    if "numpy" in sys.modules or "sqlite_utils" in sys.modules:
+        return importlib.import_module("sqlite_utils")
+    sys.modules["numpy"] = None  # type: ignore[assignment] # makes `import numpy` fail inside sqlite-utils
+    try:
+        return importlib.import_module("sqlite_utils")
+    finally:
+        del sys.modules["numpy"]
+
+
+sqlite_utils = _import_sqlite_utils()
+from sqlite_utils import Migrations  # noqa: E402 - after the import above
 
 DB_NAME = "stencil.db"
 BUSY_TIMEOUT_MS = 30_000
@@ -120,17 +137,17 @@ def m001_initial(db: sqlite_utils.Database) -> None:
     db["config"].create({"key": str, "value": str}, pk="key")
 
 
+@migrations()
+def m002_one_name_per_file_column(db: sqlite_utils.Database) -> None:
+    """One name per stored file: images.file, runs.weights_file, generations.image_file / draft_file."""
+    db["images"].transform(rename={"path": "file"})
+    db["runs"].transform(rename={"weights_path": "weights_file"})
+    db["generations"].transform(rename={"image_path": "image_file", "draft_path": "draft_file"})
+
+
 def now() -> str:
     """The current UTC time as an ISO 8601 string."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def default_root() -> Path:
-    """The store root: ``STENCIL_HOME`` if set, else the platform's user data folder."""
-    env = os.environ.get("STENCIL_HOME")
-    if env:
-        return Path(env).expanduser()
-    return Path(platformdirs.user_data_dir("stencil", appauthor=False))
 
 
 def validate_name(name: str) -> str:
@@ -166,6 +183,63 @@ class Subject:
             "created": self.created,
             "images": self.images,
         }
+
+
+RUN_STATUSES = ("running", "done", "failed", "interrupted")
+
+
+@dataclass
+class Run:
+    """One training run of a subject (its row, with JSON columns decoded and the weights path absolute)."""
+
+    id: int
+    subject_id: int
+    status: str  # running | done | failed | interrupted
+    params: dict[str, Any]
+    base_model: str | None
+    losses: list[float]
+    step: int
+    started: str
+    finished: str | None = None
+    duration_s: float | None = None
+    weights_file: Path | None = None
+    error: str | None = None
+
+    @property
+    def final_loss(self) -> float | None:
+        """The last recorded training loss, if any."""
+        return self.losses[-1] if self.losses else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready view of the run."""
+        data = dataclasses.asdict(self)
+        data["weights_file"] = str(self.weights_file) if self.weights_file else None
+        return data
+
+
+@dataclass
+class Generation:
+    """One generated image (its row, with JSON columns decoded and file paths absolute)."""
+
+    id: int
+    subject_id: int
+    run_id: int | None
+    prompt: str | None
+    draft_prompt: str | None
+    seed: int | None
+    tau: float | None
+    params: dict[str, Any]
+    image_file: Path | None
+    draft_file: Path | None
+    scores: dict[str, Any] | None
+    created: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready view of the generation."""
+        data = dataclasses.asdict(self)
+        for key in ("image_file", "draft_file"):
+            data[key] = str(data[key]) if data[key] else None
+        return data
 
 
 @dataclass
@@ -369,7 +443,7 @@ class Store:
                 record = {
                     "subject_id": subject_id,
                     "sha256": image.sha256,
-                    "path": f"subjects/{name}/images/{image.sha256}{image.suffix}",
+                    "file": f"subjects/{name}/images/{image.sha256}{image.suffix}",
                     "original_name": image.source.name,
                     "width": image.width,
                     "height": image.height,
@@ -403,7 +477,7 @@ class Store:
         image = self.resolve_image(subject, image_ref)
         with self.write():
             self.db.execute("delete from images where id = ?", [image["id"]])
-        path = self.absolute(image["path"])
+        path = Path(image["file"])
         if is_within(path, self.root):
             path.unlink(missing_ok=True)
         return image
@@ -453,12 +527,12 @@ class Store:
         it may belong to a command that is still running in another process.
         """
         cutoff = time.time() - min_age_s
-        referenced = {row["path"] for row in self.db.query("select path from images")}
+        referenced = {row["file"] for row in self.db.query("select file from images")}
         run_ids = {str(row["id"]) for row in self.db.query("select id from runs")}
         generated = {
             row[key]
-            for row in self.db.query("select image_path, draft_path from generations")
-            for key in ("image_path", "draft_path")
+            for row in self.db.query("select image_file, draft_file from generations")
+            for key in ("image_file", "draft_file")
             if row[key]
         }
         removed: list[Path] = []
@@ -509,7 +583,7 @@ class Store:
         """The folder holding a training run's files (weights, masks, checkpoints)."""
         return self.subject_dir(name) / "runs" / str(run_id)
 
-    def create_run(self, name: str, params: dict[str, Any], base_model: str) -> dict[str, Any]:
+    def create_run(self, name: str, params: dict[str, Any], base_model: str) -> Run:
         """Insert a `running` run row for subject `name` and return it."""
         subject = self.get_subject(name)
         with self.write():
@@ -543,18 +617,18 @@ class Store:
         run_id: int,
         status: str,
         *,
-        weights_path: Path | None = None,
+        weights_file: Path | None = None,
         duration_s: float | None = None,
         error: str | None = None,
         losses: list[float] | None = None,
         step: int | None = None,
     ) -> None:
         """Mark a run done / failed / interrupted, with what it produced."""
-        if status not in {"done", "failed", "interrupted"}:
+        if status not in RUN_STATUSES[1:]:
             raise ValueError(f"bad run status {status!r}")
         values: dict[str, Any] = {"status": status, "finished": now()}
-        if weights_path is not None:
-            values["weights_path"] = self.relative(weights_path)
+        if weights_file is not None:
+            values["weights_file"] = self.relative(weights_file)
         if duration_s is not None:
             values["duration_s"] = duration_s
         if error is not None:
@@ -565,7 +639,7 @@ class Store:
             values["step"] = step
         self.update_run(run_id, **values)
 
-    def get_run(self, name: str, run_id: int) -> dict[str, Any]:
+    def get_run(self, name: str, run_id: int) -> Run:
         """One run of subject `name` (params and losses decoded), or NotFoundError."""
         subject = self.get_subject(name)
         row = next(
@@ -576,7 +650,7 @@ class Store:
             raise NotFoundError(f"subject {name!r} has no run {run_id} (see `stencil show {name}`)")
         return self._run_view(row)
 
-    def list_runs(self, name: str) -> list[dict[str, Any]]:
+    def list_runs(self, name: str) -> list[Run]:
         """All runs of subject `name`, oldest first."""
         subject = self.get_subject(name)
         return [
@@ -584,17 +658,18 @@ class Store:
             for row in self.db.query("select * from runs where subject_id = ? order by id", [subject.id])
         ]
 
-    def latest_done_run(self, name: str) -> dict[str, Any] | None:
+    def latest_done_run(self, name: str) -> Run | None:
         """The newest finished (`done`) run of subject `name`, or None."""
-        done = [run for run in self.list_runs(name) if run["status"] == "done"]
+        done = [run for run in self.list_runs(name) if run.status == "done"]
         return done[-1] if done else None
 
-    def _run_view(self, row: dict[str, Any]) -> dict[str, Any]:
-        view = dict(row)
-        view["params"] = json.loads(row["params"] or "{}")
-        view["losses"] = json.loads(row["losses"] or "[]")
-        view["weights_file"] = str(self.absolute(row["weights_path"])) if row["weights_path"] else None
-        return view
+    def _run_view(self, row: dict[str, Any]) -> Run:
+        values = dict(row)
+        values["params"] = json.loads(row["params"] or "{}")
+        values["losses"] = [float(x) for x in json.loads(row["losses"] or "[]")]
+        values["step"] = int(row["step"] or 0)
+        values["weights_file"] = self.absolute(row["weights_file"]) if row["weights_file"] else None
+        return Run(**values)
 
     # -- generations --------------------------------------------------------------------------
 
@@ -602,11 +677,11 @@ class Store:
         """The folder holding a subject's generated images and drafts."""
         return self.subject_dir(name) / "generations"
 
-    def add_generation(self, name: str, record: dict[str, Any]) -> dict[str, Any]:
-        """Insert one generated image's row (paths absolute or store-relative) and return it."""
-        subject = self.get_subject(name)
+    def add_generation(self, subject: Subject, record: dict[str, Any]) -> Generation:
+        """Insert one generated image's row for `subject` (by its id: a subject removed and made again under
+        the same name is another subject) and return it. Paths may be absolute or store-relative."""
         row = dict(record)
-        for key in ("image_path", "draft_path"):
+        for key in ("image_file", "draft_file"):
             if row.get(key) and Path(row[key]).is_absolute():
                 row[key] = self.relative(Path(row[key]))
         for key in ("params", "scores"):
@@ -614,18 +689,23 @@ class Store:
                 row[key] = dumps(row[key])
         row["subject_id"] = subject.id
         row.setdefault("created", now())
-        with self.write():
-            generation_id = self.db["generations"].insert(row).last_pk
+        try:
+            with self.write():
+                generation_id = self.db["generations"].insert(row).last_pk
+        except sqlite3.IntegrityError:
+            raise StencilError(
+                f"subject {subject.name!r} was removed while its images were made; nothing more is saved"
+            ) from None
         return self.get_generation(generation_id)
 
-    def get_generation(self, generation_id: int) -> dict[str, Any]:
+    def get_generation(self, generation_id: int) -> Generation:
         """One generation row (params and scores decoded), or NotFoundError."""
         row = next(iter(self.db.query("select * from generations where id = ?", [generation_id])), None)
         if row is None:
             raise NotFoundError(f"no generation {generation_id}")
         return self._generation_view(row)
 
-    def list_generations(self, name: str) -> list[dict[str, Any]]:
+    def list_generations(self, name: str) -> list[Generation]:
         """All generations of subject `name`, oldest first."""
         subject = self.get_subject(name)
         return [
@@ -640,13 +720,13 @@ class Store:
         with self.write():
             self.db["generations"].update(generation_id, {"scores": dumps(scores)})
 
-    def _generation_view(self, row: dict[str, Any]) -> dict[str, Any]:
-        view = dict(row)
-        view["params"] = json.loads(row["params"] or "{}")
-        view["scores"] = json.loads(row["scores"]) if row["scores"] else None
-        for key in ("image_path", "draft_path"):
-            view[key.replace("_path", "_file")] = str(self.absolute(row[key])) if row[key] else None
-        return view
+    def _generation_view(self, row: dict[str, Any]) -> Generation:
+        values = dict(row)
+        values["params"] = json.loads(row["params"] or "{}")
+        values["scores"] = json.loads(row["scores"]) if row["scores"] else None
+        for key in ("image_file", "draft_file"):
+            values[key] = self.absolute(row[key]) if row[key] else None
+        return Generation(**values)
 
     # -- config -------------------------------------------------------------------------------
 
@@ -672,7 +752,7 @@ class Store:
     def _image_view(self, row: dict[str, Any]) -> dict[str, Any]:
         view = dict(row)
         view.pop("subject_id", None)
-        view["file"] = str(self.absolute(row["path"]))
+        view["file"] = str(self.absolute(row["file"]))
         return view
 
     def _delete_tree(self, folder: Path) -> None:

@@ -29,7 +29,7 @@ from stencil_cli.attention import (
     compute_masks,
     token_weights,
 )
-from stencil_cli.errors import BadInputError, StencilError
+from stencil_cli.errors import FieldError, StencilError
 from stencil_cli.fsutil import atomic_write_with
 from stencil_cli.images import center_crop_resize
 
@@ -66,26 +66,26 @@ class TrainConfig:
     def validate(self) -> None:
         """Raise BadInputError for values that cannot work."""
         if self.steps < 1:
-            raise BadInputError(f"--steps must be at least 1 (got {self.steps})")
+            raise FieldError("steps", f"must be at least 1 (got {self.steps})")
         if self.batch_size < 1:
-            raise BadInputError(f"--batch-size must be at least 1 (got {self.batch_size})")
+            raise FieldError("batch_size", f"must be at least 1 (got {self.batch_size})")
         if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise BadInputError(f"--lr must be a positive number (got {self.lr})")
+            raise FieldError("lr", f"must be a positive number (got {self.lr})")
         if not 0.0 <= self.threshold <= 1.0:
-            raise BadInputError(f"--threshold must be between 0 and 1 (got {self.threshold})")
+            raise FieldError("threshold", f"must be between 0 and 1 (got {self.threshold})")
         if self.resolution < 8 or self.resolution % 8:
-            raise BadInputError(f"--resolution must be a multiple of 8, at least 8 (got {self.resolution})")
+            raise FieldError("resolution", f"must be a multiple of 8, at least 8 (got {self.resolution})")
         if self.train not in TRAIN_CHOICES:
-            raise BadInputError(f"--train must be one of {', '.join(TRAIN_CHOICES)} (got {self.train!r})")
+            raise FieldError("train", f"must be one of {', '.join(TRAIN_CHOICES)} (got {self.train!r})")
         if self.precision not in AUTOCAST_DTYPES:
-            raise BadInputError(f"unknown training precision {self.precision!r}: use fp32, fp16 or bf16")
+            raise FieldError("precision", f"must be fp32, fp16 or bf16 for training (got {self.precision!r})")
         if self.save_dtype not in SAVE_DTYPES:
             choices = ", ".join(SAVE_DTYPES)
-            raise BadInputError(f"--save-dtype must be one of {choices} (got {self.save_dtype!r})")
+            raise FieldError("save_dtype", f"must be one of {choices} (got {self.save_dtype!r})")
         if self.checkpoint_every < 0:
-            raise BadInputError("--checkpoint-every must be 0 (off) or a positive number of steps")
+            raise FieldError("checkpoint_every", "must be 0 (off) or a positive number of steps")
         if not 0 <= self.mask_timestep < 1000:
-            raise BadInputError("the mask timestep must be in [0, 1000)")
+            raise FieldError("mask_timestep", "must be in [0, 1000)")
 
     def to_params(self) -> dict[str, Any]:
         """The settings as a JSON-ready dict (stored in the run row and the weights' metadata)."""
@@ -201,7 +201,7 @@ def masked_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tenso
 def trainable_names(unet: Any, which: str = "decoder") -> list[str]:
     """Names of the parameters `which` trains: the decoder (`up_blocks.*`) or all of the UNet."""
     if which not in TRAIN_CHOICES:
-        raise BadInputError(f"--train must be one of {', '.join(TRAIN_CHOICES)} (got {which!r})")
+        raise FieldError("train", f"must be one of {', '.join(TRAIN_CHOICES)} (got {which!r})")
     names = [name for name, _ in unet.named_parameters()]
     return names if which == "all" else [name for name in names if name.startswith("up_blocks.")]
 

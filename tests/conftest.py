@@ -42,7 +42,7 @@ def cli(runner: CliRunner):
     return invoke
 
 
-# -- models (issue 3): the tiny preset, built once per session --------------------------------------------
+# -- models: the tiny preset, built once per session ------------------------------------------------------
 
 
 @pytest.fixture(scope="session")

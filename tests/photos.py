@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image, ImageDraw
+
+if TYPE_CHECKING:
+    from stencil_cli.store import Store
 
 
 def make_photo(
@@ -31,3 +35,17 @@ def make_photo(
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, format=fmt, **save_kwargs)
     return path
+
+
+def add_subject(cli: Any, tmp_path: Path, name: str = "robot", phrase: str | None = "toy robot") -> Store:
+    """`stencil add` a subject of two plain photos (no captions) and return the open store."""
+    from stencil_cli.store import open_store
+
+    folder = tmp_path / f"photos-{name}"
+    folder.mkdir(parents=True)
+    for i in range(2):
+        Image.new("RGB", (256, 256), (40 * i + 20, 90, 160)).save(folder / f"{i}.png")
+    args = ["add", name, str(folder)] + (["--phrase", phrase] if phrase else [])
+    result = cli(*args)
+    assert result.exit_code == 0, result.output
+    return open_store()

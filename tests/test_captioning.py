@@ -684,3 +684,35 @@ def test_credentials_in_the_base_url_are_never_shown(monkeypatch) -> None:
     captioner = OpenAICaptioner(base_url="https://alice:s3cret@llm.example.com:8443/v1")
     assert captioner.host == "llm.example.com:8443"
     assert "s3cret" not in repr(captioner) and "alice" not in repr(captioner)
+
+
+def test_a_new_phrase_recaptions_the_captions_that_lack_it(cli: Any, tmp_path: Path) -> None:
+    from photos import add_subject
+
+    from stencil_cli.verbs.train import check_subject
+
+    store = add_subject(cli, tmp_path, phrase=None)
+    first, second = (image["id"] for image in store.get_subject("robot").images)
+    assert cli("caption", "robot", "--set", str(first), "a small red thing").exit_code == 0
+    assert cli("caption", "robot", "--set", str(second), "a toy robot on grass").exit_code == 0
+    result = cli("caption", "robot", "--phrase", "toy robot", "--captioner", "template")
+    assert result.exit_code == 0, result.output
+    subject = open_store().get_subject("robot")
+    assert subject.phrase == "toy robot"
+    captions = {image["id"]: image["caption"] for image in subject.images}
+    assert "toy robot" in captions[first] and captions[second] == "a toy robot on grass"
+    check_subject(open_store(), "robot", use_mask=True)  # trainable now
+
+
+def test_caption_edit_unchanged_with_uncaptioned_photos_stores_nothing(
+    cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from photos import make_photo
+
+    make_photo(tmp_path / "p" / "a.jpg")
+    cli("add", "cat", tmp_path / "p", "--phrase", "cat")
+    monkeypatch.setenv("EDITOR", "true")  # quits without changing the file
+    monkeypatch.delenv("VISUAL", raising=False)
+    result = cli("caption", "cat", "--edit")
+    assert result.exit_code == 0, result.output
+    assert open_store().get_subject("cat").images[0]["caption"] is None

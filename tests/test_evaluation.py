@@ -1,4 +1,4 @@
-"""Evaluation (issue 7): DINO / CLIP-I / CLIP-T scores, DreamBench parsing, `stencil eval`, the runner."""
+"""Evaluation: DINO / CLIP-I / CLIP-T scores, DreamBench parsing, `stencil eval`, the runner."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from stencil_cli import evaluation
+from stencil_cli import evaluation, models
 from stencil_cli.errors import BadInputError, StencilError
+from stencil_cli.models import EvalModelRefs, EvalModels, load_eval_models, parse_eval_models
 
 SHARED_DREAMBENCH = Path(__file__).resolve().parents[1] / ".." / "shared" / "dreambench"
 
@@ -71,7 +72,7 @@ def smooth_image(seed: int, size: int = 256) -> Image.Image:
 @pytest.fixture(scope="session")
 def tiny_eval_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny eval models, built once per session."""
-    from stencil_cli.tiny_eval import ensure_tiny_eval
+    from stencil_cli.models import ensure_tiny_eval
 
     return ensure_tiny_eval(tmp_path_factory.mktemp("tiny-eval") / "tiny-eval")
 
@@ -87,10 +88,10 @@ def tiny_eval(tiny_eval_build: Path, stencil_home: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def eval_models(tiny_eval_build: Path) -> evaluation.EvalModels:
+def eval_models(tiny_eval_build: Path) -> EvalModels:
     """The tiny DINO and CLIP, loaded through the same from_pretrained path as the real ones."""
-    refs = evaluation.EvalModelRefs(str(tiny_eval_build / "dino"), str(tiny_eval_build / "clip"))
-    return evaluation.load_eval_models(refs, "cpu")
+    refs = EvalModelRefs(str(tiny_eval_build / "dino"), str(tiny_eval_build / "clip"))
+    return load_eval_models(refs, "cpu")
 
 
 @pytest.fixture
@@ -102,7 +103,7 @@ def fake_dreambench(tmp_path: Path) -> Path:
 # -- scores -----------------------------------------------------------------------------------------------
 
 
-def test_identical_images_score_one(eval_models: evaluation.EvalModels) -> None:
+def test_identical_images_score_one(eval_models: EvalModels) -> None:
     image = random_image(1)
     [scores] = evaluation.score_images(eval_models, [image], [image], ["a dog"])
     assert scores.dino == pytest.approx(1.0, abs=1e-5)
@@ -112,7 +113,7 @@ def test_identical_images_score_one(eval_models: evaluation.EvalModels) -> None:
     assert different.dino < 0.99999 and different.clip_i < 0.99999
 
 
-def test_scores_are_cosines_in_range_and_means(eval_models: evaluation.EvalModels) -> None:
+def test_scores_are_cosines_in_range_and_means(eval_models: EvalModels) -> None:
     generated = [random_image(i) for i in range(3)] + [Image.new("RGB", (80, 48), "black")]
     references = [random_image(10), smooth_image(3, 64)]
     prompts = ["a dog in the jungle", "a red backpack", "", "x" * 300]  # empty and over-long prompts too
@@ -130,7 +131,7 @@ def test_scores_are_cosines_in_range_and_means(eval_models: evaluation.EvalModel
     assert evaluation.mean_scores([]) == {"dino": None, "clip_i": None, "clip_t": None}
 
 
-def test_dino_uses_the_cls_token_not_the_pooler(eval_models: evaluation.EvalModels) -> None:
+def test_dino_uses_the_cls_token_not_the_pooler(eval_models: EvalModels) -> None:
     assert eval_models.dino.pooler is None  # loaded with add_pooling_layer=False
     image = random_image(4)
     pixels = eval_models.dino_processor(images=[image], return_tensors="pt")["pixel_values"]
@@ -140,7 +141,7 @@ def test_dino_uses_the_cls_token_not_the_pooler(eval_models: evaluation.EvalMode
     assert torch.allclose(evaluation.dino_embeddings(eval_models, [image]), expected, atol=1e-6)
 
 
-def test_clip_t_uses_the_prompt_text(eval_models: evaluation.EvalModels) -> None:
+def test_clip_t_uses_the_prompt_text(eval_models: EvalModels) -> None:
     image = random_image(5)
     prompts = ["a dog in the jungle", "a purple teapot on a mirror"]
     scores = evaluation.score_images(eval_models, [image, image], [image], prompts)
@@ -152,14 +153,14 @@ def test_clip_t_uses_the_prompt_text(eval_models: evaluation.EvalModels) -> None
 
 
 def test_parse_eval_models() -> None:
-    default = evaluation.parse_eval_models(None)
+    default = parse_eval_models(None)
     assert (default.dino, default.clip) == ("facebook/dino-vits16", "openai/clip-vit-base-patch32")
-    assert evaluation.parse_eval_models("tiny") == evaluation.EvalModelRefs("tiny", "tiny")
-    assert evaluation.parse_eval_models("a/b,c/d") == evaluation.EvalModelRefs("a/b", "c/d")
-    assert evaluation.parse_eval_models("clip=c/d") == evaluation.EvalModelRefs("facebook/dino-vits16", "c/d")
+    assert parse_eval_models("tiny") == EvalModelRefs("tiny", "tiny")
+    assert parse_eval_models("a/b,c/d") == EvalModelRefs("a/b", "c/d")
+    assert parse_eval_models("clip=c/d") == EvalModelRefs("facebook/dino-vits16", "c/d")
     for bad in ("a/b", "a/b,c/d,e/f", "dino=a/b,c/d", "vit=a/b", "a/b,"):
         with pytest.raises(BadInputError):
-            evaluation.parse_eval_models(bad)
+            parse_eval_models(bad)
 
 
 def test_uncached_eval_model_offline_says_how_to_pull(
@@ -169,10 +170,10 @@ def test_uncached_eval_model_offline_says_how_to_pull(
     with pytest.raises(
         StencilError, match=r"facebook/dino-vits16 .* not in the Hugging Face cache"
     ) as caught:
-        evaluation.load_eval_models(evaluation.EvalModelRefs(), "cpu")
+        load_eval_models(EvalModelRefs(), "cpu")
     assert "stencil models pull dino clip" in str(caught.value)
     with pytest.raises(StencilError, match=r"stencil models pull acme/vit"):
-        evaluation.load_eval_models(evaluation.EvalModelRefs("acme/vit", "tiny"), "cpu")
+        load_eval_models(EvalModelRefs("acme/vit", "tiny"), "cpu")
 
 
 def test_models_pull_dino_clip_then_offline_eval_loads_them(
@@ -180,7 +181,7 @@ def test_models_pull_dino_clip_then_offline_eval_loads_them(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     tiny_eval_build: Path,
-    eval_models: evaluation.EvalModels,
+    eval_models: EvalModels,
 ) -> None:
     """`stencil models pull dino clip` (fake Hub: safetensors only on refs/pr/N) fills the cache so that the
     default eval models load offline, unpinned and pinned to the PR revision."""
@@ -192,9 +193,9 @@ def test_models_pull_dino_clip_then_offline_eval_loads_them(
     result = cli("models", "pull", "dino", "clip")
     assert result.exit_code == 0, result.output
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    found = evaluation.cached_eval_model("facebook/dino-vits16", cache)
+    found = models.cached_eval_model("facebook/dino-vits16", cache)
     assert found is not None and found.weights == found.files
-    loaded = evaluation.load_eval_models(evaluation.EvalModelRefs(), "cpu")
+    loaded = load_eval_models(EvalModelRefs(), "cpu")
     images = [random_image(5), random_image(6)]
     prompts = ["a dog in the snow", "a red backpack"]
     expected = evaluation.score_images(eval_models, images[:1], images[1:], prompts[:1])[0].to_dict()
@@ -204,10 +205,10 @@ def test_models_pull_dino_clip_then_offline_eval_loads_them(
         evaluation.clip_text_embeddings(loaded, prompts),
         evaluation.clip_text_embeddings(eval_models, prompts),
     )
-    pinned = evaluation.EvalModelRefs(
+    pinned = EvalModelRefs(
         "facebook/dino-vits16@refs/pr/2", "openai/clip-vit-base-patch32@refs/pr/5"
     )
-    again = evaluation.load_eval_models(pinned, "cpu")
+    again = load_eval_models(pinned, "cpu")
     assert torch.allclose(
         evaluation.dino_embeddings(again, images), evaluation.dino_embeddings(eval_models, images), atol=1e-6
     )
@@ -218,7 +219,7 @@ def test_offline_hub_model_loads_from_the_cache(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     tiny_eval_build: Path,
-    eval_models: evaluation.EvalModels,
+    eval_models: EvalModels,
     layout: str,
 ) -> None:
     """Safetensors live on a `refs/pr/N` snapshot; configs on main's ("split", an online first run) or beside
@@ -239,15 +240,15 @@ def test_offline_hub_model_loads_from_the_cache(
     (repo / "refs" / "refs" / "pr" / "1").write_text(pr_sha)
     (repo / "refs" / "main").write_text(main_sha)
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    found = evaluation.cached_eval_model("facebook/dino-vits16", cache)
+    found = models.cached_eval_model("facebook/dino-vits16", cache)
     assert found is not None
     assert (found.weights.name, found.files.name) == (pr_sha, config_home)
-    refs = evaluation.EvalModelRefs("facebook/dino-vits16", str(tiny_eval_build / "clip"))
-    loaded = evaluation.load_eval_models(refs, "cpu")
+    refs = EvalModelRefs("facebook/dino-vits16", str(tiny_eval_build / "clip"))
+    loaded = load_eval_models(refs, "cpu")
     image = random_image(3)
     expected = evaluation.dino_embeddings(eval_models, [image])
     assert torch.allclose(evaluation.dino_embeddings(loaded, [image]), expected, atol=1e-6)
-    assert evaluation.split_revision("owner/name@refs/pr/1") == ("owner/name", "refs/pr/1")
+    assert models.split_revision("owner/name@refs/pr/1") == ("owner/name", "refs/pr/1")
 
 
 # -- DreamBench prompts -----------------------------------------------------------------------------------
@@ -315,28 +316,32 @@ def test_bench_settings_that_cannot_work_are_refused_before_any_work(
 
 
 def test_bench_config_validates_everything_it_will_use(fake_dreambench: Path, tmp_path: Path) -> None:
-    from stencil_cli.dreambench import BenchConfig
+    from stencil_cli.clikit import flag_name
+    from stencil_cli.errors import FieldError
+    from stencil_cli.verbs.bench import BenchConfig
 
     good = BenchConfig(dataset=fake_dreambench, out=tmp_path, subjects=["dog"])
     good.validate()
-    for changes, message in [
-        ({"steps": 2000}, "--steps must be in [1, 1000] (got 2000)"),
-        ({"train_steps": 0}, "--train-steps must be at least 1 (got 0)"),
-        ({"lr": float("inf")}, "--lr must be a positive number"),
-        ({"inner_steps": 0}, "--inner-steps must be at least 1"),
-        ({"inversion": "ddim"}, "--inversion must be nti or npi"),
+    for changes, field, message in [
+        ({"steps": 2000}, "steps", "--steps must be in [1, 1000] (got 2000)"),
+        ({"train_steps": 0}, "train_steps", "--train-steps must be at least 1 (got 0)"),
+        ({"lr": float("inf")}, "lr", "--lr must be a positive number"),
+        ({"inner_steps": 0}, "inner_steps", "--inner-steps must be at least 1"),
+        ({"inversion": "ddim"}, "inversion", "--inversion must be nti or npi"),
     ]:
         config = BenchConfig(dataset=fake_dreambench, out=tmp_path, subjects=["dog"], **changes)
-        with pytest.raises(BadInputError) as caught:
+        with pytest.raises(FieldError) as caught:
             config.validate()
-        assert str(caught.value) == message or message in str(caught.value)
+        assert caught.value.fields == (field,)  # the setting's own name; the CLI shows its flag
+        shown = caught.value.render({name: flag_name(name) for name in caught.value.fields})
+        assert shown == message or message in shown
 
 
 # -- stencil eval -----------------------------------------------------------------------------------------
 
 
 def test_eval_command_scores_and_stores(
-    cli, tmp_path: Path, tiny_eval: Path, eval_models: evaluation.EvalModels
+    cli, tmp_path: Path, tiny_eval: Path, eval_models: EvalModels
 ) -> None:
     from stencil_cli.store import open_store
 
@@ -348,35 +353,86 @@ def test_eval_command_scores_and_stores(
     store = open_store()
     subject = store.get_subject("rex")
     first = store.add_generation(
-        "rex", {"prompt": "a dog in the snow", "seed": 0, "image_path": Path(subject.images[0]["file"])}
+        subject, {"prompt": "a dog in the snow", "seed": 0, "image_file": Path(subject.images[0]["file"])}
     )
     out = store.generation_dir("rex") / "x.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     random_image(7).save(out)
-    second = store.add_generation("rex", {"prompt": "on the beach", "seed": 1, "image_path": out})
+    second = store.add_generation(subject, {"prompt": "on the beach", "seed": 1, "image_file": out})
 
     result = cli("eval", "rex", "--eval-models", "tiny", "--json")
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert [row["id"] for row in data["generations"]] == [first["id"], second["id"]]
+    assert [row["id"] for row in data["generations"]] == [first.id, second.id]
     by_id = {row["id"]: row for row in data["generations"]}
     # generation 1 is photo 0 itself: its CLIP-I is the mean of 1.0 and its cosine with photo 1
     photo_embeddings = evaluation.clip_image_embeddings(eval_models, [smooth_image(0), smooth_image(1)])
     expected = (1.0 + float(photo_embeddings[0] @ photo_embeddings[1])) / 2
-    assert by_id[first["id"]]["scores"]["clip_i"] == pytest.approx(expected, abs=1e-4)
-    assert by_id[second["id"]]["clip_t_text"] == "a dog on the beach"  # the subject prompt, phrase included
-    stored = store.get_generation(second["id"])["scores"]
-    assert stored["clip_t"] == pytest.approx(by_id[second["id"]]["scores"]["clip_t"])
+    assert by_id[first.id]["scores"]["clip_i"] == pytest.approx(expected, abs=1e-4)
+    assert by_id[second.id]["clip_t_text"] == "a dog on the beach"  # the subject prompt, phrase included
+    stored = store.get_generation(second.id).scores
+    assert stored["clip_t"] == pytest.approx(by_id[second.id]["scores"]["clip_t"])
     assert stored["eval_models"] == {"dino": "tiny", "clip": "tiny"}
     assert data["mean"]["dino"] == pytest.approx(
-        (by_id[first["id"]]["scores"]["dino"] + by_id[second["id"]]["scores"]["dino"]) / 2
+        (by_id[first.id]["scores"]["dino"] + by_id[second.id]["scores"]["dino"]) / 2
     )
 
-    only = cli("eval", "rex", "--eval-models", "tiny", "--generations", str(second["id"]))
+    only = cli("eval", "rex", "--eval-models", "tiny", "--generations", str(second.id))
     assert only.exit_code == 0 and "on the beach" in only.stdout and "snow" not in only.stdout
     missing = cli("eval", "rex", "--eval-models", "tiny", "--generations", "999")
     assert missing.exit_code == 1 and "no generation(s) 999" in missing.output
     assert cli("eval", "rex", "--generations", "x").exit_code == 2
+
+
+def test_eval_with_every_image_file_missing_fails_before_loading_models(
+    cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from photos import add_subject
+
+    def no_models(*args, **kwargs):
+        raise AssertionError("the eval models were loaded")
+
+    monkeypatch.setattr(models, "load_eval_models", no_models)
+    store = add_subject(cli, tmp_path)
+    subject = store.get_subject("robot")
+    run = store.create_run("robot", {"subject_model": "tiny"}, base_model="tiny")
+    for seed in (1, 2):
+        gone = store.generation_dir("robot") / f"s{seed}.png"
+        store.add_generation(subject, {"run_id": run.id, "prompt": "p", "seed": seed, "image_file": gone})
+    result = cli("eval", "robot", "--eval-models", "tiny")
+    assert result.exit_code == 1, result.output
+    text = " ".join(result.output.split())
+    assert "generation 1: image file missing" in text and "generation 2: image file missing" in text
+    assert "none of the 2 selected image file(s) of 'robot' exist" in text
+
+
+def test_score_generations_reports_each_missing_file_by_id(cli, tmp_path: Path) -> None:
+    from unittest import mock
+
+    from photos import add_subject
+
+    from stencil_cli.verbs.evaluate import score_generations
+
+    store = add_subject(cli, tmp_path)
+    subject = store.get_subject("robot")
+    there = store.generation_dir("robot") / "there.png"
+    there.parent.mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(there)
+    rows = [
+        store.add_generation(subject, {"prompt": "p", "seed": 1, "image_file": there}),
+        store.add_generation(subject, {"prompt": "p", "seed": 2, "image_file": there.with_name("gone.png")}),
+    ]
+    missing: list[int] = []
+    score = mock.Mock(to_dict=lambda: {"dino": 1.0})
+    loaded = mock.Mock(refs=mock.Mock(to_dict=lambda: {"dino": "tiny", "clip": "tiny"}))
+    with (
+        mock.patch.object(evaluation, "embed_references", return_value=mock.Mock(count=2)),
+        mock.patch.object(evaluation, "score_images", return_value=[score]),
+    ):
+        scored = score_generations(store, subject, rows, loaded, on_missing=lambda g: missing.append(g.id))
+    assert [image.id for image in scored] == [rows[0].id] and missing == [rows[1].id]
+    assert store.get_generation(rows[0].id).scores["dino"] == 1.0
+    assert store.get_generation(rows[1].id).scores is None
 
 
 # -- the runner -------------------------------------------------------------------------------------------
@@ -455,8 +511,9 @@ def runner_home(stencil_home: Path, tiny_models_dir: Path, tiny_eval_build: Path
 def test_runner_completes_and_resumes_after_interruption(
     cli, tmp_path: Path, reference_run: tuple[Path, Path], runner_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from stencil_cli import dreambench, generation
+    from stencil_cli import generation
     from stencil_cli.store import Store
+    from stencil_cli.verbs import bench
 
     reference_run, fake_dreambench = reference_run
     reference = json.loads((reference_run / "results.json").read_text())
@@ -491,27 +548,27 @@ def test_runner_completes_and_resumes_after_interruption(
 
     calls.clear()
     trained: list[str] = []
-    real_train = dreambench.Runner.train
+    real_train = bench.Runner.train
 
     def counting_train(self, job):
         trained.append(job.name)
         return real_train(self, job)
 
-    monkeypatch.setattr(dreambench.Runner, "train", counting_train)
+    monkeypatch.setattr(bench.Runner, "train", counting_train)
     result = cli("bench", "dreambench", fake_dreambench, "--out", out, *TINY_RUN)
     assert result.exit_code == 0, result.output
     assert calls == ["a dog wearing a red hat"]  # only the missing image was made
     assert trained == ["dog"]  # its finished run was found again, not retrained
     store = Store(out / "store")
-    assert [run["status"] for run in store.list_runs("dog")] == ["done"]
+    assert [run.status for run in store.list_runs("dog")] == ["done"]
     assert len(store.list_generations("dog")) == 2
     # the runner trains and generates through the same code as `stencil train` / `stencil gen`
     row = store.list_generations("dog")[0]
-    assert {"guidance", "null_lr", "draft_steps", "inner_steps", "inversion", "bench"} <= row["params"].keys()
-    assert row["draft_file"] and Path(row["draft_file"]).is_file()
+    assert {"guidance", "null_lr", "draft_steps", "inner_steps", "inversion", "bench"} <= row.params.keys()
+    assert row.draft_file is not None and row.draft_file.is_file()
     (run,) = store.list_runs("dog")
-    assert len(list((store.run_dir("dog", run["id"]) / "masks").glob("*.png"))) == 2
-    assert run["params"]["bench"]["train_steps"] == run["params"]["steps"]
+    assert len(list((store.run_dir("dog", run.id) / "masks").glob("*.png"))) == 2
+    assert run.params["bench"]["train_steps"] == run.params["steps"]
     store.close()
     assert (out / "subjects" / "backpack" / "result.json").stat().st_mtime_ns == backpack_mtime
     resumed = json.loads((out / "results.json").read_text())

@@ -1,4 +1,4 @@
-"""Context Guidance (stencil_cli.generation) and `stencil gen` / `stencil demo` on the tiny preset."""
+"""Context Guidance (stencil_cli.generation) and `stencil gen` on the tiny preset."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ import torch
 from PIL import Image
 
 from stencil_cli import generation
-from stencil_cli.commands.gen import parse_taus
 from stencil_cli.errors import BadInputError
 from stencil_cli.generation import GenerationSettings, build_prompts, injected_steps
 from stencil_cli.images import center_crop_resize
 from stencil_cli.inversion import NullTextSettings, encode_prompt
+from stencil_cli.pngmeta import read_png_parameters
 from stencil_cli.store import open_store
-from stencil_cli.workflows import read_png_parameters
+from stencil_cli.verbs.generate import parse_taus
 
 DESCRIPTION = "a shiny red toy robot with round eyes"
 FAST = ["--steps", "4", "--inner-steps", "2", "--draft-steps", "2", "--subject-model", "tiny"]
@@ -196,9 +196,9 @@ def trained(cli: Any, tiny_preset: Path, tmp_path: Path, tiny_subject_pipe: Any)
     run = store.create_run("robot", {"subject_model": "tiny", "resolution": 64}, base_model="tiny")
     unet = tiny_subject_pipe.unet
     names = trainable_names(unet, "decoder")
-    weights = store.run_dir("robot", run["id"]) / "weights.safetensors"
+    weights = store.run_dir("robot", run.id) / "weights.safetensors"
     save_trained_weights(weights, trained_state(unet, names, torch.float32), {"base_model": "tiny"})
-    store.finish_run(run["id"], "done", weights_path=weights, duration_s=0.1)
+    store.finish_run(run.id, "done", weights_file=weights, duration_s=0.1)
     store.close()
     return "robot"
 
@@ -231,8 +231,8 @@ def test_gen_writes_images_drafts_rows_and_png_parameters(cli: Any, trained: str
     # one draft shared by both taus
     assert records[0]["draft_file"] == records[1]["draft_file"]
     rows = open_store().list_generations(trained)
-    assert [row["id"] for row in rows] == [r["id"] for r in records]
-    assert rows[0]["params"]["inner_iterations"] == [2, 2, 2, 2]
+    assert [row.id for row in rows] == [r["id"] for r in records]
+    assert rows[0].params["inner_iterations"] == [2, 2, 2, 2]
     prefix = f"robot-{records[0]['params']['batch']}-"
     copied = sorted(p.name.removeprefix(prefix) for p in out.iterdir())
     assert copied == ["draft-s7.png", "s7-tau20.png", "s7-tau60.png"]
@@ -245,24 +245,24 @@ def test_an_interruption_keeps_the_finished_images_drafts_and_rows(
     real_guided = generation.guided_images
     calls: list[int] = []
 
-    def interrupt_at_third(*args: Any, **kwargs: Any) -> list[Image.Image]:
+    def interrupt_at_third_seed(*args: Any, **kwargs: Any) -> list[Image.Image]:
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == 5:  # one denoise per (seed, tau): the fifth is the third seed's first tau
             raise KeyboardInterrupt
         return real_guided(*args, **kwargs)
 
-    monkeypatch.setattr(generation, "guided_images", interrupt_at_third)
+    monkeypatch.setattr(generation, "guided_images", interrupt_at_third_seed)
     out = tmp_path / "out"
     result = _gen(cli, trained, "on the moon", "-n", "3", "--seed", "5", "--tau", "20,60", "-o", str(out))
     assert result.exit_code == 130, result.output
     assert "stopped after 4 of 6 image(s)" in " ".join(result.stderr.split())
     rows = open_store().list_generations(trained)
-    assert [(row["seed"], row["tau"]) for row in rows] == [(5, 20.0), (5, 60.0), (6, 20.0), (6, 60.0)]
-    folder = Path(rows[0]["image_file"]).parent
+    assert [(row.seed, row.tau) for row in rows] == [(5, 20.0), (5, 60.0), (6, 20.0), (6, 60.0)]
+    folder = rows[0].image_file.parent
     for row in rows:
-        params = read_png_parameters(Path(row["image_file"]))  # whole PNGs carrying their parameters
-        assert params["seed"] == row["seed"] and params["tau"] == row["tau"]
-        assert Path(row["draft_file"]).is_file() and Path(row["params"]["output_file"]).is_file()
+        params = read_png_parameters(row.image_file)  # whole PNGs carrying their parameters
+        assert params["seed"] == row.seed and params["tau"] == row.tau
+        assert row.draft_file.is_file() and Path(row.params["output_file"]).is_file()
     made = sorted(path.name for path in folder.iterdir())
     assert made == [
         "draft-s5.png", "draft-s6.png", "draft-s7.png",
@@ -358,49 +358,22 @@ def test_an_untrained_subject_is_refused_with_the_train_command(cli: Any, tmp_pa
     assert "not trained yet" in result.stderr and "stencil train plant" in result.stderr
 
 
-# -- stencil demo ----------------------------------------------------------------------------------------
-
-
-def test_demo_runs_the_whole_flow_offline_and_prints_where_the_images_are(
-    cli: Any, tiny_preset: Path
-) -> None:
-    result = cli("demo", "--train-steps", "2", "--steps", "4")
-    assert result.exit_code == 0, result.output
-    paths = [Path(line) for line in result.stdout.split()]
-    assert len(paths) == 2 and all(path.is_file() for path in paths)  # tau 60 and tau 1000
-    assert (paths[0].parent / "grid.png").is_file()
-    assert "images in" in " ".join(result.stderr.split())
-    store = open_store()
-    subject = store.get_subject("demo")
-    assert len(subject.images) == 4 and all("toy robot" in image["caption"] for image in subject.images)
-    run = store.latest_done_run("demo")
-    assert run is not None and run["step"] == 2 and Path(run["weights_file"]).is_file()
-    rows = store.list_generations("demo")
-    assert {row["tau"] for row in rows} == {60.0, 1000.0}
-    assert all(row["run_id"] == run["id"] and row["draft_prompt"] for row in rows)
-    assert read_png_parameters(paths[0])["subject"] == "demo"
-
-
-def test_demo_never_overwrites_a_subject_and_refuses_a_missing_folder(cli: Any, tmp_path: Path) -> None:
-    from stencil_cli.commands.demo import free_name, robot_photo
-
-    assert free_name("demo", ["demo", "demo-2", "other"]) == "demo-3"
-    assert free_name("demo", []) == "demo"
-    assert robot_photo(0).size == (512, 512)
-    assert robot_photo(0).tobytes() != robot_photo(1).tobytes()
-    result = cli("demo", str(tmp_path / "nope"))
-    assert result.exit_code == 2 and "not a folder" in result.stderr
-    assert cli("demo", "--steps", "2000").exit_code == 2  # refused before it trains, not after
-
-
 def test_a_run_that_is_not_done_and_draft_with_no_context_are_refused(
     cli: Any, trained: str, tmp_path: Path
 ) -> None:
     store = open_store()
     failed = store.create_run(trained, {"subject_model": "tiny", "resolution": 64}, base_model="tiny")
-    store.finish_run(failed["id"], "failed", error="boom")
-    result = cli("gen", trained, "x", "--run", str(failed["id"]))
+    store.finish_run(failed.id, "failed", error="boom")
+    result = cli("gen", trained, "x", "--run", str(failed.id))
     assert result.exit_code == 1 and "is failed, not done" in result.stderr
     photo = _photo(tmp_path / "p.png", (1, 2, 3))
     result = cli("gen", trained, "x", "--draft", str(photo), "--no-context")
     assert result.exit_code == 2 and "do not go together" in result.stderr
+
+
+def test_gen_refuses_seeds_that_do_not_fit_a_stored_row(cli: Any) -> None:
+    too_big = cli("gen", "robot", "on the moon", "--seed", str(2**63))
+    assert too_big.exit_code == 2 and "Traceback" not in too_big.output
+    last_two = cli("gen", "robot", "on the moon", "--seed", str(2**63 - 1), "-n", "2")
+    assert last_two.exit_code == 2, last_two.output
+    assert "--seed must be in [0, 9223372036854775806] for 2 image(s)" in " ".join(last_two.output.split())

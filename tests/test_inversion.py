@@ -15,8 +15,8 @@ from stencil_cli.generation import GenerationSettings, ddim_scheduler, denoise, 
 from stencil_cli.models import SD15_DDIM_SETTINGS
 
 PROMPT = "a toy on a beach"
-# On random tiny weights the reference lr (1e-2, 10 iterations) barely moves the null embedding (the issue's
-# note), so the reconstruction property is shown with a larger lr and more iterations.
+# On random tiny weights the reference lr (1e-2, 10 iterations) barely moves the null embedding, so
+# the reconstruction property is shown with a larger lr and more iterations.
 VISIBLE = inv.NullTextSettings(lr=2e-1, inner_steps=20)
 STEPS = 10
 

@@ -302,10 +302,8 @@ def test_eval_presets_are_not_diffusion_models(cli) -> None:
     with pytest.raises(BadInputError, match="evaluation model"):
         models.resolve_ref("dino")
     assert models.resolve_ref("clip", models.EVAL).repo_id == "openai/clip-vit-base-patch32"
-    from stencil_cli import evaluation
-
-    assert models.PRESETS["dino"].repo_id == evaluation.DEFAULT_DINO
-    assert models.PRESETS["clip"].repo_id == evaluation.DEFAULT_CLIP
+    assert models.PRESETS["dino"].repo_id == models.DEFAULT_DINO
+    assert models.PRESETS["clip"].repo_id == models.DEFAULT_CLIP
     result = cli("config", "set", "subject_model", "dino")
     assert result.exit_code == 2 and "evaluation model" in result.output
 
@@ -346,24 +344,29 @@ def test_free_pipeline_drops_components(tiny_models_dir: Path) -> None:
 # -- full-size architectures ----------------------------------------------------------------------------
 
 
-def test_full_size_configs_have_the_real_shapes() -> None:
-    sd15 = models.full_size_parameter_counts("sd15")
+def test_full_size_configs_have_the_real_shapes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import fullsize
+
+    sd15 = fullsize.full_size_parameter_counts("sd15")
     assert sd15["unet"] == 859_520_964
     assert sd15["text_encoder"] == 123_060_480
-    sd3 = models.full_size_parameter_counts("sd3-medium")
+    sd3 = fullsize.full_size_parameter_counts("sd3-medium")
     assert sd3["transformer"] == 2_028_328_000
     assert sd3["text_encoder_3"] == 4_762_310_656
-    unet = models.build_full_size_component("sd15", "unet", device="meta")
+    unet = fullsize.build_full_size_component("sd15", "unet", device="meta")
     assert unet.config.cross_attention_dim == 768
     assert list(unet.config.block_out_channels) == [320, 640, 1280, 1280]
     with pytest.raises(BadInputError):
-        models.full_size_config("sdxl")
+        fullsize.full_size_config("sdxl")
 
 
 def test_configs_ship_as_package_data() -> None:
     import tomllib
 
-    package = Path(models.__file__).parent
+    import stencil_cli
+
+    package = Path(stencil_cli.__file__).parent
     assert {p.name for p in (package / "configs").glob("*.json")} >= {"sd15.json", "sd3-medium.json"}
     project = tomllib.loads((package.parent / "pyproject.toml").read_text())
     assert "stencil_cli" in project["tool"]["hatch"]["build"]["targets"]["wheel"]["packages"]
@@ -427,3 +430,14 @@ def test_models_check_loads_tiny_as_both_roles(cli, tiny_preset: Path) -> None:
     assert data["pipeline"] == "StableDiffusionPipeline" and "unet" in data["components"]
     result = cli("models", "check", "tiny", "--role", "context", "--json")
     assert json.loads(result.stdout)["pipeline"] == "StableDiffusion3Pipeline"
+
+
+def test_doctor_says_the_openai_key_is_needed_for_the_openai_captioner(
+    cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    result = cli("doctor")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "needed for --captioner openai; use --captioner template offline" in text
+    assert "fall back to templates" not in text

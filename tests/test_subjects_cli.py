@@ -233,7 +233,7 @@ def test_sigkill_during_add_leaves_nothing_to_trip_over(
     assert retry.returncode == 0, retry.stderr
     assert len(json.loads(retry.stdout)["added"]) == 4
     store.clean(min_age_s=0)
-    rows = {row["path"] for row in store.db.query("select path from images")}
+    rows = {row["file"] for row in store.db.query("select file from images")}
     assert {store.relative(p) for p in _store_files(stencil_home)} == rows
 
 
@@ -285,13 +285,13 @@ def test_many_processes_open_a_new_store_at_once(tmp_path: Path) -> None:
 
 
 def test_rm_refuses_a_subject_that_is_being_trained(cli, tmp_path: Path) -> None:
-    from stencil_cli.workflows import subject_lock
+    from stencil_cli.verbs.common import subject_lock
 
     _photos(tmp_path / "d", 1)
     cli("add", "dog", tmp_path / "d")
     code = (
         "import time\nfrom stencil_cli.store import open_store\n"
-        "from stencil_cli.workflows import subject_lock\n"
+        "from stencil_cli.verbs.common import subject_lock\n"
         "with subject_lock(open_store(), 'dog'):\n    print('locked', flush=True)\n    time.sleep(30)"
     )
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)

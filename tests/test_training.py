@@ -31,7 +31,7 @@ from stencil_cli.training import (
     trained_state,
     weights_metadata,
 )
-from stencil_cli.workflows import subject_lock
+from stencil_cli.verbs.common import subject_lock
 from tests.photos import make_photo
 
 PHRASE = "toy robot"
@@ -262,7 +262,7 @@ def test_train_command_end_to_end(cli, tiny_preset, tmp_path: Path) -> None:
     assert metadata["base_model"] == "tiny" and metadata["stencil_version"] == __version__
     assert json.loads(metadata["params"])["lr"] == pytest.approx(1e-3)
     store = open_store()
-    assert store.latest_done_run("robot")["id"] == run["id"]
+    assert store.latest_done_run("robot").id == run["id"]
     run_masks = sorted((weights.parent / "masks").glob("*.png"))
     assert len(run_masks) == 3 and len(run["masks"]) == 3
     assert not (weights.parent / "checkpoint.pt").exists()
@@ -285,7 +285,7 @@ def test_masks_only_writes_pictures_without_a_run(cli, tiny_preset, tmp_path: Pa
     assert len(masks) == 3 and all(Path(row["file"]).is_file() for row in masks)
     assert all(0 < row["coverage"] <= 1 for row in masks)
     runs = store.list_runs("robot")
-    assert [r["id"] for r in runs] == [stale["id"]] and runs[0]["status"] == "interrupted"
+    assert [r.id for r in runs] == [stale.id] and runs[0].status == "interrupted"
 
 
 def test_refusals(cli, tiny_preset, tmp_path: Path) -> None:
@@ -329,7 +329,7 @@ def test_resume_refuses_changed_captions_or_phrase(cli, tiny_preset, tmp_path: P
     monkeypatch.setattr(training, "save_trained_weights", real_save)
     store = open_store()
     (run,) = store.list_runs("robot")
-    assert run["status"] == "interrupted" and len(run["params"]["captions_sha256"]) == 64
+    assert run.status == "interrupted" and len(run.params["captions_sha256"]) == 64
     subject = store.get_subject("robot")
     first = subject.images[0]["id"]
     store.set_captions("robot", {first: "a toy robot on a beach"}, "manual")
@@ -350,7 +350,7 @@ def test_lock_is_released_when_its_process_dies(stencil_home: Path) -> None:
     code = (
         "import os, signal\n"
         "from stencil_cli.store import open_store\n"
-        "from stencil_cli.workflows import subject_lock\n"
+        "from stencil_cli.verbs.common import subject_lock\n"
         "store = open_store()\n"
         "with subject_lock(store, 'robot'):\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
@@ -399,15 +399,15 @@ def test_sigint_leaves_an_interrupted_run_and_resume_finishes_it(
     assert process.returncode == 130, stderr
     assert "Traceback" not in stderr and "--resume" in stderr
     row = _run_row(stencil_home)
-    assert row["status"] == "interrupted" and row["step"] >= 2 and row["weights_path"] is None
+    assert row["status"] == "interrupted" and row["step"] >= 2 and row["weights_file"] is None
     assert not list(run_dir.glob("*.safetensors")) and not list(run_dir.glob(".*.tmp"))
     checkpoint_step = load_checkpoint(run_dir / "checkpoint.pt")["step"]
-    from stencil_cli import workflows
+    from stencil_cli.verbs.train import check_resume_steps
 
     store = open_store()
     with pytest.raises(BadInputError, match="fewer than the"):  # checked before the run is reopened
-        workflows.check_resume_steps(store, "robot", store.get_run("robot", row["id"]), checkpoint_step - 1)
-    workflows.check_resume_steps(store, "robot", store.get_run("robot", row["id"]), checkpoint_step)
+        check_resume_steps(store, "robot", store.get_run("robot", row["id"]), checkpoint_step - 1)
+    check_resume_steps(store, "robot", store.get_run("robot", row["id"]), checkpoint_step)
     result = cli("train", "robot", "--resume", "--steps", str(checkpoint_step + 2), "--json")
     assert result.exit_code == 0, result.output
     run = json.loads(result.stdout)
@@ -435,3 +435,20 @@ def test_gradient_checkpointing_gives_the_same_weights(tiny_subject_pipe, data) 
     pairs = zip(plain.state_dict().values(), checkpointed.state_dict().values(), strict=True)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in pairs)
     assert not checkpointed.is_gradient_checkpointing
+
+
+def test_train_refuses_an_out_of_range_resolution_or_step_count_in_one_line(cli) -> None:
+    for resolution in ("0", "100000"):
+        result = cli("train", "anything", "--resolution", resolution)
+        assert result.exit_code == 2 and "Traceback" not in result.output
+    assert cli("train", "anything", "--steps", "99999999999").exit_code == 2
+
+
+def test_a_bad_training_setting_is_shown_with_its_flag(cli, tmp_path: Path) -> None:
+    _add_subject(cli, tmp_path)
+    result = cli("train", "robot", "--batch-size", "0")
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.stderr.split())
+    assert text.startswith("error: --batch-size must be at least 1") and "Traceback" not in result.output
+    result = cli("train", "robot", "--train", "everything")
+    assert result.exit_code == 2 and "--train must be" in " ".join(result.stderr.split())

@@ -1,6 +1,6 @@
 """`stencil bench dreambench`: parse the options, launch the processes, present the table.
 
-The runner (training, drafts, images, scores, merging, reports) is `stencil_cli/dreambench.py`.
+The runner (training, drafts, images, scores, merging, reports) is `stencil_cli/verbs/bench.py`.
 """
 
 from __future__ import annotations
@@ -16,18 +16,20 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from stencil_cli import workflows
 from stencil_cli.clikit import JsonOption, handle_errors
-from stencil_cli.commands.evaluate import EvalModelsOption
 from stencil_cli.commands.options import (
     ContextModelOption,
     DeviceOption,
+    EvalModelsOption,
     NoT5Option,
     PrecisionOption,
     SubjectModelOption,
-    setting,
 )
-from stencil_cli.dreambench import (
+from stencil_cli.errors import BadInputError, StencilError
+from stencil_cli.output import escape, info, print_json, settings, warn
+from stencil_cli.progress import add_task, progress_bar
+from stencil_cli.store import open_store
+from stencil_cli.verbs.bench import (
     PLOT_FILE,
     RESULTS_JSON,
     RESULTS_MD,
@@ -35,12 +37,12 @@ from stencil_cli.dreambench import (
     BenchHooks,
     check_out_folder,
     current_shard,
+    launch_on_cpu,
     markdown_table,
     run_benchmark,
+    settle_config,
 )
-from stencil_cli.errors import BadInputError, StencilError
-from stencil_cli.output import escape, info, print_json, settings, warn
-from stencil_cli.progress import add_task, progress_bar
+from stencil_cli.verbs.generate import MAX_SEED
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -187,7 +189,7 @@ def dreambench(
             "--seed",
             help="Seed of image 0 of each prompt (image k: seed + k).",
             min=0,
-            max=workflows.MAX_SEED,
+            max=MAX_SEED,
         ),
     ] = 0,
     captioner: Annotated[str, typer.Option("--captioner", help="template (offline) or openai.")] = "template",
@@ -206,8 +208,7 @@ def dreambench(
     json_output: JsonOption = False,
 ) -> None:
     """Run the DreamBench protocol: per subject add, caption, train, generate every prompt, score; a table."""
-    config = _settle_config(
-        BenchConfig(
+    config = BenchConfig(
             dataset=dataset_dir.resolve(),
             out=out.expanduser().resolve(),
             subjects=[],
@@ -224,11 +225,18 @@ def dreambench(
             seed=seed,
             captioner=captioner,
             no_t5=no_t5,
-        ),
-        subjects=subjects,
+    )
+    user_store = open_store()
+    notes = settle_config(
+        user_store,
+        config,
+        subjects=_split(subjects),
         eval_models=eval_models,
         models=(subject_model, context_model, device, precision),
     )
+    user_store.close()
+    for note in notes:
+        info(escape(note))
     if num_processes > 1:
         results = _launch(config, num_processes)
     else:
@@ -238,47 +246,11 @@ def dreambench(
     _present(config, results, json_output)
 
 
-def _settle_config(
-    config: BenchConfig,
-    *,
-    subjects: str | None,
-    eval_models: str | None,
-    models: tuple[str | None, str | None, str | None, str | None],
-) -> BenchConfig:
-    """Check the options, pick the subjects, settle the models (flag > env > config > default)."""
-    from stencil_cli import evaluation
-    from stencil_cli.store import open_store
-
-    config.validate()  # every setting, before any work (a bad one must not fail after hours of training)
-    bench = evaluation.load_dreambench(config.dataset)
-    config.subjects = evaluation.select_subjects(bench, config.dataset, _split(subjects))
-    subject_model, context_model, device, precision = models
-    user_store = open_store()
-    config.subject_model = setting(user_store, "subject_model", subject_model)
-    config.context_model = setting(user_store, "context_model", context_model)
-    config.device = setting(user_store, "device", device)
-    config.precision = setting(user_store, "precision", precision)
-    user_store.close()
-    if eval_models:
-        refs = evaluation.parse_eval_models(eval_models)
-    elif config.subject_model == "tiny":
-        refs = evaluation.parse_eval_models("tiny")
-        info("subject model tiny: scoring with the tiny eval models (pass --eval-models for real ones)")
-    else:
-        refs = evaluation.EvalModelRefs()
-    config.eval_dino, config.eval_clip = refs.dino, refs.clip
-    return config
-
-
 def _launch(config: BenchConfig, num_processes: int) -> dict[str, Any]:
     """Run the benchmark in `num_processes` processes with accelerate; the merged results."""
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
         raise BadInputError("--num-processes inside `accelerate launch`: use one or the other")
-    import torch
-
-    cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
-    if cpu and config.device == "auto":
-        config.device = "cpu"
+    cpu = launch_on_cpu(config)
     check_out_folder(config)
     command = launch_command(num_processes, child_args(config), cpu=cpu)
     info(f"launching {num_processes} processes with accelerate ({'CPU, gloo' if cpu else 'one GPU each'})")

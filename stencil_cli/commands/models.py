@@ -15,15 +15,11 @@ from rich.table import Table
 from stencil_cli import __version__
 from stencil_cli import models as m
 from stencil_cli.clikit import JsonOption, handle_errors
-from stencil_cli.commands.options import (
-    DEFAULTS,
-    DeviceOption,
-    NoT5Option,
-    PrecisionOption,
-    setting,
-)
+from stencil_cli.commands.options import DeviceOption, NoT5Option, PrecisionOption
 from stencil_cli.errors import BadInputError
 from stencil_cli.output import escape, info, print_json, settings
+from stencil_cli.settings import DEFAULTS
+from stencil_cli.settings import resolve_setting as setting
 from stencil_cli.store import open_store
 
 models_app = typer.Typer(help="Models: presets, what is downloaded, downloading.", no_args_is_help=True)
@@ -326,7 +322,7 @@ def device_report() -> dict[str, Any]:
         "auto": str(m.resolve_device("auto")),
         "cuda_available": torch.cuda.is_available(),
         "cuda_version": torch.version.cuda,
-        "mps_available": m._mps_available(),
+        "mps_available": m.mps_available(),
         "gpus": [],
     }
     if torch.cuda.is_available():

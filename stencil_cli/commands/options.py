@@ -1,22 +1,10 @@
-"""Options shared by the ML commands, and how their values are settled.
-
-Precedence: flag > environment variable (Typer's envvar) > `stencil config set` > default.
-"""
+"""Options shared by the ML commands (settled by `stencil_cli.settings`: flag > env > config > default)."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
 import typer
-
-from stencil_cli.store import Store
-
-DEFAULTS: dict[str, str] = {
-    "subject_model": "sd15",
-    "context_model": "sd3-medium",
-    "device": "auto",
-    "precision": "auto",
-}
 
 SubjectModelOption = Annotated[
     str | None,
@@ -59,10 +47,13 @@ NoT5Option = Annotated[
     typer.Option("--no-t5", envvar="STENCIL_NO_T5", help="Run SD3 without its T5 encoder (less GPU memory)."),
 ]
 
-
-def setting(store: Store, key: str, flag_value: str | None) -> str:
-    """Settle one setting: the flag/env value if given, else stored config, else the default."""
-    if flag_value:
-        return flag_value
-    stored = store.get_config(key)
-    return stored if stored else DEFAULTS[key]
+EvalModelsOption = Annotated[
+    str | None,
+    typer.Option(
+        "--eval-models",
+        envvar="STENCIL_EVAL_MODELS",
+        help="DINO and CLIP models: 'DINO_REF,CLIP_REF', 'dino=REF,clip=REF' or 'tiny' (random, offline). "
+        "[default: facebook/dino-vits16,openai/clip-vit-base-patch32]",
+        show_default=False,
+    ),
+]

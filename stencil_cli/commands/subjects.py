@@ -10,9 +10,10 @@ from rich.table import Table
 
 from stencil_cli.clikit import JsonOption, handle_errors
 from stencil_cli.errors import BadInputError
-from stencil_cli.images import PreparedImage, RejectedImage, expand_paths, prepare_image
 from stencil_cli.output import err_console, escape, info, print_json, settings, warn
-from stencil_cli.store import Subject, open_store, validate_name
+from stencil_cli.store import Subject, open_store
+from stencil_cli.verbs.subjects import AddRequest, BadPhotosError, add_photos, remove_photo, remove_subject
+from stencil_cli.verbs.train import masks_of
 
 store_app = typer.Typer(help="The local store: where subjects, runs and images live.", no_args_is_help=True)
 
@@ -53,53 +54,34 @@ def add(
     json_output: JsonOption = False,
 ) -> None:
     """Create a subject from photos, or add photos to an existing one."""
-    validate_name(name)
-    if phrase is not None and not phrase.strip():
-        raise BadInputError("--phrase must not be empty (e.g. --phrase 'cat')")
-    phrase = phrase.strip() if phrase else None
-    class_word = class_word.strip() if class_word else None
-    files, bad = expand_paths(paths)
-    prepared: list[PreparedImage] = []
-    for file in files:
-        result = prepare_image(file)
-        if isinstance(result, RejectedImage):
-            bad.append(result)
-        else:
-            prepared.append(result)
-    if not files and not bad:
-        raise BadInputError("no photos found in the given paths (looked for .jpg, .png, .webp, ...)")
-    if bad and not skip_bad:
-        for rejected in bad:
+    request = AddRequest(name, paths, phrase=phrase, class_word=class_word, skip_bad=skip_bad)
+    try:
+        outcome = add_photos(open_store(), request)
+    except BadPhotosError as error:
+        for rejected in error.rejected:
             err_console.print(f"  [red]bad:[/red] {escape(str(rejected.source))}: {escape(rejected.reason)}")
-        raise BadInputError(
-            f"{len(bad)} bad file(s), nothing added; fix or remove them, or pass --skip-bad to add the rest"
-        )
-    if not prepared:
-        raise BadInputError("none of the given files is a usable photo, nothing added")
-    for image in prepared:
-        if image.warning:
-            warn(image.warning)
-    store = open_store()
-    result = store.add_images(name, prepared, phrase=phrase or class_word, class_word=class_word or phrase)
+        raise
+    for message in outcome.warnings:
+        warn(message)
     if json_output:
         print_json(
             {
-                "subject": subject_json(result.subject),
-                "created": result.created_subject,
-                "added": [_image_row(image) for image in result.added],
-                "duplicates": [str(image.source) for image in result.duplicates],
-                "skipped": [{"file": str(r.source), "reason": r.reason} for r in bad],
+                "subject": subject_json(outcome.subject),
+                "created": outcome.created,
+                "added": [_image_row(image) for image in outcome.added],
+                "duplicates": [str(path) for path in outcome.duplicates],
+                "skipped": [{"file": str(r.source), "reason": r.reason} for r in outcome.skipped],
             }
         )
         return
-    for rejected in bad:
+    for rejected in outcome.skipped:
         warn(f"skipped {rejected.source}: {rejected.reason}")
-    verb = "created" if result.created_subject else "updated"
+    verb = "created" if outcome.created else "updated"
     typer.echo(
-        f"{verb} {name}: added {len(result.added)} photo(s), {len(result.duplicates)} already there, "
-        f"{len(result.subject.images)} in all"
+        f"{verb} {name}: added {len(outcome.added)} photo(s), {len(outcome.duplicates)} already there, "
+        f"{len(outcome.subject.images)} in all"
     )
-    if result.subject.phrase is None:
+    if outcome.subject.phrase is None:
         info("[dim]tip: set the words the subject is bound to with --phrase (e.g. --phrase 'cat')[/dim]")
 
 
@@ -137,9 +119,7 @@ def show(
 ) -> None:
     """Show a subject: its phrase, description and photos with captions."""
     if masks:
-        from stencil_cli.commands.train import show_masks
-
-        show_masks(name, json_output)
+        _show_masks(name, json_output)
         return
     subject = open_store().get_subject(name)
     if json_output:
@@ -167,6 +147,19 @@ def show(
         console.print(f"      caption: {escape(caption) if caption else '[dim](none)[/dim]'}")
 
 
+def _show_masks(name: str, json_output: bool) -> None:
+    """`stencil show NAME --masks`: one line per photo with its mask picture's path (stdout)."""
+    rows = masks_of(open_store(), name)
+    if json_output:
+        print_json({"subject": name, "masks": rows})
+        return
+    if not any(row["file"] for row in rows):
+        info(f"no mask pictures for {escape(name)} yet: run `stencil train {escape(name)} --masks-only`")
+        return
+    for row in rows:
+        typer.echo(f"{row['image_id']:>4}  {row['file'] or '(none yet)'}")
+
+
 @handle_errors
 def rm(
     name: Annotated[str, typer.Argument(help="Subject name.")],
@@ -177,7 +170,7 @@ def rm(
     store = open_store()
     subject = store.get_subject(name)
     if image is not None:
-        removed = store.remove_image(name, image)
+        removed = remove_photo(store, name, image)
         typer.echo(f"removed photo {removed['id']} ({removed['sha256'][:12]}) from {name}")
         return
     if not yes:
@@ -186,10 +179,7 @@ def rm(
         typer.confirm(
             f"Remove subject {name!r} with {len(subject.images)} photo(s) and all its runs?", abort=True
         )
-    from stencil_cli.workflows import subject_lock
-
-    with subject_lock(store, name):  # never delete a subject under a running training
-        store.remove_subject(name)
+    remove_subject(store, name)
     typer.echo(f"removed {name}")
 
 

@@ -3,15 +3,15 @@
 For each subject: add its photos, caption them (template: the class word is the phrase), train, render every
 prompt (``images_per_prompt`` seeds each) with Context Guidance, score (DINO, CLIP-T, CLIP-I). Then a results
 table per subject and overall (Markdown + JSON), a plot and a contact sheet per subject. Training, drafts,
-images and scores go through `workflows.py`, the same code `stencil train` / `gen` / `eval` use. Nothing here
-prints: progress and notes go to the `BenchHooks` the command passes.
+images and scores go through the same verbs as `stencil add` / `caption` / `train` / `gen` / `eval`. Nothing
+here prints: progress and notes go to the `BenchHooks` the command passes.
 
 Layout of ``--out``::
 
     bench.json                 the settings the results were made with (resuming checks them)
     store/                     the benchmark's own stencil store: subjects, runs (+ masks), generations
-    store/subjects/<name>/generations/bench/         the images (p00-0.png: prompt 0, image 0)
-    store/subjects/<name>/generations/bench/drafts/  the context model's drafts, same names
+    store/subjects/<name>/generations/bench/   the images (p00-0-tau60.png: prompt 0, image 0) and the
+                                               context model's drafts (draft-p00-0.png)
     subjects/<name>/result.json, contact-sheet.png
     results.json, results.md, scores.png
 
@@ -30,10 +30,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stencil_cli import workflows
-from stencil_cli.errors import BadInputError, StencilError
+from stencil_cli.errors import FieldError, StencilError
 from stencil_cli.fsutil import atomic_write_bytes
-from stencil_cli.store import Store
+from stencil_cli.settings import resolve_setting
+from stencil_cli.store import Generation, Run, Store
+from stencil_cli.verbs.caption import CaptionRequest, caption
+from stencil_cli.verbs.evaluate import clip_t_text, score_generations
+from stencil_cli.verbs.generate import GenerateRequest, Item, check_seeds, generate, plan_generation
+from stencil_cli.verbs.subjects import AddRequest, add_photos
+from stencil_cli.verbs.train import TrainRequest, resumable_run, train
 
 BENCH_FILE = "bench.json"
 RESULT_FILE = "result.json"
@@ -42,6 +47,7 @@ RESULTS_MD = "results.md"
 PLOT_FILE = "scores.png"
 SHEET_FILE = "contact-sheet.png"
 GENERATION_FOLDER = "bench"
+TRAIN_FIELDS = {"steps": "train_steps"}  # TrainConfig's fields as BenchConfig names them
 
 # The paper's table (SD1.5 base; METHOD.md, Evaluation). GPU seconds from its GPU-hours per subject.
 PAPER_ROWS: list[dict[str, Any]] = [
@@ -94,6 +100,7 @@ class BenchConfig:
     no_t5: bool = False
     eval_dino: str = "facebook/dino-vits16"
     eval_clip: str = "openai/clip-vit-base-patch32"
+    models_root: Path | None = None  # the user's store: built presets (tiny) live there, not in --out
 
     def fingerprint(self) -> dict[str, Any]:
         """The settings that change the numbers (a resumed run must match them)."""
@@ -125,35 +132,52 @@ class BenchConfig:
         }
 
     def validate(self) -> None:
-        """A one-line BadInputError naming the option for a setting that cannot work (before any work)."""
+        """A FieldError naming the setting that cannot work (before any work)."""
         if self.out.exists() and not self.out.is_dir():
-            raise BadInputError(f"--out {self.out} is a file: give a folder for the results")
+            raise FieldError("out", f"{{}} {self.out} is a file: give a folder for the results")
         if not 0 <= self.tau <= 1000:
-            raise BadInputError(f"--tau must be in [0, 1000] (got {self.tau})")
+            raise FieldError("tau", f"must be in [0, 1000] (got {self.tau})")
         if self.inversion not in ("nti", "npi"):
-            raise BadInputError(f"--inversion must be nti or npi (got {self.inversion!r})")
+            raise FieldError("inversion", f"must be nti or npi (got {self.inversion!r})")
         if self.captioner not in ("template", "openai"):
-            raise BadInputError(f"unknown captioner {self.captioner!r}: use template or openai")
+            raise FieldError("captioner", f"must be template or openai (got {self.captioner!r})")
         counts = {
-            "--steps": (self.steps, 1000),
-            "--inner-steps": (self.inner_steps, None),
-            "--draft-steps": (self.draft_steps, None),
-            "--images-per-prompt": (self.images_per_prompt, None),
-            "--prompts": (1 if self.prompts is None else self.prompts, None),
+            "steps": (self.steps, 1000),
+            "inner_steps": (self.inner_steps, None),
+            "draft_steps": (self.draft_steps, None),
+            "images_per_prompt": (self.images_per_prompt, None),
+            "prompts": (1 if self.prompts is None else self.prompts, None),
         }
-        for option, (value, most) in counts.items():
+        for name, (value, most) in counts.items():
             if value < 1 or (most is not None and value > most):
                 bounds = f"in [1, {most}]" if most is not None else "at least 1"
-                raise BadInputError(f"{option} must be {bounds} (got {value})")
-        workflows.check_seeds(self.seed, self.images_per_prompt)
+                raise FieldError(name, f"must be {bounds} (got {value})")
+        check_seeds(self.seed, self.images_per_prompt)
         try:  # the full training config, as every subject will train with it
             self.train_config(resolution=512, precision="fp32").validate()
-        except BadInputError as error:
-            raise BadInputError(str(error).replace("--steps", "--train-steps", 1)) from None
-        try:
-            self.generation_settings()
-        except ValueError as error:
-            raise BadInputError(f"bad generation settings: {error}") from None
+        except FieldError as error:  # the training steps are --train-steps here (--steps are DDIM steps)
+            raise error.renamed(TRAIN_FIELDS) from None
+
+    def generate_request(self, name: str, items: list[Item]) -> GenerateRequest:
+        """How every benchmark image of subject `name` is rendered (Context Guidance at one tau)."""
+        return GenerateRequest(
+            name=name,
+            prompts=[],
+            items=items,
+            taus=[self.tau],
+            steps=self.steps,
+            inner_steps=self.inner_steps,
+            inversion=self.inversion,
+            draft_steps=self.draft_steps,
+            subject_model=self.subject_model,
+            context_model=self.context_model,
+            device=self.device,
+            precision=self.precision,
+            no_t5=self.no_t5,
+            folder=GENERATION_FOLDER,
+            reuse_drafts=True,
+            models_root=self.models_root,
+        )
 
     def train_config(self, *, resolution: int, precision: str) -> Any:
         """The training settings of every subject (the model's resolution, the autocast precision)."""
@@ -168,17 +192,51 @@ class BenchConfig:
             precision=precision,
         )
 
-    def generation_settings(self) -> Any:
-        """The generation settings of every image (ValueError for values that cannot work)."""
-        from stencil_cli.generation import GenerationSettings
-        from stencil_cli.inversion import NullTextSettings
 
-        return GenerationSettings(
-            steps=self.steps,
-            null_text=NullTextSettings(inner_steps=self.inner_steps),
-            inversion=self.inversion,
-            draft_steps=self.draft_steps,
-        )
+def settle_config(
+    store: Store,
+    config: BenchConfig,
+    *,
+    subjects: list[str] | None,
+    eval_models: str | None,
+    models: tuple[str | None, str | None, str | None, str | None],
+) -> list[str]:
+    """Check every setting, pick the subjects, settle the models (flag > env > config > default) in place.
+
+    Returns notes for the user. Runs before any work: a bad setting must not fail after hours of training.
+    """
+    from stencil_cli import evaluation
+    from stencil_cli.models import EvalModelRefs, parse_eval_models
+
+    config.validate()
+    bench = evaluation.load_dreambench(config.dataset)
+    config.subjects = evaluation.select_subjects(bench, config.dataset, subjects)
+    subject_model, context_model, device, precision = models
+    config.subject_model = resolve_setting(store, "subject_model", subject_model)
+    config.context_model = resolve_setting(store, "context_model", context_model)
+    config.device = resolve_setting(store, "device", device)
+    config.precision = resolve_setting(store, "precision", precision)
+    config.models_root = store.root
+    notes = []
+    if eval_models:
+        refs = parse_eval_models(eval_models)
+    elif config.subject_model == "tiny":
+        refs = parse_eval_models("tiny")
+        notes.append("subject model tiny: scoring with the tiny eval models (give real ones to compare)")
+    else:
+        refs = EvalModelRefs()
+    config.eval_dino, config.eval_clip = refs.dino, refs.clip
+    return notes
+
+
+def launch_on_cpu(config: BenchConfig) -> bool:
+    """Whether launched processes run on the CPU (settles `auto` to `cpu` when no GPU is there)."""
+    import torch
+
+    cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
+    if cpu and config.device == "auto":
+        config.device = "cpu"
+    return cpu
 
 
 def check_out_folder(config: BenchConfig) -> None:
@@ -192,16 +250,18 @@ def check_out_folder(config: BenchConfig) -> None:
         except (OSError, ValueError, KeyError):
             stored = None
         if not isinstance(stored, dict):  # the settings check must not be skipped silently
-            raise BadInputError(
-                f"{path} cannot be read as a benchmark's settings; use another --out, or delete that file "
-                "if the folder holds no results you want to keep"
+            raise FieldError(
+                "out",
+                f"{path} cannot be read as a benchmark's settings; use another {{}}, or delete that file "
+                "if the folder holds no results you want to keep",
             )
         changed = [key for key in wanted if key in stored and stored[key] != wanted[key]]
         if changed:
             key = changed[0]
-            raise BadInputError(
+            raise FieldError(
+                "out",
                 f"{config.out} holds results made with other settings ({key}: {stored[key]!r}, now "
-                f"{wanted[key]!r}); use another --out, or the same settings to resume"
+                f"{wanted[key]!r}); use another {{}}, or the same settings to resume",
             )
         return
     config.out.mkdir(parents=True, exist_ok=True)
@@ -309,215 +369,108 @@ class Runner:
         """Where a subject's result and contact sheet go."""
         return self.config.out / "subjects" / name
 
-    def image_folder(self, name: str) -> Path:
-        """Where a subject's benchmark images go (in the benchmark's store)."""
-        return self.store.generation_dir(name) / GENERATION_FOLDER
-
-    def draft_folder(self, name: str) -> Path:
-        """Where a subject's drafts go (beside its images, so the generation rows can point at them)."""
-        return self.image_folder(name) / "drafts"
-
     def add(self, job: SubjectJob) -> None:
         """Add the subject's photos to the benchmark store (once)."""
-        from stencil_cli.images import IMAGE_SUFFIXES, RejectedImage, prepare_image
-
         existing = self.store.find_subject(job.name)
         if existing is not None and existing.images:
             return
         folder = self.config.dataset / job.name
-        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        prepared = []
-        for file in files:
-            result = prepare_image(file)
-            if isinstance(result, RejectedImage):
-                self.hooks.warn(f"{job.name}: skipped {file.name}: {result.reason}")
-            else:
-                prepared.append(result)
-        if not prepared:
-            raise StencilError(f"DreamBench subject {job.name!r} has no usable photos in {folder}")
-        self.store.add_images(job.name, prepared, phrase=job.class_word, class_word=job.class_word)
+        word = job.class_word
+        request = AddRequest(job.name, [folder], phrase=word, class_word=word, skip_bad=True)
+        outcome = add_photos(self.store, request)
+        for rejected in outcome.skipped:
+            self.hooks.warn(f"{job.name}: skipped {rejected.source.name}: {rejected.reason}")
 
     def caption(self, job: SubjectJob) -> None:
-        """Caption the photos that have no caption yet (template captioner: the class word is the phrase)."""
-        from stencil_cli.captioning import CaptionRequest, Photo, make_captioner
+        """Caption the photos that have no caption yet (checked and stored like `stencil caption`)."""
+        caption(self.store, CaptionRequest(job.name, captioner=self.config.captioner))
 
-        subject = self.store.get_subject(job.name)
-        if all(image["caption"] for image in subject.images):
-            return
-        captioner = make_captioner(self.config.captioner)
-        photos = [Photo(image["id"], Path(image["file"])) for image in subject.images]
-        result = captioner.caption(
-            CaptionRequest(photos, phrase=subject.phrase, class_word=subject.class_word)
-        )
-        self.store.set_captions(
-            job.name, result.captions, result.source, description=result.description, phrase=result.phrase
-        )
-
-    def train(self, job: SubjectJob) -> dict[str, Any]:
-        """The subject's training run made with these settings, training it first if there is none.
-
-        Under the subject's training lock, like `stencil train`: runs left `running` by a process that died
-        are marked interrupted first.
-        """
-        with workflows.subject_lock(self.store, job.name):
-            workflows.mark_stale_runs(self.store, job.name)
-            return self._train_locked(job)
-
-    def _train_locked(self, job: SubjectJob) -> dict[str, Any]:
-        from stencil_cli import models
-
+    def train(self, job: SubjectJob) -> Run:
+        """The subject's training run made with these settings, training (or resuming) it if there is none."""
         key = self.config.train_key()
         for run in reversed(self.store.list_runs(job.name)):
-            weights = run["weights_file"]
             if (
-                run["status"] == "done"
-                and run["params"].get("bench") == key
-                and weights
-                and Path(weights).is_file()
+                run.status == "done"
+                and run.params.get("bench") == key
+                and run.weights_file is not None
+                and run.weights_file.is_file()
             ):
                 return run
-        subject, captions = workflows.check_subject(self.store, job.name, use_mask=True)
-        device = models.resolve_device(self.device)
-        pipe = workflows.load_training_pipeline(self.config.subject_model, device)
-        config = self.config.train_config(
-            resolution=models.native_resolution(pipe),
-            precision=workflows.training_precision(self.config.precision, device),
-        )
-        config.validate()
-        workflows.check_captions(pipe.tokenizer, subject, captions)
-        run = workflows.start_run(self.store, subject, config, self.config.subject_model, {"bench": key})
-        outcome = workflows.train_subject(self.store, subject, pipe, config, self.config.subject_model, run)
-        return outcome.run
-
-    def generation_job(
-        self, job: SubjectJob, run: dict[str, Any], prompt_index: int, image_index: int, resolution: int
-    ) -> workflows.GenerationJob:
-        """What one (prompt, image) item renders: its prompts, seed, tau and models."""
-        from stencil_cli import generation
-
-        subject = self.store.get_subject(job.name)
-        phrase = subject.phrase or job.class_word
-        prompts = generation.build_prompts(job.prompts[prompt_index], phrase, subject.description)
-        return workflows.GenerationJob(
-            store=self.store,
-            subject=subject,
-            run=run,
-            prompt=prompts.prompt,
-            draft_prompt=prompts.draft_prompt,
-            seeds=[self.config.seed + image_index],
-            taus=[self.config.tau],
-            mode="context",
+        request = TrainRequest(
+            job.name,
+            steps=self.config.train_steps,
+            batch_size=self.config.batch_size,
+            lr=self.config.lr,
+            seed=self.config.seed,
             subject_model=self.config.subject_model,
-            context_model=self.config.context_model,
             device=self.device,
             precision=self.config.precision,
-            no_t5=self.config.no_t5,
-            resolution=resolution,
+            extra_params={"bench": key},
+            resume=self._can_resume(job.name, key),
+            models_root=self.config.models_root,
         )
-
-    def drafts(self, job: SubjectJob, todo: list[tuple[int, int]], run: dict[str, Any]) -> None:
-        """Render the missing drafts of `todo` with the context model (loaded once, freed afterwards)."""
-        folder = self.draft_folder(job.name)
-        missing = [item for item in todo if not (folder / f"{_stem(*item)}.png").is_file()]
-        if not missing:
-            return
-        resolution = int(run["params"].get("resolution") or 512)
-        settings = self.config.generation_settings()
-        timings = self._draft_timings(job.name)
-        with workflows.context_pipeline(
-            self.config.context_model,
-            device=self.device,
-            precision=self.config.precision,
-            no_t5=self.config.no_t5,
-        ) as context:
-            for prompt_index, image_index in missing:
-                item = self.generation_job(job, run, prompt_index, image_index, resolution)
-                seed = item.seeds[0]
-                draft, seconds = workflows.render_draft(
-                    context, item, seed, settings, resolution=resolution, progress=workflows.no_progress
-                )
-                stem = _stem(prompt_index, image_index)
-                workflows.save_draft(folder / f"{stem}.png", draft, item, seed)
-                timings[stem] = round(seconds, 4)
-                atomic_write_bytes(folder / "timings.json", json.dumps(timings, indent=1).encode())
-
-    def _draft_timings(self, name: str) -> dict[str, float]:
-        path = self.draft_folder(name) / "timings.json"
         try:
-            return {str(k): float(v) for k, v in json.loads(path.read_text(encoding="utf-8")).items()}
-        except (OSError, ValueError, AttributeError):
-            return {}
+            result = train(self.store, request)
+        except FieldError as error:
+            raise error.renamed(TRAIN_FIELDS) from None
+        assert result.run is not None
+        return result.run
 
-    def generate(
-        self, job: SubjectJob, todo: list[tuple[int, int]], run: dict[str, Any], on_item: Callable[[], None]
-    ) -> None:
-        """Invert each draft with the fine-tuned model and denoise it (tau); one generation row per image."""
-        from stencil_cli import models
+    def _can_resume(self, name: str, key: dict[str, Any]) -> bool:
+        """Whether an interrupted run of these settings left a checkpoint to continue from."""
+        try:
+            return resumable_run(self.store, name).params.get("bench") == key
+        except StencilError:
+            return False
 
-        settings = self.config.generation_settings()
-        draft_timings = self._draft_timings(job.name)
-        with workflows.subject_pipeline(
-            self.config.subject_model, run, device=self.device, precision=self.config.precision
-        ) as pipe:
-            resolution = int(run["params"].get("resolution") or models.native_resolution(pipe))
-            for prompt_index, image_index in todo:
-                stem = _stem(prompt_index, image_index)
-                item = self.generation_job(job, run, prompt_index, image_index, resolution)
-                draft_path = self.draft_folder(job.name) / f"{stem}.png"
-                draft = workflows.read_rgb(draft_path)
-                guided = workflows.guided_generation(
-                    pipe, draft, item.prompt, item.taus, settings, resolution=resolution
-                )
-                timings = {"draft": draft_timings.get(stem, 0.0), **guided.timings}
-                workflows.save_generation(
-                    item,
-                    settings,
-                    seed=item.seeds[0],
-                    tau=self.config.tau,
-                    image=guided.images[0],
-                    path=self.image_folder(job.name) / f"{stem}.png",
-                    draft_path=draft_path,
-                    meta={"bench": {"prompt_index": prompt_index, "image_index": image_index}},
-                    params={
-                        "timings_s": {k: round(v, 4) for k, v in timings.items()},
-                        "inner_iterations": guided.inversion.inner_iterations,
-                    },
-                )
-                on_item()
+    def generate(self, job: SubjectJob, todo: list[tuple[int, int]], on_item: Callable[[], None]) -> None:
+        """Render the missing items (drafts kept from an earlier attempt are reused); one row per image."""
+        items = [
+            Item(
+                job.prompts[prompt_index],
+                self.config.seed + image_index,
+                stem=_stem(prompt_index, image_index),
+                meta={"bench": {"prompt_index": prompt_index, "image_index": image_index}},
+            )
+            for prompt_index, image_index in todo
+        ]
+        plan = plan_generation(self.store, self.config.generate_request(job.name, items))
+        generate(self.store, plan, on_image=lambda saved: on_item())
 
     def eval_models(self) -> Any:
         """The DINO and CLIP models (loaded on first use, kept for the next subjects)."""
         if self._eval_models is None:
-            from stencil_cli import evaluation, models
+            from stencil_cli import models
 
-            refs = evaluation.EvalModelRefs(self.config.eval_dino, self.config.eval_clip)
-            self._eval_models = evaluation.load_eval_models(refs, models.resolve_device(self.device))
+            refs = models.EvalModelRefs(self.config.eval_dino, self.config.eval_clip)
+            device = models.resolve_device(self.device)
+            root = self.config.models_root or self.store.root
+            self._eval_models = models.load_eval_models(refs, device, store_root=root)
         return self._eval_models
 
-    def score(self, job: SubjectJob, rows: list[dict[str, Any]]) -> None:
+    def score(self, job: SubjectJob, rows: list[Generation]) -> None:
         """Score the rows that have no scores from these eval models yet (stored with the generations)."""
         wanted = {"dino": self.config.eval_dino, "clip": self.config.eval_clip}
-        unscored = [row for row in rows if not row["scores"] or row["scores"].get("eval_models") != wanted]
+        unscored = [row for row in rows if not row.scores or row.scores.get("eval_models") != wanted]
         if unscored:
-            workflows.score_generations(
+            score_generations(
                 self.store,
                 self.store.get_subject(job.name),
                 unscored,
                 self.eval_models(),
-                on_missing=lambda row: self.hooks.warn(f"generation {row['id']}: image file missing"),
+                on_missing=lambda row: self.hooks.warn(f"generation {row.id}: image file missing"),
             )
 
     # -- the whole subject ------------------------------------------------------------------------------
 
-    def bench_rows(self, name: str) -> dict[tuple[int, int], dict[str, Any]]:
+    def bench_rows(self, name: str) -> dict[tuple[int, int], Generation]:
         """The subject's benchmark generations by (prompt index, image index) (newest wins)."""
-        rows: dict[tuple[int, int], dict[str, Any]] = {}
+        rows: dict[tuple[int, int], Generation] = {}
         if self.store.find_subject(name) is None:
             return rows
         for row in self.store.list_generations(name):
-            key = row["params"].get("bench")
-            image = row.get("image_file")
-            if isinstance(key, dict) and image and Path(image).is_file():
+            key = row.params.get("bench")
+            if isinstance(key, dict) and row.image_file is not None and row.image_file.is_file():
                 rows[(int(key["prompt_index"]), int(key["image_index"]))] = row
         return rows
 
@@ -541,9 +494,7 @@ class Runner:
         made = total - len(todo)
         if todo:
             self.hooks.status(job.name, "training", made, total)
-            run = self.train(job)
-            self.hooks.status(job.name, "drafts", made, total)
-            self.drafts(job, todo, run)
+            self.train(job)
             self.hooks.status(job.name, "generating", made, total)
 
             def one_more() -> None:
@@ -551,42 +502,40 @@ class Runner:
                 made += 1
                 self.hooks.status(job.name, "generating", made, total)
 
-            self.generate(job, todo, run, one_more)
+            self.generate(job, todo, one_more)
             rows = self.bench_rows(job.name)
         self.hooks.status(job.name, "scoring", total, total)
         chosen = [rows[item] for item in job.items]
         self.score(job, chosen)
-        by_id = {row["id"]: row for row in self.store.list_generations(job.name)}
-        chosen = [by_id[row["id"]] for row in chosen]
+        by_id = {row.id: row for row in self.store.list_generations(job.name)}
+        chosen = [by_id[row.id] for row in chosen]
         result = self.summarise(job, chosen)
         atomic_write_bytes(result_path, (json.dumps(result, indent=2) + "\n").encode())
         self.write_contact_sheet(job, chosen)
         self.hooks.status(job.name, "done", total, total)
         return result
 
-    def summarise(self, job: SubjectJob, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    def summarise(self, job: SubjectJob, rows: list[Generation]) -> dict[str, Any]:
         """The subject's result: per-prompt and per-image scores, means, GPU seconds."""
         from stencil_cli import evaluation
 
-        run_ids = sorted({row["run_id"] for row in rows if row.get("run_id") is not None})
+        run_ids = sorted({row.run_id for row in rows if row.run_id is not None})
         train_s = 0.0
         for run_id in run_ids:
-            train_s += float(self.store.get_run(job.name, run_id).get("duration_s") or 0.0)
-        generate_s = sum(
-            sum(float(v) for v in (row["params"].get("timings_s") or {}).values()) for row in rows
-        )
+            train_s += float(self.store.get_run(job.name, run_id).duration_s or 0.0)
+        generate_s = sum(sum(float(v) for v in (row.params.get("timings_s") or {}).values()) for row in rows)
         prompts = []
         for index, prompt in enumerate(job.prompts):
-            mine = [row for row in rows if row["params"]["bench"]["prompt_index"] == index]
+            mine = [row for row in rows if row.params["bench"]["prompt_index"] == index]
             if not mine:
                 continue
             images = [
                 {
-                    "image_index": row["params"]["bench"]["image_index"],
-                    "seed": row["seed"],
-                    "generation_id": row["id"],
-                    "file": row["image_file"],
-                    "scores": {key: row["scores"][key] for key in evaluation.SCORE_KEYS},
+                    "image_index": row.params["bench"]["image_index"],
+                    "seed": row.seed,
+                    "generation_id": row.id,
+                    "file": str(row.image_file),
+                    "scores": {key: (row.scores or {})[key] for key in evaluation.SCORE_KEYS},
                 }
                 for row in mine
             ]
@@ -594,7 +543,7 @@ class Runner:
                 {
                     "index": index,
                     "prompt": prompt,
-                    "text": workflows.clip_t_text(mine[0], self.store.get_subject(job.name)),
+                    "text": clip_t_text(mine[0], self.store.get_subject(job.name)),
                     "images": images,
                     "mean": evaluation.mean_scores([i["scores"] for i in images]),
                 }
@@ -616,7 +565,7 @@ class Runner:
             "prompts": prompts,
         }
 
-    def write_contact_sheet(self, job: SubjectJob, rows: list[dict[str, Any]]) -> None:
+    def write_contact_sheet(self, job: SubjectJob, rows: list[Generation]) -> None:
         """A grid: the reference photos, then one row per prompt with its images."""
         from PIL import Image
 
@@ -632,13 +581,13 @@ class Runner:
             ]
         ]
         for index, _prompt in enumerate(job.prompts):
-            mine = [row for row in rows if row["params"]["bench"]["prompt_index"] == index]
+            mine = [row for row in rows if row.params["bench"]["prompt_index"] == index]
             cells = []
             for row in mine:
-                with Image.open(row["image_file"]) as opened:
-                    cells.append(
-                        (f"p{index} s{row['seed']} DINO {row['scores']['dino']:.2f}", opened.convert("RGB"))
-                    )
+                assert row.image_file is not None and row.scores is not None
+                with Image.open(row.image_file) as opened:
+                    label = f"p{index} s{row.seed} DINO {row.scores['dino']:.2f}"
+                    cells.append((label, opened.convert("RGB")))
             if cells:
                 sheet_rows.append(cells)
         sheet = contact_sheet(sheet_rows, cell=128)

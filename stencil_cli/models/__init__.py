@@ -1,0 +1,173 @@
+"""Where models come from: references and presets, devices, loading, the tiny preset, the Hub cache.
+
+A model reference is a preset name (``sd15``, ``sd3-medium``, ``tiny``; ``dino`` / ``clip`` for scoring), a
+Hub id (``owner/name``) or a local folder saved with ``save_pretrained``. The modules, by concern:
+
+* `refs`      presets, `ModelSource`, `resolve_ref`, ``id@revision``, the eval model choice, store paths
+* `devices`   `resolve_device`, `resolve_dtype`, `free_pipeline`, `quiet_libraries`, `native_resolution`
+* `scheduler` the SD1.5 DDIM settings of the method
+* `loading`   `load_subject_pipeline`, `load_context_pipeline`, `load_eval_models`, one `from_pretrained`
+* `tiny`      the tiny random-weight presets (diffusion and eval), byte-level tokenizers
+* `hub`       cache status, `model_status`, `pull`, safetensors pull-request lookup, `hub_error`
+
+This package never imports the store or the ML core, never prints, and imports torch only inside functions:
+``import stencil_cli.models`` is cheap. Locally built models live under ``<store root>/models``; the caller
+passes the store root (default: `stencil_cli.paths.default_root`).
+"""
+
+from __future__ import annotations
+
+from stencil_cli.models.devices import (
+    DEVICE_PATTERN,
+    PRECISIONS,
+    free_pipeline,
+    mps_available,
+    native_resolution,
+    quiet_libraries,
+    resolve_device,
+    resolve_dtype,
+)
+from stencil_cli.models.hub import (
+    CONVERSION_BOT,
+    PULL_ALLOW_PATTERNS,
+    PULL_IGNORE_PATTERNS,
+    SAFETENSORS_WEIGHTS,
+    TRANSFORMERS_ALLOW_PATTERNS,
+    TRANSFORMERS_IGNORE_PATTERNS,
+    CachedModel,
+    PulledModel,
+    cached_eval_model,
+    cached_repos,
+    cached_snapshot,
+    find_safetensors_revision,
+    folder_size,
+    gated_without_token,
+    has_safetensors,
+    hf_token_present,
+    hub_cache_dir,
+    hub_error,
+    is_offline,
+    model_status,
+    pull,
+)
+from stencil_cli.models.loading import (
+    EvalModels,
+    Location,
+    from_pretrained,
+    inspect_ref,
+    load_context_pipeline,
+    load_eval_models,
+    load_subject_pipeline,
+    locate,
+    locate_eval,
+)
+from stencil_cli.models.refs import (
+    CONTEXT,
+    DEFAULT_CLIP,
+    DEFAULT_DINO,
+    EVAL,
+    HUB_ID_PATTERN,
+    PRESETS,
+    SUBJECT,
+    TINY,
+    EvalModelRefs,
+    ModelSource,
+    Preset,
+    is_gated_repo,
+    models_root,
+    parse_eval_models,
+    pull_command,
+    resolve_ref,
+    split_revision,
+    tiny_dir,
+    tiny_eval_dir,
+)
+from stencil_cli.models.scheduler import SD15_DDIM_SETTINGS, sd15_ddim_scheduler
+from stencil_cli.models.tiny import (
+    TINY_EVAL_VERSION,
+    TINY_SEED,
+    TINY_VERSION,
+    build_tiny,
+    build_tiny_context_pipeline,
+    build_tiny_eval,
+    build_tiny_subject_pipeline,
+    byte_level_clip_tokenizer,
+    bytes_to_unicode,
+    ensure_tiny,
+    ensure_tiny_eval,
+    tiny_ready,
+)
+
+__all__ = [
+    "CONTEXT",
+    "CONVERSION_BOT",
+    "DEFAULT_CLIP",
+    "DEFAULT_DINO",
+    "DEVICE_PATTERN",
+    "EVAL",
+    "HUB_ID_PATTERN",
+    "PRECISIONS",
+    "PRESETS",
+    "PULL_ALLOW_PATTERNS",
+    "PULL_IGNORE_PATTERNS",
+    "SAFETENSORS_WEIGHTS",
+    "SD15_DDIM_SETTINGS",
+    "SUBJECT",
+    "TINY",
+    "TINY_EVAL_VERSION",
+    "TINY_SEED",
+    "TINY_VERSION",
+    "TRANSFORMERS_ALLOW_PATTERNS",
+    "TRANSFORMERS_IGNORE_PATTERNS",
+    "CachedModel",
+    "EvalModelRefs",
+    "EvalModels",
+    "Location",
+    "ModelSource",
+    "Preset",
+    "PulledModel",
+    "build_tiny",
+    "build_tiny_context_pipeline",
+    "build_tiny_eval",
+    "build_tiny_subject_pipeline",
+    "byte_level_clip_tokenizer",
+    "bytes_to_unicode",
+    "cached_eval_model",
+    "cached_repos",
+    "cached_snapshot",
+    "ensure_tiny",
+    "ensure_tiny_eval",
+    "find_safetensors_revision",
+    "folder_size",
+    "free_pipeline",
+    "from_pretrained",
+    "gated_without_token",
+    "has_safetensors",
+    "hf_token_present",
+    "hub_cache_dir",
+    "hub_error",
+    "inspect_ref",
+    "is_gated_repo",
+    "is_offline",
+    "load_context_pipeline",
+    "load_eval_models",
+    "load_subject_pipeline",
+    "locate",
+    "locate_eval",
+    "model_status",
+    "models_root",
+    "mps_available",
+    "native_resolution",
+    "parse_eval_models",
+    "pull",
+    "pull_command",
+    "quiet_libraries",
+    "resolve_device",
+    "resolve_dtype",
+    "resolve_ref",
+    "sd15_ddim_scheduler",
+    "split_revision",
+    "tiny_dir",
+    "tiny_eval_dir",
+    "tiny_ready",
+]

@@ -1,0 +1,132 @@
+"""Devices and precision: turn ``auto|cpu|cuda[:N]|mps`` and ``auto|fp32|fp16|bf16`` into torch objects.
+
+Also the small runtime helpers every pipeline user needs: silence the libraries, free a pipeline, read a
+subject model's native resolution. torch is imported inside the functions, so importing this is cheap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import re
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from stencil_cli.errors import BadInputError, StencilError
+
+if TYPE_CHECKING:
+    import torch
+
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+
+
+def resolve_device(name: str) -> torch.device:
+    """Turn auto|cpu|cuda|cuda:N|mps into a torch.device; an unavailable device is a clear error."""
+    import torch
+
+    name = (name or "auto").strip().lower()
+    if not DEVICE_PATTERN.match(name):
+        raise BadInputError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps")
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise StencilError(
+                f"--device {name} was asked for but CUDA is not available on this machine",
+                hint="use --device cpu (or auto), or install a CUDA build of torch",
+            )
+        device = torch.device(name)
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise StencilError(
+                f"--device {name}: there are only {torch.cuda.device_count()} CUDA device(s) (cuda:0 ...)"
+            )
+        return device
+    if name == "mps" and not mps_available():
+        raise StencilError("--device mps was asked for but MPS is not available", hint="use --device cpu")
+    return torch.device(name)
+
+
+def mps_available() -> bool:
+    """Whether torch can use Apple's MPS backend here."""
+    import torch
+
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
+def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """Pick the dtype for `precision` on `device` (auto: bf16 on capable CUDA, fp16 on mps, fp32 on CPU)."""
+    import torch
+
+    precision = (precision or "auto").strip().lower()
+    if precision not in PRECISIONS:
+        raise BadInputError(f"unknown precision {precision!r}: use auto, fp32, fp16 or bf16")
+    if precision == "fp32":
+        return torch.float32
+    if precision == "fp16":
+        if device.type == "cpu":
+            raise BadInputError("fp16 is not supported on the CPU: use --precision fp32 (or bf16)")
+        return torch.float16
+    if precision == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise BadInputError("this GPU does not support bf16: use --precision fp16 or fp32")
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "mps":
+        return torch.float16
+    return torch.float32
+
+
+def native_resolution(pipe: Any) -> int:
+    """The subject model's native image size (512 for SD1.5): UNet sample size x VAE scale factor."""
+    factor = int(getattr(pipe, "vae_scale_factor", 8) or 8)
+    return int(pipe.unet.config.sample_size) * factor
+
+
+def free_pipeline(pipe: Any) -> None:
+    """Drop a pipeline's module references, collect garbage and empty the CUDA cache."""
+    import torch
+
+    if pipe is not None:
+        components = getattr(pipe, "components", None)
+        if isinstance(components, dict):
+            for name in list(components):
+                with contextlib.suppress(Exception):
+                    setattr(pipe, name, None)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """Silence diffusers/transformers progress bars, info logs and deprecation chatter inside the block."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    d_level, t_level = dlog.get_verbosity(), tlog.get_verbosity()
+    d_bars, t_bars = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        dlog.set_verbosity(d_level)
+        tlog.set_verbosity(t_level)
+        if d_bars:
+            dlog.enable_progress_bar()
+        if t_bars:
+            tlog.enable_progress_bar()

@@ -1,0 +1,284 @@
+"""Load models: the subject (SD1.5-shaped) and context (draft) pipelines, and the DINO / CLIP eval models.
+
+Every source (preset, Hub id, local folder, the tiny preset) loads through one ``from_pretrained`` call with
+safetensors only, the stencil-wide Hugging Face cache and offline mode; errors become one clear line. The tiny
+preset is built on first use under ``<store root>/models/``. torch and the model libraries are imported inside
+the functions, so importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from stencil_cli.errors import StencilError
+from stencil_cli.models.devices import quiet_libraries, resolve_device, resolve_dtype
+from stencil_cli.models.hub import (
+    cached_eval_model,
+    cached_snapshot,
+    gated_without_token,
+    hub_cache_dir,
+    hub_error,
+    is_offline,
+)
+from stencil_cli.models.refs import (
+    CONTEXT,
+    EVAL,
+    SUBJECT,
+    EvalModelRefs,
+    ModelSource,
+    pull_command,
+    resolve_ref,
+)
+from stencil_cli.models.scheduler import sd15_ddim_scheduler
+from stencil_cli.models.tiny import ensure_tiny, ensure_tiny_eval
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where ``from_pretrained`` loads a resolved model from."""
+
+    source: ModelSource
+    path: str  # a local folder, or the Hub id when `hub`
+    hub: bool
+    index: dict[str, Any] = field(default_factory=dict)  # the diffusers pipeline index, when known
+    files: str | None = None  # folder with configs / processor files, when not beside the weights
+
+
+# -- where a model is -------------------------------------------------------------------------------------
+
+
+def _check_local_folder(path: Path, ref: str) -> dict[str, Any]:
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise StencilError(
+            f"{ref} is not a diffusers model folder (no model_index.json)",
+            hint="give a folder saved with save_pretrained, a Hub id, or a preset such as sd15",
+        )
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise StencilError(f"{ref}: model_index.json is unreadable ({error})") from error
+    if not isinstance(data, dict) or "_class_name" not in data:
+        raise StencilError(f"{ref}: model_index.json is not a diffusers pipeline index")
+    return data
+
+
+def locate(source: ModelSource) -> Location:
+    """Where a diffusion pipeline loads from, with its pipeline index; builds the tiny preset if needed."""
+    if gated := gated_without_token(source):
+        raise gated
+    if source.kind == "preset" and source.repo_id is None:
+        assert source.path is not None
+        ensure_tiny(source.path.parent)
+        return Location(source, str(source.path), False, _check_local_folder(source.path, source.ref))
+    if source.kind == "local":
+        assert source.path is not None
+        return Location(source, str(source.path), False, _check_local_folder(source.path, source.ref))
+    assert source.repo_id is not None
+    snapshot = cached_snapshot(source.repo_id)
+    if snapshot is None and is_offline():
+        raise StencilError(
+            f"model {source.label} is not in the Hugging Face cache and HF_HUB_OFFLINE is set",
+            hint=f"run `{pull_command(source)}` while online, then try again",
+        )
+    index = _check_local_folder(snapshot, source.label) if snapshot is not None else {}
+    return Location(source, source.repo_id, True, index)
+
+
+def locate_eval(source: ModelSource, kind: str) -> Location:
+    """Where eval model `kind` (``dino`` or ``clip``) loads from: tiny, a folder, the cache or the Hub."""
+    if source.kind == "preset" and source.repo_id is None:
+        assert source.path is not None
+        return Location(source, str(ensure_tiny_eval(source.path) / kind), False)
+    if source.kind == "local":
+        assert source.path is not None
+        if not (source.path / "config.json").is_file():
+            raise StencilError(f"{source.ref} is not a transformers model folder (no config.json)")
+        return Location(source, str(source.path), False)
+    assert source.repo_id is not None
+    if is_offline() and source.revision is None:
+        cached = cached_eval_model(source.repo_id)
+        if cached is None:
+            raise StencilError(
+                f"eval model {source.repo_id} (configs and safetensors weights) is not in the Hugging Face "
+                "cache and HF_HUB_OFFLINE is set",
+                hint=f"run `{pull_command(source)}` while online (see docs/evaluation.md); "
+                "or use --eval-models tiny for a smoke run",
+            )
+        return Location(source, str(cached.weights), False, files=str(cached.files))
+    return Location(source, source.repo_id, True)
+
+
+def inspect_ref(ref: str, role: str = SUBJECT, *, store_root: Path | None = None) -> tuple[ModelSource, dict]:
+    """Resolve `ref` and read its model_index.json without loading weights; raises clear errors."""
+    location = locate(resolve_ref(ref, role, store_root=store_root))
+    return location.source, location.index
+
+
+# -- from_pretrained --------------------------------------------------------------------------------------
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def from_pretrained(cls: Any, location: Location, *, weights: bool = True, **kwargs: Any) -> Any:
+    """``cls.from_pretrained`` with safetensors only, the HF cache and offline mode; errors become one line.
+
+    ``weights=False`` loads a config-only object (a processor, a tokenizer) from the configs' folder.
+    """
+    source = location.source
+    if location.hub:
+        kwargs.setdefault("cache_dir", str(hub_cache_dir()))
+        if source.revision:
+            kwargs["revision"] = source.revision
+        if is_offline():
+            kwargs["local_files_only"] = True
+    path = location.path
+    if weights:
+        kwargs["use_safetensors"] = True
+    elif location.files:
+        path = location.files
+    try:
+        with quiet_libraries():
+            if weights and location.files:
+                from transformers import AutoConfig
+
+                kwargs["config"] = AutoConfig.from_pretrained(location.files)
+            return cls.from_pretrained(path, **kwargs)
+    except StencilError:
+        raise
+    except Exception as error:  # noqa: BLE001 - translated into one line below
+        translated = hub_error(error, source)
+        if translated is not None:
+            if source.role == EVAL and translated.hint and "models pull" in translated.hint:
+                translated.hint = f"run `{pull_command(source)}` while online (see docs/evaluation.md)"
+            raise translated from error
+        message = _first_line(error)
+        if source.role == EVAL:
+            if weights and "safetensors" in message.lower():
+                raise StencilError(
+                    f"eval model {source.ref} has no safetensors weights (stencil never loads pickle files)",
+                    hint=f"run `stencil models pull {source.repo_id or source.ref}` (it finds the Hub's "
+                    "safetensors pull request), or pin one: owner/name@refs/pr/N",
+                ) from error
+            raise StencilError(f"cannot load eval model {source.ref}: {message}") from error
+        if "safetensors" in message.lower() or "use_safetensors" in message:
+            raise StencilError(
+                f"model {source.label} has no safetensors weights (stencil never loads pickle files)"
+            ) from error
+        raise StencilError(f"cannot load model {source.label}: {message}") from error
+
+
+# -- diffusion pipelines ----------------------------------------------------------------------------------
+
+
+def _absent_components(index: dict[str, Any]) -> dict[str, None]:
+    """Components a saved pipeline lists as absent ([null, null]): from_pretrained wants them as None."""
+    return {
+        key: None
+        for key, value in index.items()
+        if not key.startswith("_") and isinstance(value, list) and value and all(v is None for v in value)
+    }
+
+
+def load_subject_pipeline(
+    ref: str, *, device: str = "auto", precision: str = "auto", store_root: Path | None = None
+) -> Any:
+    """Load an SD1.5-shaped StableDiffusionPipeline (SD1.5 DDIM, no safety checker) on device/dtype."""
+    with quiet_libraries():
+        from diffusers import StableDiffusionPipeline
+
+    torch_device = resolve_device(device)
+    dtype = resolve_dtype(precision, torch_device)
+    location = locate(resolve_ref(ref, SUBJECT, store_root=store_root))
+    index = location.index
+    if index and index.get("_class_name") != "StableDiffusionPipeline" and "unet" not in index:
+        raise StencilError(
+            f"model {location.source.label} is a {index.get('_class_name')}, not a Stable Diffusion (UNet) "
+            "model",
+            hint="the subject model must be SD1.5-shaped, e.g. --subject-model sd15",
+        )
+    pipe = from_pretrained(
+        StableDiffusionPipeline,
+        location,
+        dtype=dtype,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.scheduler = sd15_ddim_scheduler(dict(pipe.scheduler.config))
+    pipe.to(torch_device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_context_pipeline(
+    ref: str,
+    *,
+    device: str = "auto",
+    precision: str = "auto",
+    no_t5: bool = False,
+    store_root: Path | None = None,
+) -> Any:
+    """Load the context (draft) text-to-image pipeline; SD3-shaped for tiny / sd3-medium; --no-t5 drops T5."""
+    with quiet_libraries():
+        from diffusers import DiffusionPipeline
+
+    torch_device = resolve_device(device)
+    dtype = resolve_dtype(precision, torch_device)
+    location = locate(resolve_ref(ref, CONTEXT, store_root=store_root))
+    index = location.index
+    kwargs: dict[str, Any] = {"dtype": dtype, **_absent_components(index)}
+    if no_t5 and (not index or "text_encoder_3" in index):
+        kwargs.update(text_encoder_3=None, tokenizer_3=None)
+    if index and "safety_checker" in index:
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    pipe = from_pretrained(DiffusionPipeline, location, **kwargs)
+    pipe.to(torch_device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# -- evaluation models ------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalModels:
+    """Loaded DINO and CLIP models with their processors, in eval mode on one device (float32)."""
+
+    refs: EvalModelRefs
+    device: torch.device
+    dino: Any
+    dino_processor: Any
+    clip: Any
+    clip_processor: Any
+    clip_tokenizer: Any
+
+
+def load_eval_models(
+    refs: EvalModelRefs = EvalModelRefs(),
+    device: str | torch.device = "cpu",
+    *,
+    store_root: Path | None = None,
+) -> EvalModels:
+    """Load DINO (ViTModel, no pooler) and CLIP with their image processors and tokenizer onto `device`."""
+    import torch
+    from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel, ViTModel
+
+    torch_device = torch.device(device)
+    dino_at = locate_eval(resolve_ref(refs.dino, EVAL, store_root=store_root), "dino")
+    clip_at = locate_eval(resolve_ref(refs.clip, EVAL, store_root=store_root), "clip")
+    dino = from_pretrained(ViTModel, dino_at, add_pooling_layer=False).to(torch_device, torch.float32).eval()
+    dino_processor = from_pretrained(AutoImageProcessor, dino_at, weights=False, backend="pil")
+    clip = from_pretrained(CLIPModel, clip_at).to(torch_device, torch.float32).eval()
+    clip_processor = from_pretrained(AutoImageProcessor, clip_at, weights=False, backend="pil")
+    clip_tokenizer = from_pretrained(AutoTokenizer, clip_at, weights=False)
+    return EvalModels(refs, torch_device, dino, dino_processor, clip, clip_processor, clip_tokenizer)

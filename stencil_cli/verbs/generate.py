@@ -1,0 +1,696 @@
+"""Render a trained subject: Context Guidance (draft -> inversion -> denoise), editing, plain generation.
+
+Two steps, so that everything is checked before any model loads:
+
+1. `plan_generation(store, GenerateRequest) -> GenerationPlan`: the subject, its trained run, the prompts,
+   the seeds, the taus, the models and the output folders, settled once.
+2. `generate(store, plan) -> GenerateResult`: drafts with the context model (freed afterwards), then the
+   subject model's inversion and denoise. Every draft, image and generation row is written as soon as it is
+   made, so an interruption keeps what was finished (`on_image` sees each saved image at once).
+
+`stencil gen`, the DreamBench runner and the demo all generate through these two functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import secrets
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from stencil_cli.errors import FieldError, StencilError
+from stencil_cli.fsutil import atomic_write_bytes
+from stencil_cli.pngmeta import png_bytes, read_png_parameters, read_rgb
+from stencil_cli.settings import resolve_setting
+from stencil_cli.store import Generation, Run, Store, Subject
+from stencil_cli.verbs.common import Progress, no_progress
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+MAX_TAU = 1000
+MAX_SEED = 2**63 - 1  # generation rows store the seed as an SQLite INTEGER (signed 64-bit)
+MAX_IMAGES = 10_000  # seeds x prompts in one call: a typo like -n 1000000000 must not build a huge list
+GRID_NAME = "grid.png"
+
+
+@dataclass
+class Item:
+    """One image to make (per tau): a prompt and a seed; `stem` names its files, `meta` adds to its row."""
+
+    prompt: str
+    seed: int
+    stem: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class GenerateRequest:
+    """What to render. None means: settled from the environment, the stored config or the default."""
+
+    name: str
+    prompts: list[str]
+    count: int = 1  # seeds per prompt
+    seed: int | None = None  # the first seed (random when None); image i of a prompt uses seed + i
+    taus: list[float] = field(default_factory=lambda: [60.0])
+    steps: int = 50
+    inner_steps: int = 10
+    guidance: float = 7.5
+    null_lr: float = 1e-2
+    inversion: str = "nti"
+    draft_steps: int = 50
+    draft: Path | None = None  # subject editing: this picture is the draft
+    no_context: bool = False  # plain generation
+    run_id: int | None = None
+    output: Path | None = None  # also copy every file here
+    grid: bool = False
+    subject_model: str | None = None
+    context_model: str | None = None
+    device: str | None = None
+    precision: str | None = None
+    no_t5: bool = False
+    items: list[Item] | None = None  # instead of prompts x count (the DreamBench runner names its own)
+    folder: str | None = None  # the folder under the subject's generations (default: a new one per call)
+    reuse_drafts: bool = False  # a draft already in the folder is used instead of rendered again
+    models_root: Path | None = None  # the store whose models/ holds built presets (default: this store)
+
+
+@dataclass
+class PlannedItem:
+    """One settled image: its prompts (subject and draft), seed and file stem."""
+
+    user_prompt: str
+    prompt: str
+    draft_prompt: str
+    seed: int
+    stem: str
+    meta: dict[str, Any]
+
+
+@dataclass
+class GenerationPlan:
+    """Everything one generation settles before the models load."""
+
+    subject: Subject
+    run: Run
+    mode: str  # context | edit | plain
+    items: list[PlannedItem]
+    taus: list[float]
+    settings: Any  # generation.GenerationSettings
+    subject_model: str
+    context_model: str | None
+    device: str
+    precision: str
+    no_t5: bool
+    resolution: int
+    folder: Path
+    output: Path | None
+    grid: bool
+    reuse_drafts: bool
+    models_root: Path
+    draft_image: Image.Image | None = None
+    draft_source: str | None = None
+    notes: list[str] = field(default_factory=list)  # things to tell the user once
+    warnings: list[str] = field(default_factory=list)  # things the user may not expect
+
+    @property
+    def expected(self) -> int:
+        """How many images the plan makes when it runs to the end."""
+        return len(self.items) * max(1, len(self.taus))
+
+    def stage_totals(self) -> dict[str, int]:
+        """Progress totals per stage (draft, inversion, null-text, denoise)."""
+        count, steps = len(self.items), self.settings.steps
+        return {
+            "draft": count * self.settings.draft_steps if self.mode == "context" else 0,
+            "inversion": count * steps if self.mode != "plain" else 0,
+            "null-text": count * steps if self.mode != "plain" else 0,
+            "denoise": count * max(1, len(self.taus)) * steps,
+        }
+
+
+@dataclass
+class SavedImage:
+    """One image written: its generation row, and its copy under `output` if asked."""
+
+    generation: Generation
+    output_file: Path | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready view (the row plus `output_file`)."""
+        return {
+            **self.generation.to_dict(),
+            "output_file": str(self.output_file) if self.output_file else None,
+        }
+
+
+@dataclass
+class GenerateResult:
+    """What a generation wrote (so far, when it was interrupted)."""
+
+    plan: GenerationPlan
+    images: list[SavedImage] = field(default_factory=list)
+    drafts: dict[str, Path] = field(default_factory=dict)  # stem -> draft file
+    grid_file: Path | None = None
+
+
+# -- 1. the plan -------------------------------------------------------------------------------------------
+
+
+def check_seeds(first: int, count: int, field_name: str = "seed") -> None:
+    """Refuse a first seed whose `count` seeds (first .. first + count - 1) do not fit a stored row."""
+    most = MAX_SEED - (count - 1)
+    if not 0 <= first <= most:
+        raise FieldError(field_name, f"must be in [0, {most}] for {count} image(s) (got {first})")
+
+
+def parse_taus(text: str) -> list[float]:
+    """Parse '20,60,200' into distinct numbers in [0, 1000]; FieldError('tau') otherwise."""
+    values: list[float] = []
+    for part in (text or "").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            value = float(part)
+        except ValueError:
+            raise FieldError("tau", f"{{}}: {part!r} is not a number (e.g. 60 or 20,60,200)") from None
+        if not math.isfinite(value) or not 0 <= value <= MAX_TAU:
+            raise FieldError("tau", f"{{}} {part} is outside [0, {MAX_TAU}] (the default is 60)")
+        if value not in values:
+            values.append(value)
+    if not values:
+        raise FieldError("tau", "needs at least one value in [0, 1000], e.g. 60")
+    return values
+
+
+def generation_settings(request: GenerateRequest) -> Any:
+    """The ML core's generation settings from the request, or a FieldError naming the bad one."""
+    from stencil_cli.generation import GenerationSettings
+    from stencil_cli.inversion import NullTextSettings
+
+    inversion = request.inversion.strip().lower()
+    if inversion not in ("nti", "npi"):
+        raise FieldError("inversion", f"must be nti or npi (got {request.inversion!r})")
+    if not (request.null_lr > 0 and math.isfinite(request.null_lr)):
+        raise FieldError("null_lr", f"must be a positive number (got {request.null_lr})")
+    if not (request.guidance >= 1 and math.isfinite(request.guidance)):
+        raise FieldError("guidance", f"must be at least 1 (got {request.guidance})")
+    for name, value, most in (
+        ("steps", request.steps, MAX_TAU),
+        ("inner_steps", request.inner_steps, None),
+        ("draft_steps", request.draft_steps, None),
+    ):
+        if value < 1 or (most is not None and value > most):
+            raise FieldError(
+                name, f"must be in [1, {most}] (got {value})" if most else f"must be at least 1 (got {value})"
+            )
+    return GenerationSettings(
+        steps=request.steps,
+        guidance=request.guidance,
+        inversion=inversion,
+        null_text=NullTextSettings(lr=request.null_lr, inner_steps=request.inner_steps),
+        draft_steps=request.draft_steps,
+    )
+
+
+def trained_run(store: Store, name: str, run_id: int | None) -> Run:
+    """The done run to generate with (`run_id`, or the newest done one), with its weights on disk."""
+    if run_id is not None:
+        run = store.get_run(name, run_id)
+        if run.status != "done":
+            raise StencilError(
+                f"run {run_id} of {name!r} is {run.status}, not done",
+                hint=f"pick a finished run (`stencil show {name}`) or train again: `stencil train {name}`",
+            )
+    else:
+        found = store.latest_done_run(name)
+        if found is None:
+            raise StencilError(f"subject {name!r} is not trained yet: run `stencil train {name}` first")
+        run = found
+    if run.weights_file is None or not run.weights_file.is_file():
+        raise StencilError(
+            f"the weights of run {run.id} of {name!r} are missing",
+            hint=f"train again with `stencil train {name}`",
+        )
+    return run
+
+
+def load_draft(path: Path) -> tuple[Image.Image, str]:
+    """A user's draft picture and its absolute path, or a FieldError('draft') saying what is wrong."""
+    from stencil_cli.images import load_rgb
+
+    if not str(path).strip():
+        raise FieldError("draft", "is empty: give the path of an image file")
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise FieldError("draft", f"{{}} {path} is a folder: give one image file")
+    if not path.is_file():
+        raise FieldError("draft", f"{{}} {path}: no such file")
+    try:
+        return load_rgb(path), str(path.resolve())
+    except Exception as error:  # noqa: BLE001 - Pillow raises many types for non-images
+        raise FieldError(
+            "draft", f"{{}} {path} is not an image Pillow can read ({type(error).__name__})"
+        ) from None
+
+
+def batch_name() -> str:
+    """A folder name for one generation call: UTC time plus a random suffix."""
+    return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
+
+
+def _items(request: GenerateRequest, mode: str) -> list[Item]:
+    """The images to make: the request's own items, or every prompt times `count` seeds."""
+    if request.items is not None:
+        return request.items
+    prompts = [p for p in request.prompts]
+    if not prompts or any(not p.strip() for p in prompts):
+        raise FieldError("prompt", 'is empty: say what to render, e.g. "on a beach at sunset"')
+    count = 1 if mode == "edit" else request.count
+    if count < 1:
+        raise FieldError("count", f"must be at least 1 (got {count})")
+    if count * len(prompts) > MAX_IMAGES:
+        raise FieldError("count", f"asks for {count * len(prompts)} images; at most {MAX_IMAGES} in one call")
+    first = request.seed if request.seed is not None else secrets.randbelow(2**31)
+    check_seeds(first, count)
+    several = len(prompts) > 1
+    return [
+        Item(prompt, first + i, stem=f"p{p}-s{first + i}" if several else f"s{first + i}")
+        for p, prompt in enumerate(prompts)
+        for i in range(count)
+    ]
+
+
+def plan_generation(store: Store, request: GenerateRequest) -> GenerationPlan:
+    """Check and settle everything about a generation (no model is loaded here)."""
+    from stencil_cli.generation import build_prompts
+
+    if request.draft is not None and request.no_context:
+        raise FieldError(("draft", "no_context"), "{} do not go together: a draft is the context")
+    mode = "plain" if request.no_context else ("edit" if request.draft is not None else "context")
+    notes: list[str] = []
+    warnings: list[str] = []
+    if mode == "edit" and request.count > 1 and request.items is None:
+        warnings.append(
+            "with a draft picture the result does not depend on the seed: making one image per tau"
+        )
+    items = _items(request, mode)
+    taus = list(request.taus) if mode != "plain" else []
+    for tau in taus:
+        if not 0 <= tau <= MAX_TAU:
+            raise FieldError("tau", f"must be in [0, {MAX_TAU}] (got {tau})")
+    settings = generation_settings(request)
+    subject = store.get_subject(request.name)
+    run = trained_run(store, request.name, request.run_id)
+    phrase = subject.phrase or subject.class_word
+    if not phrase:
+        raise StencilError(
+            f"subject {request.name!r} has no phrase",
+            hint=f"caption it with `stencil caption {request.name}` or re-add with --phrase",
+        )
+    if not subject.description and mode == "context":
+        notes.append(
+            f"{request.name} has no description (the OpenAI captioner writes one); "
+            f"the draft prompt uses {phrase!r}"
+        )
+    planned = []
+    for item in items:
+        prompts = build_prompts(item.prompt, phrase, subject.description)
+        planned.append(
+            PlannedItem(
+                item.prompt,
+                prompts.prompt,
+                prompts.draft_prompt,
+                item.seed,
+                item.stem or f"s{item.seed}",
+                item.meta,
+            )
+        )
+    draft_image, draft_source = load_draft(request.draft) if request.draft is not None else (None, None)
+    trained_on = run.params.get("subject_model") or run.base_model
+    subject_ref = request.subject_model or trained_on or resolve_setting(store, "subject_model", None)
+    if request.subject_model and trained_on:
+        from stencil_cli.verbs.train import stored_model_ref
+
+        # runs store local folders as absolute paths: compare the given reference the same way
+        if stored_model_ref(request.subject_model) != trained_on:
+            warnings.append(
+                f"run {run.id} was trained on {trained_on}; generating with {request.subject_model} as asked"
+            )
+    output = _prepare_output(request.output)
+    return GenerationPlan(
+        subject=subject,
+        run=run,
+        mode=mode,
+        items=planned,
+        taus=taus,
+        settings=settings,
+        subject_model=subject_ref,
+        context_model=resolve_setting(store, "context_model", request.context_model)
+        if mode == "context"
+        else None,
+        device=resolve_setting(store, "device", request.device),
+        precision=resolve_setting(store, "precision", request.precision),
+        no_t5=request.no_t5,
+        resolution=int(run.params.get("resolution") or 0),
+        folder=store.generation_dir(subject.name) / (request.folder or batch_name()),
+        output=output,
+        grid=request.grid,
+        reuse_drafts=request.reuse_drafts,
+        models_root=request.models_root or store.root,
+        draft_image=draft_image,
+        draft_source=draft_source,
+        notes=notes,
+        warnings=warnings,
+    )
+
+
+def _prepare_output(output: Path | None) -> Path | None:
+    """Create the copy folder up front (a bad -o fails before any model loads)."""
+    if output is None:
+        return None
+    output = Path(output).expanduser()
+    if output.exists() and not output.is_dir():
+        raise FieldError("output", f"{{}} {output} is a file: give a folder")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise StencilError(f"cannot create the output folder {output}: {error.strerror}") from None
+    return output
+
+
+# -- 2. the generation ----------------------------------------------------------------------------------
+
+
+def image_metadata(
+    plan: GenerationPlan, item: PlannedItem, tau: float | None, draft_file: str | None
+) -> dict[str, Any]:
+    """The parameters one generated image carries (PNG text chunks and its generation row)."""
+    settings = plan.settings
+    nti = plan.mode != "plain" and settings.inversion == "nti"
+    return {
+        "prompt": item.prompt,
+        "draft_prompt": item.draft_prompt if plan.mode == "context" else None,
+        "seed": item.seed,
+        "tau": tau,
+        "steps": settings.steps,
+        "guidance": settings.guidance,
+        "inversion": settings.inversion if plan.mode != "plain" else None,
+        "inner_steps": settings.null_text.inner_steps if nti else None,
+        "null_lr": settings.null_text.lr if nti else None,
+        "draft_steps": settings.draft_steps if plan.mode == "context" else None,
+        "mode": plan.mode,
+        "subject": plan.subject.name,
+        "phrase": plan.subject.phrase or plan.subject.class_word,
+        "subject_model": plan.subject_model,
+        "context_model": plan.context_model if plan.mode == "context" else None,
+        "run_id": plan.run.id,
+        "resolution": plan.resolution,
+        "draft": draft_file,
+        "draft_source": plan.draft_source,
+        **item.meta,
+    }
+
+
+def draft_metadata(plan: GenerationPlan, item: PlannedItem, seconds: float | None) -> dict[str, Any]:
+    """The parameters a draft carries (how long it took to render, so a reused draft keeps its time)."""
+    return {
+        "role": "draft",
+        "draft_prompt": item.draft_prompt if plan.mode == "context" else None,
+        "seed": item.seed,
+        "context_model": plan.context_model,
+        "subject": plan.subject.name,
+        "draft_source": plan.draft_source,
+        "render_seconds": round(seconds, 4) if seconds is not None else None,
+    }
+
+
+def tau_label(tau: float) -> str:
+    """60.0 -> '60', 12.5 -> '12.5' (for file names and labels)."""
+    return f"{tau:g}"
+
+
+class _Writer:
+    """Writes a plan's files and rows as they arrive (atomically; copies under `output` too)."""
+
+    def __init__(
+        self, store: Store, plan: GenerationPlan, on_image: Callable[[SavedImage], None] | None
+    ) -> None:
+        self.store = store
+        self.plan = plan
+        self.on_image = on_image
+        self.result = GenerateResult(plan)
+        self.draft_seconds: dict[str, float] = {}
+
+    def copy_path(self, path: Path) -> Path | None:
+        """Where `output` gets a copy of the store file `path` (None without an output folder)."""
+        if self.plan.output is None:
+            return None
+        return self.plan.output / f"{self.plan.subject.name}-{self.plan.folder.name}-{path.name}"
+
+    def write(self, path: Path, data: bytes) -> Path | None:
+        """Write `data` to `path` and its copy; return the copy's path."""
+        atomic_write_bytes(path, data)
+        copy = self.copy_path(path)
+        if copy is not None:
+            atomic_write_bytes(copy, data)
+        return copy
+
+    def draft_path(self, item: PlannedItem) -> Path:
+        """Where the draft of `item` lives."""
+        return self.plan.folder / f"draft-{item.stem}.png"
+
+    def save_draft(self, item: PlannedItem, image: Image.Image, seconds: float | None) -> None:
+        """Write the draft of `item` (with its parameters) now."""
+        path = self.draft_path(item)
+        self.write(path, png_bytes(image, draft_metadata(self.plan, item, seconds)))
+        self.result.drafts[item.stem] = path
+        if seconds is not None:
+            self.draft_seconds[item.stem] = seconds
+
+    def reuse_draft(self, item: PlannedItem) -> bool:
+        """Take an existing draft of `item` (when the plan allows it); True when there was one."""
+        path = self.draft_path(item)
+        if not (self.plan.reuse_drafts and path.is_file()):
+            return False
+        self.result.drafts[item.stem] = path
+        seconds = read_png_parameters(path).get("render_seconds")
+        self.draft_seconds[item.stem] = float(seconds or 0.0)
+        return True
+
+    def save_image(
+        self,
+        item: PlannedItem,
+        tau: float | None,
+        image: Image.Image,
+        timings: dict[str, float],
+        extra: dict[str, Any],
+    ) -> SavedImage:
+        """Write one image (PNG with its parameters) and its generation row now."""
+        plan = self.plan
+        stem = item.stem if tau is None else f"{item.stem}-tau{tau_label(tau)}"
+        path = plan.folder / f"{stem}.png"
+        draft_path = self.result.drafts.get(item.stem)
+        carried = image_metadata(plan, item, tau, draft_path.name if draft_path else None)
+        data = png_bytes(image, carried)
+        row_params = {k: v for k, v in carried.items() if v is not None}
+        row_params.update(
+            {"batch": plan.folder.name, "timings_s": {k: round(v, 4) for k, v in timings.items()}, **extra}
+        )
+        copy = self.copy_path(path)
+        if copy is not None:
+            row_params["output_file"] = str(copy.resolve())
+        atomic_write_bytes(path, data)
+        # the row right after the store file (a failed insert leaves no copy; `store clean` removes the file)
+        generation = self.store.add_generation(
+            plan.subject,
+            {
+                "run_id": plan.run.id,
+                "prompt": item.prompt,
+                "draft_prompt": item.draft_prompt if plan.mode == "context" else None,
+                "seed": item.seed,
+                "tau": tau,
+                "params": row_params,
+                "image_file": path,
+                "draft_file": draft_path,
+            },
+        )
+        if copy is not None:
+            atomic_write_bytes(copy, data)
+        saved = SavedImage(generation, copy)
+        self.result.images.append(saved)
+        if self.on_image is not None:
+            self.on_image(saved)
+        return saved
+
+    def save_grid(self) -> Path:
+        """The contact sheet (each item's draft, then its images) from the files written; returns its path."""
+        from stencil_cli.generation import contact_sheet
+
+        rows = []
+        for item in self.plan.items:
+            draft = self.result.drafts.get(item.stem)
+            row = [(f"draft, seed {item.seed}", read_rgb(draft))] if draft is not None else []
+            row += [
+                (
+                    f"tau {tau_label(s.generation.tau)}"
+                    if s.generation.tau is not None
+                    else f"seed {item.seed}",
+                    read_rgb(s.generation.image_file),
+                )
+                for s in self.result.images
+                if s.generation.params.get("seed") == item.seed
+                and s.generation.prompt == item.prompt
+                and s.generation.image_file is not None
+            ]
+            rows.append(row)
+        path = self.plan.folder / GRID_NAME
+        meta = {
+            "role": "grid",
+            "prompts": sorted({item.prompt for item in self.plan.items}),
+            "taus": self.plan.taus,
+            "seeds": [item.seed for item in self.plan.items],
+        }
+        copy = self.write(path, png_bytes(contact_sheet(rows), meta))
+        self.result.grid_file = copy or path
+        return self.result.grid_file
+
+
+@contextlib.contextmanager
+def context_pipeline(
+    ref: str, *, device: str, precision: str, no_t5: bool, store_root: Path | None = None
+) -> Iterator[Any]:
+    """The context model, loaded for the drafts and freed afterwards (before the subject model loads)."""
+    from stencil_cli import models
+
+    with models.quiet_libraries():
+        pipe = models.load_context_pipeline(
+            ref, device=device, precision=precision, no_t5=no_t5, store_root=store_root
+        )
+    try:
+        yield pipe
+    finally:
+        models.free_pipeline(pipe)
+        del pipe
+
+
+@contextlib.contextmanager
+def subject_pipeline(
+    ref: str, run: Run, *, device: str, precision: str, store_root: Path | None = None
+) -> Iterator[Any]:
+    """The subject model with the run's trained weights, freed afterwards."""
+    from stencil_cli import models, training
+
+    with models.quiet_libraries():
+        pipe = models.load_subject_pipeline(ref, device=device, precision=precision, store_root=store_root)
+    try:
+        assert run.weights_file is not None
+        training.load_trained_weights(pipe.unet, run.weights_file)
+        yield pipe
+    finally:
+        models.free_pipeline(pipe)
+        del pipe
+
+
+def generate(
+    store: Store,
+    plan: GenerationPlan,
+    *,
+    progress: Progress = no_progress,
+    on_image: Callable[[SavedImage], None] | None = None,
+    result: GenerateResult | None = None,
+) -> GenerateResult:
+    """Make the plan's images: drafts, then per item the subject model's inversion and denoise.
+
+    Each draft, image and row is written as soon as it is made. Pass your own `result` to see what was
+    written when an exception (Ctrl-C) stops the generation. Stages reported: draft, inversion, null-text,
+    denoise.
+    """
+    from stencil_cli import generation, models
+    from stencil_cli.images import center_crop_resize
+
+    writer = _Writer(store, plan, on_image)
+    if result is not None:
+        writer.result = result
+    if plan.mode == "context":
+        _render_drafts(writer, progress, plan.models_root)
+    with subject_pipeline(
+        plan.subject_model,
+        plan.run,
+        device=plan.device,
+        precision=plan.precision,
+        store_root=plan.models_root,
+    ) as pipe:
+        resolution = plan.resolution or models.native_resolution(pipe)
+        plan.resolution = resolution
+        by_stem = {item.stem: item for item in plan.items}
+        if plan.mode == "plain":
+            wanted = [(item.stem, item.prompt, item.seed) for item in plan.items]
+            for stem, image, seconds in generation.plain_images(
+                pipe, wanted, plan.settings, resolution=resolution, progress=progress
+            ):
+                writer.save_image(by_stem[stem], None, image, {"denoise": seconds}, {})
+        else:
+            if plan.mode == "edit" and plan.draft_image is not None:
+                edit_draft = center_crop_resize(plan.draft_image, resolution)
+                for item in plan.items:
+                    writer.save_draft(item, edit_draft, None)
+            drafts = [
+                (item.stem, read_rgb(writer.result.drafts[item.stem]), item.prompt) for item in plan.items
+            ]
+            for made in generation.context_guidance(
+                pipe, drafts, plan.taus, plan.settings, resolution=resolution, progress=progress
+            ):
+                # draft and inversion are per item (shared by its taus); denoising per image
+                timings = {"draft": writer.draft_seconds.get(made.key, 0.0), **made.timings}
+                extra = {
+                    "inner_iterations": made.inversion.inner_iterations,
+                    "null_text_losses": made.inversion.losses,
+                }
+                writer.save_image(by_stem[made.key], made.tau, made.image, timings, extra)
+    if plan.grid:
+        writer.save_grid()
+    return writer.result
+
+
+def _render_drafts(writer: _Writer, progress: Progress, store_root: Path) -> None:
+    """Render and save every item's draft with the context model (freed afterwards), reusing kept drafts."""
+    plan = writer.plan
+    assert plan.context_model is not None
+    wanted = []
+    for item in plan.items:
+        if writer.reuse_draft(item):
+            progress(
+                "draft",
+                plan.settings.draft_steps,
+                plan.settings.draft_steps,
+                {"advance": plan.settings.draft_steps},
+            )
+        else:
+            wanted.append(item)
+    if not wanted:
+        return
+    from stencil_cli import generation
+
+    by_stem = {item.stem: item for item in wanted}
+    options = {
+        "device": plan.device,
+        "precision": plan.precision,
+        "no_t5": plan.no_t5,
+        "store_root": store_root,
+    }
+    with context_pipeline(plan.context_model, **options) as pipe:
+        for draft in generation.render_drafts(
+            pipe,
+            [(item.stem, item.draft_prompt, item.seed) for item in wanted],
+            resolution=plan.resolution or 512,
+            steps=plan.settings.draft_steps,
+            guidance=plan.settings.draft_guidance,
+            progress=progress,
+        ):
+            writer.save_draft(by_stem[draft.key], draft.image, draft.seconds)

@@ -1,0 +1,96 @@
+"""Subjects in the store: add photos (all or nothing), remove a subject or one photo.
+
+`add_photos` is the one photo-intake verb: `stencil add`, the DreamBench runner and the demo call it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stencil_cli.errors import BadInputError, FieldError
+from stencil_cli.images import PreparedImage, RejectedImage, expand_paths, prepare_image
+from stencil_cli.store import Store, Subject, validate_name
+from stencil_cli.verbs.common import subject_lock
+
+
+@dataclass
+class AddRequest:
+    """Photos (files or folders) to add to subject `name` (created if needed)."""
+
+    name: str
+    paths: list[Path]
+    phrase: str | None = None
+    class_word: str | None = None
+    skip_bad: bool = False  # add the good photos even if some files are bad
+
+
+@dataclass
+class AddOutcome:
+    """What adding photos did."""
+
+    subject: Subject
+    created: bool
+    added: list[dict[str, Any]]
+    duplicates: list[Path]
+    skipped: list[RejectedImage] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+class BadPhotosError(FieldError):
+    """Some of the given files are not usable photos; nothing was added. `rejected` names each."""
+
+    def __init__(self, rejected: list[RejectedImage]) -> None:
+        super().__init__(
+            "skip_bad",
+            f"{len(rejected)} bad file(s), nothing added; fix or remove them, or pass {{}} to add the rest",
+        )
+        self.rejected = rejected
+
+
+def add_photos(store: Store, request: AddRequest) -> AddOutcome:
+    """Check every photo first, then add them all (or, with `skip_bad`, the good ones); see AddOutcome."""
+    validate_name(request.name)
+    if request.phrase is not None and not request.phrase.strip():
+        raise FieldError("phrase", "{0} must not be empty (e.g. {0} 'cat')")
+    phrase = request.phrase.strip() if request.phrase else None
+    class_word = request.class_word.strip() if request.class_word else None
+    files, bad = expand_paths(request.paths)
+    prepared: list[PreparedImage] = []
+    for file in files:
+        result = prepare_image(file)
+        if isinstance(result, RejectedImage):
+            bad.append(result)
+        else:
+            prepared.append(result)
+    if not files and not bad:
+        raise BadInputError("no photos found in the given paths (looked for .jpg, .png, .webp, ...)")
+    if bad and not request.skip_bad:
+        raise BadPhotosError(bad)
+    if not prepared:
+        raise BadInputError("none of the given files is a usable photo, nothing added")
+    warnings = [image.warning for image in prepared if image.warning]
+    result = store.add_images(
+        request.name, prepared, phrase=phrase or class_word, class_word=class_word or phrase
+    )
+    return AddOutcome(
+        subject=result.subject,
+        created=result.created_subject,
+        added=result.added,
+        duplicates=[image.source for image in result.duplicates],
+        skipped=bad,
+        warnings=warnings,
+    )
+
+
+def remove_subject(store: Store, name: str) -> Subject:
+    """Remove a subject with its photos, runs and images (waits for no one: refuses under a training)."""
+    store.get_subject(name)
+    with subject_lock(store, name):  # never delete a subject under a running training
+        return store.remove_subject(name)
+
+
+def remove_photo(store: Store, name: str, image_ref: str) -> dict[str, Any]:
+    """Remove one photo of a subject (by id or sha256 prefix)."""
+    return store.remove_image(name, image_ref)

@@ -1,0 +1,522 @@
+"""Train a subject: checks, the per-subject lock, the run row, the masks, the loop, the weights file.
+
+`train(store, TrainRequest)` is the one training verb: `stencil train`, the DreamBench runner and the demo all
+call it. It settles the configuration (or the interrupted run's, with --resume), refuses what cannot work
+before the model loads, and leaves the run `done`, `failed` or `interrupted` whatever happens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stencil_cli.errors import BadInputError, FieldError, StencilError
+from stencil_cli.fsutil import atomic_write_bytes
+from stencil_cli.settings import resolve_setting
+from stencil_cli.store import Run, Store, Subject
+from stencil_cli.verbs.common import Progress, no_progress, subject_lock, synced_clock
+
+WEIGHTS_NAME = "weights.safetensors"
+CHECKPOINT_NAME = "checkpoint.pt"
+MASKS_DIR = "masks"
+DB_UPDATE_SECONDS = 1.0
+CAPTIONS_KEY = "captions_sha256"  # run params: the hash of the captions + phrase trained on
+DEFAULT_STEPS = 100
+# the settings a resumed run keeps (only `steps` and `device` may change)
+RESUME_KEPT = (
+    "batch_size",
+    "lr",
+    "threshold",
+    "seed",
+    "resolution",
+    "train",
+    "use_mask",
+    "gradient_checkpointing",
+    "save_dtype",
+    "checkpoint_every",
+    "subject_model",
+    "precision",
+)
+
+
+@dataclass
+class TrainRequest:
+    """What to train. None means: the default (or, with `resume`, the interrupted run's value)."""
+
+    name: str
+    steps: int | None = None
+    batch_size: int = 6
+    lr: float = 2e-5
+    threshold: float = 0.2
+    seed: int = 0
+    resolution: int | None = None
+    train: str = "decoder"
+    use_mask: bool = True
+    gradient_checkpointing: bool = False
+    save_dtype: str = "fp16"
+    checkpoint_every: int = 0
+    resume: bool = False
+    masks_only: bool = False
+    subject_model: str | None = None
+    device: str | None = None
+    precision: str | None = None
+    given: frozenset[str] = frozenset()  # fields the user set explicitly (checked against a resumed run)
+    models_root: Path | None = None  # the store whose models/ holds built presets (default: this store)
+    extra_params: dict[str, Any] = field(default_factory=dict)  # stored in the run's params (e.g. bench key)
+
+
+@dataclass
+class MaskPicture:
+    """One photo's mask overlay and how much of the photo the mask covers."""
+
+    image_id: int
+    file: str
+    coverage: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready view."""
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class TrainResult:
+    """What training produced: the finished run (None with masks_only) and the mask pictures."""
+
+    subject: str
+    run: Run | None
+    masks: list[MaskPicture]
+
+
+# -- the verb --------------------------------------------------------------------------------------------
+
+
+def train(store: Store, request: TrainRequest, *, progress: Progress = no_progress) -> TrainResult:
+    """Train (or resume, or only compute masks for) a subject; see the module docstring.
+
+    Progress: ``("loading", 0, None, {"model": ref, "device": dev})`` before the model loads, the mask pass
+    (``"masks"`` / ``"encoding"``, then ``("mask pictures", 1, 1, {"masks": [MaskPicture]})``) and
+    ``("train", step, steps, {"loss": loss})`` per step.
+    """
+    if request.resume and request.masks_only:
+        raise FieldError(("resume", "masks_only"), "{} do not go together")
+    store.get_subject(request.name)  # a clear NotFoundError when the subject does not exist
+    with subject_lock(store, request.name):
+        mark_stale_runs(store, request.name)
+        run = resumable_run(store, request.name) if request.resume else None
+        if run is not None:
+            config, model_ref = resumed_config(store, run, request)
+        else:
+            config, model_ref = fresh_config(store, request)
+        config.validate()  # bad options fail before the model loads
+        subject, captions = check_subject(store, request.name, config.use_mask or request.masks_only)
+        if run is not None:
+            if not check_resume(run, subject, captions):
+                message = (
+                    f"run {run.id} predates caption checks: resuming with the current captions and phrase"
+                )
+                progress("warning", 0, None, {"message": message})
+            check_resume_steps(store, request.name, run, config.steps)
+        pipe = _load_model(store, model_ref, config, request, fresh=run is None, progress=progress)
+        if config.use_mask or request.masks_only:
+            check_captions(pipe.tokenizer, subject, captions)
+        if request.masks_only:
+            _, masks = make_masks(
+                store, subject, pipe, dataclasses.replace(config, use_mask=True), progress=progress
+            )
+            return TrainResult(subject.name, None, masks)
+        if run is None:
+            run = start_run(store, subject, config, model_ref, request.extra_params)
+        else:
+            run = reopen_run(store, run, config.steps)
+        return train_subject(store, subject, pipe, config, model_ref, run, progress=progress)
+
+
+def fresh_config(store: Store, request: TrainRequest) -> tuple[Any, str]:
+    """The training settings of a new run, and the subject model it trains (as the run stores it)."""
+    from stencil_cli.training import TrainConfig
+
+    config = TrainConfig(
+        steps=DEFAULT_STEPS if request.steps is None else request.steps,
+        batch_size=request.batch_size,
+        lr=request.lr,
+        threshold=request.threshold,
+        seed=request.seed,
+        resolution=request.resolution or 512,  # replaced by the model's size when not given
+        train=request.train,
+        use_mask=request.use_mask,
+        save_dtype=request.save_dtype,
+        gradient_checkpointing=request.gradient_checkpointing,
+        checkpoint_every=request.checkpoint_every,
+    )
+    return config, stored_model_ref(resolve_setting(store, "subject_model", request.subject_model))
+
+
+def resumed_config(store: Store, run: Run, request: TrainRequest) -> tuple[Any, str]:
+    """The interrupted run's settings (new `steps` may extend it); refuse explicit settings that differ."""
+    from stencil_cli.training import TrainConfig
+
+    config = TrainConfig.from_params(run.params)
+    if request.steps is not None:
+        config.steps = request.steps
+    model_ref = run.params.get("subject_model") or run.base_model or ""
+    kept = {**dataclasses.asdict(config), "subject_model": model_ref}
+    conflicting = []
+    for name in RESUME_KEPT:
+        if name not in request.given:
+            continue
+        value = getattr(request, name)
+        differs = stored_model_ref(value) != model_ref if name == "subject_model" else value != kept[name]
+        if differs:
+            conflicting.append(name)
+    if conflicting:
+        raise FieldError(
+            conflicting,
+            f"resuming run {run.id} keeps its own settings: drop {{}} "
+            "(only the steps and the device may change; start a fresh run to change the others)",
+        )
+    return config, model_ref
+
+
+def _load_model(
+    store: Store, model_ref: str, config: Any, request: TrainRequest, *, fresh: bool, progress: Progress
+) -> Any:
+    """Load the subject model; a fresh run takes its precision and (unless given) resolution from it."""
+    from stencil_cli import models
+
+    device = models.resolve_device(resolve_setting(store, "device", request.device))
+    if fresh:
+        config.precision = training_precision(resolve_setting(store, "precision", request.precision), device)
+    progress("loading", 0, None, {"model": model_ref, "device": str(device)})
+    pipe = load_training_pipeline(model_ref, device, request.models_root or store.root)
+    if fresh and request.resolution is None:
+        config.resolution = models.native_resolution(pipe)
+    config.validate()
+    return pipe
+
+
+# -- checks ------------------------------------------------------------------------------------------------
+
+
+def check_subject(store: Store, name: str, use_mask: bool) -> tuple[Subject, list[str]]:
+    """The subject and its captions, or a refusal saying what to do first."""
+    subject = store.get_subject(name)
+    if not subject.images:
+        raise StencilError(f"subject {name!r} has no photos: add some with `stencil add {name} PHOTOS...`")
+    missing = [image["id"] for image in subject.images if not (image["caption"] or "").strip()]
+    if missing:
+        raise StencilError(
+            f"{len(missing)} of {len(subject.images)} photos of {name!r} have no caption "
+            f"(ids {', '.join(map(str, missing[:8]))}): run `stencil caption {name}` first"
+        )
+    if use_mask and not (subject.phrase or "").strip():
+        raise StencilError(
+            f"subject {name!r} has no phrase to locate it by: "
+            f"set one with `stencil caption {name} --phrase WORDS`"
+        )
+    if use_mask:
+        from stencil_cli.captioning import contains_phrase
+
+        phrase = subject.phrase or ""
+        lacking = [image["id"] for image in subject.images if not contains_phrase(image["caption"], phrase)]
+        if lacking:
+            raise StencilError(
+                f"{len(lacking)} of {len(subject.images)} captions of {name!r} lack the phrase {phrase!r} "
+                f"(ids {', '.join(map(str, lacking[:8]))}): recaption with `stencil caption {name} --force`"
+            )
+    return subject, [image["caption"] for image in subject.images]
+
+
+def check_captions(tokenizer: Any, subject: Subject, captions: list[str]) -> None:
+    """Every caption must contain the subject phrase (as tokens); name the photo that does not."""
+    from stencil_cli.attention import find_phrase_positions
+
+    for image, caption in zip(subject.images, captions, strict=True):
+        try:
+            find_phrase_positions(tokenizer, caption, subject.phrase or "")
+        except BadInputError as error:
+            raise BadInputError(f"photo {image['id']} of {subject.name!r}: {error}") from error
+
+
+def mark_stale_runs(store: Store, name: str) -> None:
+    """Runs still marked running while we hold the lock belong to a process that died: mark them."""
+    for run in store.list_runs(name):
+        if run.status == "running":
+            store.finish_run(run.id, "interrupted", error="the training process ended unexpectedly")
+
+
+def resumable_run(store: Store, name: str) -> Run:
+    """The newest interrupted/failed run of `name` that has a checkpoint."""
+    for run in reversed(store.list_runs(name)):
+        checkpoint = store.run_dir(name, run.id) / CHECKPOINT_NAME
+        if run.status in ("interrupted", "failed") and checkpoint.is_file():
+            return run
+    raise StencilError(
+        f"no interrupted run of {name!r} has a checkpoint to resume from "
+        "(train with --checkpoint-every N to make a run resumable)"
+    )
+
+
+def check_resume_steps(store: Store, name: str, run: Run, steps: int) -> None:
+    """Refuse resuming `run` to a step count its checkpoint has already reached."""
+    from stencil_cli import training
+
+    path = store.run_dir(name, run.id) / CHECKPOINT_NAME
+    done = int(training.load_checkpoint(path, mmap=True)["step"])
+    if steps < done:
+        raise FieldError(
+            "steps",
+            f"{{}} {steps} is fewer than the {done} steps in run {run.id}'s checkpoint: "
+            "give at least that many to resume",
+        )
+
+
+def captions_digest(captions: list[str], phrase: str | None) -> str:
+    """A hash of the captions and the phrase the masks and caption embeddings come from."""
+    text = json.dumps({"captions": list(captions), "phrase": phrase or ""}, ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def check_resume(run: Run, subject: Subject, captions: list[str]) -> bool:
+    """Refuse to resume `run` when the subject's photos, captions or phrase changed since it started
+    (the masks would silently change mid-run). False when the run predates the caption hash (unchecked)."""
+    if run.params.get("images") != [image["id"] for image in subject.images]:
+        raise StencilError(
+            f"the photos of {subject.name!r} changed since run {run.id}; start a fresh run (without --resume)"
+        )
+    stored = run.params.get(CAPTIONS_KEY)
+    if stored is None:
+        return False
+    if stored != captions_digest(captions, subject.phrase):
+        raise StencilError(
+            f"the captions or the phrase of {subject.name!r} changed since run {run.id} was started "
+            "(the masks would change mid-run); start a fresh run (without --resume)"
+        )
+    return True
+
+
+def training_precision(precision: str, device: Any) -> str:
+    """The autocast name (fp32 / fp16 / bf16) that `precision` ('auto', ...) means on `device`."""
+    import torch
+
+    from stencil_cli.models import resolve_dtype
+
+    dtype = resolve_dtype(precision, device)
+    return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
+
+
+def stored_model_ref(ref: str) -> str:
+    """The subject-model reference to store: local folders as absolute paths, others as given."""
+    from stencil_cli.models import resolve_ref
+
+    source = resolve_ref(ref)
+    return str(source.path) if source.kind == "local" and source.path else ref
+
+
+def load_training_pipeline(model_ref: str, device: Any, store_root: Path | None = None) -> Any:
+    """The subject pipeline to train on `device` (fp32 master weights; autocast does mixed precision)."""
+    from stencil_cli import models
+
+    with models.quiet_libraries():
+        return models.load_subject_pipeline(
+            model_ref, device=str(device), precision="fp32", store_root=store_root
+        )
+
+
+# -- the run -----------------------------------------------------------------------------------------------
+
+
+def start_run(
+    store: Store, subject: Subject, config: Any, model_ref: str, extra: dict[str, Any] | None = None
+) -> Run:
+    """Create the run row: the training settings, the model, the phrase, the photos and a captions hash."""
+    params = {
+        **config.to_params(),
+        "subject_model": model_ref,
+        "phrase": subject.phrase,
+        "images": [image["id"] for image in subject.images],
+        CAPTIONS_KEY: captions_digest([image["caption"] or "" for image in subject.images], subject.phrase),
+        **(extra or {}),
+    }
+    return store.create_run(subject.name, params, model_ref)
+
+
+def reopen_run(store: Store, run: Run, steps: int) -> Run:
+    """Mark a run being resumed as running again, with its (possibly new) step count in its params."""
+    params = {**run.params, "steps": steps}
+    store.update_run(run.id, status="running", finished=None, error=None, params=params)
+    return dataclasses.replace(run, status="running", finished=None, error=None, params=params)
+
+
+def mask_path(folder: Path, image: dict[str, Any]) -> Path:
+    """Where a photo's mask picture lives in `folder` (named by photo id and content hash)."""
+    return folder / f"{image['id']}-{image['sha256'][:12]}.png"
+
+
+def mask_files(store: Store, subject: Subject) -> list[tuple[dict[str, Any], Path | None]]:
+    """Each photo of `subject` with its latest mask picture (None where no mask pass has run)."""
+    folder = store.subject_dir(subject.name) / MASKS_DIR
+    result: list[tuple[dict[str, Any], Path | None]] = []
+    for image in subject.images:
+        path = mask_path(folder, image)
+        result.append((image, path if path.is_file() else None))
+    return result
+
+
+def write_mask_pictures(
+    folders: list[Path], subject: Subject, data: Any, captions: list[str], threshold: float
+) -> list[MaskPicture]:
+    """Save one overlay PNG per photo into every folder; return id, path and mask coverage per photo."""
+    from PIL import PngImagePlugin
+
+    from stencil_cli.training import overlay_mask
+
+    rows = []
+    for index, image in enumerate(subject.images):
+        mask = data.masks[index]
+        coverage = float(mask.float().mean())
+        picture = overlay_mask(data.crops[index], mask)
+        text = PngImagePlugin.PngInfo()
+        text.add_text("stencil:caption", captions[index])
+        text.add_text("stencil:threshold", str(threshold))
+        text.add_text("stencil:coverage", f"{coverage:.4f}")
+        buffer = io.BytesIO()
+        picture.save(buffer, format="PNG", pnginfo=text)
+        paths = []
+        for folder in folders:
+            target = mask_path(folder, image)
+            atomic_write_bytes(target, buffer.getvalue())
+            paths.append(target)
+        rows.append(MaskPicture(image["id"], str(paths[0]), round(coverage, 4)))
+    return rows
+
+
+def make_masks(
+    store: Store,
+    subject: Subject,
+    pipe: Any,
+    config: Any,
+    run: Run | None = None,
+    *,
+    progress: Progress = no_progress,
+) -> tuple[Any, list[MaskPicture]]:
+    """Encode the photos and captions, compute the masks and save their pictures (subject and run folders)."""
+    from stencil_cli import training
+    from stencil_cli.images import load_rgb
+
+    captions = [image["caption"] for image in subject.images]
+    photos = [load_rgb(Path(image["file"])) for image in subject.images]
+    stage = "masks" if config.use_mask else "encoding"
+    progress(stage, 0, 1, {})
+    data = training.prepare_training_data(pipe, photos, captions, subject.phrase, config)
+    progress(stage, 1, 1, {})
+    rows: list[MaskPicture] = []
+    if config.use_mask:
+        folders = [store.subject_dir(subject.name) / MASKS_DIR]
+        if run is not None:
+            folders.insert(0, store.run_dir(subject.name, run.id) / MASKS_DIR)
+        rows = write_mask_pictures(folders, subject, data, captions, config.threshold)
+        progress("mask pictures", 1, 1, {"masks": rows})
+    return data, rows
+
+
+def train_subject(
+    store: Store,
+    subject: Subject,
+    pipe: Any,
+    config: Any,
+    model_ref: str,
+    run: Run,
+    *,
+    progress: Progress = no_progress,
+) -> TrainResult:
+    """Masks, the training loop (from the run's checkpoint if there is one), the weights file, the done run.
+
+    Ctrl-C marks the run interrupted (with its step and losses), any other error failed; both re-raise.
+    """
+    from stencil_cli import models, training
+
+    name = subject.name
+    device = next(pipe.unet.parameters()).device
+    started = synced_clock(device)
+    previous = float(run.duration_s or 0.0)
+    # what the run recorded so far (a resumed run): kept if we stop before the loop starts
+    step, losses = run.step, list(run.losses)
+
+    def elapsed() -> float:
+        return round(previous + synced_clock(device) - started, 3)
+
+    try:
+        data, masks = make_masks(store, subject, pipe, config, run, progress=progress)
+        run_dir = store.run_dir(name, run.id)
+        checkpoint_path = run_dir / CHECKPOINT_NAME
+        resume_state = training.load_checkpoint(checkpoint_path) if checkpoint_path.is_file() else None
+        unet, scheduler = pipe.unet, pipe.scheduler
+        models.free_pipeline(pipe)  # the VAE and text encoder are done; keep only the UNet
+        step = int(resume_state["step"]) if resume_state else 0
+        losses = [float(x) for x in resume_state["losses"]] if resume_state else []
+        progress("train", step, config.steps, {})
+        last_write = 0.0
+
+        def on_step(done: int, loss: float) -> None:
+            nonlocal step, last_write
+            step = done
+            losses.append(loss)
+            progress("train", done, config.steps, {"loss": loss})
+            now = time.monotonic()
+            if done == 1 or now - last_write >= DB_UPDATE_SECONDS:
+                last_write = now
+                store.update_run(run.id, step=done, losses=losses)
+
+        result = training.train_unet(
+            unet,
+            scheduler,
+            data,
+            config,
+            checkpoint_path=checkpoint_path,
+            resume=resume_state,
+            on_step=on_step,
+        )
+        weights = run_dir / WEIGHTS_NAME
+        save_run_weights(weights, unet, result.names, config, model_ref, subject, run)
+    except KeyboardInterrupt:
+        store.finish_run(run.id, "interrupted", duration_s=elapsed(), step=step, losses=losses)
+        raise
+    except BaseException as error:
+        message = str(error) if isinstance(error, StencilError) else f"{type(error).__name__}: {error}"
+        store.finish_run(run.id, "failed", duration_s=elapsed(), error=message)
+        raise
+    store.finish_run(
+        run.id, "done", duration_s=elapsed(), weights_file=weights, losses=result.losses, step=result.steps
+    )
+    checkpoint_path.unlink(missing_ok=True)
+    del unet
+    models.free_pipeline(None)
+    return TrainResult(name, store.get_run(name, run.id), masks)
+
+
+def save_run_weights(
+    path: Path, unet: Any, names: list[str], config: Any, model_ref: str, subject: Subject, run: Run
+) -> None:
+    """Write the trained parameters (in `config.save_dtype`) and their metadata atomically to `path`."""
+    from stencil_cli import training
+
+    tensors = training.trained_state(unet, names, training.SAVE_DTYPES[config.save_dtype])
+    metadata = training.weights_metadata(
+        config, model_ref, names, subject=subject.name, phrase=subject.phrase or "", run_id=str(run.id)
+    )
+    training.save_trained_weights(path, tensors, metadata)
+
+
+def masks_of(store: Store, name: str) -> list[dict[str, Any]]:
+    """The latest mask picture of each photo of `name` (file None where no mask pass has run)."""
+    subject = store.get_subject(name)
+    return [
+        {"image_id": image["id"], "sha256": image["sha256"], "file": str(path) if path else None}
+        for image, path in mask_files(store, subject)
+    ]

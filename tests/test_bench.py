@@ -1,0 +1,205 @@
+"""The DreamBench runner (stencil_cli.verbs.bench): its settings, its out folder, sharding, the merge, and
+that it adds, captions, trains and generates through the same verbs as the CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from photos import add_subject
+
+from stencil_cli.errors import BadInputError, FieldError, StencilError
+from stencil_cli.verbs import bench
+from stencil_cli.verbs.common import subject_lock
+
+
+def _job(name: str = "robot") -> bench.SubjectJob:
+    return bench.SubjectJob(name, "robot", False, ["a {0} {1}"], [(0, 0)])
+
+
+# -- settings and the out folder ----------------------------------------------------------------------------
+
+
+def test_bench_config_refuses_seeds_that_do_not_fit(tmp_path: Path) -> None:
+    last = 2**63 - 1
+    where = {"dataset": tmp_path, "out": tmp_path, "subjects": ["dog"], "images_per_prompt": 4}
+    bench.BenchConfig(**where, seed=last - 3).validate()
+    config = bench.BenchConfig(**where, seed=last - 2)
+    with pytest.raises(FieldError, match="seed must be in") as caught:
+        config.validate()
+    assert caught.value.fields == ("seed",)
+
+
+def test_bench_config_names_the_training_steps_train_steps(tmp_path: Path) -> None:
+    config = bench.BenchConfig(dataset=tmp_path, out=tmp_path, subjects=["dog"], train_steps=0)
+    with pytest.raises(FieldError) as caught:
+        config.validate()
+    assert caught.value.fields == ("train_steps",)  # not `steps`: those are the DDIM steps here
+
+
+def test_the_bench_command_shows_a_bad_training_step_count_as_train_steps(
+    cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stencil_cli.commands import bench as bench_command
+
+    class ZeroTrainSteps(bench.BenchConfig):
+        def __init__(self, **values: Any) -> None:
+            super().__init__(**{**values, "train_steps": 0})  # past the flag's min=1: the config names it
+
+    monkeypatch.setattr(bench_command, "BenchConfig", ZeroTrainSteps)
+    dataset = tmp_path / "dreambench"
+    dataset.mkdir()
+    result = cli("bench", "dreambench", dataset, "--out", tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.stderr.split())
+    assert "--train-steps must be at least 1 (got 0)" in text and "Traceback" not in result.output
+
+
+def test_bench_refuses_an_out_path_that_is_a_file(cli: Any, tmp_path: Path) -> None:
+    out_file = tmp_path / "results.jpg"
+    out_file.write_text("x")
+    result = cli("bench", "dreambench", tmp_path, "--out", out_file)
+    assert result.exit_code == 2 and "is a file" in result.stderr
+
+
+@pytest.mark.parametrize("content", ["{not json", "[]", '{"dataset": "x"}'])
+def test_an_unreadable_bench_file_is_a_clear_error(tmp_path: Path, content: str) -> None:
+    config = bench.BenchConfig(dataset=tmp_path, out=tmp_path / "out", subjects=["dog"])
+    bench.check_out_folder(config)  # creates it
+    path = config.out / bench.BENCH_FILE
+    bench.check_out_folder(config)  # reads it back: the same settings
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(BadInputError, match="bench.json cannot be read as a benchmark's settings"):
+        bench.check_out_folder(config)
+
+
+# -- sharding and the merge ---------------------------------------------------------------------------------
+
+
+def test_a_failing_shard_still_reaches_the_final_barrier(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stencil_cli import evaluation
+
+    waits: list[int] = []
+    state = SimpleNamespace(device=SimpleNamespace(type="cpu"), wait_for_everyone=lambda: waits.append(1))
+    config = bench.BenchConfig(dataset=tmp_path, out=tmp_path / "out", subjects=["cat", "dog"])
+    monkeypatch.setattr(evaluation, "load_dreambench", lambda path: None)
+    jobs = [bench.SubjectJob(name, name, False, ["a {0} {1}"], [(0, 0)]) for name in ("cat", "dog")]
+    monkeypatch.setattr(bench, "plan", lambda config, dataset: jobs)
+
+    def fail(self: Any, job: Any) -> None:
+        raise RuntimeError(f"{job.name} failed")
+
+    monkeypatch.setattr(bench.Runner, "run_subject", fail)
+    with pytest.raises(RuntimeError, match="dog failed"):
+        bench.run_benchmark(config, bench.Shard(rank=1, world=2, state=state))
+    assert len(waits) == 2  # the start barrier and the final one
+
+
+def test_merge_results_names_every_missing_subject(tmp_path: Path) -> None:
+    config = bench.BenchConfig(dataset=tmp_path, out=tmp_path, subjects=["cat", "dog"])
+    with pytest.raises(StencilError, match=r"2 of 2 subject\(s\) have no result .* \(cat, dog\)"):
+        bench.merge_results(config, ["cat", "dog"])
+
+
+# -- the runner goes through the verbs --------------------------------------------------------------------
+
+
+def test_benchmark_training_takes_the_lock_and_marks_stale_runs(
+    cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stencil_cli.verbs import train as train_verb
+
+    store = add_subject(cli, tmp_path)
+    stale = store.create_run("robot", {"subject_model": "tiny"}, base_model="tiny")
+    runner = bench.Runner(bench.BenchConfig(dataset=tmp_path, out=tmp_path, subjects=["robot"]), store, "cpu")
+    with subject_lock(store, "robot"), pytest.raises(StencilError, match="already being trained"):
+        runner.train(_job())
+    assert store.get_run("robot", stale.id).status == "running"  # the holder's run is left alone
+
+    def stop(*args: Any, **kwargs: Any) -> Any:
+        raise StencilError("stop here")
+
+    monkeypatch.setattr(train_verb, "check_subject", stop)
+    with pytest.raises(StencilError, match="stop here"):
+        runner.train(_job())
+    assert store.get_run("robot", stale.id).status == "interrupted"
+
+
+def test_the_runner_adds_captions_trains_and_generates_through_the_verbs(
+    cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stencil_cli.verbs.caption import CaptionRequest
+    from stencil_cli.verbs.generate import GenerateRequest
+    from stencil_cli.verbs.subjects import AddRequest
+    from stencil_cli.verbs.train import TrainRequest, TrainResult
+
+    store = add_subject(cli, tmp_path)
+    run = store.create_run("robot", {"subject_model": "tiny"}, base_model="tiny")
+    calls: dict[str, Any] = {}
+
+    def fake_add(store_: Any, request: AddRequest) -> Any:
+        calls["add"] = request
+        return SimpleNamespace(skipped=[])
+
+    def fake_caption(store_: Any, request: CaptionRequest, **kwargs: Any) -> None:
+        calls["caption"] = request
+
+    def fake_train(store_: Any, request: TrainRequest, **kwargs: Any) -> TrainResult:
+        calls["train"] = request
+        return TrainResult(request.name, run, [])
+
+    def fake_plan(store_: Any, request: GenerateRequest) -> str:
+        calls["plan"] = request
+        return "the plan"
+
+    def fake_generate(store_: Any, plan: str, *, on_image: Any, **kwargs: Any) -> None:
+        calls["generate"] = plan
+        on_image(None)
+
+    for name, fake in (
+        ("add_photos", fake_add),
+        ("caption", fake_caption),
+        ("train", fake_train),
+        ("plan_generation", fake_plan),
+        ("generate", fake_generate),
+    ):
+        monkeypatch.setattr(bench, name, fake)
+    config = bench.BenchConfig(dataset=tmp_path, out=tmp_path, subjects=["dog"], train_steps=7)
+    runner = bench.Runner(config, store, "cpu")
+    job = _job("dog")
+    runner.add(job)
+    runner.caption(job)
+    trained = runner.train(_job())
+    made: list[int] = []
+    runner.generate(_job(), [(0, 0)], lambda: made.append(1))
+
+    assert calls["add"].name == "dog" and calls["add"].paths == [tmp_path / "dog"] and calls["add"].skip_bad
+    assert calls["caption"] == CaptionRequest("dog", captioner="template")
+    assert trained is run
+    request = calls["train"]
+    assert request.name == "robot" and request.steps == 7 and request.device == "cpu"
+    assert request.extra_params == {"bench": config.train_key()} and not request.resume
+    planned = calls["plan"]
+    assert planned.name == "robot" and planned.taus == [config.tau] and planned.reuse_drafts
+    assert [(item.prompt, item.seed, item.stem) for item in planned.items] == [("a {0} {1}", 0, "p00-0")]
+    assert calls["generate"] == "the plan" and made == [1]
+
+
+def test_a_training_field_error_in_the_runner_names_train_steps(
+    cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = add_subject(cli, tmp_path)
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise FieldError("steps", "{} must be at least 1 (got 0)")
+
+    monkeypatch.setattr(bench, "train", refuse)
+    runner = bench.Runner(bench.BenchConfig(dataset=tmp_path, out=tmp_path, subjects=["robot"]), store, "cpu")
+    with pytest.raises(FieldError) as caught:
+        runner.train(_job())
+    assert caught.value.fields == ("train_steps",)
+    assert str(caught.value) == "train_steps must be at least 1 (got 0)"
