@@ -132,6 +132,18 @@ def m001_initial(db: sqlite_utils.Database) -> None:
     db["config"].create({"key": str, "value": str}, pk="key")
 
 
+@migrations()
+def m002_subject_id_counter(db: sqlite_utils.Database) -> None:
+    """A counter so that a subject id is never used twice (SQLite reuses the highest id after a delete).
+
+    A command pins the id of the subject it works on; a subject removed and added again under the same name
+    must get a new id, or the pinned command would write into the new subject.
+    """
+    db["counters"].create({"name": str, "value": int}, pk="name")
+    highest = db.execute("select coalesce(max(id), 0) from subjects").fetchone()[0]
+    db["counters"].insert({"name": "subject_id", "value": highest})
+
+
 def now() -> str:
     """The current UTC time as an ISO 8601 string."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -541,6 +553,7 @@ class Store:
                     self.db["subjects"]
                     .insert(
                         {
+                            "id": self._next_subject_id(),
                             "name": name,
                             "phrase": phrase,
                             "class_word": class_word,
@@ -786,7 +799,15 @@ class Store:
                 if row is None:
                     subject_id = (
                         self.db["subjects"]
-                        .insert({"name": folder.name, "phrase": None, "class_word": None, "created": now()})
+                        .insert(
+                            {
+                                "id": self._next_subject_id(),
+                                "name": folder.name,
+                                "phrase": None,
+                                "class_word": None,
+                                "created": now(),
+                            }
+                        )
                         .last_pk
                     )
                     report["subjects"].append(folder.name)
@@ -797,6 +818,14 @@ class Store:
                     self.db["images"].insert({**record, "subject_id": subject_id}, ignore=True)
                     report["images"] += self.db.execute("select changes()").fetchone()[0]
         return report
+
+    def _next_subject_id(self) -> int:
+        """A subject id never used before in this store (call inside a write transaction)."""
+        used = self.db.execute("select value from counters where name = 'subject_id'").fetchone()
+        highest = self.db.execute("select coalesce(max(id), 0) from subjects").fetchone()[0]
+        next_id = max(used[0] if used else 0, highest) + 1
+        self.db["counters"].upsert({"name": "subject_id", "value": next_id}, pk="name")
+        return next_id
 
     def _set_aside_unindexed_outputs(self, folder: Path) -> None:
         for part in ("runs", "generations"):
