@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from photos import make_photo
+from storecheck import check_store
 
 from stencil_cli.store import open_store
 
@@ -194,6 +195,7 @@ def test_two_processes_add_at_the_same_time(tmp_path: Path, stencil_home: Path) 
     assert len(store.get_subject("shared").images) == 8
     assert len(store.get_subject("solo").images) == 4
     assert len(list(store.db.query("select * from subjects"))) == 2
+    assert check_store(stencil_home) == []
 
 
 @pytest.mark.parametrize("crash_at", ["add:file-written", "add:files-written"])
@@ -235,6 +237,7 @@ def test_sigkill_during_add_leaves_nothing_to_trip_over(
     store.clean(min_age_s=0)
     rows = {row["path"] for row in store.db.query("select path from images")}
     assert {store.relative(p) for p in _store_files(stencil_home)} == rows
+    assert check_store(stencil_home) == []
 
 
 def test_store_clean_removes_leftovers(tmp_path: Path, stencil_home: Path, cli) -> None:
