@@ -10,17 +10,20 @@ The API key is read from ``OPENAI_API_KEY`` only, passed to the client in memory
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
 import random
 import re
+import threading
 import time
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from PIL import Image
 
@@ -37,6 +40,10 @@ MAX_BACKOFF_S = 30.0
 MAX_SIDE = 512  # photos are downscaled so the longer side is at most this before upload
 MAX_PHOTOS_PER_REQUEST = 16
 MAX_PHRASE_WORDS = 6
+MAX_PHRASE_CHARS = 60
+MAX_DESCRIPTION_CHARS = 1000  # longer descriptions are cut at a word boundary
+MAX_CAPTION_CHARS = 600  # 15-40 words asked; CLIP reads 77 tokens anyway
+MAX_ANSWER_CHARS = 1_000_000  # a whole answer beyond this is refused before parsing
 
 TEMPLATES = (
     "a photo of {a} {phrase}",
@@ -141,7 +148,7 @@ class TemplateCaptioner:
 
     def caption(self, request: CaptionRequest) -> CaptionResult:
         """Caption each photo with a rotating template around the subject's phrase (or class word)."""
-        phrase = clean_phrase(request.phrase) or clean_phrase(request.class_word)
+        phrase = validate_phrase(request.phrase) or validate_phrase(request.class_word)
         if phrase is None:
             raise StencilError(
                 "the template captioner needs the subject's phrase, and this subject has none",
@@ -239,6 +246,8 @@ class OpenAICaptioner:
         self._key = key.strip()
         self.model = model
         self.base_url = base_url or os.environ.get(BASE_URL_ENV) or "https://api.openai.com/v1"
+        self._secrets = secret_forms(self._key, self.base_url)
+        check_base_url(self.base_url, self._secrets)
         self.timeout_s = timeout_s
         self.retry = retry or RetryPolicy()
         self.max_side = max_side
@@ -310,7 +319,35 @@ class OpenAICaptioner:
     # -- transport --
 
     def _scrub(self, text: str) -> str:
-        return text.replace(self._key, "***") if self._key else text
+        return scrub_secrets(text, self._secrets)
+
+    def _create_within_deadline(self, client: Any, **kwargs: Any) -> Any:
+        """`client.chat.completions.create(**kwargs)`, bounded as a whole by `timeout_s`.
+
+        The client's own timeout bounds each network operation, not the call: a server dripping its answer
+        a byte at a time would never trip it. The request runs in a worker thread; past the deadline the
+        client is closed (which ends the worker's socket read) and TimeoutError is raised here.
+        """
+        box: dict[str, Any] = {}
+        finished = threading.Event()
+
+        def work() -> None:
+            try:
+                box["value"] = client.chat.completions.create(**kwargs)
+            except BaseException as error:  # noqa: BLE001 - handed to the waiting thread
+                box["error"] = error
+            finally:
+                finished.set()
+
+        worker = threading.Thread(target=work, name="stencil-caption-request", daemon=True)
+        worker.start()
+        if not finished.wait(self.timeout_s):
+            self._client = None  # a fresh client for any later request
+            threading.Thread(target=_close_quietly, args=(client,), daemon=True).start()
+            raise TimeoutError(f"no complete answer within {self.timeout_s:g} s")
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
 
     def complete(self, messages: list[dict[str, Any]]) -> str:
         """Send one chat completion (with bounded retries) and return the answer's text."""
@@ -322,11 +359,16 @@ class OpenAICaptioner:
             try:
                 self.requests_sent += 1
                 extra: dict[str, Any] = {} if self.temperature is None else {"temperature": self.temperature}
-                response = client.chat.completions.create(
-                    model=self.model, messages=messages, response_format=self._format_param(), **extra
+                response = self._create_within_deadline(
+                    client, model=self.model, messages=messages, response_format=self._format_param(), **extra
                 )
                 break
-            except openai.APITimeoutError:
+            except RecursionError:
+                raise StencilError(
+                    f"{self.host} sent an answer nested too deeply to read; nothing was stored",
+                    hint="check the server, try another --model, or use `--captioner template`",
+                ) from None
+            except (openai.APITimeoutError, TimeoutError):
                 raise StencilError(
                     f"no answer from {self.host} within {self.timeout_s:g} s",
                     hint="raise the limit with --timeout SECONDS, or try again later",
@@ -363,11 +405,28 @@ class OpenAICaptioner:
                 raise StencilError(
                     f"{self.host} answered HTTP {error.status_code}: {self._message(error)}"
                 ) from None
+        if isinstance(response, (str, bytes)):  # the client hands over a non-JSON body as it came
+            body = response.decode("utf-8", "replace") if isinstance(response, bytes) else response
+            what = "a web page (HTML)" if "<html" in body[:2000].lower() else "something that is not JSON"
+            raise StencilError(
+                f"{self.host} answered with {what}, not a chat completion: is {BASE_URL_ENV} the API's URL "
+                "(ending in /v1), and not a proxy's or login page?",
+                hint=f"check {BASE_URL_ENV}, or caption offline with `--captioner template`",
+            )
         choices = getattr(response, "choices", None) or []
         if not choices:
             return ""
         message = choices[0].message
-        return (message.content or message.refusal or "") if message is not None else ""
+        text = (message.content or message.refusal or "") if message is not None else ""
+        if not isinstance(text, str):
+            return ""
+        if len(text) > MAX_ANSWER_CHARS:
+            raise StencilError(
+                f"{self.host} sent an answer of {len(text):,} characters "
+                f"(the limit is {MAX_ANSWER_CHARS:,}); nothing was stored",
+                hint="try another --model, or use `--captioner template`",
+            )
+        return self._scrub(text)
 
     def _message(self, error: Exception) -> str:
         body = getattr(error, "body", None)
@@ -421,7 +480,7 @@ class OpenAICaptioner:
         photos = list(request.photos)
         if not photos:
             raise BadInputError("no photos to caption")
-        phrase = clean_phrase(request.phrase)
+        phrase = validate_phrase(request.phrase)
         result: CaptionResult | None = None
         for start in range(0, len(photos), self.max_photos_per_request):
             batch = photos[start : start + self.max_photos_per_request]
@@ -434,6 +493,13 @@ class OpenAICaptioner:
                 result.repaired.extend(part.repaired)
                 result.notes.extend(part.notes)
         assert result is not None
+        return self._scrub_result(bound_result(result))
+
+    def _scrub_result(self, result: CaptionResult) -> CaptionResult:
+        """No secret reaches the store: an answer echoing the key or the URL's credentials is scrubbed."""
+        result.captions = {photo_id: self._scrub(text) for photo_id, text in result.captions.items()}
+        result.description = self._scrub(result.description) if result.description else result.description
+        result.notes = [self._scrub(note) for note in result.notes]
         return result
 
     def _caption_batch(self, photos: list[Photo], phrase: str | None) -> CaptionResult:
@@ -529,6 +595,10 @@ def parse_answer(text: str, photos: Sequence[Photo], phrase: str | None) -> Pars
             problems.append(f"'phrase' is too long ({answered!r}; use 1-4 words)")
             structural = True
             answered = None
+        elif phrase_problem(answered):
+            problems.append(f"'phrase' {phrase_problem(answered)} ({answered!r})")
+            structural = True
+            answered = None
         phrase = answered
     description = data.get("description")
     description = (
@@ -580,9 +650,22 @@ def _load_json(text: str | None) -> Any:
     if fenced:
         stripped = fenced.group(1)
     try:
-        return json.loads(stripped)
-    except ValueError:
+        return _clean_tree(json.loads(stripped))
+    except (ValueError, RecursionError):
         return None
+
+
+def _clean_tree(value: Any, depth: int = 0) -> Any:
+    """`value` (parsed JSON) with every string passed through `sanitize_text`; too deep -> RecursionError."""
+    if depth > 64:
+        raise RecursionError("answer nested too deeply")
+    if isinstance(value, str):
+        return sanitize_text(value)
+    if isinstance(value, list):
+        return [_clean_tree(item, depth + 1) for item in value]
+    if isinstance(value, dict):
+        return {sanitize_text(str(key)): _clean_tree(item, depth + 1) for key, item in value.items()}
+    return value
 
 
 def _as_int(value: Any) -> int | None:
@@ -594,6 +677,171 @@ def _as_int(value: Any) -> int | None:
         match = re.search(r"\d+", value)
         return int(match.group()) if match else None
     return None
+
+
+# -- hostile answers: control characters, secrets, sizes -------------------------------------------------
+
+# terminal escape sequences: CSI (ESC [ ... final), OSC (ESC ] ... BEL or ESC \), other two-byte escapes
+_ESCAPES = re.compile(
+    r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x9b[0-?]*[ -/]*[@-~]|\x1b[@-_]?"
+)
+PHRASE_PUNCTUATION = frozenset(" -'’&.,+")
+
+
+def sanitize_text(text: str) -> str:
+    """`text` without terminal escapes, control characters or invisible format characters (bidi overrides,
+    zero-width marks); tabs and newlines become spaces. Applied to everything a server sends before it is
+    stored or printed."""
+    text = _ESCAPES.sub("", text)
+    kept = []
+    for char in text:
+        category = unicodedata.category(char)
+        if char in "\t\n\r\v\f":
+            kept.append(" ")
+        elif category in ("Cc", "Cf", "Cs", "Co", "Cn") or char in "\u2028\u2029":
+            continue
+        else:
+            kept.append(char)
+    return "".join(kept)
+
+
+def phrase_problem(phrase: str) -> str | None:
+    """What is wrong with `phrase` as a subject phrase (None if fine): words of letters and digits with a
+    little punctuation (- ' & . , +), at most MAX_PHRASE_WORDS words and MAX_PHRASE_CHARS characters."""
+    if len(phrase) > MAX_PHRASE_CHARS:
+        return f"is longer than {MAX_PHRASE_CHARS} characters"
+    if len(phrase.split()) > MAX_PHRASE_WORDS:
+        return f"has more than {MAX_PHRASE_WORDS} words"
+    bad = sorted({char for char in phrase if not (char.isalnum() or char in PHRASE_PUNCTUATION)})
+    if bad:
+        return "may only hold letters, digits, spaces and - ' & . , + (not " + " ".join(map(repr, bad)) + ")"
+    if not any(char.isalnum() for char in phrase):
+        return "has no letters or digits"
+    return None
+
+
+def validate_phrase(phrase: str | None) -> str | None:
+    """`phrase` cleaned (see clean_phrase), or BadInputError saying what is wrong with it."""
+    cleaned = clean_phrase(phrase)
+    if cleaned is None:
+        return None
+    problem = phrase_problem(cleaned)
+    if problem:
+        shown = sanitize_text(cleaned)[:80]
+        raise BadInputError(f"the phrase {shown!r} {problem}", hint="e.g. 'cat', 'toy robot', 'red backpack'")
+    return cleaned
+
+
+def _truncate_words(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    cut = text[:limit]
+    space = cut.rfind(" ")
+    return (cut[:space] if space > limit // 2 else cut).rstrip(" ,;:")
+
+
+def bound_result(result: CaptionResult) -> CaptionResult:
+    """Cut overlong captions and descriptions (at a word boundary), keeping the phrase in every caption."""
+    cut: list[int] = []
+    for photo_id, caption in result.captions.items():
+        if len(caption) <= MAX_CAPTION_CHARS:
+            continue
+        shorter = _truncate_words(caption, MAX_CAPTION_CHARS)
+        if not contains_phrase(shorter, result.phrase):
+            room = MAX_CAPTION_CHARS - len(insert_phrase("", result.phrase)) - 2
+            shorter = insert_phrase(_truncate_words(caption, max(room, 0)), result.phrase)
+        result.captions[photo_id] = shorter
+        cut.append(photo_id)
+    if cut:
+        result.notes.append(f"cut the caption(s) of photo(s) {cut} to {MAX_CAPTION_CHARS} characters")
+    if result.description and len(result.description) > MAX_DESCRIPTION_CHARS:
+        result.description = _truncate_words(result.description, MAX_DESCRIPTION_CHARS)
+        result.notes.append(f"cut the description to {MAX_DESCRIPTION_CHARS} characters")
+    return result
+
+
+def _base64_forms(data: bytes) -> set[str]:
+    """Base64 texts that reveal `data` wherever it sits in a longer encoded string (3 alignments)."""
+    forms: set[str] = set()
+    for offset in range(3):
+        for encode in (base64.b64encode, base64.urlsafe_b64encode):
+            encoded = encode(b"\0" * offset + data).decode("ascii")
+            if offset == 0:
+                forms.add(encoded)  # the whole secret encoded alone, padding included
+            start = 4 if offset else 0  # the first group mixes in what comes before
+            end = len(encoded) - 4 if (offset + len(data)) % 3 else len(encoded)  # the last, what follows
+            core = encoded[start:end]
+            if len(core) >= 8:
+                forms.add(core)
+    return forms
+
+
+def secret_forms(key: str | None, base_url: str | None = None) -> list[str]:
+    """Every form in which the API key or the URL's credentials could come back: raw, URL-quoted, base64
+    (as in an `Authorization: Basic` header); longest first, for `scrub_secrets`."""
+    raw: list[str] = []
+    if key:
+        raw += [key, f"Bearer {key}"]
+    try:
+        parts = urlsplit(base_url or "")
+        netloc = parts.netloc
+        user, password = parts.username, parts.password
+    except ValueError:
+        netloc, user, password = "", None, None
+    if user is not None or password is not None:
+        userinfo = netloc.rsplit("@", 1)[0]
+        plain_user, plain_password = unquote(user or ""), unquote(password or "")
+        raw += [userinfo, f"{plain_user}:{plain_password}", f"{user or ''}:{password or ''}"]
+        if len(plain_password) >= 4:
+            raw += [plain_password, password or ""]
+    forms: set[str] = set()
+    for secret in raw:
+        if len(secret) < 4:
+            continue
+        forms.update({secret, quote(secret, safe="")})
+        forms.update(_base64_forms(secret.encode("utf-8")))
+    return sorted(forms, key=len, reverse=True)
+
+
+def scrub_secrets(text: str, forms: Sequence[str]) -> str:
+    """`text` with every form of a secret (see secret_forms) replaced by ***."""
+    for form in forms:
+        if form and form in text:
+            text = text.replace(form, "***")
+    return text
+
+
+def display_url(url: str) -> str:
+    """`url` safe to show: credentials replaced by ***, control characters removed."""
+    return sanitize_text(re.sub(r"//[^/@]*@", "//***@", url))
+
+
+def check_base_url(url: str, secrets: Sequence[str] = ()) -> None:
+    """Raise BadInputError with one clear line unless `url` is a usable http(s) API URL."""
+    problem = None
+    try:
+        parts = urlsplit(url)
+        if any(char.isspace() for char in url) or any(unicodedata.category(c) == "Cc" for c in url):
+            problem = "it contains spaces or control characters"
+        elif parts.scheme not in ("http", "https"):
+            problem = "it must start with http:// or https://"
+        elif not parts.hostname:
+            problem = "it names no host"
+        else:
+            parts.port  # noqa: B018 - raises ValueError for a port that is not 0-65535
+    except ValueError as error:
+        problem = f"it cannot be parsed: {error}"
+    if problem:
+        shown = scrub_secrets(display_url(url), secrets)[:200]
+        raise BadInputError(
+            f"{BASE_URL_ENV} is not a usable URL ({problem}): {shown}",
+            hint="e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1",
+        )
+
+
+def _close_quietly(client: Any) -> None:
+    with contextlib.suppress(Exception):  # best effort: the call was abandoned already
+        client.close()
 
 
 def make_captioner(

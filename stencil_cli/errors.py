@@ -63,3 +63,22 @@ class FieldError(BadInputError):
     def renamed(self, names: Mapping[str, str]) -> FieldError:
         """The same error about renamed fields (a caller that embeds these settings under other names)."""
         return FieldError([names.get(f, f) for f in self.fields], self.template, hint=self.hint)
+
+
+class DiskFullError(StencilError):
+    """The disk (or a file-size limit) ran out while writing `path`; what was written before is kept."""
+
+    def __init__(self, path: object, *, hint: str | None = None) -> None:
+        super().__init__(
+            f"disk full at {path}",
+            hint=hint or "free some space (or raise the file-size limit) and run the command again",
+        )
+        self.path = path
+
+
+class StoreReadOnlyError(StencilError):
+    """A command tried to change a store that is read-only (read-only commands still work)."""
+
+
+class CorruptStoreError(StencilError):
+    """The store database is not a readable SQLite database."""

@@ -3,10 +3,48 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from stencil_cli.errors import DiskFullError
+
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
+
+
+def current_umask() -> int:
+    """The process umask (read without changing it for longer than one call)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode a new file gets from `open()`: 0666 minus the umask."""
+    return 0o666 & ~current_umask()
+
+
+def folder_mode() -> int:
+    """The mode a new folder gets from `mkdir`: 0777 minus the umask."""
+    return 0o777 & ~current_umask()
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """True for the OSErrors a full disk, a quota or a file-size limit (``ulimit -f``) raise."""
+    return isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS
+
+
+@contextlib.contextmanager
+def disk_full_as_error(path: Path | str) -> Iterator[None]:
+    """Turn a disk-full OSError (ENOSPC, EFBIG, EDQUOT) raised inside into `DiskFullError(path)`."""
+    try:
+        yield
+    except OSError as error:
+        if is_disk_full(error):
+            raise DiskFullError(path) from error
+        raise
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -20,18 +58,25 @@ def _fsync_dir(folder: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
-    """Yield a temp path beside `target`; on success fsync it and move it over `target`."""
+    """Yield a temp path beside `target`; on success fsync it and move it over `target`.
+
+    The file gets the mode any new file gets (0666 minus the umask), not mkstemp's 0600. A full disk or a
+    file-size limit becomes `DiskFullError(target)`, and the old `target` (if any) is left as it was.
+    """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
+    with disk_full_as_error(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.close(fd)
     tmp = Path(tmp_name)
     try:
-        yield tmp
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        with disk_full_as_error(target):
+            yield tmp
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
+            os.chmod(tmp, file_mode())
+            os.replace(tmp, target)
+            _fsync_dir(target.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -87,6 +132,7 @@ def build_folder_once(folder: Path, version: str, build: Callable[[Path], object
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-build-", dir=folder.parent))
     try:
+        os.chmod(staging, folder_mode())  # mkdtemp makes 0700: the built folder should honour the umask
         build(staging)
         (staging / "VERSION").write_text(version + "\n", encoding="utf-8")
         if folder.is_symlink() or folder.exists():

@@ -15,22 +15,33 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import importlib
+import inspect
 import json
+import os
 import re
 import shutil
 import sqlite3
 import sys
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
-from stencil_cli.errors import BadInputError, NotFoundError, StencilError
-from stencil_cli.fsutil import atomic_write_bytes, crash_point, is_within
+from stencil_cli.errors import (
+    BadInputError,
+    CorruptStoreError,
+    DiskFullError,
+    NotFoundError,
+    StencilError,
+    StoreReadOnlyError,
+)
+from stencil_cli.fsutil import atomic_write_bytes, crash_point, is_disk_full, is_within
 from stencil_cli.paths import default_root
 
 if TYPE_CHECKING:
@@ -55,7 +66,9 @@ from sqlite_utils import Migrations  # noqa: E402 - after the import above
 DB_NAME = "stencil.db"
 BUSY_TIMEOUT_MS = 30_000
 SHEET_NAMES = frozenset({"grid.png", "contact-sheet.png"})  # contact sheets: no generation row points at them
-NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")  # no leading '-': it would read as an option
+# used with fullmatch (a trailing newline must not pass); no leading '-': it would read as an option
+NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+PHOTO_FILE = re.compile(r"[0-9a-f]{64}\.(jpg|png)")  # how add names a stored photo
 
 migrations = Migrations("stencil")
 
@@ -138,7 +151,19 @@ def m001_initial(db: sqlite_utils.Database) -> None:
 
 
 @migrations()
-def m002_one_name_per_file_column(db: sqlite_utils.Database) -> None:
+def m002_subject_id_counter(db: sqlite_utils.Database) -> None:
+    """A counter so that a subject id is never used twice (SQLite reuses the highest id after a delete).
+
+    A command pins the id of the subject it works on; a subject removed and added again under the same name
+    must get a new id, or the pinned command would write into the new subject.
+    """
+    db["counters"].create({"name": str, "value": int}, pk="name")
+    highest = db.execute("select coalesce(max(id), 0) from subjects").fetchone()[0]
+    db["counters"].insert({"name": "subject_id", "value": highest})
+
+
+@migrations()
+def m003_one_name_per_file_column(db: sqlite_utils.Database) -> None:
     """One name per stored file: images.file, runs.weights_file, generations.image_file / draft_file."""
     db["images"].transform(rename={"path": "file"})
     db["runs"].transform(rename={"weights_path": "weights_file"})
@@ -152,7 +177,7 @@ def now() -> str:
 
 def validate_name(name: str) -> str:
     """Return `name` if it is a valid subject name, else raise BadInputError."""
-    if not NAME_PATTERN.match(name or ""):
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
         raise BadInputError(
             f"invalid subject name {name!r}: use 1-64 lowercase letters, digits, '-' or '_', "
             "starting with a letter or digit (e.g. 'my-cat')"
@@ -250,13 +275,32 @@ class AddResult:
     created_subject: bool
     added: list[dict[str, Any]]
     duplicates: list[PreparedImage]
+    # known photos whose file had gone missing and was written again
+    restored: list[dict[str, Any]] = field(default_factory=list)
+
+
+class SubjectChangedError(StencilError):
+    """The subject a running command started with was removed (or removed and added again) meanwhile."""
 
 
 class Store:
-    """A handle on the store: its root folder and its database."""
+    """A handle on the store: its root folder and its database.
 
-    def __init__(self, root: Path | None = None) -> None:
+    `read_only=None` (the default) opens the store for writing when its folder and database are writable and
+    read-only otherwise; `read_only=True` never writes (no migration, no journal-mode change): reads work and
+    every change raises `StoreReadOnlyError`. Every SQLite error a method meets becomes one StencilError:
+    `CorruptStoreError`, `StoreReadOnlyError`, `DiskFullError` or "locked by another process".
+    """
+
+    def __init__(self, root: Path | None = None, *, read_only: bool | None = None) -> None:
         self.root = Path(root) if root is not None else default_root()
+        self.db_path = self.root / DB_NAME
+        if read_only is None:
+            read_only = self.db_path.exists() and not _writable(self.root, self.db_path)
+        self.read_only = bool(read_only)
+        if self.read_only:
+            self._open_read_only()
+            return
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as error:
@@ -264,14 +308,47 @@ class Store:
                 f"cannot create the store folder {self.root}: {error.strerror}",
                 hint="set STENCIL_HOME to a writable folder",
             ) from error
-        self.db_path = self.root / DB_NAME
-        self.db = sqlite_utils.Database(self.db_path)
-        self.db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        self._enable_wal()
-        self.db.execute("PRAGMA foreign_keys = ON")
-        self.db.execute("PRAGMA synchronous = NORMAL")
-        with self.write():
-            migrations.apply(self.db)
+        try:
+            self.db = sqlite_utils.Database(self.db_path)
+            self.db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            self.db.execute("select count(*) from sqlite_master").fetchone()  # a damaged file fails here
+            self._enable_wal()
+            self.db.execute("PRAGMA foreign_keys = ON")
+            self.db.execute("PRAGMA synchronous = NORMAL")
+            if migrations.pending(self.db):  # no write lock at all when the schema is current
+                with self.write():
+                    if migrations.pending(self.db):
+                        migrations.apply(self.db)
+        except sqlite3.Error as error:
+            raise self.db_error(error) from error
+
+    def _open_read_only(self) -> None:
+        if not self.db_path.is_file():
+            raise StoreReadOnlyError(
+                f"the store {self.root} is read-only and has no database yet",
+                hint="set STENCIL_HOME to a writable folder",
+            )
+        uri = "file:" + quote(str(self.db_path.resolve()))
+        try:
+            try:
+                conn = sqlite3.connect(f"{uri}?mode=ro", uri=True)
+                conn.execute("select count(*) from sqlite_master").fetchone()
+            except sqlite3.OperationalError as error:
+                if "locked" in str(error):
+                    raise
+                # a WAL database in a folder nobody may write: no -shm can be made; read the file as it is
+                conn = sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True)
+                conn.execute("select count(*) from sqlite_master").fetchone()
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            self.db = sqlite_utils.Database(conn)
+            if migrations.pending(self.db):
+                raise StoreReadOnlyError(
+                    f"the store {self.root} is read-only and its database needs an upgrade this version "
+                    "cannot make without writing",
+                    hint="make the store writable once, or use the stencil version that wrote it",
+                )
+        except sqlite3.Error as error:
+            raise self.db_error(error) from error
 
     def _enable_wal(self) -> None:
         # Switching a new database to WAL needs an exclusive lock, and SQLite may answer "database is locked"
@@ -283,41 +360,108 @@ class Store:
                 return
             except sqlite3.OperationalError as error:
                 if "locked" not in str(error) or time.monotonic() > deadline:
-                    raise StencilError(
-                        f"the store database {self.db_path} is locked by another process",
-                        hint="try again when the other stencil command has finished",
-                    ) from error
+                    raise
                 time.sleep(0.05)
+
+    def db_error(self, error: sqlite3.Error) -> StencilError:
+        """The StencilError that explains SQLite's `error` (damaged file, read-only, disk full, locked)."""
+        text = str(error).lower()
+        code = getattr(error, "sqlite_errorname", "") or ""
+        damaged = "not a database" in text or "malformed" in text
+        if damaged or code.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")):
+            return CorruptStoreError(
+                f"the store database {self.db_path} is damaged ({error})",
+                hint=f"move it aside (mv {self.db_path} {self.db_path}.broken), then run "
+                "`stencil store repair` to index the photos again from the subject folders "
+                "(docs/store.md)",
+            )
+        if code.startswith("SQLITE_READONLY") or "readonly" in text or "read-only" in text:
+            return self._read_only_error()
+        if code == "SQLITE_FULL" or "disk is full" in text:
+            return DiskFullError(self.db_path)
+        if code.startswith("SQLITE_IOERR") and _out_of_space(self.root):
+            return DiskFullError(self.db_path)
+        if code.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "locked" in text:
+            return StencilError(
+                f"the store database {self.db_path} is locked by another process",
+                hint="try again when the other stencil command has finished",
+            )
+        if code.startswith("SQLITE_CANTOPEN") or "unable to open" in text:
+            return StencilError(
+                f"cannot open the store database {self.db_path}",
+                hint="check that the folder exists and is readable, or set STENCIL_HOME",
+            )
+        return StencilError(f"the store database {self.db_path} failed: {error}")
+
+    def _read_only_error(self) -> StoreReadOnlyError:
+        return StoreReadOnlyError(
+            f"the store {self.root} is read-only: cannot change it",
+            hint="commands that only read (ls, show, doctor) work; make the folder writable to change it",
+        )
+
+    def _require_writable(self) -> None:
+        if self.read_only:
+            raise self._read_only_error()
 
     # -- transactions -------------------------------------------------------------------------
 
     @contextmanager
     def write(self) -> Iterator[sqlite_utils.Database]:
         """A write transaction that takes the write lock up front (no upgrade deadlocks)."""
+        self._require_writable()
         conn = self.db.conn
         if conn.in_transaction:
             with self.db.atomic():
                 yield self.db
             return
-        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as error:
+            raise self.db_error(error) from error
         try:
             yield self.db
-        except BaseException:
+        except BaseException as error:
             if conn.in_transaction:
-                conn.execute("ROLLBACK")
+                with suppress(sqlite3.Error):  # SQLite may have rolled back itself (e.g. on a full disk)
+                    conn.execute("ROLLBACK")
+            if isinstance(error, sqlite3.Error):
+                raise self.db_error(error) from error
             raise
         else:
-            conn.execute("COMMIT")
+            try:
+                conn.execute("COMMIT")
+            except sqlite3.Error as error:
+                if conn.in_transaction:
+                    with suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                raise self.db_error(error) from error
 
     def close(self) -> None:
         """Close the database connection."""
         self.db.close()
 
+    def integrity_problems(self) -> list[str]:
+        """What SQLite's integrity check finds wrong with the database ([] when it is sound)."""
+        try:
+            rows = [row[0] for row in self.db.execute("PRAGMA integrity_check").fetchall()]
+        except sqlite3.DatabaseError as error:
+            return [str(error)]
+        return [] if rows == ["ok"] else rows
+
     # -- paths --------------------------------------------------------------------------------
 
     def subject_dir(self, name: str) -> Path:
-        """The folder holding a subject's files."""
-        return self.root / "subjects" / validate_name(name)
+        """The folder holding a subject's files; a symbolic link there (or at `subjects/`) is refused."""
+        folder = self.root / "subjects" / validate_name(name)
+        for path in (folder.parent, folder):
+            if path.is_symlink():
+                raise StencilError(
+                    f"{path} is a symbolic link: stencil keeps a subject's files only in real folders "
+                    "inside the store, and will not follow it",
+                    hint=f"replace the link by the folder it points to (e.g. rm the link, then mv the folder "
+                    f"to {path})",
+                )
+        return folder
 
     def absolute(self, relative: str) -> Path:
         """Turn a path stored in the database (relative to the root) into an absolute one."""
@@ -377,6 +521,56 @@ class Store:
             )
         )
 
+    def subject_id_of(self, name: str) -> int:
+        """The id of the subject called `name` (NotFoundError if none): pin it for a long-running command."""
+        return self.get_subject(name).id
+
+    def check_subject(self, name: str, subject_id: int) -> None:
+        """Raise SubjectChangedError unless the subject called `name` still has id `subject_id`."""
+        row = next(iter(self.db.query("select id from subjects where name = ?", [name])), None)
+        if row is None or row["id"] != subject_id:
+            what = "removed" if row is None else "removed and added again"
+            raise SubjectChangedError(
+                f"subject {name!r} was {what} while this command ran; nothing more was stored for it",
+                hint="run the command again if you still want its result",
+            )
+
+    def unindexed_folders(self) -> list[str]:
+        """Names of folders under subjects/ that have no subject row (e.g. after the database was lost).
+
+        `clean` never deletes them unless named; `repair` indexes their photos again.
+        """
+        subjects_root = self.root / "subjects"
+        if not subjects_root.is_dir() or subjects_root.is_symlink():
+            return []
+        known = set(self.subject_names())
+        return sorted(
+            entry.name
+            for entry in subjects_root.iterdir()
+            if entry.name not in known and (entry.is_dir() or entry.is_symlink())
+        )
+
+    def missing_files(self, name: str | None = None) -> list[dict[str, Any]]:
+        """Photo rows whose file is gone (of subject `name`, or of every subject), each with its `subject`."""
+        if name is not None:
+            subject = self.get_subject(name)
+            rows = self.db.query(
+                "select i.*, s.name as subject from images i join subjects s on s.id = i.subject_id "
+                "where s.id = ? order by i.id",
+                [subject.id],
+            )
+        else:
+            rows = self.db.query(
+                "select i.*, s.name as subject from images i join subjects s on s.id = i.subject_id "
+                "order by s.name, i.id"
+            )
+        missing = []
+        for row in rows:
+            view = self._image_view(row)
+            if not os.path.isfile(view["file"]):
+                missing.append(view)
+        return missing
+
     def update_subject(self, name: str, **values: Any) -> None:
         """Set fields (phrase, class_word, description) on a subject."""
         allowed = {"phrase", "class_word", "description"}
@@ -406,10 +600,19 @@ class Store:
         unique: dict[str, PreparedImage] = {}
         for image in prepared:
             unique.setdefault(image.sha256, image)
+        self._require_writable()
         existing = self.find_subject(name)
-        known = {image["sha256"] for image in existing.images} if existing else set()
+        known = {image["sha256"]: image for image in existing.images} if existing else {}
         to_add = [image for sha, image in unique.items() if sha not in known]
         duplicates = [image for image in prepared if image not in to_add]
+        restored: list[dict[str, Any]] = []
+        for sha, image in unique.items():  # a stored photo whose file was deleted by hand: put it back
+            row = known.get(sha)
+            if row is not None and not os.path.isfile(row["file"]):
+                target = Path(row["file"])
+                if is_within(target, self.root):
+                    atomic_write_bytes(target, _encoded_as(image, target.suffix))
+                    restored.append(row)
         for image in to_add:
             target = images_dir / f"{image.sha256}{image.suffix}"
             if not target.exists():
@@ -425,6 +628,7 @@ class Store:
                     self.db["subjects"]
                     .insert(
                         {
+                            "id": self._next_subject_id(),
                             "name": name,
                             "phrase": phrase,
                             "class_word": class_word,
@@ -458,7 +662,13 @@ class Store:
         subject = self.get_subject(name)
         by_sha = {image["sha256"]: image for image in subject.images}
         added = [by_sha[row["sha256"]] for row in added_rows]
-        return AddResult(subject=subject, created_subject=created_subject, added=added, duplicates=duplicates)
+        return AddResult(
+            subject=subject,
+            created_subject=created_subject,
+            added=added,
+            duplicates=duplicates,
+            restored=restored,
+        )
 
     def remove_subject(self, name: str) -> Subject:
         """Delete a subject, its rows and its folder (only ever inside the store root)."""
@@ -518,15 +728,29 @@ class Store:
             if updates:
                 self.db["subjects"].update(subject.id, updates)
 
-    def clean(self, min_age_s: float = 300.0) -> list[Path]:
+    def clean(self, min_age_s: float = 300.0, *, remove_unindexed: Iterable[str] = ()) -> list[Path]:
         """Remove what crashed commands left behind (files no row refers to); return what was removed.
 
-        That is: folders of subjects that have no row, photos no image row refers to, run folders with no
-        run row, and generated images / drafts (PNG) no generation row points to (contact sheets are kept:
-        `grid.png`, `contact-sheet.png`). Anything modified in the last `min_age_s` seconds is left alone:
-        it may belong to a command that is still running in another process.
+        That is: photos no image row refers to, run folders with no run row, and generated images / drafts
+        (PNG) no generation row points to (contact sheets are kept: `grid.png`, `contact-sheet.png`), all
+        inside folders of subjects that have a row. A subject folder WITHOUT a row is never removed unless
+        its name is in `remove_unindexed` (the user named it): a lost or emptied database must not cost the
+        photos, weights and images (see `unindexed_folders` and `repair`). Anything modified in the last
+        `min_age_s` seconds is left alone: it may belong to a command still running in another process.
+        Symbolic links are removed as links, never followed.
         """
+        self._require_writable()
         cutoff = time.time() - min_age_s
+        named = set(remove_unindexed)
+        unindexed = set(self.unindexed_folders())
+        for folder_name in sorted(named):
+            if folder_name not in unindexed:
+                if self.find_subject(folder_name) is not None:
+                    raise BadInputError(
+                        f"subject {folder_name!r} has a database row: "
+                        f"remove it with `stencil rm {folder_name}`"
+                    )
+                raise NotFoundError(f"there is no subject folder {folder_name!r} without a row to remove")
         referenced = {row["file"] for row in self.db.query("select file from images")}
         run_ids = {str(row["id"]) for row in self.db.query("select id from runs")}
         generated = {
@@ -537,45 +761,156 @@ class Store:
         }
         removed: list[Path] = []
         subjects_root = self.root / "subjects"
-        if not subjects_root.exists():
+        if not subjects_root.is_dir() or subjects_root.is_symlink():
             return removed
 
         def stale(path: Path) -> bool:
-            newest = max([path.stat().st_mtime, *(p.stat().st_mtime for p in path.rglob("*"))])
-            return newest < cutoff
+            times = [path.lstat().st_mtime]
+            if path.is_dir() and not path.is_symlink():
+                times += [child.lstat().st_mtime for child in path.rglob("*")]
+            return max(times) < cutoff
 
-        known = set(self.subject_names())
-        for folder in subjects_root.iterdir():
-            if not folder.is_dir():
+        def remove(path: Path) -> None:
+            if path.is_symlink() or not path.is_dir():
+                path.unlink(missing_ok=True)  # a link (dangling or not) goes, never what it points to
+            else:
+                self._delete_tree(path)
+            removed.append(path)
+
+        def store_relative(path: Path) -> str:
+            return path.relative_to(self.root).as_posix()  # lexical: never resolves a (dangling) link
+
+        for folder in sorted(subjects_root.iterdir()):
+            if folder.name in unindexed:
+                if folder.name in named and stale(folder):
+                    remove(folder)
                 continue
-            if folder.name not in known:
-                if stale(folder):
-                    self._delete_tree(folder)
-                    removed.append(folder)
+            if folder.is_symlink() or not folder.is_dir():
                 continue
             candidates: list[Path] = []
             images_dir = folder / "images"
-            if images_dir.is_dir():
-                candidates += [f for f in images_dir.iterdir() if self.relative(f) not in referenced]
+            if images_dir.is_dir() and not images_dir.is_symlink():
+                candidates += [f for f in images_dir.iterdir() if store_relative(f) not in referenced]
             runs_dir = folder / "runs"
-            if runs_dir.is_dir():
-                candidates += [d for d in runs_dir.iterdir() if d.is_dir() and d.name not in run_ids]
+            if runs_dir.is_dir() and not runs_dir.is_symlink():
+                candidates += [
+                    d for d in runs_dir.iterdir() if (d.is_dir() or d.is_symlink()) and d.name not in run_ids
+                ]
             generations_dir = folder / "generations"
-            if generations_dir.is_dir():
+            if generations_dir.is_dir() and not generations_dir.is_symlink():
                 candidates += [
                     f
                     for f in generations_dir.rglob("*.png")
-                    if f.is_file() and f.name not in SHEET_NAMES and self.relative(f) not in generated
+                    if (f.is_file() or f.is_symlink())
+                    and f.name not in SHEET_NAMES
+                    and store_relative(f) not in generated
                 ]
             for path in candidates:
-                if not stale(path):
-                    continue
-                if path.is_dir():
-                    self._delete_tree(path)
-                else:
-                    path.unlink(missing_ok=True)
-                removed.append(path)
+                if stale(path):
+                    remove(path)
         return removed
+
+    def repair(self) -> dict[str, Any]:
+        """Index again the photos found in subject folders that no row refers to (after a lost database).
+
+        Creates a subject row for each folder without one (folder names that are not valid subject names are
+        skipped), and an image row (no caption) for each `<sha256>.jpg|png` photo Pillow can read. Training
+        runs and generations are not re-indexed: for a subject it creates, their folders move to
+        `subjects/<name>/recovered/` (which `clean` never touches), so nothing is lost; train and generate
+        again as needed. Folders without photos are left as they are. Returns
+        `{"subjects": [names created], "images": count indexed, "skipped": [(path, reason)]}`.
+        """
+        from PIL import Image
+
+        self._require_writable()
+        report: dict[str, Any] = {"subjects": [], "images": 0, "skipped": []}
+        subjects_root = self.root / "subjects"
+        if not subjects_root.is_dir() or subjects_root.is_symlink():
+            return report
+        referenced = {row["file"] for row in self.db.query("select file from images")}
+        for folder in sorted(subjects_root.iterdir()):
+            if folder.is_symlink() or not folder.is_dir():
+                report["skipped"].append((str(folder), "not a folder (a symbolic link or a file)"))
+                continue
+            if not NAME_PATTERN.fullmatch(folder.name):
+                report["skipped"].append((str(folder), "not a valid subject name"))
+                continue
+            found: list[dict[str, Any]] = []
+            images_dir = folder / "images"
+            usable = images_dir.is_dir() and not images_dir.is_symlink()
+            files = sorted(images_dir.iterdir()) if usable else []
+            for photo in files:
+                relative = f"subjects/{folder.name}/images/{photo.name}"
+                if relative in referenced:
+                    continue
+                if photo.is_symlink() or not PHOTO_FILE.fullmatch(photo.name):
+                    report["skipped"].append((str(photo), "not a photo stored by stencil"))
+                    continue
+                try:
+                    with Image.open(photo) as opened:
+                        opened.load()
+                        width, height = opened.size
+                except Exception as error:  # noqa: BLE001 - any unreadable file is skipped and named
+                    report["skipped"].append((str(photo), f"unreadable ({type(error).__name__})"))
+                    continue
+                found.append(
+                    {
+                        "sha256": photo.name.split(".")[0],
+                        "file": relative,
+                        "original_name": photo.name,
+                        "width": width,
+                        "height": height,
+                        "caption": None,
+                        "caption_source": None,
+                        "added": now(),
+                    }
+                )
+            if not found:
+                if self.find_subject(folder.name) is None:
+                    report["skipped"].append((str(folder), "no photos to index"))
+                continue
+            with self.write():
+                row = next(iter(self.db.query("select id from subjects where name = ?", [folder.name])), None)
+                if row is None:
+                    subject_id = (
+                        self.db["subjects"]
+                        .insert(
+                            {
+                                "id": self._next_subject_id(),
+                                "name": folder.name,
+                                "phrase": None,
+                                "class_word": None,
+                                "created": now(),
+                            }
+                        )
+                        .last_pk
+                    )
+                    report["subjects"].append(folder.name)
+                    self._set_aside_unindexed_outputs(folder)
+                else:
+                    subject_id = row["id"]
+                for record in found:
+                    self.db["images"].insert({**record, "subject_id": subject_id}, ignore=True)
+                    report["images"] += self.db.execute("select changes()").fetchone()[0]
+        return report
+
+    def _next_subject_id(self) -> int:
+        """A subject id never used before in this store (call inside a write transaction)."""
+        used = self.db.execute("select value from counters where name = 'subject_id'").fetchone()
+        highest = self.db.execute("select coalesce(max(id), 0) from subjects").fetchone()[0]
+        next_id = max(used[0] if used else 0, highest) + 1
+        self.db["counters"].upsert({"name": "subject_id", "value": next_id}, pk="name")
+        return next_id
+
+    def _set_aside_unindexed_outputs(self, folder: Path) -> None:
+        for part in ("runs", "generations"):
+            source = folder / part
+            if source.exists() or source.is_symlink():
+                target = folder / "recovered" / part
+                target.parent.mkdir(exist_ok=True)
+                if target.exists():
+                    target = folder / "recovered" / f"{part}-{int(time.time())}"
+                os.replace(source, target)
 
     # -- runs (training) ----------------------------------------------------------------------
 
@@ -583,10 +918,18 @@ class Store:
         """The folder holding a training run's files (weights, masks, checkpoints)."""
         return self.subject_dir(name) / "runs" / str(run_id)
 
-    def create_run(self, name: str, params: dict[str, Any], base_model: str) -> Run:
-        """Insert a `running` run row for subject `name` and return it."""
+    def create_run(
+        self, name: str, params: dict[str, Any], base_model: str, *, subject_id: int | None = None
+    ) -> Run:
+        """Insert a `running` run row for subject `name` and return it.
+
+        With `subject_id` (pinned when the command started), a subject removed or re-created meanwhile
+        raises SubjectChangedError instead of giving the run to a new subject of the same name.
+        """
         subject = self.get_subject(name)
         with self.write():
+            if subject_id is not None:
+                self.check_subject(name, subject_id)
             run_id = (
                 self.db["runs"]
                 .insert(
@@ -610,6 +953,10 @@ class Store:
             if key in values and not isinstance(values[key], str):
                 values[key] = dumps(values[key])
         with self.write():
+            if not self.db.execute("select count(*) from runs where id = ?", [run_id]).fetchone()[0]:
+                raise SubjectChangedError(
+                    f"training run {run_id} no longer exists (its subject was removed while it ran)"
+                )
             self.db["runs"].update(run_id, values)
 
     def finish_run(
@@ -678,8 +1025,12 @@ class Store:
         return self.subject_dir(name) / "generations"
 
     def add_generation(self, subject: Subject, record: dict[str, Any]) -> Generation:
-        """Insert one generated image's row for `subject` (by its id: a subject removed and made again under
-        the same name is another subject) and return it. Paths may be absolute or store-relative."""
+        """Insert one generated image's row for `subject` and return it (paths absolute or store-relative).
+
+        The row goes to that subject (by its id, pinned when the command started) or nowhere: a subject
+        removed, or removed and added again under the same name, raises SubjectChangedError; so does a
+        `run_id` that no longer belongs to it.
+        """
         row = dict(record)
         for key in ("image_file", "draft_file"):
             if row.get(key) and Path(row[key]).is_absolute():
@@ -687,15 +1038,22 @@ class Store:
         for key in ("params", "scores"):
             if key in row and row[key] is not None and not isinstance(row[key], str):
                 row[key] = dumps(row[key])
-        row["subject_id"] = subject.id
         row.setdefault("created", now())
-        try:
-            with self.write():
-                generation_id = self.db["generations"].insert(row).last_pk
-        except sqlite3.IntegrityError:
-            raise StencilError(
-                f"subject {subject.name!r} was removed while its images were made; nothing more is saved"
-            ) from None
+        with self.write():
+            self.check_subject(subject.name, subject.id)
+            run_id = row.get("run_id")
+            if (
+                run_id is not None
+                and not self.db.execute(
+                    "select count(*) from runs where id = ? and subject_id = ?", [run_id, subject.id]
+                ).fetchone()[0]
+            ):
+                raise SubjectChangedError(
+                    f"training run {run_id} of subject {subject.name!r} was removed while this command ran; "
+                    "nothing more was stored for it"
+                )
+            row["subject_id"] = subject.id
+            generation_id = self.db["generations"].insert(row).last_pk
         return self.get_generation(generation_id)
 
     def get_generation(self, generation_id: int) -> Generation:
@@ -763,6 +1121,71 @@ class Store:
         shutil.rmtree(folder)
 
 
+def _writable(root: Path, db_path: Path) -> bool:
+    """Whether this process may write the database file and make its journal files beside it."""
+    return os.access(db_path, os.W_OK) and os.access(root, os.W_OK | os.X_OK)
+
+
+def _out_of_space(root: Path) -> bool:
+    """Whether a failed write at `root` is best explained by a full disk or a file-size limit."""
+    try:
+        import resource
+
+        soft, _hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        if soft != resource.RLIM_INFINITY:
+            return True
+    except (ImportError, OSError, ValueError):
+        pass
+    try:
+        return shutil.disk_usage(root).free < 1024 * 1024
+    except OSError:
+        return False
+
+
+def _encoded_as(image: PreparedImage, suffix: str) -> bytes:
+    """The photo's bytes in the format `suffix` names (a restored file keeps its stored name)."""
+    if suffix == image.suffix:
+        return image.data
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    with Image.open(io.BytesIO(image.data)) as opened:
+        if suffix == ".jpg":
+            opened.convert("RGB").save(buffer, format="JPEG", quality=95, subsampling=0)
+        else:
+            opened.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _translate_db_errors(cls: type) -> type:
+    """Make every public method of `cls` turn a raw sqlite3.Error into the StencilError explaining it."""
+
+    def wrap(method: Any) -> Any:
+        @functools.wraps(method)
+        def wrapper(self: Store, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return method(self, *args, **kwargs)
+            except sqlite3.Error as error:
+                raise self.db_error(error) from error
+            except OSError as error:
+                if is_disk_full(error):
+                    raise DiskFullError(getattr(error, "filename", None) or self.root) from error
+                raise
+
+        return wrapper
+
+    for attribute, value in list(vars(cls).items()):
+        if attribute.startswith("_") or attribute in {"write", "db_error"} or not inspect.isfunction(value):
+            continue
+        setattr(cls, attribute, wrap(value))
+    return cls
+
+
+_translate_db_errors(Store)
+
+
 def unknown_subject_message(name: str, names: list[str]) -> str:
     """'no subject called X' plus the closest existing names, if any."""
     close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
@@ -779,6 +1202,6 @@ def dumps(value: Any) -> str:
     return json.dumps(value, default=str)
 
 
-def open_store(root: Path | None = None) -> Store:
-    """Open (and migrate) the store at `root` or the default location."""
-    return Store(root)
+def open_store(root: Path | None = None, *, read_only: bool | None = None) -> Store:
+    """Open (and migrate) the store at `root` or the default location (see `Store` for `read_only`)."""
+    return Store(root, read_only=read_only)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from photos import make_photo
+from storecheck import check_store
 
 from stencil_cli.store import open_store
 
@@ -194,6 +195,7 @@ def test_two_processes_add_at_the_same_time(tmp_path: Path, stencil_home: Path) 
     assert len(store.get_subject("shared").images) == 8
     assert len(store.get_subject("solo").images) == 4
     assert len(list(store.db.query("select * from subjects"))) == 2
+    assert check_store(stencil_home) == []
 
 
 @pytest.mark.parametrize("crash_at", ["add:file-written", "add:files-written"])
@@ -235,6 +237,7 @@ def test_sigkill_during_add_leaves_nothing_to_trip_over(
     store.clean(min_age_s=0)
     rows = {row["file"] for row in store.db.query("select file from images")}
     assert {store.relative(p) for p in _store_files(stencil_home)} == rows
+    assert check_store(stencil_home) == []
 
 
 def test_store_clean_removes_leftovers(tmp_path: Path, stencil_home: Path, cli) -> None:
@@ -251,9 +254,12 @@ def test_store_clean_removes_leftovers(tmp_path: Path, stencil_home: Path, cli) 
     assert fresh.exit_code == 0 and "removed 0" in fresh.stdout
     assert stray.exists() and ghost.exists() and orphan_run.exists()
     result = cli("store", "clean", "--older-than", "0")
-    assert result.exit_code == 0 and "removed 3" in result.stdout
-    assert not stray.exists() and not ghost.parent.exists() and not orphan_run.exists()
+    assert result.exit_code == 0 and "removed 2" in result.stdout
+    assert not stray.exists() and not orphan_run.exists()
+    assert ghost.exists()  # a subject folder without a row is only removed when named
     assert len(open_store().get_subject("dog").images) == 1
+    assert open_store().clean(min_age_s=0, remove_unindexed={"ghost"}) == [ghost.parent]
+    assert not ghost.parent.exists()
 
 
 def test_help_lists_the_commands(cli) -> None:

@@ -343,7 +343,7 @@ def start_run(
         CAPTIONS_KEY: captions_digest([image["caption"] or "" for image in subject.images], subject.phrase),
         **(extra or {}),
     }
-    return store.create_run(subject.name, params, model_ref)
+    return store.create_run(subject.name, params, model_ref, subject_id=subject.id)
 
 
 def reopen_run(store: Store, run: Run, steps: int) -> Run:
