@@ -32,6 +32,15 @@ from stencil_cli.attention import (
 from stencil_cli.errors import FieldError, StencilError
 from stencil_cli.fsutil import atomic_write_with
 from stencil_cli.images import center_crop_resize
+from stencil_cli.weights import (
+    KIND_LORA,
+    LORA_TARGET_MODULES,
+    add_lora,
+    lora_scale,
+    merge_lora,
+    read_tensors,
+    weights_kind,
+)
 
 WEIGHTS_FORMAT = "stencil-trained-params"
 WEIGHTS_FORMAT_VERSION = "1"
@@ -62,6 +71,18 @@ class TrainConfig:
     mask_timestep: int = DEFAULT_MASK_TIMESTEP
     checkpoint_every: int = 0
     save_dtype: str = "fp16"
+    lora_rank: int | None = None  # None: fine-tune the decoder itself (the paper); N: LoRA adapters of rank N
+    lora_alpha: float | None = None  # LoRA scale numerator (alpha / rank); None: alpha = rank
+
+    @property
+    def kind(self) -> str:
+        """``lora`` when training LoRA adapters, else ``full``."""
+        return "lora" if self.lora_rank else "full"
+
+    @property
+    def effective_lora_alpha(self) -> float:
+        """The LoRA alpha in use (the rank when none was given)."""
+        return float(self.lora_alpha if self.lora_alpha is not None else self.lora_rank or 0)
 
     def validate(self) -> None:
         """Raise BadInputError for values that cannot work."""
@@ -86,6 +107,10 @@ class TrainConfig:
             raise FieldError("checkpoint_every", "must be 0 (off) or a positive number of steps")
         if not 0 <= self.mask_timestep < 1000:
             raise FieldError("mask_timestep", "must be in [0, 1000)")
+        if self.lora_rank is not None and (isinstance(self.lora_rank, bool) or int(self.lora_rank) < 1):
+            raise FieldError("lora_rank", f"must be at least 1 (got {self.lora_rank})")
+        if self.lora_alpha is not None and not (self.lora_alpha > 0 and math.isfinite(self.lora_alpha)):
+            raise FieldError("lora_alpha", f"must be a positive number (got {self.lora_alpha})")
 
     def to_params(self) -> dict[str, Any]:
         """The settings as a JSON-ready dict (stored in the run row and the weights' metadata)."""
@@ -256,7 +281,12 @@ def weights_metadata(
         "tensors": str(len(names)),
         "dtype": config.save_dtype,
         "params": json.dumps(config.to_params(), sort_keys=True),
+        "kind": config.kind,
     }
+    if config.lora_rank:
+        metadata["lora_rank"] = str(int(config.lora_rank))
+        metadata["lora_alpha"] = str(config.effective_lora_alpha)
+        metadata["lora_targets"] = ",".join(LORA_TARGET_MODULES)
     for key, value in extra.items():
         metadata[key] = value if isinstance(value, str) else json.dumps(value)
     return metadata
@@ -277,10 +307,17 @@ def read_weights_metadata(path: Path) -> dict[str, str]:
 
 
 def load_trained_weights(unet: Any, path: Path) -> dict[str, str]:
-    """Load a run's trained parameters (safetensors) into `unet`, in its dtype/device; return the metadata."""
+    """Load a run's trained weights into `unet` (either kind), in its dtype/device; return the metadata.
+
+    A full run's parameters are copied in; a LoRA run's adapters are merged into the base weights
+    (``W += alpha / rank * B @ A``), so the UNet stays a plain diffusers UNet.
+    """
     from safetensors import safe_open
 
     metadata = read_weights_metadata(path)
+    if weights_kind(metadata) == KIND_LORA:
+        merge_lora(unet, read_tensors(path), lora_scale(metadata))
+        return metadata
     params = dict(unet.named_parameters())
     try:
         with safe_open(str(path), framework="pt") as handle:
@@ -392,7 +429,10 @@ def train_unet(
     """
     config.validate()
     device = next(unet.parameters()).device
-    names = trainable_names(unet, config.train)
+    if config.lora_rank:  # adapters on the decoder's attention projections; the base weights stay frozen
+        names = add_lora(unet, int(config.lora_rank), config.effective_lora_alpha, config.train)
+    else:
+        names = trainable_names(unet, config.train)
     params = freeze_except(unet, names)
     bad = [(name, p.dtype) for name, p in zip(names, params, strict=True) if p.dtype != torch.float32]
     if bad:
