@@ -73,6 +73,20 @@ def injected_steps(tau: float, steps: int, train_timesteps: int = TRAIN_TIMESTEP
     return min(steps, math.ceil(tau / stride)) if tau > 0 else 0
 
 
+def tau_groups(taus: list[float], steps: int) -> list[tuple[int, list[float]]]:
+    """The taus that inject the same number of steps at `steps` (so they render the same image), as
+    (injected steps, [taus in the given order]) for every count shared by two or more distinct taus.
+
+    E.g. tau 20 and 60 at 10 steps (stride 100) both inject the first step: ``[(1, [20.0, 60.0])]``.
+    """
+    by_count: dict[int, list[float]] = {}
+    for tau in taus:
+        values = by_count.setdefault(injected_steps(tau, steps), [])
+        if float(tau) not in values:
+            values.append(float(tau))
+    return [(count, values) for count, values in by_count.items() if len(values) > 1]
+
+
 # -- the subject pipeline's pieces ---------------------------------------------------------------------
 
 

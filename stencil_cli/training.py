@@ -26,12 +26,14 @@ from stencil_cli import __version__
 from stencil_cli.attention import (
     DEFAULT_MASK_TIMESTEP,
     DEFAULT_THRESHOLD,
+    MASK_FROM,
     compute_masks,
     token_weights,
 )
 from stencil_cli.errors import BadInputError, StencilError
 from stencil_cli.fsutil import atomic_write_with
 from stencil_cli.images import center_crop_resize
+from stencil_cli.precision import DEFAULT_SAVE_DTYPE
 
 WEIGHTS_FORMAT = "stencil-trained-params"
 WEIGHTS_FORMAT_VERSION = "1"
@@ -61,7 +63,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     mask_timestep: int = DEFAULT_MASK_TIMESTEP
     checkpoint_every: int = 0
-    save_dtype: str = "fp16"
+    save_dtype: str = DEFAULT_SAVE_DTYPE  # fp32: the update (~1/50 of a weight) survives exactly
+    mask_from: str = "caption"  # caption (the paper) | both (the authors' [empty, caption] batch, averaged)
 
     def validate(self) -> None:
         """Raise BadInputError for values that cannot work."""
@@ -84,6 +87,8 @@ class TrainConfig:
             raise BadInputError(f"--save-dtype must be one of {choices} (got {self.save_dtype!r})")
         if self.checkpoint_every < 0:
             raise BadInputError("--checkpoint-every must be 0 (off) or a positive number of steps")
+        if self.mask_from not in MASK_FROM:
+            raise BadInputError(f"mask_from must be one of {', '.join(MASK_FROM)} (got {self.mask_from!r})")
         if not 0 <= self.mask_timestep < 1000:
             raise BadInputError("the mask timestep must be in [0, 1000)")
 
@@ -174,6 +179,10 @@ def prepare_training_data(
         timestep=config.mask_timestep,
         seed=config.seed,
         batch_size=config.batch_size,  # photos per frozen pass; the training step holds more than this
+        mask_from=config.mask_from,
+        empty_embedding=encode_captions(pipe.tokenizer, pipe.text_encoder, [""])
+        if config.mask_from == "both"
+        else None,
     )
     return TrainingData(latents, embeddings, result.masks.to(latents.device), result.maps, crops)
 
