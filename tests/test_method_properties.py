@@ -101,9 +101,8 @@ def test_mask_from_both_averages_the_empty_and_caption_halves(tiny_subject_pipe)
     embeddings = _embed(pipe, CAPTIONS)
     empty = _embed(pipe, [""])
     weights = token_weights(pipe.tokenizer, CAPTIONS, PHRASE)
-    both = compute_masks(
-        pipe.unet, pipe.scheduler, latents, embeddings, weights, seed=4, mask_from="both", empty_embedding=empty
-    )
+    args = (pipe.unet, pipe.scheduler, latents, embeddings, weights)
+    both = compute_masks(*args, seed=4, mask_from="both", empty_embedding=empty)
     caption = compute_masks(pipe.unet, pipe.scheduler, latents, embeddings, weights, seed=4)
     # by hand: the same noised latent once with the empty prompt and once with the caption
     noise = torch.randn(latents.shape, generator=torch.Generator("cpu").manual_seed(4))

@@ -1,7 +1,8 @@
-"""Prompt rules: descriptions as one noun phrase, draft prompts that keep the user's context within CLIP's window."""
+"""Prompt rules: descriptions as one noun phrase; draft prompts keep the user's context within CLIP's window."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -166,9 +167,8 @@ def test_a_multi_sentence_description_in_an_answer_is_a_problem_and_the_repair_r
     tmp_path: Path,
 ) -> None:
     photos = [Photo(1, tmp_path / "a.png")]
-    text = (
-        '{"phrase": "backpack", "description": "%s", '
-        '"captions": [{"photo": 1, "caption": "a backpack on a table"}]}' % SEVERAL
+    text = json.dumps(
+        {"phrase": "backpack", "description": SEVERAL, "captions": [{"photo": 1, "caption": "a backpack here"}]}
     )
     parsed = parse_answer(text, photos, None)
     assert any("noun phrase" in problem for problem in parsed.problems)
@@ -196,7 +196,8 @@ def test_the_vision_model_writes_one_sentence_or_the_rules_take_over(
 
     monkeypatch.setattr(captioner, "complete", fake_complete)
     answers = ['{"prompt": "\\"A small red nylon backpack next to the Eiffel tower.\\""}']
-    draft = captioner.write_draft_prompt(photos, "a backpack next to the Eiffel tower", "backpack", ONE_SENTENCE)
+    user_prompt = "a backpack next to the Eiffel tower"
+    draft = captioner.write_draft_prompt(photos, user_prompt, "backpack", ONE_SENTENCE)
     assert draft == "A small red nylon backpack next to the Eiffel tower"
     messages, schema = sent[0]
     instruction = messages[1]["content"][0]["text"]
