@@ -1,4 +1,4 @@
-"""Prompt rules: descriptions as one noun phrase; draft prompts keep the user's context within CLIP's window."""
+"""Prompt rules: descriptions as one noun phrase; draft prompts keep the user's context within CLIP's limit."""
 
 from __future__ import annotations
 
@@ -168,7 +168,7 @@ def test_a_multi_sentence_description_in_an_answer_is_a_problem_and_the_repair_r
 ) -> None:
     photos = [Photo(1, tmp_path / "a.png")]
     text = json.dumps(
-        {"phrase": "backpack", "description": SEVERAL, "captions": [{"photo": 1, "caption": "a backpack here"}]}
+        {"phrase": "backpack", "description": SEVERAL, "captions": [{"photo": 1, "caption": "a backpack"}]}
     )
     parsed = parse_answer(text, photos, None)
     assert any("noun phrase" in problem for problem in parsed.problems)
