@@ -1,4 +1,4 @@
-"""Prompt rules: descriptions as one noun phrase; draft prompts keep the user's context within CLIP's limit."""
+"""Prompt rules: descriptions as one noun phrase; draft prompts keep the context within CLIP's limit."""
 
 from __future__ import annotations
 
