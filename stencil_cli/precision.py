@@ -43,9 +43,9 @@ def update_fidelity(
     an element's update survives when the stored weight still moved from the base, in the update's
     direction; the update's relative error is sqrt(error sum / update sum) over a whole model.
     """
-    base = base.double()
-    update = trained.double() - base
-    got = stored.double() - base
+    base = base.detach().double()
+    update = trained.detach().double() - base
+    got = stored.detach().double() - base
     moved = update != 0
     survived = moved & (got != 0) & (torch.sign(got) == torch.sign(update))
     error = (got - update)[moved]
