@@ -22,6 +22,7 @@ from stencil_cli.errors import BadInputError
 
 DEFAULT_THRESHOLD = 0.2  # p_t in the paper
 DEFAULT_MASK_TIMESTEP = 50  # the small timestep the reference code noises the latent to
+MASK_FROM = ("caption", "both")  # caption: the paper ("conditioned on C"); both: the authors' CFG batch
 END_OF_WORD = "</w>"
 
 
@@ -269,6 +270,12 @@ def recorded_layer_maps(recorder: AttentionRecorder, latent_hw: tuple[int, int])
     return grids
 
 
+def average_halves(recorder: AttentionRecorder) -> None:
+    """Replace every recorded (2b, pixels) map of a [empty, caption] batch by the mean of its two halves."""
+    for layer, per_pass in recorder.maps.items():
+        recorder.maps[layer] = [(m[: m.shape[0] // 2] + m[m.shape[0] // 2 :]) / 2 for m in per_pass]
+
+
 @dataclass
 class MaskResult:
     """Masks for a set of photos: binary latent-size masks and the normalised attention maps."""
@@ -289,13 +296,24 @@ def compute_masks(
     timestep: int = DEFAULT_MASK_TIMESTEP,
     seed: int = 0,
     batch_size: int = 1,
+    mask_from: str = "caption",
+    empty_embedding: torch.Tensor | None = None,
 ) -> MaskResult:
     """Subject masks from one frozen UNet pass per photo on its latent noised to `timestep`.
 
     `latents` (n, c, H, W) are the scaled VAE latents, `embeddings` (n, seq, d) the caption embeddings and
     `weights` (n, seq) the subject-token weights (see `token_weights`). The noise comes from a CPU generator
     seeded with `seed`, so the masks are reproducible.
+
+    `mask_from`: "caption" (default, the paper) conditions the pass on the caption alone; "both" runs the
+    authors' classifier-free-guidance batch [empty prompt, caption] (`empty_embedding`, (1, seq, d)) and
+    averages each layer's map over the two halves, the empty prompt's attention at the subject's token
+    positions included, as the authors' code does.
     """
+    if mask_from not in MASK_FROM:
+        raise BadInputError(f"mask_from must be one of {', '.join(MASK_FROM)} (got {mask_from!r})")
+    if mask_from == "both" and empty_embedding is None:
+        raise ValueError("mask_from='both' needs the empty prompt's embedding")
     generator = torch.Generator("cpu").manual_seed(seed)
     noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
     dtype = next(unet.parameters()).dtype
@@ -308,8 +326,15 @@ def compute_masks(
         # METHOD.md: the noised latent goes into the UNet (the reference code feeds the clean one by mistake)
         noisy = scheduler.add_noise(latents[start:stop].float(), noise[start:stop].to(device), t)
         recorder = AttentionRecorder(weights[start:stop].to(device))
+        context = embeddings[start:stop].to(device, dtype)
+        if mask_from == "both":
+            assert empty_embedding is not None
+            empty = empty_embedding.to(device, dtype).expand(stop - start, -1, -1)
+            noisy, t, context = torch.cat([noisy, noisy]), torch.cat([t, t]), torch.cat([empty, context])
         with record_cross_attention(unet, recorder):
-            unet(noisy.to(dtype), t, encoder_hidden_states=embeddings[start:stop].to(device, dtype))
+            unet(noisy.to(dtype), t, encoder_hidden_states=context)
+        if mask_from == "both":
+            average_halves(recorder)
         mask, soft = combine_maps(recorded_layer_maps(recorder, latent_hw), latent_hw, threshold=threshold)
         masks.append(mask)
         maps.append(soft)

@@ -29,6 +29,13 @@ from PIL import Image
 
 from stencil_cli.errors import BadInputError, StencilError
 from stencil_cli.images import load_rgb
+from stencil_cli.prompts import (
+    MAX_DESCRIPTION_WORDS,
+    clean_rewritten_prompt,
+    description_problems,
+    noun_phrase_description,
+    rewrite_instructions,
+)
 
 KEY_ENV = "OPENAI_API_KEY"
 BASE_URL_ENV = "OPENAI_BASE_URL"
@@ -157,6 +164,12 @@ class TemplateCaptioner:
         captions = {photo.id: template_caption(phrase, index) for index, photo in enumerate(request.photos)}
         return CaptionResult(phrase=phrase, captions=captions, source="template")
 
+    def write_draft_prompt(
+        self, photos: Sequence[Photo], user_prompt: str, phrase: str, description: str | None
+    ) -> str | None:
+        """No vision model: None, so the prompt rules (`prompts.build_prompts`) write the draft prompt."""
+        return None
+
 
 # -- OpenAI vision captioner ----------------------------------------------------------------------
 
@@ -181,7 +194,11 @@ ANSWER_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {
         "phrase": {"type": "string", "description": "short subject phrase, 1-4 words, e.g. 'toy robot'"},
-        "description": {"type": "string", "description": "the subject's appearance in 1-3 sentences"},
+        "description": {
+            "type": "string",
+            "description": f"the subject's appearance as ONE noun phrase, no full stop, at most "
+            f"{MAX_DESCRIPTION_WORDS} words, e.g. 'a small red nylon backpack with black straps'",
+        },
         "captions": {
             "type": "array",
             "items": {
@@ -205,11 +222,22 @@ Answer with JSON only, in this shape:
 {"phrase": "...", "description": "...", "captions": [{"photo": 1, "caption": "..."}, ...]}
 - phrase: the short words the subject is bound to, 1-4 lowercase words naming what it is
   (e.g. "cat", "toy robot", "red backpack"); no names, no articles.
-- description: the subject's appearance in 1-3 sentences: colours, materials, shapes, markings.
-  Describe the subject only, not the backgrounds.
+- description: the subject's appearance as ONE noun phrase that names the subject, with no full stop and at
+  most 25 words: colours, materials, shapes, markings (e.g. "a small red nylon backpack with black straps
+  and a white logo patch"). Describe the subject only, not the backgrounds. It replaces the phrase inside
+  other prompts ("<description> next to the Eiffel tower"), so it must not be a sentence.
 - captions: exactly one per photo, using the photo numbers given. Each caption is one detailed sentence
   of 15-40 words that contains the phrase verbatim early on, and describes the setting, background,
   lighting, pose and viewpoint of that photo (details that belong to the photo, not to the subject)."""
+
+
+REWRITE_SYSTEM_PROMPT = 'You write text-to-image prompts. Answer with JSON only: {"prompt": "..."}'
+DRAFT_PROMPT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"prompt": {"type": "string", "description": "one sentence, the subject first"}},
+    "required": ["prompt"],
+    "additionalProperties": False,
+}
 
 
 def _fixed_phrase_rule(phrase: str) -> str:
@@ -308,13 +336,12 @@ class OpenAICaptioner:
             )
         return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": content}]
 
-    def _format_param(self) -> dict[str, Any]:
+    def _format_param(
+        self, name: str = "subject_captions", schema: dict[str, Any] = ANSWER_SCHEMA
+    ) -> dict[str, Any]:
         if self.response_format == "json_object":
             return {"type": "json_object"}
-        return {
-            "type": "json_schema",
-            "json_schema": {"name": "subject_captions", "schema": ANSWER_SCHEMA, "strict": True},
-        }
+        return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
 
     # -- transport --
 
@@ -349,8 +376,16 @@ class OpenAICaptioner:
             raise box["error"]
         return box["value"]
 
-    def complete(self, messages: list[dict[str, Any]]) -> str:
-        """Send one chat completion (with bounded retries) and return the answer's text."""
+    def complete(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        schema: tuple[str, dict[str, Any]] = ("subject_captions", ANSWER_SCHEMA),
+    ) -> str:
+        """Send one chat completion (with bounded retries) and return the answer's text.
+
+        `schema` is the (name, JSON schema) the answer must follow (json_schema response format).
+        """
         import openai
 
         client = self._openai()
@@ -360,7 +395,11 @@ class OpenAICaptioner:
                 self.requests_sent += 1
                 extra: dict[str, Any] = {} if self.temperature is None else {"temperature": self.temperature}
                 response = self._create_within_deadline(
-                    client, model=self.model, messages=messages, response_format=self._format_param(), **extra
+                    client,
+                    model=self.model,
+                    messages=messages,
+                    response_format=self._format_param(*schema),
+                    **extra,
                 )
                 break
             except RecursionError:
@@ -473,6 +512,29 @@ class OpenAICaptioner:
             return "the account has no quota left: check its billing, or use `--captioner template`"
         return f"try again later, check {BASE_URL_ENV} / your network, or use `--captioner template`"
 
+    # -- the draft prompt (--rewrite) --
+
+    def write_draft_prompt(
+        self, photos: Sequence[Photo], user_prompt: str, phrase: str, description: str | None
+    ) -> str | None:
+        """One fluent draft prompt for the context model, written by the vision model from the user's prompt
+        and the subject's photos (the reference code's "augmented prompt"); None when the answer is not one
+        usable sentence (then the prompt rules write the draft). One request; at most 4 photos are sent."""
+        content: list[dict[str, Any]] = [
+            {"type": "text", "text": rewrite_instructions(user_prompt, phrase, description)}
+        ]
+        for photo in list(photos)[:4]:
+            content.append(
+                {"type": "image_url", "image_url": {"url": self.encode_photo(photo.path), "detail": "low"}}
+            )
+        messages = [
+            {"role": "system", "content": REWRITE_SYSTEM_PROMPT},
+            {"role": "user", "content": content},
+        ]
+        data = _load_json(self.complete(messages, schema=("draft_prompt", DRAFT_PROMPT_SCHEMA)))
+        text = data.get("prompt") if isinstance(data, dict) else None
+        return clean_rewritten_prompt(text) if isinstance(text, str) else None
+
     # -- the captioning itself --
 
     def caption(self, request: CaptionRequest) -> CaptionResult:
@@ -568,11 +630,20 @@ class ParsedAnswer:
         notes = []
         if repaired:
             notes.append(f"inserted the phrase {self.phrase!r} into the caption of photo(s) {repaired}")
+        description = self.description
+        if repair and description_problems(description):
+            reduced = noun_phrase_description(description).text
+            notes.append(
+                f"reduced the description to one noun phrase ({reduced!r})"
+                if reduced
+                else "dropped a description that was not a noun phrase (the phrase stands in)"
+            )
+            description = reduced
         return CaptionResult(
             phrase=self.phrase,
             captions=captions,
             source=source,
-            description=self.description,
+            description=description,
             repaired=repaired,
             notes=notes,
         )
@@ -604,6 +675,7 @@ def parse_answer(text: str, photos: Sequence[Photo], phrase: str | None) -> Pars
     description = (
         " ".join(description.split()) if isinstance(description, str) and description.strip() else None
     )
+    problems.extend(description_problems(description))  # repairable: reduced to a noun phrase
     by_id = {photo.id: photo for photo in photos}
     captions: dict[int, str] = {}
     items = data.get("captions")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -39,88 +38,6 @@ from stencil_cli.inversion import (
 from stencil_cli.models import native_resolution
 
 TRAIN_TIMESTEPS = 1000
-PLACEHOLDERS = ("{subject}", "{}")
-ARTICLES = ("a", "an", "the")
-# words after which a description's own article is dropped ("another {}" -> "another corgi")
-DETERMINER_BEFORE = re.compile(
-    r"\b(?:another|my|your|his|her|its|our|their|this|that|these|those|each|every|one|no|some)\s+$",
-    re.IGNORECASE,
-)
-
-
-# -- prompts ------------------------------------------------------------------------------------------
-
-
-def _article(words: str) -> str:
-    return "an" if words[:1].lower() in "aeiou" and words[:1] else "a"
-
-
-def _with_article(words: str) -> str:
-    """`words` with an indefinite article in front unless it already starts with an article."""
-    first = words.split(maxsplit=1)[0].lower() if words.split() else ""
-    return words if first in ARTICLES else f"{_article(words)} {words}"
-
-
-def _substitute(text: str, pattern: str, replacement: str) -> str:
-    """Replace `pattern` (regex) in `text`, absorbing a preceding article when `replacement` has its own."""
-    has_article = replacement.split(maxsplit=1)[0].lower() in ARTICLES if replacement.split() else False
-
-    def repl(match: re.Match[str]) -> str:
-        article = match.group("article")
-        if article and has_article:
-            return replacement
-        if not article and has_article and DETERMINER_BEFORE.search(match.string[: match.start()]):
-            return replacement.split(maxsplit=1)[1] if len(replacement.split()) > 1 else replacement
-        if article:
-            fixed = _article(replacement) if article.lower() in ("a", "an") else article
-            if article[:1].isupper():
-                fixed = fixed.capitalize()
-            return f"{fixed}{match.group('space')}{replacement}"
-        return replacement
-
-    regex = re.compile(rf"(?:(?P<article>\b(?:a|an|the|A|An|The))(?P<space>\s+))?{pattern}")
-    return regex.sub(repl, text)
-
-
-@dataclass(frozen=True)
-class Prompts:
-    """The subject prompt (for the fine-tuned model) and the draft prompt (for the context model)."""
-
-    prompt: str
-    draft_prompt: str
-
-
-def build_prompts(user_prompt: str, phrase: str, description: str | None = None) -> Prompts:
-    """Apply the prompt rules: placeholders, or the subject phrase, or prefix "a {phrase}".
-
-    ``{}`` / ``{subject}`` become the phrase (draft: the description); a prompt that already names the phrase
-    is kept (draft: the phrase replaced by the description); otherwise the prompt becomes
-    ``"a {phrase} {prompt}"``. Raises ValueError for an empty prompt or phrase.
-    """
-    text = " ".join(user_prompt.split())
-    phrase = " ".join((phrase or "").split())
-    if not text:
-        raise ValueError("the prompt is empty")
-    if not phrase:
-        raise ValueError("the subject phrase is empty")
-    description = " ".join((description or "").split()) or phrase
-    placeholder = "|".join(re.escape(p) for p in PLACEHOLDERS)
-    if re.search(placeholder, text):
-        return Prompts(
-            prompt=_substitute(text, f"(?:{placeholder})", phrase),
-            draft_prompt=_substitute(text, f"(?:{placeholder})", description),
-        )
-    phrase_pattern = rf"\b{re.escape(phrase)}\b"
-    if re.search(phrase_pattern, text, flags=re.IGNORECASE):
-        return Prompts(
-            prompt=text,
-            draft_prompt=_substitute(text, f"(?i:{phrase_pattern})", description),
-        )
-    return Prompts(
-        prompt=f"{_with_article(phrase)} {text}", draft_prompt=f"{_with_article(description)} {text}"
-    )
-
-
 # -- settings and results -----------------------------------------------------------------------------
 
 
@@ -153,6 +70,20 @@ def injected_steps(tau: float, steps: int, train_timesteps: int = TRAIN_TIMESTEP
         raise ValueError(f"tau must be in [0, {train_timesteps}] (got {tau})")
     stride = train_timesteps // steps  # DDIMScheduler's integer stride (leading spacing)
     return min(steps, math.ceil(tau / stride)) if tau > 0 else 0
+
+
+def tau_groups(taus: list[float], steps: int) -> list[tuple[int, list[float]]]:
+    """The taus that inject the same number of steps at `steps` (so they render the same image), as
+    (injected steps, [taus in the given order]) for every count shared by two or more distinct taus.
+
+    E.g. tau 20 and 60 at 10 steps (stride 100) both inject the first step: ``[(1, [20.0, 60.0])]``.
+    """
+    by_count: dict[int, list[float]] = {}
+    for tau in taus:
+        values = by_count.setdefault(injected_steps(tau, steps), [])
+        if float(tau) not in values:
+            values.append(float(tau))
+    return [(count, values) for count, values in by_count.items() if len(values) > 1]
 
 
 # -- the subject pipeline's pieces ---------------------------------------------------------------------

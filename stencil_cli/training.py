@@ -26,12 +26,14 @@ from stencil_cli import __version__
 from stencil_cli.attention import (
     DEFAULT_MASK_TIMESTEP,
     DEFAULT_THRESHOLD,
+    MASK_FROM,
     compute_masks,
     token_weights,
 )
 from stencil_cli.errors import FieldError, StencilError
 from stencil_cli.fsutil import atomic_write_with
 from stencil_cli.images import center_crop_resize
+from stencil_cli.precision import DEFAULT_SAVE_DTYPE
 from stencil_cli.weights import (
     KIND_LORA,
     LORA_TARGET_MODULES,
@@ -70,7 +72,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     mask_timestep: int = DEFAULT_MASK_TIMESTEP
     checkpoint_every: int = 0
-    save_dtype: str = "fp16"
+    save_dtype: str = DEFAULT_SAVE_DTYPE  # fp32: the update (~1/50 of a weight) survives exactly
+    mask_from: str = "caption"  # caption (the paper) | both (the authors' [empty, caption] batch, averaged)
     lora_rank: int | None = None  # None: fine-tune the decoder itself (the paper); N: LoRA adapters of rank N
     lora_alpha: float | None = None  # LoRA scale numerator (alpha / rank); None: alpha = rank
 
@@ -105,6 +108,8 @@ class TrainConfig:
             raise FieldError("save_dtype", f"must be one of {choices} (got {self.save_dtype!r})")
         if self.checkpoint_every < 0:
             raise FieldError("checkpoint_every", "must be 0 (off) or a positive number of steps")
+        if self.mask_from not in MASK_FROM:
+            raise FieldError("mask_from", f"must be one of {', '.join(MASK_FROM)} (got {self.mask_from!r})")
         if not 0 <= self.mask_timestep < 1000:
             raise FieldError("mask_timestep", "must be in [0, 1000)")
         if self.lora_rank is not None and (isinstance(self.lora_rank, bool) or int(self.lora_rank) < 1):
@@ -199,6 +204,10 @@ def prepare_training_data(
         timestep=config.mask_timestep,
         seed=config.seed,
         batch_size=config.batch_size,  # photos per frozen pass; the training step holds more than this
+        mask_from=config.mask_from,
+        empty_embedding=encode_captions(pipe.tokenizer, pipe.text_encoder, [""])
+        if config.mask_from == "both"
+        else None,
     )
     return TrainingData(latents, embeddings, result.masks.to(latents.device), result.maps, crops)
 

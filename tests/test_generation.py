@@ -13,10 +13,11 @@ from PIL import Image
 
 from stencil_cli import generation
 from stencil_cli.errors import BadInputError
-from stencil_cli.generation import GenerationSettings, build_prompts, injected_steps
+from stencil_cli.generation import GenerationSettings, injected_steps
 from stencil_cli.images import center_crop_resize
 from stencil_cli.inversion import NullTextSettings, encode_prompt
 from stencil_cli.pngmeta import read_png_parameters
+from stencil_cli.prompts import build_prompts
 from stencil_cli.store import open_store
 from stencil_cli.verbs.generate import parse_taus
 

@@ -204,7 +204,7 @@ def test_saved_weights_reload_into_a_fresh_unet_and_reproduce_outputs(
         base = tiny_subject_pipe.unet(sample, 300, encoder_hidden_states=data.embeddings[:2]).sample
     assert torch.equal(expected, got)
     assert not torch.equal(base, got)
-    # fp16 (the default save dtype) is close, not exact
+    # an fp16 file (--save-dtype fp16) is smaller, and close, not exact
     half = tmp_path / "half.safetensors"
     save_trained_weights(half, trained_state(unet, result.names, torch.float16), metadata)
     with safe_open(str(half), framework="pt") as handle:

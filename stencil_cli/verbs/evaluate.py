@@ -130,7 +130,7 @@ def evaluate(store: Store, request: EvalRequest, *, progress: Progress = no_prog
 
 def clip_t_text(generation: Generation, subject: Subject) -> str:
     """The text CLIP-T compares with: the subject prompt the image was rendered from (phrase included)."""
-    from stencil_cli.generation import build_prompts
+    from stencil_cli.prompts import build_prompts
 
     prompt = generation.prompt or ""
     phrase = subject.phrase or subject.class_word

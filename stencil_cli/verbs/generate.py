@@ -288,7 +288,7 @@ def _items(request: GenerateRequest, mode: str) -> list[Item]:
 
 def plan_generation(store: Store, request: GenerateRequest) -> GenerationPlan:
     """Check and settle everything about a generation (no model is loaded here)."""
-    from stencil_cli.generation import build_prompts
+    from stencil_cli.prompts import build_prompts
 
     if request.draft is not None and request.no_context:
         raise FieldError(("draft", "no_context"), "{} do not go together: a draft is the context")
