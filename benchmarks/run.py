@@ -12,6 +12,13 @@ and reports the medians. Peak memory per stage: on CUDA `torch.cuda.max_memory_a
 resident, reset before each stage); on the CPU the growth of the resident set over the stage (the kernel's
 high-water mark, reset through /proc/self/clear_refs, or a psutil sampler elsewhere).
 
+Beside the seconds, every stage reports the work as model passes, counted by forward hooks on the subject UNet
+and the context model's transformer while the timed call runs (`unet_forward`, `unet_backward`,
+`context_forward`; a call on a batch of B samples counts B, a backward through a call's output counts B
+backward passes), for stencil and the reference, and for the authors' published pipeline computed from its
+settings (`authors`, see `authors_counts`: without its early stop, an upper bound). `unet_pass_equivalents`
+counts a backward as two forwards; `per_image` sums the draft, inversion and denoise of one image.
+
 `--preset full` builds the full-size SD1.5 and SD3 Medium architectures with random weights (nothing is
 downloaded; speed and memory do not depend on the weights). Stencil runs as `stencil train` / `stencil gen`
 do on that device: on CUDA training with bf16 autocast over fp32 master weights, the pipelines in bf16 and
@@ -31,6 +38,7 @@ import statistics
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,6 +132,50 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+COUNT_KEYS = ("unet_forward", "unet_backward", "context_forward")
+
+
+class PassCounter:
+    """Counts model passes with forward hooks: a call on a batch of B samples is B forward passes, and a
+    backward through that call's output is B backward passes (a tensor hook on the output)."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.handles: list[Any] = []
+
+    def attach(self, module: torch.nn.Module, name: str) -> None:
+        """Count `module`'s passes as `{name}_forward` / `{name}_backward`."""
+
+        def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+            sample = kwargs.get("sample", kwargs.get("hidden_states"))
+            if sample is None:
+                sample = args[0]
+            batch = int(sample.shape[0])
+            self.counts[f"{name}_forward"] += batch
+            out = output[0] if isinstance(output, tuple) else output.sample
+            if out.requires_grad:
+
+                def backward(grad: torch.Tensor) -> None:
+                    self.counts[f"{name}_backward"] += batch
+
+                out.register_hook(backward)
+
+        self.handles.append(module.register_forward_hook(hook, with_kwargs=True))
+
+    def reset(self) -> None:
+        """Start counting from zero."""
+        self.counts.clear()
+
+    def snapshot(self) -> dict[str, int]:
+        """The counts so far, every key present."""
+        return {key: int(self.counts[key]) for key in COUNT_KEYS}
+
+
+def pass_equivalents(counts: dict[str, int]) -> int:
+    """Subject-UNet work in forward passes: a backward counts as two forwards."""
+    return counts["unet_forward"] + 2 * counts["unet_backward"]
+
+
 @dataclass
 class Run:
     """One timed call: wall seconds, process CPU seconds, peak memory (bytes, absolute) and its growth."""
@@ -132,10 +184,13 @@ class Run:
     cpu: float
     peak: int
     extra: int
+    counts: dict[str, int] = field(default_factory=dict)
 
 
-def timed(fn: Callable[[], Any], device: torch.device) -> tuple[Run, Any]:
-    """Call `fn` once: synchronised wall clock and peak memory on `device`."""
+def timed(fn: Callable[[], Any], device: torch.device, counter: PassCounter | None = None) -> tuple[Run, Any]:
+    """Call `fn` once: synchronised wall clock and peak memory on `device` (and its model passes)."""
+    counter = counter or PassCounter()
+    counter.reset()
     gc.collect()
     if device.type == "cuda":
         sync(device)
@@ -147,12 +202,12 @@ def timed(fn: Callable[[], Any], device: torch.device) -> tuple[Run, Any]:
         sync(device)
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
         peak = torch.cuda.max_memory_allocated(device)
-        return Run(seconds, cpu, peak, peak - start_mem), result
+        return Run(seconds, cpu, peak, peak - start_mem, counter.snapshot()), result
     with cpu_peak() as memory:
         start, cpu = time.perf_counter(), time.process_time()
         result = fn()
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-    return Run(seconds, cpu, memory["peak"], memory["peak"] - memory["start"]), result
+    return Run(seconds, cpu, memory["peak"], memory["peak"] - memory["start"], counter.snapshot()), result
 
 
 @dataclass
@@ -161,6 +216,7 @@ class StageResult:
 
     stencil: list[Run] = field(default_factory=list)
     reference: list[Run] = field(default_factory=list)
+    authors: dict[str, int] = field(default_factory=dict)  # computed, not run (authors_counts)
 
     @staticmethod
     def _median(runs: list[Run], attr: str) -> float:
@@ -182,7 +238,40 @@ class StageResult:
             "reference_cpu_s": round(self._median(self.reference, "cpu"), 4),
             "stencil_runs_s": [round(x.seconds, 4) for x in self.stencil],
             "reference_runs_s": [round(x.seconds, 4) for x in self.reference],
+            "stencil": with_equivalents(self.stencil[-1].counts),
+            "reference": with_equivalents(self.reference[-1].counts),
+            "authors": with_equivalents(self.authors),
         }
+
+
+def with_equivalents(counts: dict[str, int]) -> dict[str, int]:
+    """The pass counts plus `unet_pass_equivalents` (a backward counts as two forwards)."""
+    return {**counts, "unet_pass_equivalents": pass_equivalents(counts)}
+
+
+def authors_counts(stage: str, s: Settings, photos: int) -> dict[str, int]:
+    """Model passes of the authors' published pipeline for `stage` at the run's sizes, computed (not run).
+
+    Their settings: 50 DDIM steps, 10 null-text iterations per step, tau 60; their code runs the null-text
+    inversion of Mokady et al. (per step one conditional forward, then per iteration one forward and one
+    backward, then one classifier-free-guided step as a batch of 2) for every one of the steps, and its mask
+    pass as a guidance batch [empty prompt, caption]. Counted without the early stop (every iteration
+    runs), so the null-text figure is an upper bound: with early stopping they run at most this many.
+    """
+    counts = dict.fromkeys(COUNT_KEYS, 0)
+    if stage == "mask":
+        counts["unet_forward"] = 2 * photos
+    elif stage == "train":
+        counts["unet_forward"] = counts["unet_backward"] = s.steps * s.batch_size
+    elif stage == "draft":
+        counts["context_forward"] = 2 * s.draft_steps  # classifier-free guidance: a batch of 2 per step
+    elif stage == "inversion":
+        # DDIM inversion (one conditional pass per step), then every step's null-text optimisation
+        counts["unet_forward"] = s.ddim_steps + s.ddim_steps * (1 + s.inner_steps + 2)
+        counts["unet_backward"] = s.ddim_steps * s.inner_steps
+    elif stage == "denoise":
+        counts["unet_forward"] = 2 * s.ddim_steps
+    return counts
 
 
 # -- the workload --------------------------------------------------------------------------------------
@@ -347,7 +436,7 @@ def stage_calls(
 
         def stencil() -> Any:
             shared.inversion = generation.invert_image(
-                pipe, shared.draft, PROMPT, gen_settings, resolution=res
+                pipe, shared.draft, PROMPT, gen_settings, resolution=res, taus=[s.tau]
             )
 
         def reference() -> Any:
@@ -395,7 +484,10 @@ def run_benchmark(
     Stages a chosen stage depends on (training needs the masks, denoising the inversion) run untimed.
     """
     shared = Shared()
-    results = {stage: StageResult() for stage in stages}
+    results = {stage: StageResult(authors=authors_counts(stage, s, len(work.photos))) for stage in stages}
+    counter = PassCounter()
+    counter.attach(work.subject.unet, "unet")
+    counter.attach(work.context.transformer, "context")
     wanted = set(stages) | {d for stage in stages for d in DEPENDS.get(stage, ())}
     needed = [stage for stage in STAGES if stage in wanted]
     paths = ("stencil", "reference")
@@ -415,7 +507,7 @@ def run_benchmark(
                 continue
             for path in paths if r % 2 == 0 else paths[::-1]:
                 prepare(stage, path, work)
-                run, _ = timed(calls[path], work.device)
+                run, _ = timed(calls[path], work.device, counter)
                 getattr(results[stage], path).append(run)
     return {stage: results[stage].summary() for stage in stages}
 
@@ -443,6 +535,7 @@ LABELS = {
     "inversion": "inversion",
     "denoise": "denoise",
     "total": "end to end",
+    "per_image": "one image (draft + inversion + denoise)",
 }
 
 
@@ -461,7 +554,48 @@ def with_total(stages: dict[str, Any]) -> dict[str, Any]:
         total[key] = round(sum(v[key] for v in stages.values()), 4)
     for key in ("stencil_peak_mb", "reference_peak_mb", "stencil_extra_mb", "reference_extra_mb"):
         total[key] = max(v[key] for v in stages.values())
+    total.update(summed_counts(list(stages.values())))
     return {**stages, "total": total}
+
+
+def summed_counts(rows: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """The pass counts of `rows` added up, per path."""
+    return {
+        path: {key: sum(row[path][key] for row in rows) for key in (*COUNT_KEYS, "unet_pass_equivalents")}
+        for path in ("stencil", "reference", "authors")
+    }
+
+
+IMAGE_STAGES = ("draft", "inversion", "denoise")
+
+
+def per_image(stages: dict[str, Any]) -> dict[str, Any] | None:
+    """One context-guided image (draft + inversion + denoise): seconds, the speed-up over the reference (its
+    median of per-run sums), pass counts and the subject-UNet work of the authors' pipeline over stencil's."""
+    if not all(stage in stages for stage in IMAGE_STAGES):
+        return None
+    rows = [stages[stage] for stage in IMAGE_STAGES]
+    runs = {
+        path: [sum(values) for values in zip(*(row[f"{path}_runs_s"] for row in rows), strict=True)]
+        for path in ("stencil", "reference")
+    }
+    s, r = (float(statistics.median(runs[path])) for path in ("stencil", "reference"))
+    counts = summed_counts(rows)
+    mine = counts["stencil"]["unet_pass_equivalents"]
+    return {
+        "stencil_s": round(s, 4),
+        "reference_s": round(r, 4),
+        "ratio": round(r / s, 3) if s > 0 else None,
+        "stencil_runs_s": [round(x, 4) for x in runs["stencil"]],
+        "reference_runs_s": [round(x, 4) for x in runs["reference"]],
+        **counts,
+        "unet_work_authors_over_stencil": round(counts["authors"]["unet_pass_equivalents"] / mine, 2)
+        if mine
+        else None,
+        "unet_work_reference_over_stencil": round(counts["reference"]["unet_pass_equivalents"] / mine, 2)
+        if mine
+        else None,
+    }
 
 
 def seconds(value: float) -> str:
@@ -475,14 +609,29 @@ def table(report: dict[str, Any]) -> str:
     memory = "peak GPU memory" if cuda else "peak RSS growth"
     key = "peak_mb" if cuda else "extra_mb"
     lines = [
-        f"| stage | stencil s | reference s | ratio (ref/stencil) | stencil {memory} | reference {memory} |",
-        "|---|---:|---:|---:|---:|---:|",
+        f"| stage | stencil s | reference s | ratio (ref/stencil) | stencil {memory} | reference {memory} "
+        "| UNet fwd / bwd: stencil | reference | authors "
+        "| UNet pass-equivalents: stencil / reference / authors "
+        "| context fwd: stencil / reference / authors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for stage, row in report["stages"].items():
+    rows = dict(report["stages"])
+    if report.get("per_image"):
+        rows["per_image"] = report["per_image"]
+    for stage, row in rows.items():
         label = LABELS[stage].format(steps=report["settings"]["steps"])
+        paths = ("stencil", "reference", "authors")
+        work = " | ".join(f"{row[p]['unet_forward']} / {row[p]['unet_backward']}" for p in paths)
+        equivalents = " / ".join(str(row[p]["unet_pass_equivalents"]) for p in paths)
+        context = " / ".join(str(row[p]["context_forward"]) for p in paths)
+        memory_cells = (
+            f"{row['stencil_' + key]:.1f} MiB | {row['reference_' + key]:.1f} MiB"
+            if "stencil_" + key in row
+            else "n/a | n/a"
+        )
         lines.append(
             f"| {label} | {seconds(row['stencil_s'])} | {seconds(row['reference_s'])} | {row['ratio']:.2f}x "
-            f"| {row['stencil_' + key]:.1f} MiB | {row['reference_' + key]:.1f} MiB |"
+            f"| {memory_cells} | {work} | {equivalents} | {context} |"
         )
     return "\n".join(lines)
 
@@ -544,6 +693,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "stencil_gen_dtype": str(work.gen_dtype),
         },
         "stages": with_total(results),
+        "per_image": per_image(results),
+        "counting": (
+            "model passes counted by forward hooks during the timed call (a batch of B counts B; a backward "
+            "through a call's output counts B); authors: computed from their settings without early stop "
+            "(an upper bound); unet_pass_equivalents = forward + 2 x backward"
+        ),
         "wall_s": round(time.perf_counter() - started, 1),
     }
     if args.json:
@@ -554,6 +709,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"median of {report['repeat']}, load {load})"
         )
         print(table(report))
+        if report["per_image"]:
+            image = report["per_image"]
+            print(
+                f"\nper image: {image['ratio']:.2f}x faster than the reference; subject-UNet work "
+                f"{image['unet_work_authors_over_stencil']}x less than the authors' pipeline (upper bound), "
+                f"{image['unet_work_reference_over_stencil']}x less than the reference"
+            )
     return report
 
 

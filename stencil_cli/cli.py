@@ -9,6 +9,7 @@ import typer
 from stencil_cli import __version__
 from stencil_cli.commands import register_all
 from stencil_cli.output import settings
+from stencil_cli.threads import configure_threads
 
 app = typer.Typer(
     name="stencil",
@@ -35,10 +36,21 @@ def main_callback(
     debug: Annotated[
         bool, typer.Option("--debug", envvar="STENCIL_DEBUG", help="Show tracebacks on errors.")
     ] = False,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            "--threads",
+            envvar="STENCIL_THREADS",
+            min=1,
+            help="CPU threads for the models. [default: the free cores of this process's CPU set, at most 8]",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Teach an image model your own subject from a few photos, then render it anywhere."""
     settings.quiet = quiet
     settings.debug = debug
+    configure_threads(threads)  # before any command imports torch (OpenMP reads its settings once)
 
 
 register_all(app)

@@ -44,8 +44,14 @@ class FieldError(BadInputError):
     """
 
     def __init__(
-        self, fields: str | Sequence[str], template: str = "{}", *, hint: str | None = None
+        self,
+        fields: str | Sequence[str],
+        template: str = "{}",
+        *,
+        hint: str | None = None,
+        exit_code: int = EXIT_USAGE,
     ) -> None:
+        self.exit_code = exit_code  # 1 where the value is fine but something it needs is missing
         self.fields = (fields,) if isinstance(fields, str) else tuple(fields)
         self.template = template if ("{}" in template or "{0}" in template) else "{} " + template
         super().__init__(self.render({}), hint=hint)

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,7 +33,7 @@ from stencil_cli.inversion import (
     ddim_step,
     encode_prompt,
     guided_noise,
-    invert,
+    invert_batch,
     no_progress,
 )
 from stencil_cli.models import native_resolution
@@ -84,6 +85,24 @@ def tau_groups(taus: list[float], steps: int) -> list[tuple[int, list[float]]]:
         if float(tau) not in values:
             values.append(float(tau))
     return [(count, values) for count, values in by_count.items() if len(values) > 1]
+
+
+def null_text_steps(taus: Sequence[float], steps: int) -> int:
+    """K: how many steps (from the noisiest) null-text optimisation must run so that every tau in `taus` finds
+    its injected embeddings: the largest ``injected_steps(tau, steps)`` (0 for no taus or only tau 0).
+
+    Step i's embedding depends only on steps 0..i, so optimising the first K steps gives exactly the same
+    embeddings for them as optimising all `steps`."""
+    return max((injected_steps(tau, steps) for tau in taus), default=0)
+
+
+def chunks(items: Sequence[Any], size: int | None) -> list[list[Any]]:
+    """`items` in consecutive batches of at most `size` (None or 0: one batch of everything)."""
+    if size is not None and size < 0:
+        raise ValueError(f"batch size must be at least 1 (got {size})")
+    items = list(items)
+    size = size or max(1, len(items))
+    return [items[k : k + size] for k in range(0, len(items), size)]
 
 
 # -- the subject pipeline's pieces ---------------------------------------------------------------------
@@ -163,30 +182,64 @@ def render_draft(
     progress: ProgressHook = no_progress,
 ) -> Image.Image:
     """Render the draft with the context model (any diffusers text-to-image pipeline) at `resolution`."""
-    generator = torch.Generator("cpu").manual_seed(seed)
-    kwargs: dict[str, Any] = {
-        "prompt": prompt,
-        "height": resolution,
-        "width": resolution,
-        "num_inference_steps": steps,
-        "guidance_scale": guidance,
-        "generator": generator,
-        "output_type": "pil",
-    }
-    if "callback_on_step_end" in inspect.signature(context_pipe.__call__).parameters:
+    return render_drafts(
+        context_pipe,
+        prompt,
+        resolution=resolution,
+        seeds=[seed],
+        steps=steps,
+        guidance=guidance,
+        progress=progress,
+    )[0]
 
-        def on_step(pipe: Any, i: int, t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-            progress("draft", i + 1, steps, {})
-            return tensors
 
-        kwargs["callback_on_step_end"] = on_step
+def render_drafts(
+    context_pipe: Any,
+    prompt: str,
+    *,
+    resolution: int,
+    seeds: Sequence[int],
+    steps: int = 50,
+    guidance: float = 7.5,
+    batch_size: int | None = None,
+    progress: ProgressHook = no_progress,
+) -> list[Image.Image]:
+    """One draft per seed, rendered as batches of at most `batch_size` (None: all) in one pipeline call each.
+
+    Each sample draws its starting noise from its own CPU generator seeded with its seed, so a draft is the
+    one `render_draft` gives for that seed (within float tolerance of the batched model call). The progress
+    hook gets each denoising step once per batch, with ``extra["samples"]`` = the batch's size."""
+    images: list[Image.Image] = []
     if hasattr(context_pipe, "set_progress_bar_config"):
         context_pipe.set_progress_bar_config(disable=True)
-    with torch.inference_mode():  # no autograd bookkeeping at all (the pipeline itself only uses no_grad)
-        image = context_pipe(**kwargs).images[0]
-    if image.size != (resolution, resolution):
-        image = center_crop_resize(image, resolution)
-    return image.convert("RGB")
+    takes_callback = "callback_on_step_end" in inspect.signature(context_pipe.__call__).parameters
+    for batch in chunks(seeds, batch_size):
+        kwargs: dict[str, Any] = {
+            "prompt": prompt,
+            "height": resolution,
+            "width": resolution,
+            "num_inference_steps": steps,
+            "guidance_scale": guidance,
+            "generator": [torch.Generator("cpu").manual_seed(seed) for seed in batch],
+            "num_images_per_prompt": len(batch),
+            "output_type": "pil",
+        }
+        if takes_callback:
+
+            def on_step(
+                pipe: Any, i: int, t: Any, tensors: dict[str, Any], samples: int = len(batch)
+            ) -> dict[str, Any]:
+                progress("draft", i + 1, steps, {"samples": samples})
+                return tensors
+
+            kwargs["callback_on_step_end"] = on_step
+        with torch.inference_mode():  # no autograd bookkeeping at all (the pipeline itself only uses no_grad)
+            rendered = context_pipe(**kwargs).images
+        for image in rendered:
+            if image.size != (resolution, resolution):
+                image = center_crop_resize(image, resolution)
+            images.append(image.convert("RGB"))
+    return images
 
 
 def invert_image(
@@ -196,12 +249,32 @@ def invert_image(
     settings: GenerationSettings = GenerationSettings(),
     *,
     resolution: int | None = None,
+    taus: Sequence[float] | None = None,
     progress: ProgressHook = no_progress,
 ) -> InversionResult:
-    """VAE-encode `image` and invert it with the subject model (nti or npi), in float32."""
+    """VAE-encode `image` and invert it with the subject model (nti or npi), in float32.
+
+    With `taus`, null-text optimisation runs only for the first ``null_text_steps(taus, steps)`` steps (the
+    ones those taus inject; none for tau 0); without, for every step. The DDIM inversion always runs fully."""
+    return invert_images(
+        pipe, [image], prompt, settings, resolution=resolution, taus=taus, progress=progress
+    )[0]
+
+
+def invert_images(
+    pipe: Any,
+    images: Sequence[Image.Image],
+    prompt: str,
+    settings: GenerationSettings = GenerationSettings(),
+    *,
+    resolution: int | None = None,
+    taus: Sequence[float] | None = None,
+    progress: ProgressHook = no_progress,
+) -> list[InversionResult]:
+    """`invert_image` for several images as one batch (each its own null embeddings and early stop)."""
     resolution = resolution or native_resolution(pipe)
     scheduler = ddim_scheduler(pipe, settings.steps)
-    latent = encode_image(pipe, image, resolution)
+    latents = torch.cat([encode_image(pipe, image, resolution) for image in images])
     device = pipe_device(pipe)
     cond = encode_prompt(pipe, prompt, device).float()
     empty = encode_prompt(pipe, "", device).float()
@@ -212,15 +285,17 @@ def invert_image(
         early_stop=settings.null_text.early_stop,
         early_stop_slope=settings.null_text.early_stop_slope,
     )
+    optimize = None if taus is None else null_text_steps(taus, settings.steps)
     with float32_unet(pipe.unet) as unet:
-        return invert(
+        return invert_batch(
             unet,
             scheduler,
-            latent,
+            latents,
             cond,
             empty,
             method=settings.inversion,
             settings=null_text,
+            optimize_steps=optimize,
             progress=progress,
         )
 
@@ -247,7 +322,7 @@ def denoise(
         negative = null_embeddings[i] if i < inject and null_embeddings is not None else uncond
         noise = guided_noise(unet, latent, t, cond, negative, guidance)
         latent = ddim_step(scheduler, noise, t, latent)
-        progress("denoise", i + 1, len(timesteps), {"injected": i < inject})
+        progress("denoise", i + 1, len(timesteps), {"injected": i < inject, "samples": latent.shape[0]})
     return latent
 
 
@@ -255,32 +330,139 @@ def guided_images(
     pipe: Any,
     inversion: InversionResult,
     prompt: str,
-    taus: list[float],
+    taus: Sequence[float],
     settings: GenerationSettings = GenerationSettings(),
     *,
     progress: ProgressHook = no_progress,
 ) -> list[Image.Image]:
     """Denoise one inverted latent once per tau (the draft and inversion are shared); one image each."""
+    return guided_images_batch(pipe, [inversion], prompt, taus, settings, progress=progress)[0]
+
+
+def guided_images_batch(
+    pipe: Any,
+    inversions: Sequence[InversionResult],
+    prompt: str,
+    taus: Sequence[float],
+    settings: GenerationSettings = GenerationSettings(),
+    *,
+    progress: ProgressHook = no_progress,
+) -> list[list[Image.Image]]:
+    """Denoise N inverted latents together, once per tau, each with its own null embeddings.
+
+    Returns, per inversion, one image per tau. Raises ValueError when a tau injects more steps than an
+    inversion has null embeddings for (its null-text optimisation was truncated for smaller taus)."""
     scheduler = ddim_scheduler(pipe, settings.steps)
     device = pipe_device(pipe)
+    n = len(inversions)
     cond = encode_prompt(pipe, prompt, device)
     empty = encode_prompt(pipe, "", device)
-    images = []
+    if n > 1:
+        cond, empty = cond.expand(n, *cond.shape[1:]), empty.expand(n, *empty.shape[1:])
+    latents = torch.cat([inv.latent for inv in inversions]).to(device)
+    images: list[list[Image.Image]] = [[] for _ in inversions]
     for tau in taus:
         inject = injected_steps(tau, settings.steps)
+        available = min(len(inv.null_embeddings) for inv in inversions)
+        if inject > available:
+            raise ValueError(
+                f"tau {tau:g} injects {inject} steps but the inversion has null embeddings for {available}: "
+                "invert with this tau among its taus"
+            )
+        nulls = [torch.cat([inv.null_embeddings[i] for inv in inversions]).to(device) for i in range(inject)]
         latent = denoise(
             pipe.unet,
             scheduler,
-            inversion.latent.to(device),
+            latents,
             cond,
             empty,
             guidance=settings.guidance,
-            null_embeddings=[n.to(device) for n in inversion.null_embeddings],
+            null_embeddings=nulls,
             inject=inject,
             progress=progress,
         )
-        images.append(decode_latent(pipe, latent))
+        for row in range(n):
+            images[row].append(decode_latent(pipe, latent[row : row + 1]))
     return images
+
+
+@dataclass
+class GuidedSample:
+    """One draft's Context Guidance result: an image per tau, its inversion, and its share of the time."""
+
+    images: list[Image.Image]
+    inversion: InversionResult
+    # seconds, this sample's share of its batch: inversion (DDIM + null-text), denoise (per image)
+    timings: dict[str, float]
+    batch: int  # how many drafts were inverted and denoised together with this one
+
+
+def _clock(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def iter_context_guidance(
+    pipe: Any,
+    drafts: Sequence[Image.Image],
+    prompt: str,
+    taus: Sequence[float],
+    settings: GenerationSettings = GenerationSettings(),
+    *,
+    resolution: int | None = None,
+    batch_size: int | None = None,
+    progress: ProgressHook = no_progress,
+) -> Iterator[tuple[int, GuidedSample]]:
+    """Invert and denoise `drafts` in batches of at most `batch_size` (None: all at once); yields
+    ``(index into drafts, GuidedSample)`` as each batch finishes, so a caller can save images as they come.
+
+    Null-text optimisation runs only for the steps the taus inject (``null_text_steps``)."""
+    device = pipe_device(pipe)
+    start = 0
+    for batch in chunks(drafts, batch_size):
+        started = _clock(device)
+        inverted = invert_images(
+            pipe, batch, prompt, settings, resolution=resolution, taus=taus, progress=progress
+        )
+        middle = _clock(device)
+        images = guided_images_batch(pipe, inverted, prompt, taus, settings, progress=progress)
+        finished = _clock(device)
+        n = len(batch)
+        timings = {
+            "inversion": (middle - started) / n,
+            "denoise": (finished - middle) / (n * max(1, len(taus))),
+        }
+        for row in range(n):
+            yield start + row, GuidedSample(images[row], inverted[row], dict(timings), n)
+        start += n
+
+
+def context_guidance_batch(
+    pipe: Any,
+    drafts: Sequence[Image.Image],
+    prompt: str,
+    taus: Sequence[float],
+    settings: GenerationSettings = GenerationSettings(),
+    *,
+    resolution: int | None = None,
+    batch_size: int | None = None,
+    progress: ProgressHook = no_progress,
+) -> list[GuidedSample]:
+    """`iter_context_guidance` collected: one GuidedSample per draft, in order."""
+    return [
+        sample
+        for _, sample in iter_context_guidance(
+            pipe,
+            drafts,
+            prompt,
+            taus,
+            settings,
+            resolution=resolution,
+            batch_size=batch_size,
+            progress=progress,
+        )
+    ]
 
 
 def initial_noise(pipe: Any, seed: int, resolution: int | None = None) -> torch.Tensor:
@@ -338,101 +520,7 @@ def contact_sheet(rows: list[list[tuple[str, Image.Image]]], cell: int | None = 
     return sheet
 
 
-# -- whole stages, one result at a time (the verb saves each as it arrives) ------------------------------
-
-
-def _clock(device: Any) -> float:
-    """`time.perf_counter()` after the device's queued work is done (CUDA runs asynchronously)."""
-    import time
-
-    if str(device).startswith("cuda") and torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter()
-
-
-@dataclass
-class Draft:
-    """One rendered draft: the caller's key, the picture and how long it took."""
-
-    key: Any
-    image: Image.Image
-    seconds: float
-
-
-def render_drafts(
-    context_pipe: Any,
-    wanted: list[tuple[Any, str, int]],
-    *,
-    resolution: int,
-    steps: int = 50,
-    guidance: float = 7.5,
-    progress: ProgressHook = no_progress,
-) -> Iterator[Draft]:
-    """Render each (key, draft prompt, seed) with the context model, yielding every draft when it is done.
-
-    The progress hook gets every draft step, also from a pipeline without step callbacks.
-    """
-    device = pipe_device(context_pipe)
-    for key, prompt, seed in wanted:
-        reported = 0
-
-        def counting(stage: str, step: int, total: int | None, extra: dict[str, Any]) -> None:
-            nonlocal reported
-            reported += 1
-            progress(stage, step, total, extra)
-
-        started = _clock(device)
-        image = render_draft(
-            context_pipe,
-            prompt,
-            resolution=resolution,
-            seed=seed,
-            steps=steps,
-            guidance=guidance,
-            progress=counting,
-        )
-        seconds = _clock(device) - started
-        if reported < steps:  # a pipeline without step callbacks
-            progress("draft", steps, steps, {"advance": steps - reported})
-        yield Draft(key, image, seconds)
-
-
-@dataclass
-class GuidedImage:
-    """One image of Context Guidance: the caller's key, its tau, the picture and how it was made."""
-
-    key: Any
-    tau: float
-    image: Image.Image
-    inversion: InversionResult
-    timings: dict[str, float]  # inversion (per draft, shared by its taus) and denoise (per image)
-
-
-def context_guidance(
-    pipe: Any,
-    drafts: list[tuple[Any, Image.Image, str]],
-    taus: list[float],
-    settings: GenerationSettings = GenerationSettings(),
-    *,
-    resolution: int,
-    progress: ProgressHook = no_progress,
-) -> Iterator[GuidedImage]:
-    """For each (key, draft, subject prompt): invert the draft (nti or npi), denoise it once per tau.
-
-    Yields each image as soon as it is decoded.
-    """
-    device = pipe_device(pipe)
-    for key, draft, prompt in drafts:
-        started = _clock(device)
-        inverted = invert_image(pipe, draft, prompt, settings, resolution=resolution, progress=progress)
-        inversion_s = _clock(device) - started
-        if settings.inversion == "npi":  # no null-text steps to report
-            progress("null-text", settings.steps, settings.steps, {"advance": settings.steps})
-        for tau in taus:
-            began = _clock(device)
-            (image,) = guided_images(pipe, inverted, prompt, [tau], settings, progress=progress)
-            timings = {"inversion": inversion_s, "denoise": _clock(device) - began}
-            yield GuidedImage(key, tau, image, inverted, timings)
+# -- plain generation, one image at a time (the verb saves each as it arrives) -----------------------
 
 
 def plain_images(

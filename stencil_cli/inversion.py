@@ -50,10 +50,11 @@ class InversionResult:
     """What inverting one latent produced."""
 
     trajectory: list[torch.Tensor]  # [z_clean, ..., z_noisiest], float32
-    null_embeddings: list[torch.Tensor]  # one per denoising step, noisiest first, float32
+    null_embeddings: list[torch.Tensor]  # one per usable injected step, noisiest first, float32
     method: str  # "nti" | "npi" | "ddim"
-    inner_iterations: list[int] = field(default_factory=list)  # per step (nti)
-    losses: list[float] = field(default_factory=list)  # last loss per step (nti)
+    inner_iterations: list[int] = field(default_factory=list)  # per optimised step (nti)
+    losses: list[float] = field(default_factory=list)  # last loss per optimised step (nti)
+    optimized_steps: int = 0  # K: how many steps (from the noisiest) null-text optimisation ran (nti)
 
     @property
     def latent(self) -> torch.Tensor:
@@ -153,6 +154,7 @@ def ddim_inversion(
     """DDIM-invert a clean latent under the conditional prompt only (guidance 1); returns the trajectory.
 
     `scheduler.set_timesteps(steps)` must have been called; the result has ``steps + 1`` float32 latents.
+    A batch of latents ``[N, ...]`` inverts together (`cond` then has batch N).
     """
     _check_epsilon(scheduler)
     latent = latent.float()
@@ -162,8 +164,17 @@ def ddim_inversion(
         noise = _unet(unet, latent, t, cond)
         latent = ddim_inverse_step(scheduler, noise, t, latent)
         trajectory.append(latent)
-        progress("inversion", k + 1, len(timesteps), {"t": t})
+        progress("inversion", k + 1, len(timesteps), {"t": t, "samples": latent.shape[0]})
     return trajectory
+
+
+def _rows(tensor: torch.Tensor, n: int) -> torch.Tensor:
+    """`tensor` with batch `n` (a batch of one is repeated; a batch of `n` is kept)."""
+    if tensor.shape[0] == n:
+        return tensor
+    if tensor.shape[0] != 1:
+        raise ValueError(f"expected a batch of 1 or {n}, got {tensor.shape[0]}")
+    return tensor.expand(n, *tensor.shape[1:])
 
 
 def null_text_optimization(
@@ -174,6 +185,7 @@ def null_text_optimization(
     uncond: torch.Tensor,
     settings: NullTextSettings = NullTextSettings(),
     *,
+    optimize_steps: int | None = None,
     progress: ProgressHook = no_progress,
 ) -> InversionResult:
     """Optimise one unconditional embedding per step so guided DDIM steps retrace `trajectory`.
@@ -182,18 +194,52 @@ def null_text_optimization(
     `inner_steps` iterations, early stop once the loss is below ``early_stop + i * early_stop_slope``, warm
     start from the previous step's result, the conditional prediction computed once per step without
     gradients, all in float32 (the UNet must run in float32; `generation` upcasts it for the inversion).
+
+    Only the first `optimize_steps` steps (K, from the noisiest; default all) are optimised: step i's
+    embedding depends only on steps 0..i, so the first K embeddings are exactly those of the full
+    optimisation, and denoising injects no more than `injected_steps(tau)` of them. One latent (batch 1).
+    """
+    if trajectory[0].shape[0] != 1:
+        raise ValueError("null_text_optimization takes one latent: use null_text_optimization_batch")
+    return null_text_optimization_batch(
+        unet, scheduler, trajectory, cond, uncond, settings, optimize_steps=optimize_steps, progress=progress
+    )[0]
+
+
+def null_text_optimization_batch(
+    unet: Any,
+    scheduler: Any,
+    trajectory: list[torch.Tensor],
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    settings: NullTextSettings = NullTextSettings(),
+    *,
+    optimize_steps: int | None = None,
+    progress: ProgressHook = no_progress,
+) -> list[InversionResult]:
+    """`null_text_optimization` for a batch of N latents at once, each with its own null embeddings.
+
+    `trajectory` holds batched latents ``[N, ...]``; `cond` and `uncond` have batch 1 or N. The per-sample
+    loss drives the per-sample gradient (the batch loss is their sum, so each sample's gradient is the one it
+    would get alone), and each sample stops early on its own: a finished sample leaves the UNet batch and its
+    embedding is frozen (restored after every later Adam step, so the optimiser's momentum cannot move it).
+    Results equal one-at-a-time runs within float tolerance. Returns one InversionResult per sample.
     """
     _check_epsilon(scheduler)
     timesteps = [int(t) for t in scheduler.timesteps]
     steps = len(timesteps)
     if len(trajectory) != steps + 1:
         raise ValueError(f"trajectory has {len(trajectory)} latents, expected {steps + 1}")
-    cond = cond.detach().float()
-    current_uncond = uncond.detach().float()
+    optimize = steps if optimize_steps is None else int(optimize_steps)
+    if not 0 <= optimize <= steps:
+        raise ValueError(f"optimize_steps must be in [0, {steps}] (got {optimize_steps})")
     latent = trajectory[-1].detach().float()
-    null_embeddings: list[torch.Tensor] = []
-    iterations: list[int] = []
-    losses: list[float] = []
+    n = latent.shape[0]
+    cond = _rows(cond.detach().float(), n)
+    current_uncond = _rows(uncond.detach().float(), n).clone()
+    null_embeddings: list[torch.Tensor] = []  # batched, one per optimised step
+    iterations: list[list[int]] = []  # per step, per sample
+    losses: list[list[float]] = []
     # the reference decays over 100 steps; with more steps decay over all of them (lr stays positive)
     decay_over = max(100, steps)
     was_training = unet.training
@@ -201,48 +247,90 @@ def null_text_optimization(
     grad_flags = [p.requires_grad for p in unet.parameters()]
     unet.requires_grad_(False)
     try:
-        for i, t in enumerate(timesteps):
+        for i, t in enumerate(timesteps[:optimize]):
             target = trajectory[steps - i - 1].detach().float()
             null = current_uncond.clone().requires_grad_(True)
             optimizer = torch.optim.Adam([null], lr=settings.lr * (1.0 - i / decay_over))
             with torch.no_grad():
                 noise_cond = _unet(unet, latent, t, cond)
             threshold = settings.early_stop + i * settings.early_stop_slope
-            done = 0
-            loss_value = float("nan")
-            for _ in range(settings.inner_steps):
+            active = torch.ones(n, dtype=torch.bool)
+            kept = null.detach().clone()  # a finished sample's embedding, restored after every later step
+            done = [0] * n
+            loss_values = [float("nan")] * n
+            for inner in range(1, settings.inner_steps + 1):
+                rows = active.nonzero().squeeze(1)
+                everyone = len(rows) == n
                 with torch.enable_grad():
-                    noise_uncond = _unet(unet, latent, t, null)
-                    noise = noise_uncond + settings.guidance * (noise_cond - noise_uncond)
-                    loss = F.mse_loss(ddim_step(scheduler, noise, t, latent), target)
+                    if everyone:
+                        lat, emb, noise_c, goal = latent, null, noise_cond, target
+                    else:  # finished samples leave the batch (their rows get no gradient)
+                        lat, emb, noise_c, goal = latent[rows], null[rows], noise_cond[rows], target[rows]
+                    noise_uncond = _unet(unet, lat, t, emb)
+                    noise = noise_uncond + settings.guidance * (noise_c - noise_uncond)
+                    predicted = ddim_step(scheduler, noise, t, lat)
+                    if len(rows) == 1:
+                        loss = F.mse_loss(predicted, goal)
+                        per_sample = loss.detach().reshape(1)
+                    else:
+                        per_sample = F.mse_loss(predicted, goal, reduction="none").flatten(1).mean(1)
+                        loss = per_sample.sum()  # each sample's gradient is that of its own loss
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                 optimizer.step()
-                done += 1
-                loss_value = loss.item()
-                progress("null-text", i + 1, steps, {"inner": done, "loss": loss_value})
-                if loss_value < threshold:
-                    break
+                with torch.no_grad():
+                    if not everyone:  # freeze finished samples: Adam's momentum moved them
+                        frozen = ~active
+                        null[frozen] = kept[frozen]
+                finished = []
+                for row, value in zip(rows.tolist(), per_sample.tolist(), strict=True):
+                    done[row] += 1
+                    loss_values[row] = value
+                    if value < threshold:
+                        finished.append(row)
+                progress(
+                    "null-text",
+                    i + 1,
+                    optimize,
+                    {"inner": inner, "loss": max(per_sample.tolist()), "samples": n},
+                )
+                if finished:
+                    with torch.no_grad():
+                        kept[finished] = null[finished]
+                    active[finished] = False
+                    if not active.any():
+                        break
             current_uncond = null.detach()
             null_embeddings.append(current_uncond)
             iterations.append(done)
-            losses.append(loss_value)
-            with torch.no_grad():  # the step's conditional prediction is already known: one UNet call
-                noise_uncond = _unet(unet, latent, t, current_uncond)
-                noise = noise_uncond + settings.guidance * (noise_cond - noise_uncond)
-                latent = ddim_step(scheduler, noise, t, latent)
-            progress("null-text", i + 1, steps, {"inner": done, "loss": loss_value, "step_done": True})
+            losses.append(loss_values)
+            if i + 1 < optimize:  # the next optimised step starts from this step's guided result
+                with torch.no_grad():  # the step's conditional prediction is already known: one UNet call
+                    noise_uncond = _unet(unet, latent, t, current_uncond)
+                    noise = noise_uncond + settings.guidance * (noise_cond - noise_uncond)
+                    latent = ddim_step(scheduler, noise, t, latent)
+            progress(
+                "null-text",
+                i + 1,
+                optimize,
+                {"inner": sum(done), "loss": max(loss_values), "step_done": True, "samples": n},
+            )
     finally:
         for parameter, flag in zip(unet.parameters(), grad_flags, strict=True):
             parameter.requires_grad_(flag)
         unet.train(was_training)
-    return InversionResult(
-        trajectory=[z.detach().float() for z in trajectory],
-        null_embeddings=null_embeddings,
-        method="nti",
-        inner_iterations=iterations,
-        losses=losses,
-    )
+    trajectory = [z.detach().float() for z in trajectory]
+    return [
+        InversionResult(
+            trajectory=[z[r : r + 1] for z in trajectory],
+            null_embeddings=[e[r : r + 1] for e in null_embeddings],
+            method="nti",
+            inner_iterations=[step[r] for step in iterations],
+            losses=[step[r] for step in losses],
+            optimized_steps=optimize,
+        )
+        for r in range(n)
+    ]
 
 
 def negative_prompt_inversion(trajectory: list[torch.Tensor], cond: torch.Tensor) -> InversionResult:
@@ -266,16 +354,65 @@ def invert(
     *,
     method: str = "nti",
     settings: NullTextSettings = NullTextSettings(),
+    optimize_steps: int | None = None,
     progress: ProgressHook = no_progress,
 ) -> InversionResult:
-    """DDIM-invert `latent`, then null-text optimisation ("nti"), negative-prompt inversion ("npi") or
-    nothing ("ddim": the null embeddings are `uncond` at every step)."""
-    trajectory = ddim_inversion(unet, scheduler, latent, cond, progress=progress)
+    """DDIM-invert `latent`, then null-text optimisation ("nti", of the first `optimize_steps` steps, default
+    all), negative-prompt inversion ("npi") or nothing ("ddim": the null embeddings are `uncond` at every
+    step). One latent (batch 1)."""
+    if latent.shape[0] != 1:
+        raise ValueError("invert takes one latent: use invert_batch")
+    return invert_batch(
+        unet,
+        scheduler,
+        latent,
+        cond,
+        uncond,
+        method=method,
+        settings=settings,
+        optimize_steps=optimize_steps,
+        progress=progress,
+    )[0]
+
+
+def invert_batch(
+    unet: Any,
+    scheduler: Any,
+    latents: torch.Tensor,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    *,
+    method: str = "nti",
+    settings: NullTextSettings = NullTextSettings(),
+    optimize_steps: int | None = None,
+    progress: ProgressHook = no_progress,
+) -> list[InversionResult]:
+    """`invert` for N latents ``[N, ...]`` at once (`cond`/`uncond`: batch 1 or N); one result per latent.
+
+    The DDIM inversion always runs to the noisiest latent; null-text optimisation only over the first
+    `optimize_steps` steps (0: none at all)."""
+    if method not in ("nti", "npi", "ddim"):
+        raise ValueError(f"unknown inversion method {method!r} (nti, npi or ddim)")
+    n = latents.shape[0]
+    trajectory = ddim_inversion(unet, scheduler, latents, _rows(cond, n), progress=progress)
     if method == "nti":
-        return null_text_optimization(unet, scheduler, trajectory, cond, uncond, settings, progress=progress)
-    if method == "npi":
-        return negative_prompt_inversion(trajectory, cond)
-    if method == "ddim":
-        steps = len(trajectory) - 1
-        return InversionResult(trajectory, [uncond.detach().float()] * steps, "ddim", [0] * steps)
-    raise ValueError(f"unknown inversion method {method!r} (nti, npi or ddim)")
+        return null_text_optimization_batch(
+            unet,
+            scheduler,
+            trajectory,
+            cond,
+            uncond,
+            settings,
+            optimize_steps=optimize_steps,
+            progress=progress,
+        )
+    steps = len(trajectory) - 1
+    results = []
+    for r in range(n):
+        rows = [z[r : r + 1] for z in trajectory]
+        if method == "npi":
+            results.append(negative_prompt_inversion(rows, _rows(cond, n)[r : r + 1]))
+        else:
+            null = _rows(uncond, n)[r : r + 1].detach().float()
+            results.append(InversionResult(rows, [null] * steps, "ddim", [0] * steps))
+    return results

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import torch
 
-from stencil_cli.errors import BadInputError
-
 DEFAULT_SAVE_DTYPE = "fp32"  # the trained parameters on disk: exact master weights
 _NAMED = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -25,14 +23,9 @@ def subject_unet_dtype(precision: str, device: torch.device | str) -> torch.dtyp
     ``fp32`` / ``fp16`` / ``bf16`` is honoured (bf16 is the user's choice, at a measured cost in fidelity;
     fp16 on the CPU is refused as `models.resolve_dtype` does).
     """
-    device = torch.device(device)
-    if precision == "auto":
-        return torch.float16 if device.type in ("cuda", "mps") else torch.float32
-    if precision not in _NAMED:
-        raise BadInputError(f"unknown precision {precision!r}: use auto, fp32, fp16 or bf16")
-    if precision == "fp16" and device.type == "cpu":
-        raise BadInputError("fp16 is not supported on the CPU: use precision fp32 (or bf16)")
-    return _NAMED[precision]
+    from stencil_cli.models import subject_dtype
+
+    return subject_dtype(precision, torch.device(device))
 
 
 def update_fidelity(

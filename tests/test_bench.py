@@ -178,7 +178,7 @@ def test_the_runner_adds_captions_trains_and_generates_through_the_verbs(
     runner.generate(_job(), [(0, 0)], lambda: made.append(1))
 
     assert calls["add"].name == "dog" and calls["add"].paths == [tmp_path / "dog"] and calls["add"].skip_bad
-    assert calls["caption"] == CaptionRequest("dog", captioner="template")
+    assert calls["caption"] == CaptionRequest("dog", captioner="openai")  # as `stencil caption`
     assert trained is run
     request = calls["train"]
     assert request.name == "robot" and request.steps == 7 and request.device == "cpu"
@@ -203,3 +203,31 @@ def test_a_training_field_error_in_the_runner_names_train_steps(
         runner.train(_job())
     assert caught.value.fields == ("train_steps",)
     assert str(caught.value) == "train_steps must be at least 1 (got 0)"
+
+
+def test_the_benchmark_captions_like_stencil_caption_and_needs_a_key(
+    cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    from test_evaluation import make_fake_dreambench
+
+    dataset = make_fake_dreambench(tmp_path / "dreambench")
+    assert bench.BenchConfig(dataset=dataset, out=tmp_path, subjects=[]).captioner == "openai"
+    result = cli("bench", "dreambench", dataset, "--out", tmp_path / "out")
+    assert result.exit_code == 1, result.output
+    assert "OPENAI_API_KEY is not set" in result.stderr and "--captioner template" in result.stderr
+    assert not (tmp_path / "out").exists()  # refused before any work
+
+
+def test_a_template_table_is_marked_not_comparable_and_lists_every_setting() -> None:
+    settings = {"captioner": "template", "caption_model": None, "subject_model": "tiny", "context_model": "tiny",
+                "train_steps": 1, "steps": 2, "inner_steps": 1, "inversion": "nti", "tau": 60.0,
+                "eval_dino": "tiny", "eval_clip": "tiny", "lr": 2e-5}  # fmt: skip
+    results = {"settings": settings, "prompts_per_subject": 1, "images_per_prompt": 1, "subjects": [],
+               "overall": {"images": 0, "dino": None, "clip_t": None, "clip_i": None, "gpu_seconds": None}}  # fmt: skip
+    report = bench.markdown_report(results)
+    assert "Not comparable with the paper" in report and "lr `2e-05`" in report
+    vision = {**settings, "captioner": "openai", "caption_model": "gpt-4o"}
+    openai = bench.markdown_report({**results, "settings": vision})
+    assert "Not comparable" not in openai and "captions by `gpt-4o`" in openai

@@ -233,7 +233,10 @@ def test_gen_writes_images_drafts_rows_and_png_parameters(cli: Any, trained: str
     assert records[0]["draft_file"] == records[1]["draft_file"]
     rows = open_store().list_generations(trained)
     assert [row.id for row in rows] == [r["id"] for r in records]
-    assert rows[0].params["inner_iterations"] == [2, 2, 2, 2]
+    # tau 20 and 60 at 4 steps (stride 250) both inject the first step: null-text optimises only that one
+    assert rows[0].params["inner_iterations"] == [2] and rows[0].params["null_text_steps"] == 1
+    assert all(read_png_parameters(Path(r["image_file"]))["injected_steps"] == 1 for r in records)
+    assert "tau 20 and 60 inject the same 1 step at 4 steps" in " ".join(result.stderr.split())
     prefix = f"robot-{records[0]['params']['batch']}-"
     copied = sorted(p.name.removeprefix(prefix) for p in out.iterdir())
     assert copied == ["draft-s7.png", "s7-tau20.png", "s7-tau60.png"]
@@ -243,18 +246,19 @@ def test_an_interruption_keeps_the_finished_images_drafts_and_rows(
     cli: Any, trained: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Ctrl-C at the third seed of three: seeds 1-2 have their PNGs, rows and copies; nothing half-written."""
-    real_guided = generation.guided_images
+    real_guided = generation.guided_images_batch
     calls: list[int] = []
 
-    def interrupt_at_third_seed(*args: Any, **kwargs: Any) -> list[Image.Image]:
+    def interrupt_at_third_seed(*args: Any, **kwargs: Any) -> list[list[Image.Image]]:
         calls.append(1)
-        if len(calls) == 5:  # one denoise per (seed, tau): the fifth is the third seed's first tau
+        if len(calls) == 3:  # one denoise call per batch of one seed (both taus): the third seed's
             raise KeyboardInterrupt
         return real_guided(*args, **kwargs)
 
-    monkeypatch.setattr(generation, "guided_images", interrupt_at_third_seed)
+    monkeypatch.setattr(generation, "guided_images_batch", interrupt_at_third_seed)
     out = tmp_path / "out"
-    result = _gen(cli, trained, "on the moon", "-n", "3", "--seed", "5", "--tau", "20,60", "-o", str(out))
+    args = ["-n", "3", "--seed", "5", "--tau", "20,60", "--batch-size", "1", "-o", str(out)]
+    result = _gen(cli, trained, "on the moon", *args)
     assert result.exit_code == 130, result.output
     assert "stopped after 4 of 6 image(s)" in " ".join(result.stderr.split())
     rows = open_store().list_generations(trained)
@@ -266,19 +270,27 @@ def test_an_interruption_keeps_the_finished_images_drafts_and_rows(
         assert row.draft_file.is_file() and Path(row.params["output_file"]).is_file()
     made = sorted(path.name for path in folder.iterdir())
     assert made == [
-        "draft-s5.png", "draft-s6.png", "draft-s7.png",
-        "s5-tau20.png", "s5-tau60.png", "s6-tau20.png", "s6-tau60.png",
+        "draft-s5.png",
+        "draft-s6.png",
+        "draft-s7.png",
+        "s5-tau20.png",
+        "s5-tau60.png",
+        "s6-tau20.png",
+        "s6-tau60.png",
     ]  # every draft was rendered before the subject model loaded; no temp files, no image of seed 7
     assert len(list(out.iterdir())) == 7 and not list(out.glob(".*"))
 
 
 def test_same_seed_same_images_and_seeds_count_up(cli: Any, trained: str) -> None:
     first = json.loads(_gen(cli, trained, "in a garden", "--seed", "3", "-n", "2", "--json").stdout)
-    again = json.loads(_gen(cli, trained, "in a garden", "--seed", "3", "--json").stdout)
-    assert [r["seed"] for r in first] == [3, 4] and again[0]["seed"] == 3
-    pixels = [_pixels(Image.open(r["image_file"])) for r in (*first, *again)]
-    assert np.array_equal(pixels[0], pixels[2])
+    again = json.loads(_gen(cli, trained, "in a garden", "--seed", "3", "-n", "2", "--json").stdout)
+    alone = json.loads(_gen(cli, trained, "in a garden", "--seed", "3", "--batch-size", "1", "--json").stdout)
+    assert [r["seed"] for r in first] == [3, 4] and alone[0]["seed"] == 3
+    pixels = [_pixels(Image.open(r["image_file"])) for r in (*first, *again, *alone)]
+    assert np.array_equal(pixels[0], pixels[2]) and np.array_equal(pixels[1], pixels[3])  # the same command
     assert not np.array_equal(pixels[0], pixels[1])
+    # seed 3 made in a batch of two and on its own: the same image up to float rounding in the batched calls
+    assert np.abs(pixels[0] - pixels[4]).max() <= 8 and np.abs(pixels[0] - pixels[4]).mean() <= 1.5
 
 
 def test_draft_option_uses_the_given_image_and_no_context_model(
@@ -378,3 +390,30 @@ def test_gen_refuses_seeds_that_do_not_fit_a_stored_row(cli: Any) -> None:
     last_two = cli("gen", "robot", "on the moon", "--seed", str(2**63 - 1), "-n", "2")
     assert last_two.exit_code == 2, last_two.output
     assert "--seed must be in [0, 9223372036854775806] for 2 image(s)" in " ".join(last_two.output.split())
+
+
+def test_a_draft_prompt_given_by_hand_is_what_the_context_model_draws(cli: Any, trained: str) -> None:
+    result = _gen(
+        cli, trained, "on the moon", "--seed", "3", "--draft-prompt", "a red robot on the moon", "--json"
+    )
+    assert result.exit_code == 0, result.output
+    (record,) = json.loads(result.stdout)
+    assert read_png_parameters(Path(record["draft_file"]))["draft_prompt"] == "a red robot on the moon"
+    assert read_png_parameters(Path(record["image_file"]))["prompt"] == "a toy robot on the moon"
+    refused = _gen(cli, trained, "on the moon", "--draft-prompt", "x", "--no-context")
+    assert refused.exit_code == 2 and "--draft-prompt is only used" in refused.stderr
+
+
+def test_batched_seeds_make_the_images_one_at_a_time_makes(cli: Any, trained: str) -> None:
+    batched = _gen(cli, trained, "on the moon", "--seed", "5", "-n", "2", "--batch-size", "2", "--json")
+    single = _gen(cli, trained, "on the moon", "--seed", "5", "-n", "2", "--batch-size", "1", "--json")
+    assert batched.exit_code == 0 and single.exit_code == 0, batched.output + single.output
+    pairs = zip(json.loads(batched.stdout), json.loads(single.stdout), strict=True)
+    for together, alone in pairs:
+        assert together["params"]["batch_size"] == 2 and alone["params"]["batch_size"] == 1
+        difference = np.abs(
+            _pixels(Image.open(together["image_file"])) - _pixels(Image.open(alone["image_file"]))
+        )
+        assert difference.max() <= 8 and difference.mean() <= 1.5  # 0-255 levels: float rounding only
+    refused = _gen(cli, trained, "on the moon", "--batch-size", "0")
+    assert refused.exit_code == 2 and "--batch-size must be in [1, 256]" in refused.stderr

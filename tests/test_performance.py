@@ -146,3 +146,31 @@ def test_run_prints_one_json_object_with_every_stage(capsys: pytest.CaptureFixtu
         assert row["ratio"] == pytest.approx(row["reference_s"] / row["stencil_s"], rel=1e-2)
         assert row["stencil_peak_mb"] > 0 and row["reference_peak_mb"] > 0
     assert report["settings"]["steps"] == 2 and report["device"] == "cpu"
+
+
+def test_run_counts_model_passes_per_stage_with_hooks_and_the_authors_upper_bound(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    args = ["--preset", "tiny", "--steps", "2", "--ddim-steps", "4", "--inner-steps", "2", "--json"]
+    bench.main([*args, "--draft-steps", "2", "--photos", "2", "--batch-size", "2", "--no-warmup"])
+    stages = json.loads(capsys.readouterr().out)["stages"]
+
+    def work(stage: str, path: str) -> tuple[int, int, int]:
+        row = stages[stage][path]
+        assert row["unet_pass_equivalents"] == row["unet_forward"] + 2 * row["unet_backward"]
+        return row["unet_forward"], row["unet_backward"], row["context_forward"]
+
+    # tau 60 with 4 DDIM steps (stride 250) injects one step: stencil optimises one null embedding
+    # (4 inversion steps, then 1 conditional + 2 inner forwards and 2 backwards), the reference all four
+    assert work("inversion", "stencil") == (4 + 1 + 2, 2, 0)
+    assert work("inversion", "reference") == (4 + 4 * (1 + 2 + 2), 4 * 2, 0)
+    # the authors' figure is computed; the reference runs the same null-text inversion (guided step as a batch
+    # of 2 included), so the hooks on the reference must find exactly the computed figure
+    assert work("inversion", "authors") == work("inversion", "reference")
+    for path in ("stencil", "reference", "authors"):
+        assert work("train", path) == (2 * 2, 2 * 2, 0)  # 2 steps of batch 2
+        assert work("draft", path) == (0, 0, 2 * 2)  # guidance batch of 2 per draft step
+        assert work("denoise", path) == (2 * 4, 0, 0)
+    assert work("mask", "stencil") == work("mask", "reference") == (2, 0, 0)
+    assert work("mask", "authors") == (4, 0, 0)  # their mask pass is a guidance batch of 2 per photo
+    assert stages["total"]["stencil"]["unet_backward"] == 2 + 4

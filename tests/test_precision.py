@@ -21,7 +21,8 @@ from stencil_cli.training import (
 )
 
 
-def test_auto_never_runs_the_subject_unet_in_bf16() -> None:
+def test_auto_never_runs_the_subject_unet_in_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)  # a GPU that has it
     assert subject_unet_dtype("auto", "cuda") == torch.float16
     assert subject_unet_dtype("auto", "mps") == torch.float16
     assert subject_unet_dtype("auto", "cpu") == torch.float32

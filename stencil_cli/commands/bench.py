@@ -116,6 +116,7 @@ def child_args(config: BenchConfig) -> list[str]:
         str(config.seed),
         "--captioner",
         config.captioner,
+        *(["--caption-model", config.caption_model] if config.caption_model else []),
         "--subject-model",
         config.subject_model,
         "--context-model",
@@ -139,7 +140,6 @@ def _split(text: str | None) -> list[str] | None:
         return None
     names = [part.strip() for part in text.split(",") if part.strip()]
     return names or None
-
 
 
 # -- the command ---------------------------------------------------------------------------------------
@@ -192,7 +192,23 @@ def dreambench(
             max=MAX_SEED,
         ),
     ] = 0,
-    captioner: Annotated[str, typer.Option("--captioner", help="template (offline) or openai.")] = "template",
+    captioner: Annotated[
+        str,
+        typer.Option(
+            "--captioner",
+            help="openai (the vision model, as `stencil caption`: the paper's protocol; needs OPENAI_API_KEY) "
+            "or template (offline; not comparable with the paper).",
+        ),
+    ] = "openai",
+    caption_model: Annotated[
+        str | None,
+        typer.Option(
+            "--caption-model",
+            envvar="STENCIL_CAPTION_MODEL",
+            help="Vision model for --captioner openai (default: gpt-4o).",
+            show_default=False,
+        ),
+    ] = None,
     num_processes: Annotated[
         int,
         typer.Option(
@@ -209,22 +225,23 @@ def dreambench(
 ) -> None:
     """Run the DreamBench protocol: per subject add, caption, train, generate every prompt, score; a table."""
     config = BenchConfig(
-            dataset=dataset_dir.resolve(),
-            out=out.expanduser().resolve(),
-            subjects=[],
-            prompts=prompts,
-            images_per_prompt=images_per_prompt,
-            train_steps=train_steps,
-            batch_size=batch_size,
-            lr=lr,
-            steps=steps,
-            inner_steps=inner_steps,
-            inversion=inversion.strip().lower(),
-            draft_steps=draft_steps,
-            tau=tau,
-            seed=seed,
-            captioner=captioner,
-            no_t5=no_t5,
+        dataset=dataset_dir.resolve(),
+        out=out.expanduser().resolve(),
+        subjects=[],
+        prompts=prompts,
+        images_per_prompt=images_per_prompt,
+        train_steps=train_steps,
+        batch_size=batch_size,
+        lr=lr,
+        steps=steps,
+        inner_steps=inner_steps,
+        inversion=inversion.strip().lower(),
+        draft_steps=draft_steps,
+        tau=tau,
+        seed=seed,
+        captioner=captioner,
+        caption_model=caption_model,
+        no_t5=no_t5,
     )
     user_store = open_store()
     notes = settle_config(

@@ -62,7 +62,14 @@ class StageProgress:
 
     def __call__(self, stage: str, step: int, total: int | None, extra: dict[str, Any]) -> None:
         """The hook: advance the stage's bar; null-text shows inner-iteration counts and the loss."""
+        if stage == "warning":
+            warn(extra["message"])
+            return
+        if stage == "note":
+            info(f"[dim]{escape(extra['message'])}[/dim]")
+            return
         task = self.task(stage)
+        samples = int(extra.get("samples", 1))  # a batched step stands for this many seeds' steps
         if "advance" in extra:  # steps a pipeline or mode does not report one by one
             self.progress.update(task, advance=int(extra["advance"]))
             return
@@ -70,12 +77,14 @@ class StageProgress:
             if extra.get("step_done"):
                 self.inner_total += int(extra.get("inner", 0))
                 self.progress.update(
-                    task, advance=1, status=f"{self.inner_total} inner iterations, loss {extra['loss']:.2e}"
+                    task,
+                    advance=samples,
+                    status=f"{self.inner_total} inner iterations, loss {extra['loss']:.2e}",
                 )
             else:
                 self.progress.update(task, status=f"step {step}/{total}: inner {extra.get('inner', 0)}")
             return
-        self.progress.update(task, advance=1)
+        self.progress.update(task, advance=samples)
 
 
 # -- the command -------------------------------------------------------------------------------------------
@@ -146,6 +155,25 @@ def gen(
     grid: Annotated[
         bool, typer.Option("--grid", help="Also write a contact sheet: each draft, then each tau.")
     ] = False,
+    draft_prompt: Annotated[
+        str | None,
+        typer.Option(
+            "--draft-prompt",
+            help="Use this text as the context model's draft prompt instead of the one built from the "
+            "subject's description.",
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            "--batch-size",
+            envvar="STENCIL_BATCH_SIZE",
+            help="Seeds drafted, inverted and denoised together (fewer, larger model calls; the same images "
+            "as one at a time within float tolerance). Lower it if memory runs out. "
+            "[default: 4 on the CPU and on GPUs with 40 GB or more, else 1]",
+            show_default=False,
+        ),
+    ] = None,
     show_prompts: Annotated[
         bool, typer.Option("--show-prompts", help="Print the subject prompt and the draft prompt.")
     ] = False,
@@ -179,6 +207,8 @@ def gen(
         device=device,
         precision=precision,
         no_t5=no_t5,
+        batch_size=batch_size,
+        draft_prompt=draft_prompt,
     )
     store = open_store()
     plan = plan_generation(store, request)

@@ -99,8 +99,21 @@ def train(
         bool, typer.Option("--gradient-checkpointing", help="Trade compute for GPU memory.")
     ] = False,
     save_dtype: Annotated[
-        str, typer.Option("--save-dtype", help="dtype of the saved weights: fp16, bf16 or fp32.")
-    ] = "fp16",
+        str,
+        typer.Option(
+            "--save-dtype",
+            help="dtype of the saved weights: fp32 (exact), fp16 (half the file; loses ~1% of the update) "
+            "or bf16.",
+        ),
+    ] = "fp32",
+    mask_from: Annotated[
+        str,
+        typer.Option(
+            "--mask-from",
+            help="Condition the mask pass on the caption (the paper), or average the authors' "
+            "[empty prompt, caption] batch (both).",
+        ),
+    ] = "caption",
     checkpoint_every: Annotated[
         int, typer.Option("--checkpoint-every", help="Write a resumable checkpoint every N steps (0: off).")
     ] = 0,
@@ -129,6 +142,7 @@ def train(
         use_mask=not no_mask,
         gradient_checkpointing=gradient_checkpointing,
         save_dtype=save_dtype,
+        mask_from=mask_from,
         checkpoint_every=checkpoint_every,
         resume=resume,
         masks_only=masks_only,

@@ -26,6 +26,7 @@ from stencil_cli.models.devices import (
     quiet_libraries,
     resolve_device,
     resolve_dtype,
+    subject_dtype,
 )
 from stencil_cli.models.hub import (
     CONVERSION_BOT,
@@ -164,6 +165,7 @@ __all__ = [
     "quiet_libraries",
     "resolve_device",
     "resolve_dtype",
+    "subject_dtype",
     "resolve_ref",
     "sd15_ddim_scheduler",
     "split_revision",

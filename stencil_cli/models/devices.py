@@ -85,6 +85,19 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def subject_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The dtype of the (fine-tuned) subject model: like `resolve_dtype`, but `auto` never picks bf16.
+
+    The trained update is ~1/50 of a weight: bf16's 8 significant bits lose part of it, fp16's 10 keep it
+    (docs/training.md, benchmarks/bench_precision.py). So `auto` is fp16 on CUDA and MPS, fp32 on the CPU.
+    """
+    import torch
+
+    if (precision or "auto").strip().lower() == "auto" and device.type in ("cuda", "mps"):
+        return torch.float16
+    return resolve_dtype(precision, device)
+
+
 def native_resolution(pipe: Any) -> int:
     """The subject model's native image size (512 for SD1.5): UNet sample size x VAE scale factor."""
     factor = int(getattr(pipe, "vae_scale_factor", 8) or 8)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stencil_cli.errors import StencilError
-from stencil_cli.models.devices import quiet_libraries, resolve_device, resolve_dtype
+from stencil_cli.models.devices import quiet_libraries, resolve_device, resolve_dtype, subject_dtype
 from stencil_cli.models.hub import (
     cached_eval_model,
     cached_snapshot,
@@ -197,7 +197,7 @@ def load_subject_pipeline(
         from diffusers import StableDiffusionPipeline
 
     torch_device = resolve_device(device)
-    dtype = resolve_dtype(precision, torch_device)
+    dtype = subject_dtype(precision, torch_device)
     location = locate(resolve_ref(ref, SUBJECT, store_root=store_root))
     index = location.index
     if index and index.get("_class_name") != "StableDiffusionPipeline" and "unet" not in index:

@@ -30,11 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stencil_cli.errors import FieldError, StencilError
+from stencil_cli.errors import EXIT_FAILURE, FieldError, StencilError
 from stencil_cli.fsutil import atomic_write_bytes
 from stencil_cli.settings import resolve_setting
 from stencil_cli.store import Generation, Run, Store
-from stencil_cli.verbs.caption import CaptionRequest, caption
+from stencil_cli.verbs.caption import CaptionRequest, caption, resolve_caption_model
 from stencil_cli.verbs.evaluate import clip_t_text, score_generations
 from stencil_cli.verbs.generate import GenerateRequest, Item, check_seeds, generate, plan_generation
 from stencil_cli.verbs.subjects import AddRequest, add_photos
@@ -92,7 +92,8 @@ class BenchConfig:
     draft_steps: int = 50
     tau: float = 60.0
     seed: int = 0
-    captioner: str = "template"
+    captioner: str = "openai"  # the vision model, as `stencil caption` (the paper's protocol)
+    caption_model: str | None = None  # the vision model (None: stored `caption_model`, else gpt-4o)
     subject_model: str = "sd15"
     context_model: str = "sd3-medium"
     device: str = "auto"
@@ -115,6 +116,7 @@ class BenchConfig:
             "tau",
             "seed",
             "captioner",
+            "caption_model",
             "subject_model",
             "context_model",
             "precision",
@@ -217,6 +219,20 @@ def settle_config(
     config.device = resolve_setting(store, "device", device)
     config.precision = resolve_setting(store, "precision", precision)
     config.models_root = store.root
+    if config.captioner == "openai":
+        from stencil_cli import captioning
+
+        if not (os.environ.get(captioning.KEY_ENV) or os.environ.get(captioning.BASE_URL_ENV)):
+            raise FieldError(
+                "captioner",
+                f"the benchmark captions with the vision model like `stencil caption`, and "
+                f"{captioning.KEY_ENV} is not set: export it, or pass {{}} template (offline; its table is "
+                "not comparable with the paper's)",
+                exit_code=EXIT_FAILURE,
+            )
+        config.caption_model = resolve_caption_model(store, config.caption_model)
+    else:
+        config.caption_model = None
     notes = []
     if eval_models:
         refs = parse_eval_models(eval_models)
@@ -383,7 +399,8 @@ class Runner:
 
     def caption(self, job: SubjectJob) -> None:
         """Caption the photos that have no caption yet (checked and stored like `stencil caption`)."""
-        caption(self.store, CaptionRequest(job.name, captioner=self.config.captioner))
+        request = CaptionRequest(job.name, captioner=self.config.captioner, model=self.config.caption_model)
+        caption(self.store, request)
 
     def train(self, job: SubjectJob) -> Run:
         """The subject's training run made with these settings, training (or resuming) it if there is none."""
@@ -638,6 +655,7 @@ def merge_results(config: BenchConfig, subjects: list[str]) -> dict[str, Any]:
     return {
         "benchmark": "dreambench",
         "settings": config.fingerprint(),
+        "comparable_with_paper": comparable_with_paper(config.fingerprint()),
         "prompts_per_subject": config.prompts,
         "images_per_prompt": config.images_per_prompt,
         "subjects": summary,
@@ -680,11 +698,28 @@ def paper_table() -> str:
     return "\n".join(lines) + "\n"
 
 
+def comparable_with_paper(settings: dict[str, Any]) -> bool:
+    """Whether a table can stand beside the paper's: captions (and descriptions) from a vision model."""
+    return settings.get("captioner") == "openai"
+
+
+NOT_COMPARABLE = (
+    "**Not comparable with the paper**: captioned with templates (no subject descriptions; drafts rendered "
+    "from the class word alone). The paper's protocol captions with a vision model (`--captioner openai`).\n\n"
+)
+
+
 def markdown_report(results: dict[str, Any]) -> str:
-    """results.md: settings, our table, the paper's table."""
+    """results.md: every setting, our table, the paper's table (template captions are marked)."""
     s = results["settings"]
+    captions = (
+        f"captions by `{s.get('caption_model')}`" if s.get("captioner") == "openai" else "template captions"
+    )
+    listed = ", ".join(f"{key} `{value}`" for key, value in s.items())
     return (
         "# DreamBench results\n\n"
+        + ("" if comparable_with_paper(s) else NOT_COMPARABLE)
+        + f"Captioner `{s.get('captioner')}` ({captions}). "
         f"Subject model `{s['subject_model']}`, context model `{s['context_model']}`, "
         f"{s['train_steps']} training steps, {s['steps']} DDIM steps, "
         f"{s['inner_steps']} null-text iterations ({s['inversion']}), "
@@ -692,6 +727,7 @@ def markdown_report(results: dict[str, Any]) -> str:
         f"{results['images_per_prompt']} image(s) per subject; eval models `{s['eval_dino']}`, "
         f"`{s['eval_clip']}`. Overall = mean over all images; GPU s = mean per subject (training + drafts + "
         "inversion + denoising).\n\n"
+        f"All settings: {listed}.\n\n"
         + markdown_table(results)
         + "\nThe paper (SD1.5 base), for reference:\n\n"
         + paper_table()

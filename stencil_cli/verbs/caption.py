@@ -55,6 +55,11 @@ class CaptionOutcome:
         return {"captioned": self.captioned, "repaired": self.repaired, "source": self.source}
 
 
+def resolve_caption_model(store: Store, model: str | None) -> str:
+    """The vision model: the one given, else the stored `caption_model`, else gpt-4o."""
+    return model or store.get_config("caption_model") or captioning.DEFAULT_MODEL
+
+
 def caption(store: Store, request: CaptionRequest, *, progress: Progress = no_progress) -> CaptionOutcome:
     """Caption the photos that need it; see the module docstring.
 
@@ -84,7 +89,7 @@ def caption(store: Store, request: CaptionRequest, *, progress: Progress = no_pr
             store.update_subject(subject.name, phrase=phrase)
             subject = store.get_subject(subject.name)
         return CaptionOutcome(subject)
-    model_name = request.model or store.get_config("caption_model") or captioning.DEFAULT_MODEL
+    model_name = resolve_caption_model(store, request.model)
     captioner = captioning.make_captioner(
         kind, model=model_name, timeout_s=request.timeout, retries=request.retries, backoff_s=request.backoff
     )

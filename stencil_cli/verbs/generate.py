@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 import secrets
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -34,8 +35,10 @@ if TYPE_CHECKING:
 
 MAX_TAU = 1000
 MAX_SEED = 2**63 - 1  # generation rows store the seed as an SQLite INTEGER (signed 64-bit)
+MAX_BATCH = 256  # seeds in one batched model call
 MAX_IMAGES = 10_000  # seeds x prompts in one call: a typo like -n 1000000000 must not build a huge list
 GRID_NAME = "grid.png"
+DEFAULT_BATCH_SIZE = 4  # seeds per batched model call (CPU; GPUs with >= 40 GiB)
 
 
 @dataclass
@@ -77,6 +80,8 @@ class GenerateRequest:
     folder: str | None = None  # the folder under the subject's generations (default: a new one per call)
     reuse_drafts: bool = False  # a draft already in the folder is used instead of rendered again
     models_root: Path | None = None  # the store whose models/ holds built presets (default: this store)
+    batch_size: int | None = None  # seeds per batched model call (None: by device, see batch_size_for)
+    draft_prompt: str | None = None  # the context model's prompt, given by hand
 
 
 @dataclass
@@ -112,6 +117,8 @@ class GenerationPlan:
     grid: bool
     reuse_drafts: bool
     models_root: Path
+    batch_size: int | None = None
+    draft_prompt_override: str | None = None
     draft_image: Image.Image | None = None
     draft_source: str | None = None
     notes: list[str] = field(default_factory=list)  # things to tell the user once
@@ -124,11 +131,14 @@ class GenerationPlan:
 
     def stage_totals(self) -> dict[str, int]:
         """Progress totals per stage (draft, inversion, null-text, denoise)."""
+        from stencil_cli.generation import null_text_steps
+
         count, steps = len(self.items), self.settings.steps
+        nti = self.mode != "plain" and self.settings.inversion == "nti"
         return {
             "draft": count * self.settings.draft_steps if self.mode == "context" else 0,
             "inversion": count * steps if self.mode != "plain" else 0,
-            "null-text": count * steps if self.mode != "plain" else 0,
+            "null-text": count * null_text_steps(self.taus, steps) if nti else 0,
             "denoise": count * max(1, len(self.taus)) * steps,
         }
 
@@ -292,6 +302,12 @@ def plan_generation(store: Store, request: GenerateRequest) -> GenerationPlan:
 
     if request.draft is not None and request.no_context:
         raise FieldError(("draft", "no_context"), "{} do not go together: a draft is the context")
+    if request.draft_prompt is not None and (request.draft is not None or request.no_context):
+        raise FieldError("draft_prompt", "is only used when the context model draws the draft")
+    if request.draft_prompt is not None and not request.draft_prompt.strip():
+        raise FieldError("draft_prompt", "is empty")
+    if request.batch_size is not None and not 1 <= request.batch_size <= MAX_BATCH:
+        raise FieldError("batch_size", f"must be in [1, {MAX_BATCH}] (got {request.batch_size})")
     mode = "plain" if request.no_context else ("edit" if request.draft is not None else "context")
     notes: list[str] = []
     warnings: list[str] = []
@@ -319,8 +335,10 @@ def plan_generation(store: Store, request: GenerateRequest) -> GenerationPlan:
             f"the draft prompt uses {phrase!r}"
         )
     planned = []
+    reduced = False
     for item in items:
-        prompts = build_prompts(item.prompt, phrase, subject.description)
+        prompts = build_prompts(item.prompt, phrase, subject.description, draft_prompt=request.draft_prompt)
+        reduced = reduced or (prompts.description_reduced and mode == "context")
         planned.append(
             PlannedItem(
                 item.prompt,
@@ -331,6 +349,13 @@ def plan_generation(store: Store, request: GenerateRequest) -> GenerationPlan:
                 item.meta,
             )
         )
+    if reduced:
+        shown = f"{prompts.description!r}" if prompts.description else f"the phrase {phrase!r}"
+        warnings.append(
+            f"{request.name}'s description is not one noun phrase (stored before this version); "
+            f"using {shown} (run `stencil caption {request.name} --force` for a new one)"
+        )
+    notes.extend(_tau_notes(taus, settings.steps))
     draft_image, draft_source = load_draft(request.draft) if request.draft is not None else (None, None)
     trained_on = run.params.get("subject_model") or run.base_model
     subject_ref = request.subject_model or trained_on or resolve_setting(store, "subject_model", None)
@@ -363,11 +388,28 @@ def plan_generation(store: Store, request: GenerateRequest) -> GenerationPlan:
         grid=request.grid,
         reuse_drafts=request.reuse_drafts,
         models_root=request.models_root or store.root,
+        batch_size=request.batch_size,
+        draft_prompt_override=request.draft_prompt,
         draft_image=draft_image,
         draft_source=draft_source,
         notes=notes,
         warnings=warnings,
     )
+
+
+def _tau_notes(taus: list[float], steps: int) -> list[str]:
+    """'tau 20 and 60 inject the same 1 step at 10 steps: their images are identical', once per group."""
+    from stencil_cli.generation import tau_groups
+
+    notes = []
+    for count, group in tau_groups(taus, steps):
+        shown = [tau_label(tau) for tau in group]
+        listed = ", ".join(shown[:-1]) + " and " + shown[-1]
+        unit = "step" if count == 1 else "steps"
+        notes.append(
+            f"tau {listed} inject the same {count} {unit} at {steps} steps: their images are identical"
+        )
+    return notes
 
 
 def _prepare_output(output: Path | None) -> Path | None:
@@ -398,6 +440,7 @@ def image_metadata(
         "draft_prompt": item.draft_prompt if plan.mode == "context" else None,
         "seed": item.seed,
         "tau": tau,
+        "injected_steps": _injected(tau, settings.steps) if tau is not None else None,
         "steps": settings.steps,
         "guidance": settings.guidance,
         "inversion": settings.inversion if plan.mode != "plain" else None,
@@ -415,6 +458,12 @@ def image_metadata(
         "draft_source": plan.draft_source,
         **item.meta,
     }
+
+
+def _injected(tau: float, steps: int) -> int:
+    from stencil_cli.generation import injected_steps
+
+    return injected_steps(tau, steps)
 
 
 def draft_metadata(plan: GenerationPlan, item: PlannedItem, seconds: float | None) -> dict[str, Any]:
@@ -597,6 +646,30 @@ def subject_pipeline(
         del pipe
 
 
+def _groups(items: list[PlannedItem]) -> list[list[PlannedItem]]:
+    """Items that share their prompts (so one batched model call can make them), in first-seen order."""
+    groups: dict[tuple[str, str], list[PlannedItem]] = {}
+    for item in items:
+        groups.setdefault((item.prompt, item.draft_prompt), []).append(item)
+    return list(groups.values())
+
+
+def batch_size_for(requested: int | None, device: str) -> int:
+    """The seeds drafted, inverted and denoised together: `requested`, else 4 on the CPU and on GPUs with
+    40 GiB or more, else 1 (measured on the CPU; the GPU rule is an estimate, see docs/performance.md)."""
+    if requested is not None:
+        return requested
+    from stencil_cli import models
+
+    torch_device = models.resolve_device(device)
+    if torch_device.type != "cuda":
+        return DEFAULT_BATCH_SIZE
+    import torch
+
+    total = torch.cuda.get_device_properties(torch_device).total_memory
+    return DEFAULT_BATCH_SIZE if total >= 40 * 2**30 else 1
+
+
 def generate(
     store: Store,
     plan: GenerationPlan,
@@ -605,11 +678,11 @@ def generate(
     on_image: Callable[[SavedImage], None] | None = None,
     result: GenerateResult | None = None,
 ) -> GenerateResult:
-    """Make the plan's images: drafts, then per item the subject model's inversion and denoise.
+    """Make the plan's images: drafts, then the subject model's inversion and denoise, in batches of seeds.
 
-    Each draft, image and row is written as soon as it is made. Pass your own `result` to see what was
-    written when an exception (Ctrl-C) stops the generation. Stages reported: draft, inversion, null-text,
-    denoise.
+    Each draft, image and row is written as soon as its batch is made. Pass your own `result` to see what
+    was written when an exception (Ctrl-C) stops the generation. Stages reported: draft, inversion,
+    null-text (the K steps the taus inject), denoise; batched steps carry ``extra["samples"]``.
     """
     from stencil_cli import generation, models
     from stencil_cli.images import center_crop_resize
@@ -617,8 +690,9 @@ def generate(
     writer = _Writer(store, plan, on_image)
     if result is not None:
         writer.result = result
+    batch = batch_size_for(plan.batch_size, plan.device)
     if plan.mode == "context":
-        _render_drafts(writer, progress, plan.models_root)
+        _render_drafts(writer, progress, batch)
     with subject_pipeline(
         plan.subject_model,
         plan.run,
@@ -640,57 +714,96 @@ def generate(
                 edit_draft = center_crop_resize(plan.draft_image, resolution)
                 for item in plan.items:
                     writer.save_draft(item, edit_draft, None)
-            drafts = [
-                (item.stem, read_rgb(writer.result.drafts[item.stem]), item.prompt) for item in plan.items
-            ]
-            for made in generation.context_guidance(
-                pipe, drafts, plan.taus, plan.settings, resolution=resolution, progress=progress
-            ):
-                # draft and inversion are per item (shared by its taus); denoising per image
-                timings = {"draft": writer.draft_seconds.get(made.key, 0.0), **made.timings}
-                extra = {
-                    "inner_iterations": made.inversion.inner_iterations,
-                    "null_text_losses": made.inversion.losses,
-                }
-                writer.save_image(by_stem[made.key], made.tau, made.image, timings, extra)
+            for group in _groups(plan.items):
+                drafts = [read_rgb(writer.result.drafts[item.stem]) for item in group]
+                for index, sample in generation.iter_context_guidance(
+                    pipe,
+                    drafts,
+                    group[0].prompt,
+                    plan.taus,
+                    plan.settings,
+                    resolution=resolution,
+                    batch_size=batch,
+                    progress=progress,
+                ):
+                    item = group[index]
+                    # draft and inversion are per item (shared by its taus); denoising per image
+                    timings = {"draft": writer.draft_seconds.get(item.stem, 0.0), **sample.timings}
+                    extra = {
+                        "inner_iterations": sample.inversion.inner_iterations,
+                        "null_text_losses": sample.inversion.losses,
+                        "null_text_steps": sample.inversion.optimized_steps,
+                        "batch_size": sample.batch,
+                    }
+                    for tau, image in zip(plan.taus, sample.images, strict=True):
+                        writer.save_image(item, tau, image, timings, extra)
     if plan.grid:
         writer.save_grid()
     return writer.result
 
 
-def _render_drafts(writer: _Writer, progress: Progress, store_root: Path) -> None:
-    """Render and save every item's draft with the context model (freed afterwards), reusing kept drafts."""
+def _render_drafts(writer: _Writer, progress: Progress, batch: int) -> None:
+    """Render and save every item's draft with the context model (freed afterwards), reusing kept drafts.
+
+    With the context model's tokenizer at hand, each draft prompt is checked against its 77-token window
+    (the description is shortened first; what still does not fit is reported)."""
     plan = writer.plan
     assert plan.context_model is not None
+    steps = plan.settings.draft_steps
     wanted = []
     for item in plan.items:
         if writer.reuse_draft(item):
-            progress(
-                "draft",
-                plan.settings.draft_steps,
-                plan.settings.draft_steps,
-                {"advance": plan.settings.draft_steps},
-            )
+            progress("draft", steps, steps, {"advance": steps})
         else:
             wanted.append(item)
     if not wanted:
         return
     from stencil_cli import generation
 
-    by_stem = {item.stem: item for item in wanted}
     options = {
         "device": plan.device,
         "precision": plan.precision,
         "no_t5": plan.no_t5,
-        "store_root": store_root,
+        "store_root": plan.models_root,
     }
     with context_pipeline(plan.context_model, **options) as pipe:
-        for draft in generation.render_drafts(
-            pipe,
-            [(item.stem, item.draft_prompt, item.seed) for item in wanted],
-            resolution=plan.resolution or 512,
-            steps=plan.settings.draft_steps,
-            guidance=plan.settings.draft_guidance,
-            progress=progress,
-        ):
-            writer.save_draft(by_stem[draft.key], draft.image, draft.seconds)
+        _fit_draft_prompts(plan, wanted, getattr(pipe, "tokenizer", None), progress)
+        for group in _groups(wanted):
+            for chunk in generation.chunks(group, batch):
+                started = time.perf_counter()
+                images = generation.render_drafts(
+                    pipe,
+                    chunk[0].draft_prompt,
+                    resolution=plan.resolution or 512,
+                    seeds=[item.seed for item in chunk],
+                    steps=steps,
+                    guidance=plan.settings.draft_guidance,
+                    progress=progress,
+                )
+                seconds = (time.perf_counter() - started) / len(chunk)
+                for item, image in zip(chunk, images, strict=True):
+                    writer.save_draft(item, image, seconds)
+
+
+def _fit_draft_prompts(
+    plan: GenerationPlan, items: list[PlannedItem], tokenizer: Any, progress: Progress
+) -> None:
+    """Rebuild the draft prompts with the context model's token counter; report shortening and cuts once."""
+    if tokenizer is None or plan.draft_prompt_override is not None:
+        return
+    from stencil_cli.prompts import build_prompts, clip_token_counter
+
+    counter = clip_token_counter(tokenizer)
+    phrase = plan.subject.phrase or plan.subject.class_word or ""
+    told: set[str] = set()
+    for item in items:
+        fitted = build_prompts(item.user_prompt, phrase, plan.subject.description, count_tokens=counter)
+        item.draft_prompt = fitted.draft_prompt
+        if fitted.shortened and "shortened" not in told:
+            told.add("shortened")
+            message = f"the description was shortened to the draft model's 77 tokens: {fitted.description}"
+            progress("note", 0, None, {"message": message})
+        if fitted.cut and "cut" not in told:
+            told.add("cut")
+            message = f"the draft prompt passes the draft model's 77 tokens; it will not read {fitted.cut!r}"
+            progress("warning", 0, None, {"message": message})

@@ -39,6 +39,7 @@ RESUME_KEPT = (
     "use_mask",
     "gradient_checkpointing",
     "save_dtype",
+    "mask_from",
     "checkpoint_every",
     "subject_model",
     "precision",
@@ -59,7 +60,8 @@ class TrainRequest:
     train: str = "decoder"
     use_mask: bool = True
     gradient_checkpointing: bool = False
-    save_dtype: str = "fp16"
+    save_dtype: str = "fp32"  # exact: the update (~1/50 of a weight) survives (docs/training.md)
+    mask_from: str = "caption"  # caption (the paper) | both (the authors' [empty, caption] batch)
     checkpoint_every: int = 0
     resume: bool = False
     masks_only: bool = False
@@ -151,6 +153,7 @@ def fresh_config(store: Store, request: TrainRequest) -> tuple[Any, str]:
         train=request.train,
         use_mask=request.use_mask,
         save_dtype=request.save_dtype,
+        mask_from=request.mask_from,
         gradient_checkpointing=request.gradient_checkpointing,
         checkpoint_every=request.checkpoint_every,
     )
