@@ -69,7 +69,12 @@ def export(
             show_default=False,
         ),
     ] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing file or folder.")] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="Replace an existing export (a file and its card, or a diffusers folder)."
+        ),
+    ] = False,
     save_dtype: Annotated[
         str, typer.Option("--save-dtype", help="dtype of the exported tensors: fp16, bf16 or fp32.")
     ] = "fp16",
