@@ -41,7 +41,7 @@ import torch
 
 from stencil_cli import __version__
 from stencil_cli.errors import BadInputError, StencilError
-from stencil_cli.fsutil import atomic_write_with
+from stencil_cli.fsutil import atomic_write_with, folder_mode
 from stencil_cli.weights import (
     KIND_LORA,
     LORA_TARGET_MODULES,
@@ -416,6 +416,7 @@ def _write_folder(target: Path, build: Callable[[Path], None]) -> None:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     old: Path | None = None
     try:
+        os.chmod(staging, folder_mode())  # mkdtemp makes 0700: the export should honour the umask
         build(staging)
         if target.exists() or target.is_symlink():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))

@@ -235,10 +235,16 @@ class Run:
         """The last recorded training loss, if any."""
         return self.losses[-1] if self.losses else None
 
+    @property
+    def kind(self) -> str:
+        """What the run trains: ``lora`` (LoRA adapters) or ``full`` (the decoder itself, the paper)."""
+        return "lora" if self.params.get("lora_rank") else "full"
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready view of the run."""
         data = dataclasses.asdict(self)
         data["weights_file"] = str(self.weights_file) if self.weights_file else None
+        data["kind"] = self.kind
         return data
 
 

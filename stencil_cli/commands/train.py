@@ -64,8 +64,8 @@ def _warn_about_masks(masks: list[Any]) -> None:
 # -- the command ---------------------------------------------------------------------------------
 
 
-FLAGS = {"train": "--train", "use_mask": "--no-mask"}  # fields whose flag is not --field-name
-RENAMED = {"train_what": "train", "no_mask": "use_mask"}  # parameters named unlike their field
+FLAGS = {"train": "--train", "use_mask": "--no-mask", "lora_rank": "--lora"}  # flags unlike --field-name
+RENAMED = {"train_what": "train", "no_mask": "use_mask", "lora": "lora_rank"}  # parameters unlike their field
 
 
 @handle_errors(flags=FLAGS)
@@ -75,7 +75,10 @@ def train(
         int | None, typer.Option("--steps", min=1, max=100_000, help="Training steps (default 100).")
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Photos per step (with replacement).")] = 6,
-    lr: Annotated[float, typer.Option("--lr", help="Adam learning rate.")] = 2e-5,
+    lr: Annotated[
+        float | None,
+        typer.Option("--lr", help="Adam learning rate (default 2e-5; 1e-4 with --lora).", show_default=False),
+    ] = None,
     threshold: Annotated[
         float, typer.Option("--threshold", help="Mask threshold p_t on the normalised attention map.")
     ] = 0.2,
@@ -123,6 +126,27 @@ def train(
     masks_only: Annotated[
         bool, typer.Option("--masks-only", help="Only compute and save the mask pictures; do not train.")
     ] = False,
+    lora: Annotated[
+        int | None,
+        typer.Option(
+            "--lora",
+            metavar="RANK",
+            help="Train LoRA adapters of this rank on the decoder's attention layers instead of fine-tuning "
+            "the decoder itself (a few-MB file; the full decoder fine-tune is the paper's method and the "
+            "default).",
+            show_default=False,
+        ),
+    ] = None,
+    lora_alpha: Annotated[
+        float | None,
+        typer.Option(
+            "--lora-alpha",
+            metavar="A",
+            help="LoRA scale numerator: updates are scaled by alpha / rank (default: alpha = rank, scale 1). "
+            "Needs --lora.",
+            show_default=False,
+        ),
+    ] = None,
     subject_model: SubjectModelOption = None,
     device: DeviceOption = None,
     precision: PrecisionOption = None,
@@ -149,6 +173,8 @@ def train(
         subject_model=subject_model,
         device=device,
         precision=precision,
+        lora_rank=lora,
+        lora_alpha=lora_alpha,
         given=given_fields(context, RENAMED),
     )
     store = open_store()
@@ -188,8 +214,9 @@ def _present(result: TrainResult, json_output: bool) -> None:
         print_json({**run.to_dict(), "masks": masks})
         return
     loss = f"{run.final_loss:.4f}" if run.final_loss is not None else "-"
+    kind = f"LoRA rank {run.params['lora_rank']} " if run.kind == "lora" else ""
     typer.echo(
-        f"trained {result.subject}: run {run.id}, {run.step} steps, final loss {loss}, "
+        f"trained {result.subject}: {kind}run {run.id}, {run.step} steps, final loss {loss}, "
         f"{run.duration_s or 0:.1f} s -> {run.weights_file}"
     )
 

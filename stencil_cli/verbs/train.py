@@ -28,6 +28,7 @@ MASKS_DIR = "masks"
 DB_UPDATE_SECONDS = 1.0
 CAPTIONS_KEY = "captions_sha256"  # run params: the hash of the captions + phrase trained on
 DEFAULT_STEPS = 100
+DEFAULT_LR = 2e-5  # the paper's learning rate for the full decoder fine-tune
 # the settings a resumed run keeps (only `steps` and `device` may change)
 RESUME_KEPT = (
     "batch_size",
@@ -43,6 +44,8 @@ RESUME_KEPT = (
     "checkpoint_every",
     "subject_model",
     "precision",
+    "lora_rank",
+    "lora_alpha",
 )
 
 
@@ -53,7 +56,7 @@ class TrainRequest:
     name: str
     steps: int | None = None
     batch_size: int = 6
-    lr: float = 2e-5
+    lr: float | None = None  # None: 2e-5, or 1e-4 for a LoRA run
     threshold: float = 0.2
     seed: int = 0
     resolution: int | None = None
@@ -68,6 +71,8 @@ class TrainRequest:
     subject_model: str | None = None
     device: str | None = None
     precision: str | None = None
+    lora_rank: int | None = None  # None: fine-tune the decoder itself (the paper); N: LoRA adapters of rank N
+    lora_alpha: float | None = None  # LoRA scale numerator (alpha / rank); None: alpha = rank
     given: frozenset[str] = frozenset()  # fields the user set explicitly (checked against a resumed run)
     models_root: Path | None = None  # the store whose models/ holds built presets (default: this store)
     extra_params: dict[str, Any] = field(default_factory=dict)  # stored in the run's params (e.g. bench key)
@@ -143,10 +148,12 @@ def fresh_config(store: Store, request: TrainRequest) -> tuple[Any, str]:
     """The training settings of a new run, and the subject model it trains (as the run stores it)."""
     from stencil_cli.training import TrainConfig
 
+    if request.lora_alpha is not None and request.lora_rank is None:
+        raise FieldError(("lora_alpha", "lora_rank"), "{0} needs {1}: it scales the LoRA adapters")
     config = TrainConfig(
         steps=DEFAULT_STEPS if request.steps is None else request.steps,
         batch_size=request.batch_size,
-        lr=request.lr,
+        lr=default_lr(request.lora_rank) if request.lr is None else request.lr,
         threshold=request.threshold,
         seed=request.seed,
         resolution=request.resolution or 512,  # replaced by the model's size when not given
@@ -156,8 +163,17 @@ def fresh_config(store: Store, request: TrainRequest) -> tuple[Any, str]:
         mask_from=request.mask_from,
         gradient_checkpointing=request.gradient_checkpointing,
         checkpoint_every=request.checkpoint_every,
+        lora_rank=request.lora_rank,
+        lora_alpha=request.lora_alpha,
     )
     return config, stored_model_ref(resolve_setting(store, "subject_model", request.subject_model))
+
+
+def default_lr(lora_rank: int | None) -> float:
+    """The learning rate when none is given: the paper's for the decoder, a higher one for LoRA adapters."""
+    from stencil_cli.weights import LORA_DEFAULT_LR
+
+    return LORA_DEFAULT_LR if lora_rank else DEFAULT_LR
 
 
 def resumed_config(store: Store, run: Run, request: TrainRequest) -> tuple[Any, str]:
@@ -169,6 +185,8 @@ def resumed_config(store: Store, run: Run, request: TrainRequest) -> tuple[Any, 
         config.steps = request.steps
     model_ref = run.params.get("subject_model") or run.base_model or ""
     kept = {**dataclasses.asdict(config), "subject_model": model_ref}
+    if config.lora_rank:  # a LoRA run trained without an alpha used alpha = rank
+        kept["lora_alpha"] = config.effective_lora_alpha
     conflicting = []
     for name in RESUME_KEPT:
         if name not in request.given:

@@ -1,0 +1,230 @@
+"""Export a trained run in the formats other tools load: a diffusers or kohya LoRA, a diffusers pipeline
+folder, one single-file checkpoint (see `stencil_cli.export` for the formats).
+
+`export(store, ExportRequest) -> ExportResult` settles the run and refuses bad requests (format, run, rank,
+paths) before any model loads, then loads the run's base model at full precision and writes the export and
+its model card. Nothing is written when a request is refused; a crash leaves no half file under the target
+name (the ML core writes to a temp name and moves it into place).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from stencil_cli.errors import BadInputError, FieldError
+from stencil_cli.settings import resolve_setting
+from stencil_cli.store import Run, Store
+from stencil_cli.verbs.common import Progress, no_progress
+from stencil_cli.verbs.generate import trained_run
+
+FORMATS = ("lora", "kohya", "diffusers", "single-file")  # stencil_cli.export.FORMATS (checked by a test)
+LORA_FORMATS = ("lora", "kohya")
+SAVE_DTYPES = ("fp16", "bf16", "fp32")
+
+
+@dataclass
+class ExportRequest:
+    """What to export. `run_id` None: the newest finished run; `rank` None: the run's own (or 32 by SVD)."""
+
+    name: str
+    format: str
+    path: Path
+    run_id: int | None = None
+    rank: int | None = None
+    force: bool = False
+    save_dtype: str = "fp16"
+    device: str | None = None
+    models_root: Path | None = None  # the store whose models/ holds built presets (default: this store)
+
+
+@dataclass
+class ExportResult:
+    """What the export wrote: the file (or folder), its model card, its size and how it was made.
+
+    `error` (a full run exported as a LoRA): how well the rank-`rank` SVD reproduces the run's weight
+    difference, the fields of `stencil_cli.export.ExtractionError` (overall, worst, worst_layer, left_out,
+    left_out_tensors, layers, rank)."""
+
+    subject: str
+    run: Run
+    format: str
+    path: Path
+    card: Path
+    bytes: int
+    kind: str  # the run's kind: full | lora
+    rank: int | None
+    error: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready view."""
+        return {
+            "subject": self.subject,
+            "run_id": self.run.id,
+            "format": self.format,
+            "path": str(self.path),
+            "card": str(self.card),
+            "bytes": self.bytes,
+            "kind": self.kind,
+            "rank": self.rank,
+            "error": self.error,
+        }
+
+
+def export(store: Store, request: ExportRequest, *, progress: Progress = no_progress) -> ExportResult:
+    """Export one run of a subject; see the module docstring.
+
+    Progress: ``("loading", 0, None, {"model": ref, "device": dev})`` before the base model loads, then
+    ``("export", 0, 1, {"format": fmt})`` and ``("export", 1, 1, {...})`` around the writing.
+    """
+    from stencil_cli import export as export_core
+    from stencil_cli import models
+
+    if request.format not in FORMATS:
+        raise FieldError("format", f"{{}} {request.format!r} is unknown: use one of {', '.join(FORMATS)}")
+    if request.save_dtype not in SAVE_DTYPES:
+        raise FieldError(
+            "save_dtype", f"{{}} must be one of {', '.join(SAVE_DTYPES)} (got {request.save_dtype!r})"
+        )
+    run = finished_run(store, request.name, request.run_id)
+    check_rank(run, request.format, request.rank)
+    target = Path(request.path).expanduser().absolute()
+    check_target(request.format, target, request.force)
+    export_core.check_request(request.format, target, rank=request.rank, force=request.force, kind=run.kind)
+
+    model_ref = run.params.get("subject_model") or run.base_model or ""
+    root = request.models_root or store.root
+    device = models.resolve_device(resolve_setting(store, "device", request.device))
+    progress("loading", 0, None, {"model": model_ref, "device": str(device)})
+    with models.quiet_libraries():
+        pipe = models.load_subject_pipeline(model_ref, device=str(device), precision="fp32", store_root=root)
+    progress("export", 0, 1, {"format": request.format})
+    assert run.weights_file is not None  # trained_run checked it
+    with models.quiet_libraries():  # save_pretrained's progress bars
+        written = export_core.export_run(
+            pipe,
+            run.weights_file,
+            request.format,
+            target,
+            rank=request.rank,
+            force=request.force,
+            save_dtype=request.save_dtype,
+            base_model=base_model_id(model_ref, root),
+        )
+    del pipe
+    models.free_pipeline(None)
+    error = written.error.__dict__.copy() if written.error is not None else None
+    progress("export", 1, 1, {"format": request.format})
+    return ExportResult(
+        subject=request.name,
+        run=run,
+        format=written.format,
+        path=written.path,
+        card=written.card,
+        bytes=written.bytes,
+        kind=written.kind,
+        rank=written.rank,
+        error=error,
+    )
+
+
+# -- checks before the model loads -----------------------------------------------------------------------
+
+
+def finished_run(store: Store, name: str, run_id: int | None) -> Run:
+    """The done run to export (`run_id`, or the newest done one); a run that is not done is bad input."""
+    if run_id is not None:
+        run = store.get_run(name, run_id)
+        if run.status != "done":
+            finished = [str(other.id) for other in store.list_runs(name) if other.status == "done"]
+            which = f"finished: {', '.join(finished)}" if finished else "none is finished yet"
+            raise FieldError(
+                "run_id",
+                f"run {run_id} of {name!r} is {run.status}, not done: "
+                f"pick a finished run with {{}} ({which})",
+            )
+    elif store.latest_done_run(name) is None:
+        runs = store.list_runs(name)
+        if runs:
+            newest = runs[-1]
+            raise BadInputError(
+                f"subject {name!r} has no finished run to export (run {newest.id} is {newest.status}): "
+                f"finish it with `stencil train {name} --resume` or train again"
+            )
+    return trained_run(store, name, run_id)
+
+
+def check_rank(run: Run, fmt: str, rank: int | None) -> None:
+    """Refuse a rank that cannot apply: off the LoRA formats, <= 0, not a LoRA run's own, too large."""
+    if rank is None:
+        return
+    if fmt not in LORA_FORMATS:
+        raise FieldError("rank", f"{{}} applies only to the lora and kohya formats (not {fmt})")
+    if rank <= 0:
+        raise FieldError("rank", f"{{}} must be a positive whole number (got {rank})")
+    if run.kind == "lora":
+        trained = run.params.get("lora_rank")
+        if rank != trained:
+            raise FieldError(
+                "rank",
+                f"run {run.id} is a LoRA of rank {trained} and exports at that rank: drop {{}} "
+                "(it is for extracting a LoRA from a full run)",
+            )
+        return
+    allowed = largest_rank(run)
+    if allowed and rank > allowed:
+        raise FieldError(
+            "rank", f"{{}} {rank} is more than the largest layer of run {run.id} allows ({allowed})"
+        )
+
+
+def largest_rank(run: Run) -> int:
+    """The largest rank an SVD of this run's weights can have: min(out, in * kh * kw) over its layers.
+
+    Read from the weights file's header (no tensor is loaded)."""
+    from safetensors import safe_open
+
+    from stencil_cli.export import max_extraction_rank
+
+    assert run.weights_file is not None
+    with safe_open(str(run.weights_file), framework="pt") as handle:
+        shapes = [
+            tuple(handle.get_slice(key).get_shape())
+            for key in handle.keys()  # noqa: SIM118 - a safetensors handle is not a dict
+        ]
+    return max_extraction_rank(shape for shape in shapes if len(shape) >= 2)
+
+
+def check_target(fmt: str, target: Path, force: bool) -> None:
+    """Refuse a target in a missing folder, or one (or its model card) that exists, unless forced."""
+    from stencil_cli.export import card_path
+
+    if not str(target).strip() or not target.name:
+        raise FieldError("path", "{} is empty: give the file (or, for diffusers, the folder) to write")
+    if not target.parent.is_dir():
+        raise FieldError(
+            "path",
+            f"{{}} {target}: the folder {target.parent} does not exist; create it first or pick another path",
+        )
+    if fmt == "diffusers" and target.is_dir() and force and not (target / "model_index.json").is_file():
+        raise FieldError(
+            ("path", "force"),
+            f"{{0}} {target} is a folder but not a diffusers pipeline: {{1}} replaces only an earlier export "
+            "(the whole folder goes); pick another path",
+        )
+    existing = [target] + ([card_path(fmt, target)] if fmt != "diffusers" else [])
+    for path in existing:
+        if (path.exists() or path.is_symlink()) and not force:
+            raise FieldError("force", f"{path} already exists: pick another path, or replace it with {{}}")
+
+
+def base_model_id(model_ref: str, store_root: Path) -> str:
+    """The base model as other tools name it: the Hub id of a preset, else the reference itself."""
+    from stencil_cli.models import resolve_ref
+
+    try:
+        source = resolve_ref(model_ref, store_root=store_root)
+    except BadInputError:
+        return model_ref
+    return source.repo_id or model_ref
