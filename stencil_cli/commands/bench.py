@@ -196,8 +196,8 @@ def dreambench(
         str,
         typer.Option(
             "--captioner",
-            help="openai (the vision model, as `stencil caption`: the paper's protocol; needs OPENAI_API_KEY) "
-            "or template (offline; not comparable with the paper).",
+            help="openai (the vision model, as `stencil caption`: the paper's protocol; needs "
+            "OPENAI_API_KEY) or template (offline; not comparable with the paper).",
         ),
     ] = "openai",
     caption_model: Annotated[
