@@ -221,11 +221,15 @@ def test_the_benchmark_captions_like_stencil_caption_and_needs_a_key(
 
 
 def test_a_template_table_is_marked_not_comparable_and_lists_every_setting() -> None:
-    settings = {"captioner": "template", "caption_model": None, "subject_model": "tiny", "context_model": "tiny",
-                "train_steps": 1, "steps": 2, "inner_steps": 1, "inversion": "nti", "tau": 60.0,
-                "eval_dino": "tiny", "eval_clip": "tiny", "lr": 2e-5}  # fmt: skip
-    results = {"settings": settings, "prompts_per_subject": 1, "images_per_prompt": 1, "subjects": [],
-               "overall": {"images": 0, "dino": None, "clip_t": None, "clip_i": None, "gpu_seconds": None}}  # fmt: skip
+    settings = {
+        "captioner": "template", "caption_model": None, "subject_model": "tiny", "context_model": "tiny",
+        "train_steps": 1, "steps": 2, "inner_steps": 1, "inversion": "nti", "tau": 60.0,
+        "eval_dino": "tiny", "eval_clip": "tiny", "lr": 2e-5,
+    }  # fmt: skip
+    overall = {"images": 0, "dino": None, "clip_t": None, "clip_i": None, "gpu_seconds": None}
+    results = {
+        "settings": settings, "prompts_per_subject": 1, "images_per_prompt": 1, "subjects": [], "overall": overall
+    }  # fmt: skip
     report = bench.markdown_report(results)
     assert "Not comparable with the paper" in report and "lr `2e-05`" in report
     vision = {**settings, "captioner": "openai", "caption_model": "gpt-4o"}
