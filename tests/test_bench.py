@@ -228,7 +228,8 @@ def test_a_template_table_is_marked_not_comparable_and_lists_every_setting() -> 
     }  # fmt: skip
     overall = {"images": 0, "dino": None, "clip_t": None, "clip_i": None, "gpu_seconds": None}
     results = {
-        "settings": settings, "prompts_per_subject": 1, "images_per_prompt": 1, "subjects": [], "overall": overall
+        "settings": settings, "prompts_per_subject": 1, "images_per_prompt": 1, "subjects": [],
+        "overall": overall,
     }  # fmt: skip
     report = bench.markdown_report(results)
     assert "Not comparable with the paper" in report and "lr `2e-05`" in report
