@@ -994,7 +994,7 @@ class Store:
             None,
         )
         if row is None:
-            raise NotFoundError(f"subject {name!r} has no run {run_id} (see `stencil show {name}`)")
+            raise NotFoundError(f"subject {name!r} has no run {run_id} (its runs: `stencil runs {name}`)")
         return self._run_view(row)
 
     def list_runs(self, name: str) -> list[Run]:

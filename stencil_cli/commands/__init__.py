@@ -7,7 +7,17 @@ import importlib
 import typer
 
 # Each name is a module in this package with a `register(app: typer.Typer) -> None`.
-COMMAND_MODULES: list[str] = ["subjects", "models", "caption", "train", "gen", "evaluate", "bench", "demo"]
+COMMAND_MODULES: list[str] = [
+    "subjects",
+    "history",
+    "models",
+    "caption",
+    "train",
+    "gen",
+    "evaluate",
+    "bench",
+    "demo",
+]
 
 
 def register_all(app: typer.Typer) -> None:

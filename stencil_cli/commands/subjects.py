@@ -10,8 +10,18 @@ from rich.table import Table
 
 from stencil_cli.clikit import JsonOption, handle_errors
 from stencil_cli.errors import BadInputError
-from stencil_cli.output import err_console, escape, info, print_json, settings, warn
+from stencil_cli.output import (
+    err_console,
+    escape,
+    human_bytes,
+    info,
+    print_json,
+    settings,
+    stdout_console,
+    warn,
+)
 from stencil_cli.store import Subject, open_store
+from stencil_cli.verbs.history import SubjectSummary, subject_summary
 from stencil_cli.verbs.subjects import AddRequest, BadPhotosError, add_photos, remove_photo, remove_subject
 from stencil_cli.verbs.train import masks_of
 
@@ -104,9 +114,7 @@ def ls(json_output: JsonOption = False) -> None:
             str(row["captioned"]),
             str(row["latest_run"] or "-"),
         )
-    from rich.console import Console
-
-    Console().print(table)
+    stdout_console().print(table)
 
 
 @handle_errors
@@ -121,9 +129,11 @@ def show(
     if masks:
         _show_masks(name, json_output)
         return
-    subject = open_store().get_subject(name)
+    store = open_store()
+    subject = store.get_subject(name)
+    summary = subject_summary(store, name)
     if json_output:
-        print_json(subject_json(subject))
+        print_json({**subject_json(subject), "history": summary.to_dict()})
         return
     lines = [
         f"[bold]{escape(subject.name)}[/bold]",
@@ -133,9 +143,7 @@ def show(
         f"created:     {subject.created}",
         f"photos:      {len(subject.images)}",
     ]
-    from rich.console import Console
-
-    console = Console(highlight=False)
+    console = stdout_console()
     for line in lines:
         console.print(line)
     for image in subject.images:
@@ -145,6 +153,27 @@ def show(
         )
         caption = image["caption"]
         console.print(f"      caption: {escape(caption) if caption else '[dim](none)[/dim]'}")
+    _print_summary(console, name, summary)
+
+
+def _print_summary(console: Any, name: str, summary: SubjectSummary) -> None:
+    """The closing lines of `show`: runs and images, and the commands that list them."""
+    if summary.runs:
+        newest = f", newest done: run {summary.newest_done}" if summary.newest_done is not None else ""
+        console.print(
+            f"runs:        {summary.runs} ({summary.done_runs} done{newest}; "
+            f"{human_bytes(summary.run_bytes)}) "
+            f"[dim]- `stencil runs {escape(name)}`[/dim]"
+        )
+    else:
+        console.print(f"runs:        none [dim]- train with `stencil train {escape(name)}`[/dim]")
+    if summary.images:
+        console.print(
+            f"images:      {summary.images} (newest {summary.newest_image}) "
+            f"[dim]- `stencil images {escape(name)}`[/dim]"
+        )
+    else:
+        console.print("images:      none")
 
 
 def _show_masks(name: str, json_output: bool) -> None:

@@ -225,7 +225,7 @@ def trained_run(store: Store, name: str, run_id: int | None) -> Run:
         if run.status != "done":
             raise StencilError(
                 f"run {run_id} of {name!r} is {run.status}, not done",
-                hint=f"pick a finished run (`stencil show {name}`) or train again: `stencil train {name}`",
+                hint=f"pick a finished run (`stencil runs {name}`) or train again: `stencil train {name}`",
             )
     else:
         found = store.latest_done_run(name)
