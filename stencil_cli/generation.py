@@ -134,6 +134,8 @@ class GenerationSettings:
     null_text: NullTextSettings = field(default_factory=NullTextSettings)
     draft_steps: int = 50
     draft_guidance: float = 7.5
+    # replaces the empty uncond embedding after the injected steps (and in plain generation); "" = none
+    negative: str = ""
 
     def __post_init__(self) -> None:
         if not 1 <= self.steps <= TRAIN_TIMESTEPS:
@@ -230,6 +232,7 @@ def render_draft(
     steps: int = 50,
     guidance: float = 7.5,
     progress: ProgressHook = no_progress,
+    negative: str = "",
 ) -> Image.Image:
     """Render the draft with the context model (any diffusers text-to-image pipeline) at `resolution`."""
     generator = torch.Generator("cpu").manual_seed(seed)
@@ -242,6 +245,8 @@ def render_draft(
         "generator": generator,
         "output_type": "pil",
     }
+    if negative:
+        kwargs["negative_prompt"] = negative
     if "callback_on_step_end" in inspect.signature(context_pipe.__call__).parameters:
 
         def on_step(pipe: Any, i: int, t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
@@ -333,7 +338,7 @@ def guided_images(
     scheduler = ddim_scheduler(pipe, settings.steps)
     device = pipe_device(pipe)
     cond = encode_prompt(pipe, prompt, device)
-    empty = encode_prompt(pipe, "", device)
+    empty = encode_prompt(pipe, settings.negative, device)  # the optimised null embeddings win while injected
     images = []
     for tau in taus:
         inject = injected_steps(tau, settings.steps)
@@ -379,7 +384,7 @@ def plain_generate(
         scheduler,
         latent,
         encode_prompt(pipe, prompt, device),
-        encode_prompt(pipe, "", device),
+        encode_prompt(pipe, settings.negative, device),
         guidance=settings.guidance,
         progress=progress,
     )
@@ -436,6 +441,7 @@ def render_drafts(
     steps: int = 50,
     guidance: float = 7.5,
     progress: ProgressHook = no_progress,
+    negative: str = "",
 ) -> Iterator[Draft]:
     """Render each (key, draft prompt, seed) with the context model, yielding every draft when it is done.
 
@@ -459,6 +465,7 @@ def render_drafts(
             steps=steps,
             guidance=guidance,
             progress=counting,
+            negative=negative,
         )
         seconds = _clock(device) - started
         if reported < steps:  # a pipeline without step callbacks
