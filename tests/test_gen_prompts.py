@@ -81,6 +81,7 @@ def test_json_lines_come_out_as_each_image_is_saved(
         (["on the moon", "--prompts-file", "p.txt"], None, "not both"),
         ([], None, "say what to render"),
         (["--prompts-file", "empty.txt"], None, "--prompts-file holds no prompt"),
+        (["--prompts-file", "."], None, "--prompts-file . is a folder"),
     ],
 )
 def test_bad_prompt_sources_are_one_line_and_exit_2(

@@ -247,6 +247,8 @@ def _prompts(prompt: str | None, prompts_file: Path | None) -> list[str]:
         raise BadInputError("give the prompt or --prompts-file, not both")
     if prompts_file is not None:
         path = Path(prompts_file).expanduser()
+        if path.is_dir():
+            raise BadInputError(f"--prompts-file {path} is a folder: give a text file, one prompt per line")
         if not path.is_file():
             raise BadInputError(f"--prompts-file {path}: no such file")
         try:
