@@ -52,6 +52,8 @@ class GenerationSettings:
     null_text: NullTextSettings = field(default_factory=NullTextSettings)
     draft_steps: int = 50
     draft_guidance: float = 7.5
+    # replaces the empty uncond embedding after the injected steps (and in plain generation); "" = none
+    negative: str = ""
 
     def __post_init__(self) -> None:
         if not 1 <= self.steps <= TRAIN_TIMESTEPS:
@@ -180,6 +182,7 @@ def render_draft(
     steps: int = 50,
     guidance: float = 7.5,
     progress: ProgressHook = no_progress,
+    negative: str = "",
 ) -> Image.Image:
     """Render the draft with the context model (any diffusers text-to-image pipeline) at `resolution`."""
     return render_drafts(
@@ -190,6 +193,7 @@ def render_draft(
         steps=steps,
         guidance=guidance,
         progress=progress,
+        negative=negative,
     )[0]
 
 
@@ -203,6 +207,7 @@ def render_drafts(
     guidance: float = 7.5,
     batch_size: int | None = None,
     progress: ProgressHook = no_progress,
+    negative: str = "",
 ) -> list[Image.Image]:
     """One draft per seed, rendered as batches of at most `batch_size` (None: all) in one pipeline call each.
 
@@ -224,6 +229,8 @@ def render_drafts(
             "num_images_per_prompt": len(batch),
             "output_type": "pil",
         }
+        if negative:
+            kwargs["negative_prompt"] = negative
         if takes_callback:
 
             def on_step(
@@ -356,7 +363,7 @@ def guided_images_batch(
     device = pipe_device(pipe)
     n = len(inversions)
     cond = encode_prompt(pipe, prompt, device)
-    empty = encode_prompt(pipe, "", device)
+    empty = encode_prompt(pipe, settings.negative, device)  # the optimised null embeddings win while injected
     if n > 1:
         cond, empty = cond.expand(n, *cond.shape[1:]), empty.expand(n, *empty.shape[1:])
     latents = torch.cat([inv.latent for inv in inversions]).to(device)
@@ -492,7 +499,7 @@ def plain_generate(
         scheduler,
         latent,
         encode_prompt(pipe, prompt, device),
-        encode_prompt(pipe, "", device),
+        encode_prompt(pipe, settings.negative, device),
         guidance=settings.guidance,
         progress=progress,
     )

@@ -11,7 +11,17 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
-__all__ = ["escape", "err_console", "print_json", "settings", "info", "warn"]
+__all__ = [
+    "escape",
+    "err_console",
+    "human_bytes",
+    "print_json",
+    "print_json_line",
+    "settings",
+    "info",
+    "stdout_console",
+    "warn",
+]
 
 
 @dataclass
@@ -30,6 +40,33 @@ def print_json(data: Any) -> None:
     """Print `data` as plain JSON on stdout (never through rich)."""
     sys.stdout.write(json.dumps(data, indent=2, default=str, ensure_ascii=False) + "\n")
     sys.stdout.flush()
+
+
+def print_json_line(data: Any) -> None:
+    """Print `data` as one line of JSON on stdout and flush it (JSON Lines: a pipe sees it at once)."""
+    sys.stdout.write(json.dumps(data, default=str, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+PIPED_WIDTH = 10_000  # a table written to a pipe or file is never cut to 80 columns
+
+
+def stdout_console() -> Console:
+    """A rich console on stdout for tables: the terminal's width, or unlimited when piped (ids never cut)."""
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        console = Console(highlight=False, width=PIPED_WIDTH)
+    return console
+
+
+def human_bytes(count: int) -> str:
+    """1536 -> '1.5 KB' (powers of 1024, one decimal)."""
+    size = float(count)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TB"
 
 
 def info(message: str) -> None:

@@ -1000,7 +1000,7 @@ class Store:
             None,
         )
         if row is None:
-            raise NotFoundError(f"subject {name!r} has no run {run_id} (see `stencil show {name}`)")
+            raise NotFoundError(f"subject {name!r} has no run {run_id} (its runs: `stencil runs {name}`)")
         return self._run_view(row)
 
     def list_runs(self, name: str) -> list[Run]:
@@ -1015,6 +1015,25 @@ class Store:
         """The newest finished (`done`) run of subject `name`, or None."""
         done = [run for run in self.list_runs(name) if run.status == "done"]
         return done[-1] if done else None
+
+    def remove_run(self, name: str, run_id: int) -> Run:
+        """Delete one run: its row, its generations' rows, then its folder and those images and drafts."""
+        run = self.get_run(name, run_id)
+        files = [
+            path
+            for generation in self.list_generations(name)
+            if generation.run_id == run.id
+            for path in (generation.image_file, generation.draft_file)
+            if path is not None
+        ]
+        with self.write():
+            self.db.execute("delete from generations where run_id = ?", [run.id])
+            self.db.execute("delete from runs where id = ?", [run.id])
+        self._delete_tree(self.run_dir(name, run.id))
+        for path in files:
+            if is_within(path, self.root):
+                path.unlink(missing_ok=True)
+        return run
 
     def _run_view(self, row: dict[str, Any]) -> Run:
         values = dict(row)

@@ -53,7 +53,7 @@ def test_real_photos_through_every_command(cli, tiny_preset: Path, tmp_path: Pat
         "--json",
     )
     assert generated.exit_code == 0, generated.output
-    records = json.loads(generated.stdout)
+    records = [json.loads(line) for line in generated.stdout.splitlines()]
     assert len(records) == 1
     image = Image.open(records[0]["image_file"])
     assert image.size == (64, 64)

@@ -379,8 +379,11 @@ def test_eval_command_scores_and_stores(
 
     only = cli("eval", "rex", "--eval-models", "tiny", "--generations", str(second.id))
     assert only.exit_code == 0 and "on the beach" in only.stdout and "snow" not in only.stdout
+    assert f"on the beach | {out}" in only.stdout  # tau, seed and file tell two images apart
+    assert only.stdout.splitlines()[0].split()[4:7] == ["tau", "seed", "prompt"]
     missing = cli("eval", "rex", "--eval-models", "tiny", "--generations", "999")
     assert missing.exit_code == 1 and "no generation(s) 999" in missing.output
+    assert "stencil images rex" in missing.output
     assert cli("eval", "rex", "--generations", "x").exit_code == 2
 
 

@@ -120,7 +120,7 @@ def test_gen_renders_with_a_lora_run(trained: dict[str, Any], cli: Any) -> None:
     args = ("--context-model", "tiny", "--steps", "2", "--inner-steps", "1", "--draft-steps", "2")
     result = cli("gen", "robot", "on the beach", *TINY, *args, "--run", lora["id"], "--seed", "3", "--json")
     assert result.exit_code == 0, result.output
-    [record] = json.loads(result.stdout)
+    [record] = [json.loads(line) for line in result.stdout.splitlines()]  # gen --json: JSON Lines
     assert record["run_id"] == lora["id"] and Path(record["image_file"]).is_file()
 
 

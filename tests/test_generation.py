@@ -204,6 +204,11 @@ def trained(cli: Any, tiny_preset: Path, tmp_path: Path, tiny_subject_pipe: Any)
     return "robot"
 
 
+def _lines(stdout: str) -> list[dict[str, Any]]:
+    """The records `gen --json` prints: one JSON object per line (JSON Lines)."""
+    return [json.loads(line) for line in stdout.splitlines()]
+
+
 def _gen(cli: Any, *args: str) -> Any:
     return cli("gen", *args, *FAST)
 
@@ -212,7 +217,7 @@ def test_gen_writes_images_drafts_rows_and_png_parameters(cli: Any, trained: str
     out = tmp_path / "out"
     result = _gen(cli, trained, "on the moon", "--seed", "7", "--tau", "20,60", "-o", str(out), "--json")
     assert result.exit_code == 0, result.output
-    records = json.loads(result.stdout)
+    records = _lines(result.stdout)
     assert [(r["seed"], r["tau"]) for r in records] == [(7, 20.0), (7, 60.0)]
     for record in records:
         image_file = Path(record["image_file"])
@@ -282,9 +287,9 @@ def test_an_interruption_keeps_the_finished_images_drafts_and_rows(
 
 
 def test_same_seed_same_images_and_seeds_count_up(cli: Any, trained: str) -> None:
-    first = json.loads(_gen(cli, trained, "in a garden", "--seed", "3", "-n", "2", "--json").stdout)
-    again = json.loads(_gen(cli, trained, "in a garden", "--seed", "3", "-n", "2", "--json").stdout)
-    alone = json.loads(_gen(cli, trained, "in a garden", "--seed", "3", "--batch-size", "1", "--json").stdout)
+    first = _lines(_gen(cli, trained, "in a garden", "--seed", "3", "-n", "2", "--json").stdout)
+    again = _lines(_gen(cli, trained, "in a garden", "--seed", "3", "-n", "2", "--json").stdout)
+    alone = _lines(_gen(cli, trained, "in a garden", "--seed", "3", "--batch-size", "1", "--json").stdout)
     assert [r["seed"] for r in first] == [3, 4] and alone[0]["seed"] == 3
     pixels = [_pixels(Image.open(r["image_file"])) for r in (*first, *again, *alone)]
     assert np.array_equal(pixels[0], pixels[2]) and np.array_equal(pixels[1], pixels[3])  # the same command
@@ -305,7 +310,7 @@ def test_draft_option_uses_the_given_image_and_no_context_model(
     photo = _photo(tmp_path / "me.png", (220, 220, 20))
     result = _gen(cli, trained, "older, with grey hair", "--draft", str(photo), "--tau", "1000", "--json")
     assert result.exit_code == 0, result.output
-    (record,) = json.loads(result.stdout)
+    (record,) = _lines(result.stdout)
     kept = Image.open(record["draft_file"]).convert("RGB")
     expected = center_crop_resize(Image.open(photo).convert("RGB"), 64)
     assert np.array_equal(_pixels(kept), _pixels(expected))  # the draft beside is the given photo
@@ -313,7 +318,7 @@ def test_draft_option_uses_the_given_image_and_no_context_model(
     assert params["mode"] == "edit" and params["draft_source"] == str(photo.resolve())
     # the result follows the draft: another photo, another image (nothing else changed)
     other = _photo(tmp_path / "other.png", (20, 90, 240))
-    second = json.loads(
+    second = _lines(
         _gen(cli, trained, "older, with grey hair", "--draft", str(other), "--tau", "1000", "--json").stdout
     )
     first_pixels = _pixels(Image.open(record["image_file"]).convert("RGB"))
@@ -323,7 +328,7 @@ def test_draft_option_uses_the_given_image_and_no_context_model(
 def test_no_context_and_npi_and_grid_and_show_prompts(cli: Any, trained: str, tmp_path: Path) -> None:
     plain = _gen(cli, trained, "{} on a boat", "--no-context", "--seed", "1", "--json")
     assert plain.exit_code == 0, plain.output
-    (record,) = json.loads(plain.stdout)
+    (record,) = _lines(plain.stdout)
     assert record["tau"] is None and record["draft_file"] is None and record["params"]["mode"] == "plain"
     assert record["prompt"] == "toy robot on a boat"
     npi = _gen(cli, trained, "on a boat", "--inversion", "npi", "--grid", "--show-prompts", "--tau", "0,60")
@@ -397,7 +402,7 @@ def test_a_draft_prompt_given_by_hand_is_what_the_context_model_draws(cli: Any, 
         cli, trained, "on the moon", "--seed", "3", "--draft-prompt", "a red robot on the moon", "--json"
     )
     assert result.exit_code == 0, result.output
-    (record,) = json.loads(result.stdout)
+    (record,) = _lines(result.stdout)
     assert read_png_parameters(Path(record["draft_file"]))["draft_prompt"] == "a red robot on the moon"
     assert read_png_parameters(Path(record["image_file"]))["prompt"] == "a toy robot on the moon"
     refused = _gen(cli, trained, "on the moon", "--draft-prompt", "x", "--no-context")
@@ -408,7 +413,7 @@ def test_batched_seeds_make_the_images_one_at_a_time_makes(cli: Any, trained: st
     batched = _gen(cli, trained, "on the moon", "--seed", "5", "-n", "2", "--batch-size", "2", "--json")
     single = _gen(cli, trained, "on the moon", "--seed", "5", "-n", "2", "--batch-size", "1", "--json")
     assert batched.exit_code == 0 and single.exit_code == 0, batched.output + single.output
-    pairs = zip(json.loads(batched.stdout), json.loads(single.stdout), strict=True)
+    pairs = zip(_lines(batched.stdout), _lines(single.stdout), strict=True)
     for together, alone in pairs:
         assert together["params"]["batch_size"] == 2 and alone["params"]["batch_size"] == 1
         difference = np.abs(

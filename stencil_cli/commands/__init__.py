@@ -9,6 +9,7 @@ import typer
 # Each name is a module in this package with a `register(app: typer.Typer) -> None`.
 COMMAND_MODULES: list[str] = [
     "subjects",
+    "history",
     "models",
     "caption",
     "train",

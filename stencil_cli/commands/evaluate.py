@@ -42,10 +42,16 @@ def evaluate(
             }
         )
         return
-    typer.echo(f"{'id':>5}  {'DINO':>6}  {'CLIP-I':>6}  {'CLIP-T':>6}  prompt")
+    header = f"{'id':>5}  {'DINO':>6}  {'CLIP-I':>6}  {'CLIP-T':>6}  {'tau':>5}  {'seed':>10}"
+    typer.echo(f"{header}  prompt | file")
     for row in result.images:
         s = row.scores
-        typer.echo(f"{row.id:>5}  {s['dino']:6.3f}  {s['clip_i']:6.3f}  {s['clip_t']:6.3f}  {row.prompt}")
+        tau = f"{row.tau:g}" if row.tau is not None else "-"
+        seed = str(row.seed) if row.seed is not None else "-"
+        typer.echo(
+            f"{row.id:>5}  {s['dino']:6.3f}  {s['clip_i']:6.3f}  {s['clip_t']:6.3f}  {tau:>5}  {seed:>10}  "
+            f"{row.prompt} | {row.image_file}"
+        )
     mean = result.mean
     if result.images:
         typer.echo(

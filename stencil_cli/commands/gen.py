@@ -16,7 +16,8 @@ from stencil_cli.commands.options import (
     PrecisionOption,
     SubjectModelOption,
 )
-from stencil_cli.output import err_console, escape, info, print_json, warn
+from stencil_cli.errors import BadInputError
+from stencil_cli.output import err_console, escape, info, print_json_line, warn
 from stencil_cli.progress import add_task, progress_bar
 from stencil_cli.store import open_store
 from stencil_cli.verbs.generate import (
@@ -24,15 +25,24 @@ from stencil_cli.verbs.generate import (
     GenerateRequest,
     GenerateResult,
     GenerationPlan,
+    SavedImage,
     generate,
     parse_taus,
     plan_generation,
+    prompt_lines,
 )
 
 if TYPE_CHECKING:
     from rich.progress import Progress
 
-FLAGS = {"count": "-n", "prompt": "the prompt", "run_id": "--run", "output": "-o", "draft": "--draft"}
+FLAGS = {
+    "count": "-n",
+    "prompt": "the prompt",
+    "run_id": "--run",
+    "output": "-o",
+    "draft": "--draft",
+    "stdin": "the prompt '-' (stdin)",
+}
 
 
 # -- progress ------------------------------------------------------------------------------------------------
@@ -94,12 +104,29 @@ class StageProgress:
 def gen(
     name: Annotated[str, typer.Argument(help="The subject to render (see `stencil ls`).")],
     prompt: Annotated[
-        str,
+        str | None,
         typer.Argument(
             help="What to render. Without the subject phrase or a {} placeholder it becomes "
-            "'a PHRASE PROMPT' (e.g. 'in a Superman outfit')."
+            "'a PHRASE PROMPT' (e.g. 'in a Superman outfit'). '-' reads one prompt per line from stdin.",
+            show_default=False,
         ),
-    ],
+    ] = None,
+    prompts_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--prompts-file",
+            help="Read the prompts from this file: one per line, '#' starts a comment line.",
+            show_default=False,
+        ),
+    ] = None,
+    negative: Annotated[
+        str | None,
+        typer.Option(
+            "--negative",
+            help="Negative prompt for the denoise (after the injected steps) and the draft.",
+            show_default=False,
+        ),
+    ] = None,
     count: Annotated[int, typer.Option("-n", "--count", help="Images (seeds) to make.", min=1)] = 1,
     seed: Annotated[
         int | None,
@@ -187,7 +214,8 @@ def gen(
     """Render a trained subject in a new context: draft -> null-text inversion -> guided denoise."""
     request = GenerateRequest(
         name=name,
-        prompts=[prompt],
+        prompts=_prompts(prompt, prompts_file),
+        negative=negative,
         count=count,
         seed=seed,
         taus=parse_taus(tau),
@@ -221,9 +249,16 @@ def gen(
             err_console.print(f"prompt:       {escape(item.prompt)}")
             err_console.print(f"draft prompt: {escape(item.draft_prompt)}")
     result = GenerateResult(plan)
+    on_image = _json_line if json_output else None
     try:
         with progress_bar() as progress:
-            generate(store, plan, progress=StageProgress(progress, plan.stage_totals()), result=result)
+            generate(
+                store,
+                plan,
+                progress=StageProgress(progress, plan.stage_totals()),
+                result=result,
+                on_image=on_image,
+            )
     except BaseException:
         if result.images or result.drafts:
             info(
@@ -236,11 +271,41 @@ def gen(
     _present(result, plan, json_output)
 
 
+def _prompts(prompt: str | None, prompts_file: Path | None) -> list[str]:
+    """The prompt argument, the lines of --prompts-file, or (for '-') the lines of stdin."""
+    if prompt is not None and prompts_file is not None:
+        raise BadInputError("give the prompt or --prompts-file, not both")
+    if prompts_file is not None:
+        path = Path(prompts_file).expanduser()
+        if path.is_dir():
+            raise BadInputError(f"--prompts-file {path} is a folder: give a text file, one prompt per line")
+        if not path.is_file():
+            raise BadInputError(f"--prompts-file {path}: no such file")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise BadInputError(f"--prompts-file {path} cannot be read as UTF-8 text: {error}") from None
+        return prompt_lines(text)
+    if prompt is None:
+        raise BadInputError("say what to render: a prompt, '-' to read prompts from stdin, or --prompts-file")
+    if prompt == "-":
+        stream = typer.get_text_stream("stdin")
+        if stream.isatty():
+            raise BadInputError(
+                "the prompt '-' reads prompts from stdin, but stdin is a terminal: pipe them in"
+            )
+        return prompt_lines(stream.read(), "stdin")
+    return [prompt]
+
+
+def _json_line(saved: SavedImage) -> None:
+    """One JSON line per image as soon as it is saved (JSON Lines: a pipe sees each image at once)."""
+    print_json_line(saved.to_dict())
+
+
 def _present(result: GenerateResult, plan: GenerationPlan, json_output: bool) -> None:
-    """The images as JSON, or one image path per line (stdout) and a summary (stderr)."""
+    """One image path per line (stdout) and a summary (stderr); with --json the lines were printed already."""
     if json_output:
-        grid = str(result.grid_file) if result.grid_file else None
-        print_json([{**saved.to_dict(), **({"grid_file": grid} if grid else {})} for saved in result.images])
         return
     for saved in result.images:
         typer.echo(saved.output_file or saved.generation.image_file)

@@ -10,8 +10,19 @@ from rich.table import Table
 
 from stencil_cli.clikit import JsonOption, handle_errors
 from stencil_cli.errors import BadInputError
-from stencil_cli.output import err_console, escape, info, print_json, settings, warn
+from stencil_cli.output import (
+    err_console,
+    escape,
+    human_bytes,
+    info,
+    print_json,
+    settings,
+    stdout_console,
+    warn,
+)
 from stencil_cli.store import Subject, open_store
+from stencil_cli.verbs.history import SubjectSummary, subject_summary
+from stencil_cli.verbs.prune import disk_usage, plan_run_removal, prune, remove_run
 from stencil_cli.verbs.subjects import AddRequest, BadPhotosError, add_photos, remove_photo, remove_subject
 from stencil_cli.verbs.train import masks_of
 
@@ -76,6 +87,8 @@ def add(
         return
     for rejected in outcome.skipped:
         warn(f"skipped {rejected.source}: {rejected.reason}")
+    if settings.quiet:  # -q: nothing but errors and warnings
+        return
     verb = "created" if outcome.created else "updated"
     typer.echo(
         f"{verb} {name}: added {len(outcome.added)} photo(s), {len(outcome.duplicates)} already there, "
@@ -104,9 +117,7 @@ def ls(json_output: JsonOption = False) -> None:
             str(row["captioned"]),
             str(row["latest_run"] or "-"),
         )
-    from rich.console import Console
-
-    Console().print(table)
+    stdout_console().print(table)
 
 
 @handle_errors
@@ -121,9 +132,11 @@ def show(
     if masks:
         _show_masks(name, json_output)
         return
-    subject = open_store().get_subject(name)
+    store = open_store()
+    subject = store.get_subject(name)
+    summary = subject_summary(store, name)
     if json_output:
-        print_json(subject_json(subject))
+        print_json({**subject_json(subject), "history": summary.to_dict()})
         return
     lines = [
         f"[bold]{escape(subject.name)}[/bold]",
@@ -133,9 +146,7 @@ def show(
         f"created:     {subject.created}",
         f"photos:      {len(subject.images)}",
     ]
-    from rich.console import Console
-
-    console = Console(highlight=False)
+    console = stdout_console()
     for line in lines:
         console.print(line)
     for image in subject.images:
@@ -145,6 +156,27 @@ def show(
         )
         caption = image["caption"]
         console.print(f"      caption: {escape(caption) if caption else '[dim](none)[/dim]'}")
+    _print_summary(console, name, summary)
+
+
+def _print_summary(console: Any, name: str, summary: SubjectSummary) -> None:
+    """The closing lines of `show`: runs and images, and the commands that list them."""
+    if summary.runs:
+        newest = f", newest done: run {summary.newest_done}" if summary.newest_done is not None else ""
+        console.print(
+            f"runs:        {summary.runs} ({summary.done_runs} done{newest}; "
+            f"{human_bytes(summary.run_bytes)}) "
+            f"[dim]- `stencil runs {escape(name)}`[/dim]"
+        )
+    else:
+        console.print(f"runs:        none [dim]- train with `stencil train {escape(name)}`[/dim]")
+    if summary.images:
+        console.print(
+            f"images:      {summary.images} (newest {summary.newest_image}) "
+            f"[dim]- `stencil images {escape(name)}`[/dim]"
+        )
+    else:
+        console.print("images:      none")
 
 
 def _show_masks(name: str, json_output: bool) -> None:
@@ -164,30 +196,75 @@ def _show_masks(name: str, json_output: bool) -> None:
 def rm(
     name: Annotated[str, typer.Argument(help="Subject name.")],
     image: Annotated[str | None, typer.Option("--image", help="Remove only this photo (id or hash).")] = None,
+    run_id: Annotated[
+        int | None,
+        typer.Option(
+            "--run",
+            help="Remove only this training run: its weights, masks, previews and the images made with it "
+            "(ids: `stencil runs NAME`).",
+            show_default=False,
+        ),
+    ] = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    json_output: JsonOption = False,
 ) -> None:
-    """Remove a subject (with its photos, runs and images), or one photo with --image."""
+    """Remove a subject (with its photos, runs and images), one photo with --image, or one run with --run."""
     store = open_store()
     subject = store.get_subject(name)
+    if image is not None and run_id is not None:
+        raise BadInputError("--image and --run do not go together: remove one thing at a time")
     if image is not None:
         removed = remove_photo(store, name, image)
+        if json_output:
+            print_json({"subject": name, "removed": "photo", "photo": _image_row(removed)})
+            return
         typer.echo(f"removed photo {removed['id']} ({removed['sha256'][:12]}) from {name}")
         return
-    if not yes:
-        if not typer.get_text_stream("stdin").isatty():
-            raise BadInputError(f"refusing to remove {name!r} without confirmation: pass --yes")
-        typer.confirm(
-            f"Remove subject {name!r} with {len(subject.images)} photo(s) and all its runs?", abort=True
+    if run_id is not None:
+        planned = plan_run_removal(store, name, run_id)
+        _confirm(
+            yes,
+            f"Remove run {run_id} of {name!r} ({human_bytes(planned.bytes)}: weights, masks and "
+            f"{len(planned.images)} image(s))?",
+            f"run {run_id} of {name!r}",
         )
+        removal = remove_run(store, name, run_id)
+        if json_output:
+            print_json({"removed": "run", **removal.to_dict()})
+            return
+        typer.echo(
+            f"removed run {run_id} of {name} and {len(removal.images)} image(s): "
+            f"freed {human_bytes(removal.bytes)}"
+        )
+        return
+    _confirm(
+        yes, f"Remove subject {name!r} with {len(subject.images)} photo(s) and all its runs?", repr(name)
+    )
     remove_subject(store, name)
+    if json_output:
+        print_json({"subject": name, "removed": "subject"})
+        return
     typer.echo(f"removed {name}")
+
+
+def _confirm(yes: bool, question: str, what: str) -> None:
+    """Ask `question` on a terminal; without one, refuse to remove `what` unless --yes."""
+    if yes:
+        return
+    if not typer.get_text_stream("stdin").isatty():
+        raise BadInputError(f"refusing to remove {what} without confirmation: pass --yes")
+    typer.confirm(question, abort=True)
 
 
 @store_app.command("path")
 @handle_errors
-def store_path() -> None:
+def store_path(json_output: JsonOption = False) -> None:
     """Print the store's folder (STENCIL_HOME or the platform default)."""
-    typer.echo(str(open_store().root))
+    root = open_store().root
+    if json_output:
+        print_json({"path": str(root)})
+        return
+    typer.echo(str(root))
 
 
 @store_app.command("clean")
@@ -197,10 +274,63 @@ def store_clean(
         float,
         typer.Option("--older-than", min=0, help="Only remove leftovers untouched for this many seconds."),
     ] = 300.0,
+    json_output: JsonOption = False,
 ) -> None:
     """Remove files left behind by interrupted commands (nothing that a row refers to)."""
     removed = open_store().clean(min_age_s=older_than)
+    if json_output:
+        print_json({"removed": [str(path) for path in removed]})
+        return
     typer.echo(f"removed {len(removed)} orphan file(s)/folder(s)")
+
+
+@store_app.command("prune")
+@handle_errors
+def store_prune(
+    keep: Annotated[
+        int, typer.Option("--keep", help="Finished runs per subject whose weights stay (the newest).")
+    ] = 1,
+    name: Annotated[
+        str | None, typer.Option("--subject", help="Only this subject. [default: every subject]")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Only print what would go and the bytes it would free.")
+    ] = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Delete the weights and checkpoints of older runs (rows, masks and images stay)."""
+    result = prune(open_store(), keep, dry_run=dry_run, name=name)
+    for subject in result.skipped:
+        warn(f"skipped {subject}: it is being trained right now")
+    if json_output:
+        print_json(result.to_dict())
+        return
+    verb = "would free" if dry_run else "freed"
+    for run in result.runs:
+        for path in run.files:
+            typer.echo(f"{'would remove' if dry_run else 'removed'} {path}")
+    typer.echo(f"{len(result.runs)} run(s): {verb} {human_bytes(result.bytes)} ({result.bytes} bytes)")
+
+
+@store_app.command("du")
+@handle_errors
+def store_du(json_output: JsonOption = False) -> None:
+    """Show the store's size per subject: photos, runs, generated images."""
+    rows = disk_usage(open_store())
+    if json_output:
+        print_json([row.to_dict() for row in rows])
+        return
+    table = Table("subject", "photos", "runs", "images", "total", box=None, pad_edge=False)
+    for row in rows:
+        table.add_row(
+            escape(row.subject),
+            human_bytes(row.photos),
+            human_bytes(row.runs),
+            human_bytes(row.generations),
+            human_bytes(row.total),
+        )
+    table.add_row("all", "", "", "", human_bytes(sum(row.total for row in rows)))
+    stdout_console().print(table)
 
 
 def register(app: typer.Typer) -> None:

@@ -91,7 +91,7 @@ def select_generations(store: Store, name: str, ids: list[int] | None) -> list[G
         if unknown:
             raise NotFoundError(
                 f"subject {name!r} has no generation(s) {', '.join(map(str, unknown))} "
-                f"(its ids: {', '.join(str(r.id) for r in rows) or 'none'})"
+                f"(its ids: {', '.join(str(r.id) for r in rows) or 'none'}; see `stencil images {name}`)"
             )
         rows = [by_id[i] for i in ids]
     if not rows:

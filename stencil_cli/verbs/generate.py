@@ -76,6 +76,7 @@ class GenerateRequest:
     device: str | None = None
     precision: str | None = None
     no_t5: bool = False
+    negative: str | None = None  # what the denoise (after the injected steps) and the draft steer away from
     items: list[Item] | None = None  # instead of prompts x count (the DreamBench runner names its own)
     folder: str | None = None  # the folder under the subject's generations (default: a new one per call)
     reuse_drafts: bool = False  # a draft already in the folder is used instead of rendered again
@@ -198,6 +199,17 @@ def parse_taus(text: str) -> list[float]:
     return values
 
 
+def prompt_lines(text: str, field_name: str = "prompts_file") -> list[str]:
+    """The prompts in `text`: one per line; blank lines and lines starting with '#' are skipped."""
+    prompts = [line.strip() for line in text.splitlines()]
+    prompts = [line for line in prompts if line and not line.startswith("#")]
+    if not prompts:
+        raise FieldError(
+            field_name, "{} holds no prompt (one per line; lines starting with '#' are comments)"
+        )
+    return prompts
+
+
 def generation_settings(request: GenerateRequest) -> Any:
     """The ML core's generation settings from the request, or a FieldError naming the bad one."""
     from stencil_cli.generation import GenerationSettings
@@ -225,6 +237,7 @@ def generation_settings(request: GenerateRequest) -> Any:
         inversion=inversion,
         null_text=NullTextSettings(lr=request.null_lr, inner_steps=request.inner_steps),
         draft_steps=request.draft_steps,
+        negative=" ".join((request.negative or "").split()),
     )
 
 
@@ -235,7 +248,7 @@ def trained_run(store: Store, name: str, run_id: int | None) -> Run:
         if run.status != "done":
             raise StencilError(
                 f"run {run_id} of {name!r} is {run.status}, not done",
-                hint=f"pick a finished run (`stencil show {name}`) or train again: `stencil train {name}`",
+                hint=f"pick a finished run (`stencil runs {name}`) or train again: `stencil train {name}`",
             )
     else:
         found = store.latest_done_run(name)
@@ -447,6 +460,7 @@ def image_metadata(
         "inner_steps": settings.null_text.inner_steps if nti else None,
         "null_lr": settings.null_text.lr if nti else None,
         "draft_steps": settings.draft_steps if plan.mode == "context" else None,
+        "negative_prompt": settings.negative or None,
         "mode": plan.mode,
         "subject": plan.subject.name,
         "phrase": plan.subject.phrase or plan.subject.class_word,
@@ -471,6 +485,7 @@ def draft_metadata(plan: GenerationPlan, item: PlannedItem, seconds: float | Non
     return {
         "role": "draft",
         "draft_prompt": item.draft_prompt if plan.mode == "context" else None,
+        "negative_prompt": plan.settings.negative or None,
         "seed": item.seed,
         "context_model": plan.context_model,
         "subject": plan.subject.name,
@@ -779,6 +794,7 @@ def _render_drafts(writer: _Writer, progress: Progress, batch: int) -> None:
                     steps=steps,
                     guidance=plan.settings.draft_guidance,
                     progress=progress,
+                    negative=plan.settings.negative,
                 )
                 seconds = (time.perf_counter() - started) / len(chunk)
                 for item, image in zip(chunk, images, strict=True):

@@ -7,6 +7,7 @@ before the model loads, and leaves the run `done`, `failed` or `interrupted` wha
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -507,6 +508,7 @@ def train_subject(
         save_run_weights(weights, unet, result.names, config, model_ref, subject, run)
     except KeyboardInterrupt:
         store.finish_run(run.id, "interrupted", duration_s=elapsed(), step=step, losses=losses)
+        write_loss_curve(store.run_dir(name, run.id), losses, f"{name} run {run.id} (interrupted)")
         raise
     except BaseException as error:
         message = str(error) if isinstance(error, StencilError) else f"{type(error).__name__}: {error}"
@@ -516,9 +518,19 @@ def train_subject(
         run.id, "done", duration_s=elapsed(), weights_file=weights, losses=result.losses, step=result.steps
     )
     checkpoint_path.unlink(missing_ok=True)
+    write_loss_curve(run_dir, result.losses, f"{name} run {run.id}")
     del unet
     models.free_pipeline(None)
     return TrainResult(name, store.get_run(name, run.id), masks)
+
+
+def write_loss_curve(run_dir: Path, losses: list[float], title: str) -> None:
+    """Draw the run's loss per step into `loss.png` beside its weights (a failure to write is not fatal)."""
+    from stencil_cli.verbs.charts import loss_curve_png
+    from stencil_cli.verbs.history import LOSS_CURVE_NAME
+
+    with contextlib.suppress(OSError):
+        atomic_write_bytes(run_dir / LOSS_CURVE_NAME, loss_curve_png([float(x) for x in losses], title))
 
 
 def save_run_weights(
