@@ -11,7 +11,7 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
-__all__ = ["escape", "err_console", "print_json", "settings", "info", "warn"]
+__all__ = ["escape", "err_console", "print_json", "settings", "info", "warn", "shown", "plain"]
 
 
 @dataclass
@@ -40,4 +40,17 @@ def info(message: str) -> None:
 
 def warn(message: str) -> None:
     """Print a warning on stderr (shown even when quiet). `message` is plain text."""
-    err_console.print(f"[yellow]warning:[/yellow] {escape(message)}")
+    err_console.print(f"[yellow]warning:[/yellow] {shown(message)}")
+
+
+def plain(text: object) -> str:
+    """`text` fit for a terminal: without escape sequences, control or invisible bidi characters (stored
+    captions, phrases and prompts may hold what a server or an older version let through)."""
+    from stencil_cli.captioning import sanitize_text
+
+    return sanitize_text(str(text))
+
+
+def shown(text: object) -> str:
+    """`text` for rich markup: `plain`, then escaped (a prompt like "[Superman]" is not markup)."""
+    return escape(plain(text))

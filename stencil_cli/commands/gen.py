@@ -16,10 +16,11 @@ from stencil_cli.commands.options import (
     PrecisionOption,
     SubjectModelOption,
 )
-from stencil_cli.output import err_console, escape, info, print_json, warn
+from stencil_cli.output import err_console, escape, info, print_json, shown, warn
 from stencil_cli.progress import add_task, progress_bar
 from stencil_cli.store import open_store
 from stencil_cli.verbs.generate import (
+    MAX_IMAGES,
     MAX_SEED,
     GenerateRequest,
     GenerateResult,
@@ -91,7 +92,9 @@ def gen(
             "'a PHRASE PROMPT' (e.g. 'in a Superman outfit')."
         ),
     ],
-    count: Annotated[int, typer.Option("-n", "--count", help="Images (seeds) to make.", min=1)] = 1,
+    count: Annotated[
+        int, typer.Option("-n", "--count", help="Images (seeds) to make.", min=1, max=MAX_IMAGES)
+    ] = 1,
     seed: Annotated[
         int | None,
         typer.Option(
@@ -185,35 +188,42 @@ def gen(
     for message in plan.warnings:
         warn(message)
     for note in plan.notes:
-        info(f"[dim]{escape(note)}[/dim]")
+        info(f"[dim]{shown(note)}[/dim]")
     if show_prompts:
         for item in plan.items[:1]:
-            err_console.print(f"prompt:       {escape(item.prompt)}")
-            err_console.print(f"draft prompt: {escape(item.draft_prompt)}")
+            err_console.print(f"prompt:       {shown(item.prompt)}")
+            err_console.print(f"draft prompt: {shown(item.draft_prompt)}")
     result = GenerateResult(plan)
     try:
         with progress_bar() as progress:
             generate(store, plan, progress=StageProgress(progress, plan.stage_totals()), result=result)
-    except BaseException:
+    except (KeyboardInterrupt, Exception):
         if result.images or result.drafts:
             info(
                 f"[yellow]stopped after {len(result.images)} of {plan.expected} image(s)[/yellow]; "
                 f"kept what was finished in {escape(str(plan.folder))}"
             )
+        if result.images or json_output:  # what was finished, as the normal end prints it
+            _present(result, plan, json_output, finished=False)
         raise
     if result.grid_file is not None:
         info(f"contact sheet: {escape(str(result.grid_file))}")
     _present(result, plan, json_output)
 
 
-def _present(result: GenerateResult, plan: GenerationPlan, json_output: bool) -> None:
-    """The images as JSON, or one image path per line (stdout) and a summary (stderr)."""
+def _present(
+    result: GenerateResult, plan: GenerationPlan, json_output: bool, *, finished: bool = True
+) -> None:
+    """The images as JSON, or one image path per line (stdout) and a summary (stderr); after an
+    interruption (`finished=False`) the images made so far, without the summary."""
     if json_output:
         grid = str(result.grid_file) if result.grid_file else None
         print_json([{**saved.to_dict(), **({"grid_file": grid} if grid else {})} for saved in result.images])
         return
     for saved in result.images:
         typer.echo(saved.output_file or saved.generation.image_file)
+    if not finished:
+        return
     where = plan.output if plan.output is not None else plan.folder
     info(f"[green]made {len(result.images)} image(s)[/green] in {escape(str(where))}")
 
