@@ -424,10 +424,15 @@ def doctor_report() -> dict[str, Any]:
 
 @handle_errors
 def doctor(json_output: JsonOption = False) -> None:
-    """Check the installation: versions, device and GPU memory, store and cache paths, models, keys."""
+    """Check the installation: versions, device and GPU memory, store and cache paths, models, keys.
+
+    Also checks the store: a damaged database (exit 1), subject folders without rows, missing photo files.
+    """
     report = doctor_report()
     if json_output:
         print_json(report)
+        if not report["store_check"]["ok"]:
+            raise typer.Exit(EXIT_FAILURE)
         return
     device = report["device"]
     plain: list[tuple[str, str]] = [
