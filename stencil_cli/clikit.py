@@ -126,7 +126,7 @@ class StencilGroup(TyperGroup):
         except click.exceptions.ClickException as error:
             err_console.print(f"[red]error:[/red] {escape(usage_error_line(error))}")
             sys.exit(error.exit_code if error.exit_code else EXIT_USAGE)
-        except click.exceptions.Abort:
+        except typer.Abort:
             err_console.print("[red]aborted[/red]")
             sys.exit(EXIT_FAILURE)
         except BrokenPipeError:

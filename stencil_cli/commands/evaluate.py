@@ -8,7 +8,7 @@ import typer
 
 from stencil_cli.clikit import JsonOption, handle_errors
 from stencil_cli.commands.options import DeviceOption, EvalModelsOption
-from stencil_cli.output import escape, info, print_json, warn
+from stencil_cli.output import escape, info, plain, print_json, warn
 from stencil_cli.store import open_store
 from stencil_cli.verbs.evaluate import EvalRequest, parse_ids
 from stencil_cli.verbs.evaluate import evaluate as evaluate_verb
@@ -45,7 +45,8 @@ def evaluate(
     typer.echo(f"{'id':>5}  {'DINO':>6}  {'CLIP-I':>6}  {'CLIP-T':>6}  prompt")
     for row in result.images:
         s = row.scores
-        typer.echo(f"{row.id:>5}  {s['dino']:6.3f}  {s['clip_i']:6.3f}  {s['clip_t']:6.3f}  {row.prompt}")
+        prompt = plain(row.prompt or "")
+        typer.echo(f"{row.id:>5}  {s['dino']:6.3f}  {s['clip_i']:6.3f}  {s['clip_t']:6.3f}  {prompt}")
     mean = result.mean
     if result.images:
         typer.echo(
