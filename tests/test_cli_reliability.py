@@ -438,7 +438,8 @@ def test_an_editor_saving_non_utf8_text_is_one_line_and_stores_nothing(
 def test_hand_written_captions_lose_control_characters_and_are_capped(cli: Any, tmp_path: Path) -> None:
     store = _captioned(cli, tmp_path)
     first = store.get_subject("robot").images[0]["id"]
-    result = cli("caption", "robot", "--set", str(first), "a toy robot\x1b]0;pwned\x07 \x1b[2J on a \u202etable")
+    hostile = "a toy robot\x1b]0;pwned\x07 \x1b[2J on a \u202etable"
+    result = cli("caption", "robot", "--set", str(first), hostile)
     assert result.exit_code == 0, result.output
     assert open_store().get_subject("robot").images[0]["caption"] == "a toy robot on a table"
     result = cli("caption", "robot", "--set", str(first), "a toy robot " + "x" * 700)
@@ -453,10 +454,11 @@ def test_stored_escape_sequences_are_not_printed_raw(cli: Any, tmp_path: Path) -
     for argv in (("show", "robot"), ("caption", "robot", "--captioner", "template")):
         result = cli(*argv)
         assert result.exit_code == 0, result.output
-        assert "\x1b" not in result.stdout and "\u202e" not in result.stdout and "a toy robot" in result.stdout
+        assert "\x1b" not in result.stdout and "\u202e" not in result.stdout
+        assert "a toy robot" in result.stdout
 
 
-# -- the store: lost databases, repair, clean, doctor ---------------------------------------------------------
+# -- the store: lost databases, repair, clean, doctor ----------------------------------------------------
 
 
 def test_a_lost_database_warns_keeps_folders_and_repair_indexes_them(cli: Any, tmp_path: Path) -> None:
