@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import functools
+import os
+import sqlite3
+import sys
 import traceback
 from collections.abc import Callable, Mapping
 from typing import Annotated, Any, TypeVar
 
 import typer
+from typer import _click as click  # typer vendors Click: its commands raise these exception classes
+from typer.core import TyperGroup
 
-from stencil_cli.errors import EXIT_FAILURE, FieldError, StencilError
+from stencil_cli.errors import EXIT_FAILURE, EXIT_USAGE, FieldError, StencilError
 from stencil_cli.output import err_console, escape, settings
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -69,6 +74,10 @@ def handle_errors(func: F | None = None, *, flags: Mapping[str, str] | None = No
         except KeyboardInterrupt:
             err_console.print("[red]interrupted[/red]")
             raise typer.Exit(130) from None
+        except BrokenPipeError:
+            quiet_broken_pipe()
+        except sqlite3.Error as error:  # Store methods translate their own; this catches a raw query
+            fail(StencilError(f"the store database failed: {error}"), flags)
         except Exception as error:  # noqa: BLE001 - the last line of defence for a CLI
             if settings.debug:
                 raise
@@ -79,3 +88,51 @@ def handle_errors(func: F | None = None, *, flags: Mapping[str, str] | None = No
             raise typer.Exit(EXIT_FAILURE) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def quiet_broken_pipe() -> None:
+    """The reader of stdout went away (`stencil show x --json | head -1`): exit 0 quietly, like `cat`.
+
+    stdout is pointed at /dev/null first, or the interpreter's final flush would raise again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no real file descriptor (e.g. a test runner's buffer)
+        pass
+    raise typer.Exit(0)
+
+
+def usage_error_line(error: click.ClickException) -> str:
+    """A Click usage error (bad option value, missing argument, unknown command) as one line."""
+    message = " ".join(error.format_message().split())
+    context = getattr(error, "ctx", None)
+    if context is not None and isinstance(error, click.exceptions.UsageError):
+        message += f" (see `{context.command_path} --help`)"
+    return message
+
+
+class StencilGroup(TyperGroup):
+    """The top-level command group: Click's usage errors become one `error: ...` line (exit 2)."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:  # type: ignore[override]
+        """Run the command; with `standalone_mode`, print usage errors as one line and exit."""
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            result = super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as error:
+            error.show()
+            sys.exit(error.exit_code)
+        except click.exceptions.ClickException as error:
+            err_console.print(f"[red]error:[/red] {escape(usage_error_line(error))}")
+            sys.exit(error.exit_code if error.exit_code else EXIT_USAGE)
+        except typer.Abort:
+            err_console.print("[red]aborted[/red]")
+            sys.exit(EXIT_FAILURE)
+        except BrokenPipeError:
+            try:
+                quiet_broken_pipe()
+            except typer.Exit:
+                sys.exit(0)
+        # without standalone mode, Click returns an Exit's code (or the command's own return value)
+        sys.exit(result if isinstance(result, int) else 0)

@@ -1,4 +1,4 @@
-"""Which commands are using a subject: shared locks for users (gen, caption, eval), exclusive for rm.
+"""Which commands are using a subject: shared locks for users (gen, train, caption, eval), exclusive for rm.
 
 A lock is an OS file lock (``flock``) on ``<store>/locks/<name>.lock``, a file outside the subject's folder so
 that it outlives `rm` and a later subject of the same name. The OS releases it when its process dies (also on
@@ -51,7 +51,9 @@ def subject_in_use(
             if time.monotonic() >= deadline:
                 doing = f" for {purpose}" if purpose else ""
                 if exclusive:
-                    what = f"subject {name!r} is in use by another stencil command (gen, caption or eval)"
+                    what = (
+                        f"subject {name!r} is in use by another stencil command (gen, train, caption or eval)"
+                    )
                 else:
                     what = f"subject {name!r} is being removed or changed by another stencil command"
                 waited = f" (waited {wait_s:g} s)" if wait_s > 0 else ""

@@ -15,9 +15,11 @@ __all__ = [
     "escape",
     "err_console",
     "human_bytes",
+    "plain",
     "print_json",
     "print_json_line",
     "settings",
+    "shown",
     "info",
     "stdout_console",
     "warn",
@@ -77,4 +79,17 @@ def info(message: str) -> None:
 
 def warn(message: str) -> None:
     """Print a warning on stderr (shown even when quiet). `message` is plain text."""
-    err_console.print(f"[yellow]warning:[/yellow] {escape(message)}")
+    err_console.print(f"[yellow]warning:[/yellow] {shown(message)}")
+
+
+def plain(text: object) -> str:
+    """`text` fit for a terminal: without escape sequences, control or invisible bidi characters (stored
+    captions, phrases and prompts may hold what a server or an older version let through)."""
+    from stencil_cli.captioning import sanitize_text
+
+    return sanitize_text(str(text))
+
+
+def shown(text: object) -> str:
+    """`text` for rich markup: `plain`, then escaped (a prompt like "[Superman]" is not markup)."""
+    return escape(plain(text))

@@ -396,9 +396,39 @@ def load_checkpoint(path: Path, *, mmap: bool = False) -> dict[str, Any]:
         raise StencilError(f"no checkpoint at {path}") from error
     except Exception as error:  # noqa: BLE001
         raise StencilError(f"checkpoint {path} cannot be read ({error}); start a fresh run") from error
-    if state.get("version") != CHECKPOINT_VERSION:
+    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
         raise StencilError(f"checkpoint {path} is from another stencil version; start a fresh run")
+    if not mmap:
+        damaged = first_non_finite(state)
+        if damaged is not None:
+            raise StencilError(
+                f"checkpoint {path} is corrupt (non-finite values in {damaged})",
+                hint="start a fresh run (train without --resume)",
+            )
     return state
+
+
+def first_non_finite(value: Any, where: str = "") -> str | None:
+    """The place of the first floating-point tensor holding NaN or infinity in a nested state, or None."""
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point() and value.numel() and not bool(torch.isfinite(value).all()):
+            return where or "a tensor"
+        return None
+    if isinstance(value, float):
+        return None if math.isfinite(value) else (where or "a number")
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        if key == "generator":  # the RNG state is bytes, not numbers
+            continue
+        found = first_non_finite(item, f"{where}.{key}" if where else str(key))
+        if found is not None:
+            return found
+    return None
 
 
 # -- the loop ------------------------------------------------------------------------------------
@@ -411,6 +441,7 @@ class TrainResult:
     names: list[str]  # the trained parameter names
     losses: list[float]  # one per step, from step 1
     steps: int  # steps done in all (including resumed ones)
+    save_checkpoint: Callable[[Path], Path] | None = None  # writes a resumable checkpoint of the end state
 
 
 def _sample_indices(count: int, batch: int, generator: torch.Generator) -> torch.Tensor:
@@ -501,6 +532,12 @@ def train_unet(
             step += 1
             value = float(loss.detach())
             if not math.isfinite(value):
+                if resume is not None and step == int(resume["step"]) + 1:
+                    raise StencilError(
+                        f"the loss became {value} at the first step after resuming (step {step}): "
+                        "the checkpoint looks corrupt",
+                        hint="start a fresh run (train without --resume)",
+                    )
                 raise StencilError(
                     f"the loss became {value} at step {step}; try a lower --lr or --precision fp32"
                 )
@@ -525,4 +562,18 @@ def train_unet(
             unet.disable_gradient_checkpointing()
         for param in unet.parameters():
             param.requires_grad_(False)
-    return TrainResult(names=names, losses=losses, steps=step)
+
+    def checkpoint_now(path: Path) -> Path:
+        return save_checkpoint(
+            path,
+            unet=unet,
+            names=names,
+            optimizer=optimizer,
+            generator=generator,
+            scaler=scaler,
+            step=step,
+            losses=losses,
+            config=config,
+        )
+
+    return TrainResult(names=names, losses=losses, steps=step, save_checkpoint=checkpoint_now)

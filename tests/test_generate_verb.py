@@ -22,9 +22,17 @@ def _done_run(store: Store, model: str = "tiny") -> Run:
     run = store.create_run("robot", {"subject_model": model, "resolution": 64}, base_model=model)
     weights = store.run_dir("robot", run.id) / "weights.safetensors"
     weights.parent.mkdir(parents=True, exist_ok=True)
-    weights.write_bytes(b"not read here")
+    write_tiny_safetensors(weights)  # a sound header; the tensors are never loaded here
     store.finish_run(run.id, "done", weights_file=weights)
     return store.get_run("robot", run.id)
+
+
+def write_tiny_safetensors(path: Path) -> None:
+    """A small valid safetensors file (one tensor)."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    save_file({"up_blocks.0.weight": np.zeros(4, dtype=np.float32)}, str(path))
 
 
 def _age(path: Path, seconds: float = 3600.0) -> None:

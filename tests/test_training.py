@@ -446,9 +446,9 @@ def test_train_refuses_an_out_of_range_resolution_or_step_count_in_one_line(cli)
 
 def test_a_bad_training_setting_is_shown_with_its_flag(cli, tmp_path: Path) -> None:
     _add_subject(cli, tmp_path)
-    result = cli("train", "robot", "--batch-size", "0")
+    result = cli("train", "robot", "--lr", "-1")
     assert result.exit_code == 2, result.output
     text = " ".join(result.stderr.split())
-    assert text.startswith("error: --batch-size must be at least 1") and "Traceback" not in result.output
+    assert text.startswith("error: --lr must be a positive number") and "Traceback" not in result.output
     result = cli("train", "robot", "--train", "everything")
     assert result.exit_code == 2 and "--train must be" in " ".join(result.stderr.split())

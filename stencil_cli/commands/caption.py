@@ -14,7 +14,7 @@ import typer
 from stencil_cli import captioning
 from stencil_cli.clikit import JsonOption, handle_errors
 from stencil_cli.errors import BadInputError, StencilError
-from stencil_cli.output import err_console, escape, info, print_json, settings, warn
+from stencil_cli.output import err_console, escape, info, plain, print_json, settings, shown, warn
 from stencil_cli.store import Subject, open_store
 from stencil_cli.verbs.caption import (
     CaptionOutcome,
@@ -58,7 +58,7 @@ def _present(outcome: CaptionOutcome, json_output: bool) -> None:
         )
         return
     for image in subject.images:
-        caption = image["caption"] if image["caption"] else "(none)"
+        caption = plain(image["caption"]) if image["caption"] else "(none)"
         typer.echo(f"{image['id']:>4}  {caption}")
 
 
@@ -108,6 +108,12 @@ def _edit(name: str, force: bool) -> CaptionOutcome:
     except click.ClickException as error:
         raise StencilError(
             f"could not run the editor: {error.format_message()}", hint="set EDITOR, e.g. EDITOR=nano"
+        ) from None
+    except UnicodeDecodeError as error:
+        raise BadInputError(
+            f"the edited file is not UTF-8 text (byte 0x{error.object[error.start]:02x} at position "
+            f"{error.start}); nothing was stored",
+            hint="save it as UTF-8 in the editor and run `stencil caption NAME --edit` again",
         ) from None
     if edited is None:
         info("no changes")
@@ -206,7 +212,7 @@ def caption(
                 "(pass --force to caption them again)"
             )
         else:
-            info(f"stored {len(outcome.captioned)} caption(s); phrase: {escape(subject.phrase or '-')}")
+            info(f"stored {len(outcome.captioned)} caption(s); phrase: {shown(subject.phrase or '-')}")
     _present(outcome, json_output)
 
 

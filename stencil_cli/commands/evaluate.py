@@ -8,7 +8,7 @@ import typer
 
 from stencil_cli.clikit import JsonOption, handle_errors
 from stencil_cli.commands.options import DeviceOption, EvalModelsOption
-from stencil_cli.output import escape, info, print_json, warn
+from stencil_cli.output import escape, info, plain, print_json, warn
 from stencil_cli.store import open_store
 from stencil_cli.verbs.evaluate import EvalRequest, parse_ids
 from stencil_cli.verbs.evaluate import evaluate as evaluate_verb
@@ -48,9 +48,10 @@ def evaluate(
         s = row.scores
         tau = f"{row.tau:g}" if row.tau is not None else "-"
         seed = str(row.seed) if row.seed is not None else "-"
+        prompt = plain(row.prompt or "")
         typer.echo(
             f"{row.id:>5}  {s['dino']:6.3f}  {s['clip_i']:6.3f}  {s['clip_t']:6.3f}  {tau:>5}  {seed:>10}  "
-            f"{row.prompt} | {row.image_file}"
+            f"{prompt} | {row.image_file}"
         )
     mean = result.mean
     if result.images:

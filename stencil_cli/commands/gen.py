@@ -17,10 +17,11 @@ from stencil_cli.commands.options import (
     SubjectModelOption,
 )
 from stencil_cli.errors import BadInputError
-from stencil_cli.output import err_console, escape, info, print_json_line, warn
+from stencil_cli.output import err_console, escape, info, print_json_line, shown, warn
 from stencil_cli.progress import add_task, progress_bar
 from stencil_cli.store import open_store
 from stencil_cli.verbs.generate import (
+    MAX_IMAGES,
     MAX_SEED,
     GenerateRequest,
     GenerateResult,
@@ -127,7 +128,9 @@ def gen(
             show_default=False,
         ),
     ] = None,
-    count: Annotated[int, typer.Option("-n", "--count", help="Images (seeds) to make.", min=1)] = 1,
+    count: Annotated[
+        int, typer.Option("-n", "--count", help="Images (seeds) to make.", min=1, max=MAX_IMAGES)
+    ] = 1,
     seed: Annotated[
         int | None,
         typer.Option(
@@ -243,11 +246,11 @@ def gen(
     for message in plan.warnings:
         warn(message)
     for note in plan.notes:
-        info(f"[dim]{escape(note)}[/dim]")
+        info(f"[dim]{shown(note)}[/dim]")
     if show_prompts:
         for item in plan.items[:1]:
-            err_console.print(f"prompt:       {escape(item.prompt)}")
-            err_console.print(f"draft prompt: {escape(item.draft_prompt)}")
+            err_console.print(f"prompt:       {shown(item.prompt)}")
+            err_console.print(f"draft prompt: {shown(item.draft_prompt)}")
     result = GenerateResult(plan)
     on_image = _json_line if json_output else None
     try:
@@ -259,12 +262,14 @@ def gen(
                 result=result,
                 on_image=on_image,
             )
-    except BaseException:
+    except (KeyboardInterrupt, Exception):
         if result.images or result.drafts:
             info(
                 f"[yellow]stopped after {len(result.images)} of {plan.expected} image(s)[/yellow]; "
                 f"kept what was finished in {escape(str(plan.folder))}"
             )
+        if result.images:  # what was finished, as the normal end prints it (JSON lines were printed already)
+            _present(result, plan, json_output, finished=False)
         raise
     if result.grid_file is not None:
         info(f"contact sheet: {escape(str(result.grid_file))}")
@@ -303,12 +308,17 @@ def _json_line(saved: SavedImage) -> None:
     print_json_line(saved.to_dict())
 
 
-def _present(result: GenerateResult, plan: GenerationPlan, json_output: bool) -> None:
-    """One image path per line (stdout) and a summary (stderr); with --json the lines were printed already."""
+def _present(
+    result: GenerateResult, plan: GenerationPlan, json_output: bool, *, finished: bool = True
+) -> None:
+    """One image path per line (stdout) and a summary (stderr); with --json the lines were printed already
+    as each image was saved. After an interruption (`finished=False`): the images made so far, no summary."""
     if json_output:
         return
     for saved in result.images:
         typer.echo(saved.output_file or saved.generation.image_file)
+    if not finished:
+        return
     where = plan.output if plan.output is not None else plan.folder
     info(f"[green]made {len(result.images)} image(s)[/green] in {escape(str(where))}")
 

@@ -16,8 +16,9 @@ from stencil_cli import __version__
 from stencil_cli import models as m
 from stencil_cli.clikit import JsonOption, handle_errors
 from stencil_cli.commands.options import DeviceOption, NoT5Option, PrecisionOption
-from stencil_cli.errors import BadInputError
+from stencil_cli.errors import EXIT_FAILURE, BadInputError, StencilError
 from stencil_cli.output import escape, info, print_json, settings
+from stencil_cli.paths import default_root
 from stencil_cli.settings import DEFAULTS
 from stencil_cli.settings import resolve_setting as setting
 from stencil_cli.store import open_store
@@ -244,9 +245,11 @@ def validate_config_value(key: str, value: str) -> str:
     return value
 
 
-def effective_settings() -> list[dict[str, Any]]:
-    """Each setting's value and where it comes from (env > config > default)."""
-    stored = open_store().all_config()
+def effective_settings(stored: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Each setting's value and where it comes from (env > config > default); `stored`: the stored config
+    when already read (else the store is opened)."""
+    if stored is None:
+        stored = open_store().all_config()
     rows = []
     for key, default in DEFAULTS.items():
         env = os.environ.get(ENV_VARS[key])
@@ -342,10 +345,40 @@ def device_report() -> dict[str, Any]:
     return report
 
 
+def store_report() -> tuple[dict[str, Any], dict[str, str]]:
+    """The store's health (a damaged or read-only database, folders without rows, missing photo files)
+    and its stored config ({} when the database cannot be read)."""
+    report: dict[str, Any] = {
+        "path": str(default_root()),
+        "ok": True,
+        "error": None,
+        "read_only": False,
+        "integrity": [],
+        "unindexed_folders": [],
+        "missing_files": [],
+    }
+    try:
+        store = open_store()
+        report["path"] = str(store.root)
+        report["read_only"] = store.read_only
+        report["integrity"] = store.integrity_problems()
+        config = store.all_config() if not report["integrity"] else {}
+        report["unindexed_folders"] = store.unindexed_folders()
+        report["missing_files"] = [
+            {"subject": image["subject"], "id": image["id"], "file": image["file"]}
+            for image in store.missing_files()
+        ]
+    except StencilError as error:
+        report["error"] = str(error)
+        config = {}
+    report["ok"] = not (report["error"] or report["integrity"])
+    return report, config
+
+
 def doctor_report() -> dict[str, Any]:
     """Everything `stencil doctor` checks, as a JSON-ready dict (no secrets, no network)."""
-    store = open_store()
-    settings_rows = {row["key"]: row for row in effective_settings()}
+    store, stored_config = store_report()
+    settings_rows = {row["key"]: row for row in effective_settings(stored_config)}
     cache = m.cached_repos()
     model_checks = []
     for key, role in (("subject_model", m.SUBJECT), ("context_model", m.CONTEXT)):
@@ -375,7 +408,8 @@ def doctor_report() -> dict[str, Any]:
             )
         },
         "device": device_report(),
-        "store": str(store.root),
+        "store": store["path"],
+        "store_check": store,
         "hf_cache": str(m.hub_cache_dir()),
         "hf_offline": m.is_offline(),
         "hf_token_set": m.hf_token_present(),
@@ -390,10 +424,15 @@ def doctor_report() -> dict[str, Any]:
 
 @handle_errors
 def doctor(json_output: JsonOption = False) -> None:
-    """Check the installation: versions, device and GPU memory, store and cache paths, models, keys."""
+    """Check the installation: versions, device and GPU memory, store and cache paths, models, keys.
+
+    Also checks the store: a damaged database (exit 1), subject folders without rows, missing photo files.
+    """
     report = doctor_report()
     if json_output:
         print_json(report)
+        if not report["store_check"]["ok"]:
+            raise typer.Exit(EXIT_FAILURE)
         return
     device = report["device"]
     plain: list[tuple[str, str]] = [
@@ -421,6 +460,7 @@ def doctor(json_output: JsonOption = False) -> None:
     ]
     plain += [(key, f"{row['value']} ({row['source']})") for key, row in report["settings"].items()]
     lines = [(key, escape(value)) for key, value in plain]
+    lines += _store_lines(report["store_check"])
     for check in report["models"]:
         if check.get("error"):
             state = f"[red]{escape(check['error'])}[/red]"
@@ -435,6 +475,41 @@ def doctor(json_output: JsonOption = False) -> None:
     for key, value in lines:
         table.add_row(key, value)
     _print_table(table)
+    if not report["store_check"]["ok"]:
+        raise typer.Exit(EXIT_FAILURE)
+
+
+def _store_lines(check: dict[str, Any]) -> list[tuple[str, str]]:
+    """The store check as (label, rich text) rows for the doctor table."""
+    if check["error"]:
+        return [("store database", f"[red]{escape(check['error'])}[/red]")]
+    if check["integrity"]:
+        found = "; ".join(check["integrity"][:3])
+        state = (
+            f"[red]damaged ({escape(found)})[/red]: move stencil.db aside, then `stencil store repair` "
+            "(docs/store.md)"
+        )
+    else:
+        state = "[green]ok[/green]"
+        if check["read_only"]:
+            state += " (read-only: commands that change it will refuse)"
+    lines = [("store database", state)]
+    if check["unindexed_folders"]:
+        names = escape(", ".join(check["unindexed_folders"]))
+        lines.append(
+            ("subject folders", f"[yellow]without a database row: {names}[/yellow]: `stencil store repair`")
+        )
+    for image in check["missing_files"][:10]:
+        lines.append(
+            (
+                "missing photo",
+                f"[yellow]photo {image['id']} of {escape(image['subject'])}[/yellow]: "
+                f"{escape(image['file'])}",
+            )
+        )
+    if len(check["missing_files"]) > 10:
+        lines.append(("missing photo", f"... and {len(check['missing_files']) - 10} more"))
+    return lines
 
 
 def register(app: typer.Typer) -> None:

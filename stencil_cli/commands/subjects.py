@@ -1,4 +1,4 @@
-"""Subject commands: add, ls, show, rm, and `store path|clean`."""
+"""Subject commands: add, ls, show, rm, and `store path|clean|repair`."""
 
 from __future__ import annotations
 
@@ -17,20 +17,28 @@ from stencil_cli.output import (
     info,
     print_json,
     settings,
+    shown,
     stdout_console,
     warn,
 )
-from stencil_cli.store import Subject, open_store
+from stencil_cli.store import Store, Subject, open_store
 from stencil_cli.verbs.history import SubjectSummary, subject_summary
 from stencil_cli.verbs.prune import disk_usage, plan_run_removal, prune, remove_run
-from stencil_cli.verbs.subjects import AddRequest, BadPhotosError, add_photos, remove_photo, remove_subject
+from stencil_cli.verbs.subjects import (
+    RM_WAIT_S,
+    AddRequest,
+    BadPhotosError,
+    add_photos,
+    remove_photo,
+    remove_subject,
+)
 from stencil_cli.verbs.train import masks_of
 
 store_app = typer.Typer(help="The local store: where subjects, runs and images live.", no_args_is_help=True)
 
 
-def _image_row(image: dict[str, Any]) -> dict[str, Any]:
-    return {
+def _image_row(image: dict[str, Any], missing: bool | None = None) -> dict[str, Any]:
+    row = {
         "id": image["id"],
         "sha256": image["sha256"],
         "width": image["width"],
@@ -40,13 +48,31 @@ def _image_row(image: dict[str, Any]) -> dict[str, Any]:
         "caption": image["caption"],
         "caption_source": image["caption_source"],
     }
+    if missing is not None:
+        row["missing"] = missing
+    return row
 
 
-def subject_json(subject: Subject) -> dict[str, Any]:
-    """The JSON shape of one subject (used by `show --json` and `add --json`)."""
+def subject_json(subject: Subject, missing_ids: set[int] | None = None) -> dict[str, Any]:
+    """The JSON shape of one subject (used by `show --json` and `add --json`); with `missing_ids`, each
+    photo says whether its file is missing."""
     data = subject.to_dict()
-    data["images"] = [_image_row(image) for image in subject.images]
+    data["images"] = [
+        _image_row(image, None if missing_ids is None else image["id"] in missing_ids)
+        for image in subject.images
+    ]
     return data
+
+
+def warn_unindexed(store: Store) -> list[str]:
+    """Warn about subject folders that have no database row (a lost or replaced database); return them."""
+    folders = store.unindexed_folders()
+    if folders:
+        warn(
+            f"subject folder(s) without a database row: {', '.join(folders)} (was the database lost or "
+            "replaced?); run `stencil store repair` to index their photos again (`store clean` keeps them)"
+        )
+    return folders
 
 
 @handle_errors
@@ -81,12 +107,16 @@ def add(
                 "created": outcome.created,
                 "added": [_image_row(image) for image in outcome.added],
                 "duplicates": [str(path) for path in outcome.duplicates],
+                "restored": [_image_row(image) for image in outcome.restored],
                 "skipped": [{"file": str(r.source), "reason": r.reason} for r in outcome.skipped],
             }
         )
         return
     for rejected in outcome.skipped:
         warn(f"skipped {rejected.source}: {rejected.reason}")
+    if outcome.restored:
+        ids = ", ".join(str(image["id"]) for image in outcome.restored)
+        info(f"restored {len(outcome.restored)} missing photo file(s) (photo(s) {ids})")
     if settings.quiet:  # -q: nothing but errors and warnings
         return
     verb = "created" if outcome.created else "updated"
@@ -101,18 +131,21 @@ def add(
 @handle_errors
 def ls(json_output: JsonOption = False) -> None:
     """List subjects."""
-    rows = open_store().list_subjects()
+    store = open_store()
+    rows = store.list_subjects()
+    unindexed = warn_unindexed(store)
     if json_output:
         print_json(rows)
         return
     if not rows:
-        info("no subjects yet: add one with `stencil add NAME PHOTOS...`")
+        if not unindexed:
+            info("no subjects yet: add one with `stencil add NAME PHOTOS...`")
         return
     table = Table("name", "phrase", "photos", "captioned", "trained run", box=None)
     for row in rows:
         table.add_row(
             escape(row["name"]),
-            escape(row["phrase"] or "-"),
+            shown(row["phrase"] or "-"),
             str(row["images"]),
             str(row["captioned"]),
             str(row["latest_run"] or "-"),
@@ -135,14 +168,20 @@ def show(
     store = open_store()
     subject = store.get_subject(name)
     summary = subject_summary(store, name)
+    missing = {image["id"] for image in store.missing_files(name)}
+    if missing:
+        warn(
+            f"{len(missing)} photo file(s) of {name} are missing: add the same photos again to restore them, "
+            f"or remove them with `stencil rm {name} --image ID`"
+        )
     if json_output:
-        print_json({**subject_json(subject), "history": summary.to_dict()})
+        print_json({**subject_json(subject, missing), "history": summary.to_dict()})
         return
     lines = [
         f"[bold]{escape(subject.name)}[/bold]",
-        f"phrase:      {escape(subject.phrase or '-')}",
-        f"class:       {escape(subject.class_word or '-')}",
-        f"description: {escape(subject.description or '-')}",
+        f"phrase:      {shown(subject.phrase or '-')}",
+        f"class:       {shown(subject.class_word or '-')}",
+        f"description: {shown(subject.description or '-')}",
         f"created:     {subject.created}",
         f"photos:      {len(subject.images)}",
     ]
@@ -150,12 +189,13 @@ def show(
     for line in lines:
         console.print(line)
     for image in subject.images:
+        gone = " [red](file missing)[/red]" if image["id"] in missing else ""
         console.print(
             f"  [cyan]{image['id']:>3}[/cyan] {image['sha256'][:12]} {image['width']}x{image['height']} "
-            f"{escape(image['original_name'] or '')}"
+            f"{shown(image['original_name'] or '')}{gone}"
         )
         caption = image["caption"]
-        console.print(f"      caption: {escape(caption) if caption else '[dim](none)[/dim]'}")
+        console.print(f"      caption: {shown(caption) if caption else '[dim](none)[/dim]'}")
     _print_summary(console, name, summary)
 
 
@@ -206,6 +246,15 @@ def rm(
         ),
     ] = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    wait: Annotated[
+        float,
+        typer.Option(
+            "--wait",
+            min=0,
+            max=3600,
+            help="Seconds to wait for commands using the subject (gen, train, caption, eval) to finish.",
+        ),
+    ] = RM_WAIT_S,
     json_output: JsonOption = False,
 ) -> None:
     """Remove a subject (with its photos, runs and images), one photo with --image, or one run with --run."""
@@ -240,7 +289,7 @@ def rm(
     _confirm(
         yes, f"Remove subject {name!r} with {len(subject.images)} photo(s) and all its runs?", repr(name)
     )
-    remove_subject(store, name)
+    remove_subject(store, name, wait_s=wait)
     if json_output:
         print_json({"subject": name, "removed": "subject"})
         return
@@ -274,14 +323,73 @@ def store_clean(
         float,
         typer.Option("--older-than", min=0, help="Only remove leftovers untouched for this many seconds."),
     ] = 300.0,
+    remove_unindexed: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--remove-unindexed",
+            metavar="NAME",
+            help="Also remove this subject folder that has no database row (only when named; repeatable).",
+        ),
+    ] = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
     json_output: JsonOption = False,
 ) -> None:
-    """Remove files left behind by interrupted commands (nothing that a row refers to)."""
-    removed = open_store().clean(min_age_s=older_than)
+    """Remove files left behind by interrupted commands (nothing that a row refers to).
+
+    Subject folders without a database row (after a lost database) are kept unless named with
+    --remove-unindexed; `stencil store repair` indexes their photos again.
+    """
+    store = open_store()
+    named = sorted(set(remove_unindexed or []))
+    if named and not yes:
+        if not typer.get_text_stream("stdin").isatty():
+            raise BadInputError(
+                f"refusing to remove the folder(s) {', '.join(named)} without confirmation: pass --yes"
+            )
+        typer.confirm(
+            f"Remove the subject folder(s) {', '.join(named)} (photos, weights and images) for good?",
+            abort=True,
+        )
+    removed = store.clean(min_age_s=older_than, remove_unindexed=named)
     if json_output:
         print_json({"removed": [str(path) for path in removed]})
         return
     typer.echo(f"removed {len(removed)} orphan file(s)/folder(s)")
+    kept = [folder for folder in store.unindexed_folders() if folder not in named]
+    if kept:
+        warn(
+            f"kept subject folder(s) without a database row: {', '.join(kept)}; `stencil store repair` "
+            "indexes them again, `--remove-unindexed NAME` removes one"
+        )
+
+
+@store_app.command("repair")
+@handle_errors
+def store_repair(json_output: JsonOption = False) -> None:
+    """Index again the photos in subject folders that have no database row (after a lost database).
+
+    Each such folder becomes a subject again with its photos (no captions); its old runs and generations are
+    kept under `subjects/NAME/recovered/`. Caption and train again as needed.
+    """
+    report = open_store().repair()
+    if json_output:
+        print_json(
+            {
+                "subjects": report["subjects"],
+                "images": report["images"],
+                "skipped": [{"path": path, "reason": reason} for path, reason in report["skipped"]],
+            }
+        )
+        return
+    for path, reason in report["skipped"]:
+        warn(f"skipped {path}: {reason}")
+    names = ", ".join(report["subjects"])
+    typer.echo(
+        f"indexed {report['images']} photo(s) in {len(report['subjects'])} new subject(s)"
+        + (f": {names}" if names else "")
+    )
+    if report["subjects"]:
+        info(f"next: caption them (`stencil caption {escape(report['subjects'][0])}`), then train")
 
 
 @store_app.command("prune")

@@ -15,7 +15,8 @@ from stencil_cli.commands.options import DeviceOption, PrecisionOption, SubjectM
 from stencil_cli.output import escape, info, print_json, warn
 from stencil_cli.progress import add_task, progress_bar
 from stencil_cli.store import Store, open_store
-from stencil_cli.verbs.train import CHECKPOINT_NAME, TrainRequest, TrainResult
+from stencil_cli.verbs.common import MAX_SEED
+from stencil_cli.verbs.train import CHECKPOINT_NAME, MAX_BATCH_SIZE, TrainRequest, TrainResult
 from stencil_cli.verbs.train import train as train_verb
 
 if TYPE_CHECKING:
@@ -74,7 +75,15 @@ def train(
     steps: Annotated[
         int | None, typer.Option("--steps", min=1, max=100_000, help="Training steps (default 100).")
     ] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Photos per step (with replacement).")] = 6,
+    batch_size: Annotated[
+        int,
+        typer.Option(
+            "--batch-size",
+            min=1,
+            max=MAX_BATCH_SIZE,
+            help=f"Photos per step (with replacement), 1-{MAX_BATCH_SIZE}.",
+        ),
+    ] = 6,
     lr: Annotated[
         float | None,
         typer.Option("--lr", help="Adam learning rate (default 2e-5; 1e-4 with --lora).", show_default=False),
@@ -82,7 +91,9 @@ def train(
     threshold: Annotated[
         float, typer.Option("--threshold", help="Mask threshold p_t on the normalised attention map.")
     ] = 0.2,
-    seed: Annotated[int, typer.Option("--seed", help="Seed for masks, sampling and noise.")] = 0,
+    seed: Annotated[
+        int, typer.Option("--seed", min=0, max=MAX_SEED, help="Seed for masks, sampling and noise.")
+    ] = 0,
     resolution: Annotated[
         int | None,
         typer.Option(

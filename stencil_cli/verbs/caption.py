@@ -14,7 +14,7 @@ from stencil_cli import captioning
 from stencil_cli.captioning import CaptionResult, Photo, clean_phrase, contains_phrase
 from stencil_cli.errors import BadInputError, FieldError, StencilError
 from stencil_cli.store import Store, Subject
-from stencil_cli.verbs.common import Progress, no_progress
+from stencil_cli.verbs.common import Progress, no_progress, refuse_missing_photos, using_subject
 
 MANUAL_SOURCE = "manual"
 REPAIRED_SUFFIX = "+phrase-inserted"
@@ -69,12 +69,20 @@ def caption(store: Store, request: CaptionRequest, *, progress: Progress = no_pr
     kind = request.captioner.strip().lower()
     if kind not in ("openai", "template"):
         raise FieldError("captioner", f"must be openai or template (got {request.captioner!r})")
+    store.get_subject(request.name)  # a clear NotFoundError before a lock file is named after it
+    with using_subject(store, request.name):
+        return _caption(store, request, kind, progress)
+
+
+def _caption(store: Store, request: CaptionRequest, kind: str, progress: Progress) -> CaptionOutcome:
+    """`caption` while the subject is held (`stencil rm` waits for it)."""
     subject = store.get_subject(request.name)
     if not subject.images:
         raise StencilError(
             f"subject {subject.name!r} has no photos (add some with `stencil add {subject.name} ...`)"
         )
     phrase, phrase_changed = settle_phrase(subject, request.phrase, request.force)
+    refuse_missing_photos(store, subject.name)
     redo_all = request.force or (phrase_changed and subject.phrase is not None)
     # a new phrase also recaptions the captions that lack it (training locates the subject by it)
     targets = [
@@ -119,6 +127,8 @@ def settle_phrase(subject: Subject, phrase_option: str | None, force: bool) -> t
     if phrase_option is None:
         return subject.phrase, False
     phrase = clean_phrase(phrase_option)
+    if phrase is not None:
+        phrase = captioning.validate_phrase(phrase)
     if phrase is None:
         raise FieldError("phrase", "{0} must not be empty (e.g. {0} 'cat')")
     if subject.phrase is None or phrase == subject.phrase:
@@ -164,10 +174,16 @@ def validate_result(result: CaptionResult, photos: list[Photo]) -> None:
 
 
 def check_text(text: str, phrase: str | None, force: bool, where: str) -> str:
-    """Normalise a hand-written caption; refuse it if it lacks the phrase (unless `force`)."""
-    text = " ".join(text.split())
+    """Normalise a hand-written caption; refuse it if it lacks the phrase (unless `force`) or is too long.
+
+    Control characters and terminal escapes are dropped (as from a captioning server)."""
+    text = " ".join(captioning.sanitize_text(text).split())
     if not text:
         raise BadInputError(f"{where}: the caption is empty")
+    if len(text) > captioning.MAX_CAPTION_CHARS:
+        raise BadInputError(
+            f"{where}: the caption is {len(text)} characters long; at most {captioning.MAX_CAPTION_CHARS}"
+        )
     if phrase and not force and not contains_phrase(text, phrase):
         raise FieldError(
             "force",

@@ -8,10 +8,11 @@ import time
 from collections.abc import Callable, Iterator
 from typing import IO, Any
 
-from stencil_cli.errors import StencilError
+from stencil_cli.errors import StencilError, StoreReadOnlyError
 from stencil_cli.store import Store
 
 Progress = Callable[[str, int, int | None, dict[str, Any]], None]
+MAX_SEED = 2**63 - 1  # seeds are stored as SQLite INTEGERs (signed 64-bit); gen and train share the range
 LOCK_NAME = ".train.lock"
 
 
@@ -70,3 +71,41 @@ def _try_lock(handle: IO[str]) -> bool:
     except OSError:
         return False
     return True
+
+
+def using_subject(store: Store, name: str) -> contextlib.AbstractContextManager[None]:
+    """Hold subject `name` shared for a command that reads or adds to it (gen, caption, eval, train):
+    `rm` waits for (or refuses while) any such command runs."""
+    from stencil_cli import locks
+
+    store.subject_dir(name)  # a valid name, and not a symbolic link, before a lock file is named after it
+    if store.read_only:  # no lock file can be made, and no one can remove the subject meanwhile
+        return contextlib.nullcontext()
+    return locks.subject_in_use(store.root, name)
+
+
+def removing_subject(store: Store, name: str, wait_s: float) -> contextlib.AbstractContextManager[None]:
+    """Hold subject `name` exclusively to remove it, waiting up to `wait_s` seconds for its users."""
+    from stencil_cli import locks
+
+    store.subject_dir(name)
+    if store.read_only:
+        raise StoreReadOnlyError(
+            f"the store {store.root} is read-only: cannot remove {name!r}",
+            hint="commands that only read (ls, show, doctor) work; make the folder writable to change it",
+        )
+    return locks.subject_in_use(store.root, name, exclusive=True, wait_s=wait_s, purpose="removing")
+
+
+def refuse_missing_photos(store: Store, name: str) -> None:
+    """Refuse to work on a subject whose photo files were deleted by hand (naming them and the fix)."""
+    missing = store.missing_files(name)
+    if not missing:
+        return
+    ids = ", ".join(str(image["id"]) for image in missing[:8]) + (", ..." if len(missing) > 8 else "")
+    paths = ", ".join(image["file"] for image in missing[:3]) + (", ..." if len(missing) > 3 else "")
+    raise StencilError(
+        f"photo(s) {ids} of {name!r} are missing their files ({paths})",
+        hint=f"add the same photos again with `stencil add {name} PHOTOS...` to restore them, "
+        f"or remove them with `stencil rm {name} --image ID`",
+    )

@@ -16,7 +16,13 @@ from stencil_cli.errors import FieldError
 from stencil_cli.store import Store, validate_name
 from stencil_cli.verbs.caption import CaptionRequest, caption
 from stencil_cli.verbs.common import Progress, no_progress
-from stencil_cli.verbs.generate import GenerateRequest, GenerateResult, generate, plan_generation
+from stencil_cli.verbs.generate import (
+    GenerateRequest,
+    GenerateResult,
+    generate,
+    plan_generation,
+    prepare_output,
+)
 from stencil_cli.verbs.subjects import AddRequest, add_photos
 from stencil_cli.verbs.train import TrainRequest, train
 
@@ -114,6 +120,7 @@ def run_demo(store: Store, request: DemoRequest, *, progress: Progress = no_prog
         raise FieldError("photos", f"{{}} {request.photos} is not a folder of photos")
     if request.train_steps < 1 or request.steps < 1:
         raise FieldError(("train_steps", "steps"), "{} must be at least 1")
+    prepare_output(request.output)  # an unusable -o fails now, not after add, caption and train
     name = free_name(request.name, store.subject_names())
     try:
         with tempfile.TemporaryDirectory(prefix="stencil-demo-") as scratch:

@@ -11,7 +11,7 @@ from typing import Any
 from stencil_cli.errors import FieldError, NotFoundError, StencilError
 from stencil_cli.settings import resolve_setting
 from stencil_cli.store import Generation, Store, Subject
-from stencil_cli.verbs.common import Progress, no_progress
+from stencil_cli.verbs.common import Progress, no_progress, refuse_missing_photos, using_subject
 
 MAX_RANGE = 100_000  # a range is expanded into a list: keep a typo like 1-99999999999 from eating memory
 
@@ -106,10 +106,21 @@ def evaluate(store: Store, request: EvalRequest, *, progress: Progress = no_prog
 
     Progress: ``("missing", 0, None, {"generation": id})`` per skipped generation, then ``("loading", ...)``.
     """
-    from stencil_cli import evaluation, models
+    from stencil_cli import models
 
     refs = models.parse_eval_models(request.eval_models)
     subject = store.get_subject(request.name)
+    with using_subject(store, subject.name):  # `stencil rm` waits for the scores to be stored
+        refuse_missing_photos(store, subject.name)  # DINO and CLIP-I compare with the photos
+        return _evaluate(store, request, subject, refs, progress)
+
+
+def _evaluate(
+    store: Store, request: EvalRequest, subject: Subject, refs: Any, progress: Progress
+) -> EvalResult:
+    """`evaluate` while the subject is held."""
+    from stencil_cli import evaluation, models
+
     rows = select_generations(store, request.name, request.generation_ids)
     present = [row for row in rows if row.image_file is not None and row.image_file.is_file()]
     missing = [row.id for row in rows if row not in present]

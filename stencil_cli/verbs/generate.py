@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import secrets
 import time
 from collections.abc import Callable, Iterator
@@ -28,13 +29,12 @@ from stencil_cli.fsutil import atomic_write_bytes
 from stencil_cli.pngmeta import png_bytes, read_png_parameters, read_rgb
 from stencil_cli.settings import resolve_setting
 from stencil_cli.store import Generation, Run, Store, Subject
-from stencil_cli.verbs.common import Progress, no_progress
+from stencil_cli.verbs.common import MAX_SEED, Progress, no_progress, using_subject
 
 if TYPE_CHECKING:
     from PIL import Image
 
 MAX_TAU = 1000
-MAX_SEED = 2**63 - 1  # generation rows store the seed as an SQLite INTEGER (signed 64-bit)
 MAX_BATCH = 256  # seeds in one batched model call
 MAX_IMAGES = 10_000  # seeds x prompts in one call: a typo like -n 1000000000 must not build a huge list
 GRID_NAME = "grid.png"
@@ -260,7 +260,29 @@ def trained_run(store: Store, name: str, run_id: int | None) -> Run:
             f"the weights of run {run.id} of {name!r} are missing",
             hint=f"train again with `stencil train {name}`",
         )
+    check_weights_file(run.weights_file, run.id, name)
     return run
+
+
+def check_weights_file(path: Path, run_id: int, name: str) -> None:
+    """Refuse a trained-weights file whose safetensors header is damaged or truncated (before any model
+    loads or draft renders; the tensors' own bytes are read only when the model loads)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            handle.metadata()
+            keys = list(handle.keys())
+    except Exception as error:  # noqa: BLE001 - safetensors raises several types for a damaged file
+        raise StencilError(
+            f"the trained weights {path} of run {run_id} of {name!r} are damaged ({error})",
+            hint=f"train again with `stencil train {name}`",
+        ) from None
+    if not keys:
+        raise StencilError(
+            f"the trained weights {path} of run {run_id} of {name!r} hold no tensors",
+            hint=f"train again with `stencil train {name}`",
+        )
 
 
 def load_draft(path: Path) -> tuple[Image.Image, str]:
@@ -429,14 +451,23 @@ def _prepare_output(output: Path | None) -> Path | None:
     """Create the copy folder up front (a bad -o fails before any model loads)."""
     if output is None:
         return None
+    if not str(output).strip():
+        raise FieldError("output", "is empty: give a folder")
     output = Path(output).expanduser()
     if output.exists() and not output.is_dir():
         raise FieldError("output", f"{{}} {output} is a file: give a folder")
     try:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise StencilError(f"cannot create the output folder {output}: {error.strerror}") from None
+        raise FieldError("output", f"{{}} {output}: cannot create the folder ({error.strerror})") from None
+    if not os.access(output, os.W_OK | os.X_OK):
+        raise FieldError("output", f"{{}} {output}: the folder is not writable")
     return output
+
+
+def prepare_output(output: Path | None) -> Path | None:
+    """Check (and create) a copy folder up front: a command that renders later fails now, not after."""
+    return _prepare_output(output)
 
 
 # -- 2. the generation ----------------------------------------------------------------------------------
@@ -698,7 +729,22 @@ def generate(
     Each draft, image and row is written as soon as its batch is made. Pass your own `result` to see what
     was written when an exception (Ctrl-C) stops the generation. Stages reported: draft, inversion,
     null-text (the K steps the taus inject), denoise; batched steps carry ``extra["samples"]``.
+    The subject is held (shared) meanwhile: `stencil rm` waits for the generation to end.
     """
+    with using_subject(store, plan.subject.name):
+        store.check_subject(plan.subject.name, plan.subject.id)  # not removed since the plan was made
+        return _generate(store, plan, progress=progress, on_image=on_image, result=result)
+
+
+def _generate(
+    store: Store,
+    plan: GenerationPlan,
+    *,
+    progress: Progress,
+    on_image: Callable[[SavedImage], None] | None,
+    result: GenerateResult | None,
+) -> GenerateResult:
+    """`generate` while the subject is held."""
     from stencil_cli import generation, models
     from stencil_cli.images import center_crop_resize
 

@@ -12,7 +12,9 @@ from typing import Any
 from stencil_cli.errors import BadInputError, FieldError
 from stencil_cli.images import PreparedImage, RejectedImage, expand_paths, prepare_image
 from stencil_cli.store import Store, Subject, validate_name
-from stencil_cli.verbs.common import subject_lock
+from stencil_cli.verbs.common import removing_subject, subject_lock
+
+RM_WAIT_S = 10.0  # how long `rm` waits for the commands using the subject to finish
 
 
 @dataclass
@@ -36,6 +38,7 @@ class AddOutcome:
     duplicates: list[Path]
     skipped: list[RejectedImage] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    restored: list[dict[str, Any]] = field(default_factory=list)  # rows whose deleted file was written back
 
 
 class BadPhotosError(FieldError):
@@ -51,11 +54,16 @@ class BadPhotosError(FieldError):
 
 def add_photos(store: Store, request: AddRequest) -> AddOutcome:
     """Check every photo first, then add them all (or, with `skip_bad`, the good ones); see AddOutcome."""
+    from stencil_cli.captioning import validate_phrase
+
     validate_name(request.name)
     if request.phrase is not None and not request.phrase.strip():
         raise FieldError("phrase", "{0} must not be empty (e.g. {0} 'cat')")
-    phrase = request.phrase.strip() if request.phrase else None
-    class_word = request.class_word.strip() if request.class_word else None
+    phrase = validate_phrase(request.phrase)
+    try:
+        class_word = validate_phrase(request.class_word)
+    except BadInputError as error:
+        raise BadInputError(str(error).replace("the phrase", "the class word", 1)) from None
     files, bad = expand_paths(request.paths)
     prepared: list[PreparedImage] = []
     for file in files:
@@ -71,6 +79,11 @@ def add_photos(store: Store, request: AddRequest) -> AddOutcome:
     if not prepared:
         raise BadInputError("none of the given files is a usable photo, nothing added")
     warnings = [image.warning for image in prepared if image.warning]
+    if request.name in store.unindexed_folders():
+        warnings.append(
+            f"subject folder {request.name!r} exists without a database row: run `stencil store repair` "
+            "first to index its old photos, or `store clean` will treat them as leftovers"
+        )
     result = store.add_images(
         request.name, prepared, phrase=phrase or class_word, class_word=class_word or phrase
     )
@@ -81,13 +94,15 @@ def add_photos(store: Store, request: AddRequest) -> AddOutcome:
         duplicates=[image.source for image in result.duplicates],
         skipped=bad,
         warnings=warnings,
+        restored=result.restored,
     )
 
 
-def remove_subject(store: Store, name: str) -> Subject:
-    """Remove a subject with its photos, runs and images (waits for no one: refuses under a training)."""
+def remove_subject(store: Store, name: str, *, wait_s: float = RM_WAIT_S) -> Subject:
+    """Remove a subject with its photos, runs and images, once no command uses it (waits up to `wait_s`
+    seconds for gen, train, caption or eval of it to finish, then refuses)."""
     store.get_subject(name)
-    with subject_lock(store, name):  # never delete a subject under a running training
+    with removing_subject(store, name, wait_s), subject_lock(store, name):
         return store.remove_subject(name)
 
 

@@ -17,11 +17,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stencil_cli.errors import BadInputError, FieldError, StencilError
+from stencil_cli.errors import BadInputError, DiskFullError, FieldError, StencilError
 from stencil_cli.fsutil import atomic_write_bytes
 from stencil_cli.settings import resolve_setting
 from stencil_cli.store import Run, Store, Subject
-from stencil_cli.verbs.common import Progress, no_progress, subject_lock, synced_clock
+from stencil_cli.verbs.common import (
+    MAX_SEED,
+    Progress,
+    no_progress,
+    refuse_missing_photos,
+    subject_lock,
+    synced_clock,
+    using_subject,
+)
 
 WEIGHTS_NAME = "weights.safetensors"
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -30,6 +38,7 @@ DB_UPDATE_SECONDS = 1.0
 CAPTIONS_KEY = "captions_sha256"  # run params: the hash of the captions + phrase trained on
 DEFAULT_STEPS = 100
 DEFAULT_LR = 2e-5  # the paper's learning rate for the full decoder fine-tune
+MAX_BATCH_SIZE = 64  # photos per step: a typo like --batch-size 100000 must not try to allocate it
 # the settings a resumed run keeps (only `steps` and `device` may change)
 RESUME_KEPT = (
     "batch_size",
@@ -113,8 +122,9 @@ def train(store: Store, request: TrainRequest, *, progress: Progress = no_progre
     """
     if request.resume and request.masks_only:
         raise FieldError(("resume", "masks_only"), "{} do not go together")
+    check_request(request)
     store.get_subject(request.name)  # a clear NotFoundError when the subject does not exist
-    with subject_lock(store, request.name):
+    with using_subject(store, request.name), subject_lock(store, request.name):
         mark_stale_runs(store, request.name)
         run = resumable_run(store, request.name) if request.resume else None
         if run is not None:
@@ -143,6 +153,14 @@ def train(store: Store, request: TrainRequest, *, progress: Progress = no_progre
         else:
             run = reopen_run(store, run, config.steps)
         return train_subject(store, subject, pipe, config, model_ref, run, progress=progress)
+
+
+def check_request(request: TrainRequest) -> None:
+    """Refuse values that cannot work before anything else happens (the same seed range as `gen`)."""
+    if isinstance(request.seed, bool) or not 0 <= request.seed <= MAX_SEED:
+        raise FieldError("seed", f"must be in [0, {MAX_SEED}] (got {request.seed})")
+    if not 1 <= request.batch_size <= MAX_BATCH_SIZE:
+        raise FieldError("batch_size", f"must be in [1, {MAX_BATCH_SIZE}] (got {request.batch_size})")
 
 
 def fresh_config(store: Store, request: TrainRequest) -> tuple[Any, str]:
@@ -230,6 +248,7 @@ def check_subject(store: Store, name: str, use_mask: bool) -> tuple[Subject, lis
     subject = store.get_subject(name)
     if not subject.images:
         raise StencilError(f"subject {name!r} has no photos: add some with `stencil add {name} PHOTOS...`")
+    refuse_missing_photos(store, name)
     missing = [image["id"] for image in subject.images if not (image["caption"] or "").strip()]
     if missing:
         raise StencilError(
@@ -505,10 +524,18 @@ def train_subject(
             on_step=on_step,
         )
         weights = run_dir / WEIGHTS_NAME
-        save_run_weights(weights, unet, result.names, config, model_ref, subject, run)
+        try:
+            save_run_weights(weights, unet, result.names, config, model_ref, subject, run)
+        except DiskFullError as error:
+            raise keep_steps_after_disk_full(error, result, checkpoint_path, name) from error
     except KeyboardInterrupt:
         store.finish_run(run.id, "interrupted", duration_s=elapsed(), step=step, losses=losses)
         write_loss_curve(store.run_dir(name, run.id), losses, f"{name} run {run.id} (interrupted)")
+        raise
+    except WeightsNotSavedError as error:
+        store.finish_run(
+            run.id, "failed", duration_s=elapsed(), error=str(error), step=error.steps, losses=error.losses
+        )
         raise
     except BaseException as error:
         message = str(error) if isinstance(error, StencilError) else f"{type(error).__name__}: {error}"
@@ -531,6 +558,48 @@ def write_loss_curve(run_dir: Path, losses: list[float], title: str) -> None:
 
     with contextlib.suppress(OSError):
         atomic_write_bytes(run_dir / LOSS_CURVE_NAME, loss_curve_png([float(x) for x in losses], title))
+
+
+class WeightsNotSavedError(DiskFullError):
+    """The disk filled up while the trained weights were written; says what was kept and how to go on."""
+
+    def __init__(self, path: Path, hint: str, steps: int, losses: list[float]) -> None:
+        super().__init__(path, hint=hint)
+        self.steps = steps
+        self.losses = losses
+
+
+def keep_steps_after_disk_full(
+    error: DiskFullError, result: Any, checkpoint_path: Path, name: str
+) -> WeightsNotSavedError:
+    """After a full disk at the weights: keep the trained steps in a resumable checkpoint if one fits."""
+    resume = (
+        f"free some space, then `stencil train {name} --resume` writes the weights without training again"
+    )
+    kept = checkpoint_path.is_file() and _checkpoint_step(checkpoint_path) == result.steps
+    if not kept and result.save_checkpoint is not None:
+        try:
+            result.save_checkpoint(checkpoint_path)
+            kept = True
+        except DiskFullError:
+            kept = False
+    if kept:
+        hint = f"the {result.steps} trained steps are kept in the checkpoint {checkpoint_path}: {resume}"
+    else:
+        hint = (
+            "no checkpoint of the trained steps fitted on the disk either, so nothing could be kept: "
+            "free some space and train again"
+        )
+    return WeightsNotSavedError(Path(error.path), hint, result.steps, list(result.losses))
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    from stencil_cli import training
+
+    try:
+        return int(training.load_checkpoint(path, mmap=True)["step"])
+    except StencilError:
+        return None
 
 
 def save_run_weights(
