@@ -225,7 +225,7 @@ def test_ctrl_c_during_gen_prints_the_finished_images(
     _done_run(store)
 
     def first_then_ctrl_c(store: Store, plan: Any, *, result: Any, **kwargs: Any) -> Any:
-        writer = generate_verb._Writer(store, plan, None)
+        writer = generate_verb._Writer(store, plan, kwargs.get("on_image"))
         writer.result = result
         writer.save_image(plan.items[0], 60.0, Image.new("RGB", (8, 8)), {}, {})
         raise KeyboardInterrupt
@@ -233,7 +233,7 @@ def test_ctrl_c_during_gen_prints_the_finished_images(
     monkeypatch.setattr(gen_command, "generate", first_then_ctrl_c)
     result = cli("gen", "robot", "on the moon", "-n", "2", "--seed", "0", "--json")
     assert result.exit_code == 130, result.output
-    made = json.loads(result.stdout)
+    made = [json.loads(line) for line in result.stdout.splitlines()]  # JSON Lines, one per finished image
     assert len(made) == 1 and made[0]["seed"] == 0 and Path(made[0]["image_file"]).is_file()
     assert "interrupted" in result.stderr
     plain = cli("gen", "robot", "on the moon", "-n", "2", "--seed", "5")
