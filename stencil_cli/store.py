@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import hashlib
 import importlib
 import inspect
 import json
@@ -168,6 +169,32 @@ def m003_one_name_per_file_column(db: sqlite_utils.Database) -> None:
     db["images"].transform(rename={"path": "file"})
     db["runs"].transform(rename={"weights_path": "weights_file"})
     db["generations"].transform(rename={"image_path": "image_file", "draft_path": "draft_file"})
+
+
+@migrations()
+def m004_draft_prompt_cache(db: sqlite_utils.Database) -> None:
+    """Draft prompts written by a vision model (`stencil gen --rewrite`), one per subject, user prompt,
+    caption model and description (a hash of the phrase and description they were written from)."""
+    db["draft_prompts"].create(
+        {
+            "subject_id": int,
+            "user_prompt": str,
+            "model": str,
+            "description_hash": str,
+            "draft_prompt": str,
+            "created": str,
+        },
+        pk=("subject_id", "user_prompt", "model", "description_hash"),
+        foreign_keys=[("subject_id", "subjects", "id")],
+        not_null={"subject_id", "user_prompt", "model", "description_hash", "draft_prompt", "created"},
+    )
+
+
+def description_hash(phrase: str | None, description: str | None) -> str:
+    """The key of the subject's look in the draft prompt cache: a hash of its phrase and description (a new
+    caption or phrase makes the cached draft prompts stale)."""
+    text = f"{phrase or ''}\n{description or ''}"
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def now() -> str:
@@ -681,7 +708,7 @@ class Store:
         subject = self.get_subject(name)
         folder = self.subject_dir(name)
         with self.write():
-            for table in ("generations", "runs", "images"):
+            for table in ("draft_prompts", "generations", "runs", "images"):
                 self.db.execute(f"delete from {table} where subject_id = ?", [subject.id])
             self.db.execute("delete from subjects where id = ?", [subject.id])
         self._delete_tree(folder)
@@ -1110,6 +1137,43 @@ class Store:
         for key in ("image_file", "draft_file"):
             values[key] = self.absolute(row[key]) if row[key] else None
         return Generation(**values)
+
+    # -- draft prompts written by a vision model ---------------------------------------------
+
+    def cached_draft_prompt(
+        self, subject: Subject, user_prompt: str, model: str, description_hash: str
+    ) -> str | None:
+        """The draft prompt `model` wrote for `subject` and `user_prompt` (from the phrase and description
+        that `description_hash` stands for), or None when none is stored."""
+        row = next(
+            iter(
+                self.db.query(
+                    "select draft_prompt from draft_prompts where subject_id = ? and user_prompt = ? "
+                    "and model = ? and description_hash = ?",
+                    [subject.id, user_prompt, model, description_hash],
+                )
+            ),
+            None,
+        )
+        return row["draft_prompt"] if row else None
+
+    def cache_draft_prompt(
+        self, subject: Subject, user_prompt: str, model: str, description_hash: str, draft_prompt: str
+    ) -> None:
+        """Keep the draft prompt `model` wrote (replacing an older one for the same key)."""
+        with self.write():
+            self.check_subject(subject.name, subject.id)
+            self.db["draft_prompts"].upsert(
+                {
+                    "subject_id": subject.id,
+                    "user_prompt": user_prompt,
+                    "model": model,
+                    "description_hash": description_hash,
+                    "draft_prompt": draft_prompt,
+                    "created": now(),
+                },
+                pk=("subject_id", "user_prompt", "model", "description_hash"),
+            )
 
     # -- config -------------------------------------------------------------------------------
 

@@ -70,7 +70,13 @@ def test_a_database_at_the_first_schema_is_migrated_and_keeps_its_data(tmp_path:
     again = open_store(root)  # every migration ran once: opening again changes nothing
     assert again.get_run("cat", 1).weights_file == run.weights_file
     names = [m.name for m in store_module.migrations.applied(again.db)]
-    assert names == ["m001_initial", "m002_subject_id_counter", "m003_one_name_per_file_column"]
+    assert names == [
+        "m001_initial",
+        "m002_subject_id_counter",
+        "m003_one_name_per_file_column",
+        "m004_draft_prompt_cache",
+    ]
+    assert "draft_prompts" in again.db.table_names()
 
 
 def test_a_new_store_is_at_the_latest_schema(stencil_home: Path) -> None:

@@ -193,6 +193,33 @@ def gen(
             "subject's description.",
         ),
     ] = None,
+    rewrite: Annotated[
+        bool,
+        typer.Option(
+            "--rewrite",
+            help="Let the caption model write the draft prompt from your prompt and the subject's photos "
+            "(one request per subject and prompt, cached).",
+        ),
+    ] = False,
+    captioner: Annotated[
+        str | None,
+        typer.Option(
+            "--captioner",
+            envvar="STENCIL_CAPTIONER",
+            help="For --rewrite: openai (vision model; needs OPENAI_API_KEY) or template (no request: the "
+            "rule-made draft prompt). [default: openai]",
+            show_default=False,
+        ),
+    ] = None,
+    caption_model: Annotated[
+        str | None,
+        typer.Option(
+            "--caption-model",
+            envvar="STENCIL_CAPTION_MODEL",
+            help="For --rewrite: the vision model (default: as `stencil caption`, gpt-4o).",
+            show_default=False,
+        ),
+    ] = None,
     batch_size: Annotated[
         int | None,
         typer.Option(
@@ -240,6 +267,9 @@ def gen(
         no_t5=no_t5,
         batch_size=batch_size,
         draft_prompt=draft_prompt,
+        rewrite=rewrite,
+        captioner=captioner,
+        caption_model=caption_model,
     )
     store = open_store()
     plan = plan_generation(store, request)

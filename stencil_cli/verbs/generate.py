@@ -83,6 +83,9 @@ class GenerateRequest:
     models_root: Path | None = None  # the store whose models/ holds built presets (default: this store)
     batch_size: int | None = None  # seeds per batched model call (None: by device, see batch_size_for)
     draft_prompt: str | None = None  # the context model's prompt, given by hand
+    rewrite: bool = False  # the caption model writes each prompt's draft prompt (cached in the store)
+    captioner: str | None = None  # openai | template, for `rewrite` (default: openai)
+    caption_model: str | None = None  # the vision model for `rewrite` (default: as `stencil caption`)
 
 
 @dataclass
@@ -95,6 +98,7 @@ class PlannedItem:
     seed: int
     stem: str
     meta: dict[str, Any]
+    draft_prompt_by: str | None = None  # the caption model that wrote the draft prompt (None: not rewritten)
 
 
 @dataclass
@@ -341,6 +345,8 @@ def plan_generation(store: Store, request: GenerateRequest) -> GenerationPlan:
         raise FieldError("draft_prompt", "is only used when the context model draws the draft")
     if request.draft_prompt is not None and not request.draft_prompt.strip():
         raise FieldError("draft_prompt", "is empty")
+    if request.rewrite:
+        _check_rewrite(request)
     if request.batch_size is not None and not 1 <= request.batch_size <= MAX_BATCH:
         raise FieldError("batch_size", f"must be in [1, {MAX_BATCH}] (got {request.batch_size})")
     mode = "plain" if request.no_context else ("edit" if request.draft is not None else "context")
@@ -364,7 +370,10 @@ def plan_generation(store: Store, request: GenerateRequest) -> GenerationPlan:
             f"subject {request.name!r} has no phrase",
             hint=f"caption it with `stencil caption {request.name}` or re-add with --phrase",
         )
-    if not subject.description and mode == "context":
+    rewritten: dict[str, tuple[str, str]] = {}
+    if request.rewrite:
+        rewritten = rewrite_draft_prompts(store, request, subject, phrase, [i.prompt for i in items], notes)
+    if not subject.description and mode == "context" and not rewritten:
         notes.append(
             f"{request.name} has no description (the OpenAI captioner writes one); "
             f"the draft prompt uses {phrase!r}"
@@ -372,7 +381,10 @@ def plan_generation(store: Store, request: GenerateRequest) -> GenerationPlan:
     planned = []
     reduced = False
     for item in items:
-        prompts = build_prompts(item.prompt, phrase, subject.description, draft_prompt=request.draft_prompt)
+        written, by = rewritten.get(_prompt_key(item.prompt), (None, None))
+        prompts = build_prompts(
+            item.prompt, phrase, subject.description, draft_prompt=written or request.draft_prompt
+        )
         reduced = reduced or (prompts.description_reduced and mode == "context")
         planned.append(
             PlannedItem(
@@ -382,6 +394,7 @@ def plan_generation(store: Store, request: GenerateRequest) -> GenerationPlan:
                 item.seed,
                 item.stem or f"s{item.seed}",
                 item.meta,
+                draft_prompt_by=by,
             )
         )
     if reduced:
@@ -430,6 +443,77 @@ def plan_generation(store: Store, request: GenerateRequest) -> GenerationPlan:
         notes=notes,
         warnings=warnings,
     )
+
+
+def _check_rewrite(request: GenerateRequest) -> None:
+    """Refuse `rewrite` where the context model draws no draft, or where the draft prompt is given."""
+    if request.draft_prompt is not None:
+        raise FieldError(("rewrite", "draft_prompt"), "{0} and {1} do not go together: pick one draft prompt")
+    if request.draft is not None or request.no_context:
+        other = "draft" if request.draft is not None else "no_context"
+        raise FieldError(
+            ("rewrite", other),
+            "{0} and {1} do not go together: the draft prompt is only used when the "
+            "context model draws the draft",
+        )
+    kind = (request.captioner or "openai").strip().lower()
+    if kind not in ("openai", "template"):
+        raise FieldError("captioner", f"must be openai or template (got {request.captioner!r})")
+
+
+def _prompt_key(user_prompt: str) -> str:
+    return " ".join(user_prompt.split())
+
+
+def rewrite_draft_prompts(
+    store: Store,
+    request: GenerateRequest,
+    subject: Subject,
+    phrase: str,
+    prompts: list[str],
+    notes: list[str],
+) -> dict[str, tuple[str, str]]:
+    """The caption model's draft prompt for each distinct user prompt: {prompt: (draft prompt, model)}.
+
+    Read from the store's cache when the same model wrote one for this subject, prompt, phrase and
+    description; else one request per prompt (the answer is cached). A prompt the model answers with no
+    usable sentence is left out (the prompt rules write its draft prompt; a note says so); the template
+    captioner writes none. OPENAI_API_KEY is needed only when something is not cached yet.
+    """
+    from stencil_cli import captioning
+    from stencil_cli.store import description_hash
+    from stencil_cli.verbs.caption import resolve_caption_model
+
+    kind = (request.captioner or "openai").strip().lower()
+    if kind == "template":
+        notes.append("the template captioner writes no draft prompt: using the rule-made one")
+        return {}
+    model = resolve_caption_model(store, request.caption_model)
+    look = description_hash(phrase, subject.description)
+    photos = [
+        captioning.Photo(id=image["id"], path=store.absolute(image["file"])) for image in subject.images
+    ]
+    captioner: Any = None
+    written: dict[str, tuple[str, str]] = {}
+    for user_prompt in dict.fromkeys(_prompt_key(p) for p in prompts):
+        cached = store.cached_draft_prompt(subject, user_prompt, model, look)
+        if cached is not None:
+            written[user_prompt] = (cached, model)
+            notes.append(f"draft prompt (cached): {cached}")
+            continue
+        if captioner is None:
+            captioner = captioning.make_captioner(kind, model=model)
+        text = captioner.write_draft_prompt(photos, user_prompt, phrase, subject.description)
+        if text is None:
+            notes.append(
+                f"the caption model's draft prompt for {user_prompt!r} was not one sentence; "
+                "using the rule-made one"
+            )
+            continue
+        store.cache_draft_prompt(subject, user_prompt, model, look, text)
+        written[user_prompt] = (text, model)
+        notes.append(f"draft prompt written by {model}: {text}")
+    return written
 
 
 def _tau_notes(taus: list[float], steps: int) -> list[str]:
@@ -482,6 +566,7 @@ def image_metadata(
     return {
         "prompt": item.prompt,
         "draft_prompt": item.draft_prompt if plan.mode == "context" else None,
+        "draft_prompt_by": item.draft_prompt_by if plan.mode == "context" else None,
         "seed": item.seed,
         "tau": tau,
         "injected_steps": _injected(tau, settings.steps) if tau is not None else None,
@@ -516,6 +601,7 @@ def draft_metadata(plan: GenerationPlan, item: PlannedItem, seconds: float | Non
     return {
         "role": "draft",
         "draft_prompt": item.draft_prompt if plan.mode == "context" else None,
+        "draft_prompt_by": item.draft_prompt_by if plan.mode == "context" else None,
         "negative_prompt": plan.settings.negative or None,
         "seed": item.seed,
         "context_model": plan.context_model,
@@ -850,15 +936,25 @@ def _render_drafts(writer: _Writer, progress: Progress, batch: int) -> None:
 def _fit_draft_prompts(
     plan: GenerationPlan, items: list[PlannedItem], tokenizer: Any, progress: Progress
 ) -> None:
-    """Rebuild the draft prompts with the context model's token counter; report shortening and cuts once."""
-    if tokenizer is None or plan.draft_prompt_override is not None:
+    """Rebuild the draft prompts with the context model's token counter; report shortening and cuts once.
+
+    A draft prompt given by hand or written by the caption model is kept as it is (only a cut is reported)."""
+    if tokenizer is None:
         return
-    from stencil_cli.prompts import build_prompts, clip_token_counter
+    from stencil_cli.prompts import build_prompts, clip_token_counter, words_past_limit
 
     counter = clip_token_counter(tokenizer)
     phrase = plan.subject.phrase or plan.subject.class_word or ""
     told: set[str] = set()
     for item in items:
+        if plan.draft_prompt_override is not None or item.draft_prompt_by is not None:
+            cut = words_past_limit(item.draft_prompt, counter)
+            if cut and item.draft_prompt not in told:
+                told.add(item.draft_prompt)
+                whose = "the caption model's" if item.draft_prompt_by else "the given"
+                message = f"{whose} draft prompt passes the draft model's 77 tokens; it will not read {cut!r}"
+                progress("warning", 0, None, {"message": message})
+            continue
         fitted = build_prompts(item.user_prompt, phrase, plan.subject.description, count_tokens=counter)
         item.draft_prompt = fitted.draft_prompt
         if fitted.shortened and "shortened" not in told:
