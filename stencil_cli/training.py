@@ -506,6 +506,20 @@ def train_unet(
     prediction_type = scheduler.config.get("prediction_type", "epsilon")
     use_autocast = autocast_dtype is not None
     every = config.checkpoint_every if checkpoint_path is not None else 0
+
+    def checkpoint_now(path: Path) -> Path:
+        return save_checkpoint(
+            path,
+            unet=unet,
+            names=names,
+            optimizer=optimizer,
+            generator=generator,
+            scaler=scaler,
+            step=step,
+            losses=losses,
+            config=config,
+        )
+
     try:
         while step < config.steps:
             index = _sample_indices(latents.shape[0], config.batch_size, generator)
@@ -543,17 +557,8 @@ def train_unet(
                 )
             losses.append(value)
             if every and step % every == 0:
-                save_checkpoint(
-                    checkpoint_path,
-                    unet=unet,
-                    names=names,
-                    optimizer=optimizer,
-                    generator=generator,
-                    scaler=scaler,
-                    step=step,
-                    losses=losses,
-                    config=config,
-                )
+                assert checkpoint_path is not None
+                checkpoint_now(checkpoint_path)
             if on_step is not None:
                 on_step(step, value)
     finally:
@@ -562,18 +567,4 @@ def train_unet(
             unet.disable_gradient_checkpointing()
         for param in unet.parameters():
             param.requires_grad_(False)
-
-    def checkpoint_now(path: Path) -> Path:
-        return save_checkpoint(
-            path,
-            unet=unet,
-            names=names,
-            optimizer=optimizer,
-            generator=generator,
-            scaler=scaler,
-            step=step,
-            losses=losses,
-            config=config,
-        )
-
     return TrainResult(names=names, losses=losses, steps=step, save_checkpoint=checkpoint_now)
