@@ -7,12 +7,14 @@ from typing import Annotated
 import typer
 
 from stencil_cli import __version__
+from stencil_cli.clikit import StencilGroup
 from stencil_cli.commands import register_all
 from stencil_cli.output import settings
 from stencil_cli.threads import configure_threads
 
 app = typer.Typer(
     name="stencil",
+    cls=StencilGroup,
     help="Teach an image model your own subject from a few photos, then render it anywhere.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
