@@ -27,10 +27,10 @@ def _walk(command: Any, path: list[str]) -> Iterator[tuple[list[str], Any]]:
 def _param_row(param: Any) -> str:
     if isinstance(param, TyperArgument):
         names = f"`{(param.metavar or param.name or '').upper()}`"
-        help_text = getattr(param, "help", None) or ""
+        help_text = getattr(param, "raw_help", getattr(param, "help", None)) or ""
     else:
         names = ", ".join(f"`{opt}`" for opt in [*param.opts, *param.secondary_opts])
-        help_text = param.help or ""
+        help_text = getattr(param, "raw_help", param.help) or ""
         if param.envvar:
             envvars = [param.envvar] if isinstance(param.envvar, str) else list(param.envvar)
             help_text += " (env: " + ", ".join(f"`{v}`" for v in envvars) + ")"

@@ -459,13 +459,17 @@ def train_unet(
     checkpoint_path: Path | None = None,
     resume: dict[str, Any] | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    sample_every: int = 0,
+    on_sample: Callable[[int, Any], None] | None = None,
 ) -> TrainResult:
     """Fine-tune `unet` in place for `config.steps` steps (continuing a checkpoint if `resume` is given).
 
     The trained parameters must be fp32 (the master weights); forward passes run under autocast when
     `config.precision` is fp16/bf16. `on_step(step, loss)` is called after every step; KeyboardInterrupt
     propagates (the caller marks the run interrupted). With `config.checkpoint_every` and
-    `checkpoint_path`, a resumable checkpoint is written atomically every N steps.
+    `checkpoint_path`, a resumable checkpoint is written atomically every N steps. With `sample_every` and
+    `on_sample`, ``on_sample(step, unet)`` is called every N steps (after `on_step`) with the UNet in eval
+    mode (training resumes afterwards); it may render with the UNet but must not change its weights.
     """
     config.validate()
     device = next(unet.parameters()).device
@@ -561,6 +565,12 @@ def train_unet(
                 checkpoint_now(checkpoint_path)
             if on_step is not None:
                 on_step(step, value)
+            if on_sample is not None and sample_every > 0 and step % sample_every == 0:
+                unet.eval()
+                try:
+                    on_sample(step, unet)
+                finally:
+                    unet.train()
     finally:
         unet.eval()
         if config.gradient_checkpointing:

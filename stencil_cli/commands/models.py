@@ -265,10 +265,14 @@ def effective_settings(stored: dict[str, str] | None = None) -> list[dict[str, A
 @handle_errors
 def config_get(
     key: Annotated[str, typer.Argument(help="subject_model | context_model | device | precision")],
+    json_output: JsonOption = False,
 ) -> None:
     """Print a setting's effective value (env > config > default)."""
     _check_key(key)
     row = next(r for r in effective_settings() if r["key"] == key)
+    if json_output:
+        print_json(row)
+        return
     typer.echo(row["value"])
 
 
@@ -276,21 +280,33 @@ def config_get(
 def config_set(
     key: Annotated[str, typer.Argument(help="subject_model | context_model | device | precision")],
     value: Annotated[str, typer.Argument(help="The value to store.")],
+    json_output: JsonOption = False,
 ) -> None:
     """Store a setting in the store's config."""
     _check_key(key)
     value = validate_config_value(key, value)
     open_store().set_config(key, value)
+    overridden = bool(os.environ.get(ENV_VARS[key]))
+    if json_output:
+        env = ENV_VARS[key] if overridden else None
+        print_json({"key": key, "value": value, "stored": True, "overridden_by": env})
+        return
     info(f"{key} = {escape(value)}")
-    if os.environ.get(ENV_VARS[key]):
+    if overridden:
         info(f"[yellow]note:[/yellow] {ENV_VARS[key]} is set and takes precedence")
 
 
 @handle_errors
-def config_unset(key: Annotated[str, typer.Argument(help="The key to reset to its default.")]) -> None:
+def config_unset(
+    key: Annotated[str, typer.Argument(help="The key to reset to its default.")],
+    json_output: JsonOption = False,
+) -> None:
     """Remove a stored setting (back to its default)."""
     _check_key(key)
     open_store().set_config(key, None)
+    if json_output:
+        print_json({"key": key, "value": DEFAULTS[key], "stored": False})
+        return
     info(f"{key} reset to its default ({DEFAULTS[key]})")
 
 

@@ -45,6 +45,12 @@ class TrainProgress:
         if stage == "mask pictures":
             _warn_about_masks(extra["masks"])
             return
+        if stage == "samples":
+            if stage not in self.tasks:
+                self.tasks[stage] = add_task(self.progress, "previews", total=total)
+            status = f"step {extra['step']}" if "step" in extra else ""
+            self.progress.update(self.tasks[stage], total=total, completed=step, status=status)
+            return
         if stage not in self.tasks:
             label = f"training {escape(self.name)}" if stage == "train" else stage
             self.tasks[stage] = add_task(self.progress, label, total=total if stage == "train" else None)
@@ -65,8 +71,18 @@ def _warn_about_masks(masks: list[Any]) -> None:
 # -- the command ---------------------------------------------------------------------------------
 
 
-FLAGS = {"train": "--train", "use_mask": "--no-mask", "lora_rank": "--lora"}  # flags unlike --field-name
-RENAMED = {"train_what": "train", "no_mask": "use_mask", "lora": "lora_rank"}  # parameters unlike their field
+FLAGS = {  # flags unlike --field-name
+    "train": "--train",
+    "use_mask": "--no-mask",
+    "lora_rank": "--lora",
+    "sample_prompts": "--sample-prompt",
+}
+RENAMED = {  # parameters unlike their field
+    "train_what": "train",
+    "no_mask": "use_mask",
+    "lora": "lora_rank",
+    "sample_prompt": "sample_prompts",
+}
 
 
 @handle_errors(flags=FLAGS)
@@ -158,6 +174,35 @@ def train(
             show_default=False,
         ),
     ] = None,
+    sample_every: Annotated[
+        int | None,
+        typer.Option(
+            "--sample-every",
+            metavar="N",
+            help="Render previews with the current weights every N steps (and after the last step) into the "
+            "run's samples/ folder. Needs --sample-prompt.",
+            show_default=False,
+        ),
+    ] = None,
+    sample_prompt: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--sample-prompt",
+            metavar="TEXT",
+            help="A preview prompt (repeatable), through the prompt rules: 'on a beach' renders "
+            "'a PHRASE on a beach'. Without --sample-every: previews after the last step only.",
+            show_default=False,
+        ),
+    ] = None,
+    sample_steps: Annotated[
+        int | None,
+        typer.Option(
+            "--sample-steps",
+            metavar="K",
+            help="DDIM steps per preview (1-1000; default 20). Previews use --seed.",
+            show_default=False,
+        ),
+    ] = None,
     subject_model: SubjectModelOption = None,
     device: DeviceOption = None,
     precision: PrecisionOption = None,
@@ -186,6 +231,9 @@ def train(
         precision=precision,
         lora_rank=lora,
         lora_alpha=lora_alpha,
+        sample_every=sample_every,
+        sample_prompts=tuple(sample_prompt or ()),
+        sample_steps=sample_steps,
         given=given_fields(context, RENAMED),
     )
     store = open_store()

@@ -86,6 +86,10 @@ class TrainRequest:
     given: frozenset[str] = frozenset()  # fields the user set explicitly (checked against a resumed run)
     models_root: Path | None = None  # the store whose models/ holds built presets (default: this store)
     extra_params: dict[str, Any] = field(default_factory=dict)  # stored in the run's params (e.g. bench key)
+    # previews (verbs/previews.py): None/() means not asked (or, with `resume`, the interrupted run's value)
+    sample_every: int | None = None
+    sample_prompts: tuple[str, ...] = ()
+    sample_steps: int | None = None
 
 
 @dataclass
@@ -132,6 +136,7 @@ def train(store: Store, request: TrainRequest, *, progress: Progress = no_progre
         else:
             config, model_ref = fresh_config(store, request)
         config.validate()  # bad options fail before the model loads
+        samples = preview_settings(request, config, run)
         subject, captions = check_subject(store, request.name, config.use_mask or request.masks_only)
         if run is not None:
             if not check_resume(run, subject, captions):
@@ -148,11 +153,28 @@ def train(store: Store, request: TrainRequest, *, progress: Progress = no_progre
                 store, subject, pipe, dataclasses.replace(config, use_mask=True), progress=progress
             )
             return TrainResult(subject.name, None, masks)
+        sample_params = samples.to_params() if samples is not None else {}
         if run is None:
-            run = start_run(store, subject, config, model_ref, request.extra_params)
+            run = start_run(store, subject, config, model_ref, {**sample_params, **request.extra_params})
         else:
-            run = reopen_run(store, run, config.steps)
-        return train_subject(store, subject, pipe, config, model_ref, run, progress=progress)
+            run = reopen_run(store, run, config.steps, sample_params)
+        return train_subject(store, subject, pipe, config, model_ref, run, progress=progress, samples=samples)
+
+
+def preview_settings(request: TrainRequest, config: Any, run: Run | None) -> Any:
+    """The run's preview settings (None: no previews), checked; a resumed run keeps its own unless given."""
+    from stencil_cli.verbs.previews import sample_settings
+
+    samples = sample_settings(
+        request.sample_every,
+        request.sample_prompts,
+        request.sample_steps,
+        config.seed,
+        run.params if run is not None else None,
+    )
+    if samples is not None and request.masks_only:
+        raise FieldError(("sample_prompts", "masks_only"), "{} do not go together: nothing is trained")
+    return samples
 
 
 def check_request(request: TrainRequest) -> None:
@@ -387,9 +409,10 @@ def start_run(
     return store.create_run(subject.name, params, model_ref, subject_id=subject.id)
 
 
-def reopen_run(store: Store, run: Run, steps: int) -> Run:
-    """Mark a run being resumed as running again, with its (possibly new) step count in its params."""
-    params = {**run.params, "steps": steps}
+def reopen_run(store: Store, run: Run, steps: int, extra: dict[str, Any] | None = None) -> Run:
+    """Mark a run being resumed as running again, with its (possibly new) step count (and `extra`) in its
+    params."""
+    params = {**run.params, **(extra or {}), "steps": steps}
     store.update_run(run.id, status="running", finished=None, error=None, params=params)
     return dataclasses.replace(run, status="running", finished=None, error=None, params=params)
 
@@ -475,8 +498,12 @@ def train_subject(
     run: Run,
     *,
     progress: Progress = no_progress,
+    samples: Any = None,
 ) -> TrainResult:
     """Masks, the training loop (from the run's checkpoint if there is one), the weights file, the done run.
+
+    With `samples` (verbs/previews.SampleSettings), previews are rendered every N steps and after the last
+    one, with the pipeline's VAE and text encoder (kept for that; freed otherwise).
 
     Ctrl-C marks the run interrupted (with its step and losses), any other error failed; both re-raise.
     """
@@ -498,8 +525,12 @@ def train_subject(
         checkpoint_path = run_dir / CHECKPOINT_NAME
         resume_state = training.load_checkpoint(checkpoint_path) if checkpoint_path.is_file() else None
         unet, scheduler = pipe.unet, pipe.scheduler
-        models.free_pipeline(pipe)  # the VAE and text encoder are done; keep only the UNet
         step = int(resume_state["step"]) if resume_state else 0
+        previewer = None
+        if samples is None:
+            models.free_pipeline(pipe)  # the VAE and text encoder are done; keep only the UNet
+        else:
+            previewer = _previewer(pipe, samples, subject, run, run_dir, model_ref, step, config, progress)
         losses = [float(x) for x in resume_state["losses"]] if resume_state else []
         progress("train", step, config.steps, {})
         last_write = 0.0
@@ -522,12 +553,16 @@ def train_subject(
             checkpoint_path=checkpoint_path,
             resume=resume_state,
             on_step=on_step,
+            sample_every=samples.every if samples is not None else 0,
+            on_sample=previewer,
         )
         weights = run_dir / WEIGHTS_NAME
         try:
             save_run_weights(weights, unet, result.names, config, model_ref, subject, run)
         except DiskFullError as error:
             raise keep_steps_after_disk_full(error, result, checkpoint_path, name) from error
+        if previewer is not None and previewer.last_step != result.steps:
+            previewer(result.steps, unet)  # after the last step
     except KeyboardInterrupt:
         store.finish_run(run.id, "interrupted", duration_s=elapsed(), step=step, losses=losses)
         write_loss_curve(store.run_dir(name, run.id), losses, f"{name} run {run.id} (interrupted)")
@@ -547,8 +582,28 @@ def train_subject(
     checkpoint_path.unlink(missing_ok=True)
     write_loss_curve(run_dir, result.losses, f"{name} run {run.id}")
     del unet
-    models.free_pipeline(None)
+    models.free_pipeline(pipe if samples is not None else None)
     return TrainResult(name, store.get_run(name, run.id), masks)
+
+
+def _previewer(
+    pipe: Any,
+    samples: Any,
+    subject: Subject,
+    run: Run,
+    run_dir: Path,
+    model_ref: str,
+    start: int,
+    config: Any,
+    progress: Progress,
+) -> Any:
+    """The renderer of this run's previews (counting the images it will make, for the progress hook)."""
+    from stencil_cli.verbs.previews import make_previewer, preview_steps
+
+    meta = {"subject": subject.name, "run_id": run.id, "subject_model": model_ref, "phrase": subject.phrase}
+    total = len(preview_steps(samples, start, config.steps)) * len(samples.prompts)
+    phrase = subject.phrase or subject.class_word
+    return make_previewer(pipe, samples, phrase, run_dir, meta, total=total, progress=progress)
 
 
 def write_loss_curve(run_dir: Path, losses: list[float], title: str) -> None:
