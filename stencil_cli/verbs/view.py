@@ -383,7 +383,7 @@ def mask_sheet(store: Store, name: str, cell: int = 256) -> MaskSheet | None:
     if not any(mask for _, mask in pairs):
         return None
     per_row = 3 if len(pairs) > 4 else 2 if len(pairs) > 1 else 1  # pairs side by side
-    label_h, gap = 18, 8
+    label_h, gap = 18, 16
     rows = -(-len(pairs) // per_row)
     width = per_row * (2 * cell + gap) - gap
     sheet = Image.new("RGB", (width, rows * (cell + label_h + gap) - gap), "white")
