@@ -189,8 +189,10 @@ def test_view_bad_input_is_one_line(cli: Any, tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     under_file = cli("view", "robot", "--out", blocker / "page.html", "--no-open")
-    assert under_file.exit_code == 1 and "cannot write the page" in " ".join(under_file.stderr.split())
-    assert len(under_file.stderr.strip().splitlines()) == 1
+    assert under_file.exit_code == 2 and "is a file, not a folder" in " ".join(under_file.stderr.split())
+    unwritable = cli("view", "robot", "--out", "/proc/no-such/page.html", "--no-open")
+    assert unwritable.exit_code == 1 and "cannot write the page" in " ".join(unwritable.stderr.split())
+    assert not list(tmp_path.rglob("*.html"))
 
 
 def test_show_masks_writes_a_contact_sheet_of_photos_beside_their_masks(cli: Any, tmp_path: Path) -> None:

@@ -82,6 +82,9 @@ def page_path(store: Store, request: ViewRequest) -> Path:
         return out / f"{request.name}.html"
     if out.exists() and not out.is_file():
         raise FieldError("out", f"{{}} {out} is not a file the page can be written to")
+    blocker = next((parent for parent in out.parents if parent.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise FieldError("out", f"{{}} {out}: {blocker} is a file, not a folder")
     return out
 
 
