@@ -152,6 +152,9 @@ def test_view_out_writes_elsewhere_with_paths_that_still_reach_the_store(cli: An
     into = cli("view", "robot", "--out", folder, "--no-open")
     assert into.exit_code == 0 and Path(into.stdout.strip()) == folder / "robot.html"
     assert (folder / "robot.html").is_file()
+    new_folder = cli("view", "robot", "--out", tmp_path / "new-pages", "--no-open")
+    assert Path(new_folder.stdout.strip()) == tmp_path / "new-pages" / "robot.html"
+    assert all(path.is_file() for path in Page(tmp_path / "new-pages" / "robot.html").referenced())
 
 
 def test_view_opens_the_browser_unless_told_not_to(

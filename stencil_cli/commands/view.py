@@ -21,7 +21,8 @@ def view(
         Path | None,
         typer.Option(
             "--out",
-            help="Write the page here (a folder gets NAME.html). [default: the subject's folder, view.html]",
+            help="Write the page here (a folder, or a name without a suffix, gets NAME.html inside). "
+            "[default: the subject's folder, view.html]",
             show_default=False,
         ),
     ] = None,

@@ -74,12 +74,13 @@ class ViewResult:
 
 
 def page_path(store: Store, request: ViewRequest) -> Path:
-    """Where the page goes: `out` (a folder gets `NAME.html` inside), else the subject's `view.html`."""
+    """Where the page goes: `out` (a folder, or a name without a suffix, gets `NAME.html` inside), else the
+    subject's `view.html`."""
     if request.out is None:
         return store.subject_dir(request.name) / PAGE_NAME
     out = Path(request.out).expanduser()
-    if out.is_dir():
-        return out / f"{request.name}.html"
+    if out.is_dir() or (not out.exists() and not out.suffix):
+        out = out / f"{request.name}.html"
     if out.exists() and not out.is_file():
         raise FieldError("out", f"{{}} {out} is not a file the page can be written to")
     blocker = next((parent for parent in out.parents if parent.exists()), None)
@@ -352,6 +353,7 @@ figcaption { margin-top: 8px; }
 .strip { display: grid; grid-template-columns: repeat(auto-fill, minmax(96px, 1fr)); gap: 6px; }
 .strip figure { margin: 0; } .strip figcaption { font-size: 11px; color: var(--muted); margin-top: 2px; }
 img.thumb { width: 100%; aspect-ratio: 1; object-fit: cover; }
+footer { margin-top: 32px; }
 """
 
 
