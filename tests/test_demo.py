@@ -16,7 +16,7 @@ from stencil_cli.verbs.demo import DemoRequest, run_demo
 # -- the command on the tiny preset ----------------------------------------------------------------------
 
 
-def test_demo_runs_the_whole_flow_offline_and_prints_where_the_images_are(
+def test_demo_runs_the_whole_flow_offline_and_prints_where_the_images_and_the_page_are(
     cli: Any, tiny_preset: Path
 ) -> None:
     result = cli("demo", "--train-steps", "2", "--steps", "4")
@@ -34,6 +34,9 @@ def test_demo_runs_the_whole_flow_offline_and_prints_where_the_images_are(
     assert {row.tau for row in rows} == {60.0, 1000.0}
     assert all(row.run_id == run.id and row.draft_prompt for row in rows)
     assert read_png_parameters(paths[0])["subject"] == "demo"
+    page = store.subject_dir("demo") / "view.html"  # it ends with the page, and says where it is
+    assert page.is_file() and str(page) in "".join(result.stderr.split())
+    assert all(path.name in page.read_text() for path in paths)
 
 
 def test_demo_never_overwrites_a_subject_and_refuses_a_missing_folder(cli: Any, tmp_path: Path) -> None:

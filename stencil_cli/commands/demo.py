@@ -62,7 +62,14 @@ def demo(
         result = run_demo(store, request, progress=DemoProgress(StageBars(progress)))
     images = [saved.to_dict() for saved in result.generated.images]
     if json_output:
-        print_json({"subject": result.subject, "seconds": round(result.seconds, 1), "images": images})
+        print_json(
+            {
+                "subject": result.subject,
+                "seconds": round(result.seconds, 1),
+                "images": images,
+                "page": str(result.page) if result.page else None,
+            }
+        )
         return
     for saved in result.generated.images:
         typer.echo(saved.output_file or saved.generation.image_file)
@@ -77,6 +84,8 @@ def demo(
         "(see the README's quickstart). "
         f"Remove the demo subject with `stencil rm {escape(result.subject)}`."
     )
+    if result.page is not None:
+        info(f"see it all on one page: {escape(str(result.page))} (`stencil view {escape(result.subject)}`)")
 
 
 def register(app: typer.Typer) -> None:

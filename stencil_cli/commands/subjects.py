@@ -33,6 +33,7 @@ from stencil_cli.verbs.subjects import (
     remove_subject,
 )
 from stencil_cli.verbs.train import masks_of
+from stencil_cli.verbs.view import mask_sheet
 
 store_app = typer.Typer(help="The local store: where subjects, runs and images live.", no_args_is_help=True)
 
@@ -157,7 +158,12 @@ def ls(json_output: JsonOption = False) -> None:
 def show(
     name: Annotated[str, typer.Argument(help="Subject name.")],
     masks: Annotated[
-        bool, typer.Option("--masks", help="Print the paths of the mask pictures of the last mask pass.")
+        bool,
+        typer.Option(
+            "--masks",
+            help="Print the paths of the mask pictures of the last mask pass, and write a contact sheet of "
+            "each photo beside its mask.",
+        ),
     ] = False,
     json_output: JsonOption = False,
 ) -> None:
@@ -220,16 +226,20 @@ def _print_summary(console: Any, name: str, summary: SubjectSummary) -> None:
 
 
 def _show_masks(name: str, json_output: bool) -> None:
-    """`stencil show NAME --masks`: one line per photo with its mask picture's path (stdout)."""
-    rows = masks_of(open_store(), name)
+    """`stencil show NAME --masks`: one line per photo with its mask picture's path (stdout), and the
+    contact sheet's path (stderr)."""
+    store = open_store()
+    rows = masks_of(store, name)
+    sheet = mask_sheet(store, name)
     if json_output:
-        print_json({"subject": name, "masks": rows})
+        print_json({"subject": name, "masks": rows, "contact_sheet": str(sheet.path) if sheet else None})
         return
-    if not any(row["file"] for row in rows):
+    if sheet is None:
         info(f"no mask pictures for {escape(name)} yet: run `stencil train {escape(name)} --masks-only`")
         return
     for row in rows:
         typer.echo(f"{row['image_id']:>4}  {row['file'] or '(none yet)'}")
+    info(f"contact sheet (each photo beside its mask): {escape(str(sheet.path))}")
 
 
 @handle_errors

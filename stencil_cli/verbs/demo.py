@@ -1,4 +1,5 @@
-"""The demo: add, caption (template), train and generate on the tiny preset, offline on the CPU.
+"""The demo: add, caption (template), train and generate on the tiny preset, offline on the CPU; then the
+subject's page (`stencil view`).
 
 It calls the same verbs as `stencil add / caption / train / gen`, and removes the subject it started when a
 step fails (a half-made demo subject would linger in `stencil ls`).
@@ -25,6 +26,7 @@ from stencil_cli.verbs.generate import (
 )
 from stencil_cli.verbs.subjects import AddRequest, add_photos
 from stencil_cli.verbs.train import TrainRequest, train
+from stencil_cli.verbs.view import ViewRequest, write_view
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -99,11 +101,12 @@ class DemoRequest:
 
 @dataclass
 class DemoResult:
-    """The demo's subject, its images and how long it all took."""
+    """The demo's subject, its images, the page that shows them and how long it all took."""
 
     subject: str
     generated: GenerateResult
     seconds: float
+    page: Path | None = None
 
 
 TINY = {"subject_model": "tiny", "device": "cpu", "precision": "fp32"}
@@ -163,4 +166,5 @@ def run_demo(store: Store, request: DemoRequest, *, progress: Progress = no_prog
             store.remove_subject(name)
             progress("removed", 0, None, {"subject": name})
         raise
-    return DemoResult(name, generated, time.monotonic() - started)
+    page = write_view(store, ViewRequest(name)).page  # after the try: a page that fails keeps the subject
+    return DemoResult(name, generated, time.monotonic() - started, page)

@@ -1,0 +1,221 @@
+"""`stencil view`: the subject's static HTML page, and the mask contact sheet of `show --masks`."""
+
+from __future__ import annotations
+
+import json
+import webbrowser
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+import pytest
+from photos import add_subject
+from PIL import Image
+from test_history import done_run, fake_image
+
+from stencil_cli.store import Store
+from stencil_cli.verbs.history import LOSS_CURVE_NAME, SAMPLES_DIR
+from stencil_cli.verbs.train import MASKS_DIR, mask_path
+
+HOSTILE = 'a toy robot <script>alert("x")</script> & <marquee>friends</marquee>'
+
+
+class Page(HTMLParser):
+    """The parts of the page the tests look at: referenced files, text, and any script element."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+        self.images: list[str] = []
+        self.links: list[str] = []
+        self.tags: list[str] = []
+        self.text: list[str] = []
+        self.section_ids: list[str] = []
+        self.feed(path.read_text(encoding="utf-8"))
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append(tag)
+        values = dict(attrs)
+        if tag == "img":
+            self.images.append(values["src"] or "")
+        elif tag == "a" and not (values.get("href") or "").startswith("#"):
+            self.links.append(values["href"] or "")
+        elif tag == "section":
+            self.section_ids.append(values.get("id") or "")
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+
+    @property
+    def all_text(self) -> str:
+        """The visible text, whitespace collapsed."""
+        return " ".join(" ".join(self.text).split())
+
+    def file(self, reference: str) -> Path:
+        """The file a src/href points at, read as the browser would (relative to the page's folder)."""
+        url = urlparse(reference)
+        assert url.scheme in ("", "file"), f"the page reaches outside the disk: {reference}"
+        if url.scheme == "file":
+            return Path(unquote(url.path))
+        return (self.path.parent / unquote(url.path)).resolve()
+
+    def referenced(self) -> set[Path]:
+        """Every file the page shows or links to."""
+        return {self.file(reference) for reference in self.images + self.links}
+
+
+def subject_with_history(cli: Any, tmp_path: Path) -> Store:
+    """`robot`: two photos (one captioned with markup), a mask picture for the first, a done run with a loss
+    curve and two previews, and two generated images."""
+    store = add_subject(cli, tmp_path)
+    subject = store.get_subject("robot")
+    first, second = subject.images
+    assert cli("caption", "robot", "--set", str(first["id"]), HOSTILE).exit_code == 0
+    mask = mask_path(store.subject_dir("robot") / MASKS_DIR, first)
+    mask.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(mask)
+    run = done_run(store, lr=3e-05, resolution=64)
+    folder = store.run_dir("robot", run.id)
+    Image.new("RGB", (64, 32), "white").save(folder / LOSS_CURVE_NAME)
+    for step in (5, 10):
+        (folder / SAMPLES_DIR).mkdir(exist_ok=True)
+        Image.new("RGB", (16, 16), (step, 0, 0)).save(folder / SAMPLES_DIR / f"step-{step}.png")
+    fake_image(store, "robot", run, "on the moon", 7, tau=60.0)
+    fake_image(store, "robot", run, "in a <garden>", 8, tau=None)
+    return store
+
+
+def test_view_page_shows_every_photo_mask_run_and_image_and_only_files_that_exist(
+    cli: Any, tmp_path: Path
+) -> None:
+    store = subject_with_history(cli, tmp_path)
+    result = cli("view", "robot", "--no-open")
+    assert result.exit_code == 0, result.output
+    page_file = Path(result.stdout.strip())
+    assert page_file == store.subject_dir("robot") / "view.html"
+    page = Page(page_file)
+    referenced = page.referenced()
+    assert all(path.is_file() for path in referenced), [p for p in referenced if not p.is_file()]
+    shown = {page.file(src) for src in page.images}
+    subject = store.get_subject("robot")
+    photos = {Path(image["file"]).resolve() for image in subject.images}
+    generated = {g.image_file.resolve() for g in store.list_generations("robot") if g.image_file}
+    assert photos <= shown and generated <= shown and len(generated) == 2
+    [run] = store.list_runs("robot")
+    run_folder = store.run_dir("robot", run.id).resolve()
+    assert run_folder / LOSS_CURVE_NAME in shown
+    assert {run_folder / SAMPLES_DIR / "step-5.png", run_folder / SAMPLES_DIR / "step-10.png"} <= shown
+    masks = store.subject_dir("robot").resolve() / MASKS_DIR
+    assert mask_path(masks, subject.images[0]) in shown
+    text = page.all_text
+    assert "no mask picture yet" in text  # the second photo has none
+    facts = ("toy robot", "run 1", "done", "full", "4/4", "0.2500", "3e-05", "on the moon", "in a <garden>")
+    for fact in facts:
+        assert fact in text, fact
+    assert "tau 60" in text and "seed 7" in text and "mode context" in text and "mode plain" in text
+    assert page.section_ids == ["photos", "runs", "images"]
+
+
+def test_view_escapes_text_so_a_caption_with_markup_is_shown_as_text(cli: Any, tmp_path: Path) -> None:
+    subject_with_history(cli, tmp_path)
+    page = Page(Path(cli("view", "robot", "--no-open").stdout.strip()))
+    assert HOSTILE in page.all_text
+    assert "script" not in page.tags and "marquee" not in page.tags
+
+
+def test_view_shows_scores_after_eval(cli: Any, tmp_path: Path) -> None:
+    store = subject_with_history(cli, tmp_path)
+    before = Page(Path(cli("view", "robot", "--no-open").stdout.strip()))
+    assert "DINO" not in before.all_text
+    scored = cli("eval", "robot", "--eval-models", "tiny", "--json")
+    assert scored.exit_code == 0, scored.output
+    rows = {row["id"]: row["scores"] for row in json.loads(scored.stdout)["generations"]}
+    after = Page(Path(cli("view", "robot", "--no-open").stdout.strip()))
+    for generation in store.list_generations("robot"):
+        scores = rows[generation.id]
+        for key in ("dino", "clip_i", "clip_t"):
+            assert f"{key.replace('_', '-').upper()} {scores[key]:.3f}" in after.all_text
+
+
+def test_view_out_writes_elsewhere_with_paths_that_still_reach_the_store(cli: Any, tmp_path: Path) -> None:
+    subject_with_history(cli, tmp_path)
+    target = tmp_path / "somewhere" / "else" / "robot page.html"
+    result = cli("view", "robot", "--out", target, "--no-open", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert Path(data["page"]) == target and data["photos"] == 2 and data["images"] == 2 and data["masks"] == 1
+    page = Page(target)
+    assert page.images and all(path.is_file() for path in page.referenced())
+    folder = tmp_path / "pages"
+    folder.mkdir()
+    into = cli("view", "robot", "--out", folder, "--no-open")
+    assert into.exit_code == 0 and Path(into.stdout.strip()) == folder / "robot.html"
+    assert (folder / "robot.html").is_file()
+    new_folder = cli("view", "robot", "--out", tmp_path / "new-pages", "--no-open")
+    assert Path(new_folder.stdout.strip()) == tmp_path / "new-pages" / "robot.html"
+    assert all(path.is_file() for path in Page(tmp_path / "new-pages" / "robot.html").referenced())
+
+
+def test_view_opens_the_browser_unless_told_not_to(
+    cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    add_subject(cli, tmp_path)
+    opened: list[str] = []
+    monkeypatch.setattr(webbrowser, "open", lambda url: opened.append(url) or True)
+    result = cli("view", "robot")
+    assert result.exit_code == 0, result.output
+    assert opened == [Path(result.stdout.strip()).resolve().as_uri()]
+    assert cli("view", "robot", "--no-open").exit_code == 0 and len(opened) == 1
+    page = Page(Path(result.stdout.strip()))
+    assert "no training runs yet: stencil train robot" in page.all_text
+
+
+def test_view_shows_a_placeholder_for_a_missing_image_file(cli: Any, tmp_path: Path) -> None:
+    store = subject_with_history(cli, tmp_path)
+    gone = store.list_generations("robot")[0].image_file
+    gone.unlink()
+    result = cli("view", "robot", "--no-open")
+    assert result.exit_code == 0, result.output
+    assert "file missing" in " ".join(result.stderr.split()) and gone.name in result.stderr
+    page = Page(Path(result.stdout.strip()))
+    assert all(path.is_file() for path in page.referenced())
+    assert "file missing" in page.all_text
+
+
+def test_view_bad_input_is_one_line(cli: Any, tmp_path: Path) -> None:
+    add_subject(cli, tmp_path)
+    ghost = cli("view", "ghost", "--no-open")
+    assert ghost.exit_code == 1 and "ghost" in ghost.stderr and "Traceback" not in ghost.output
+    device = cli("view", "robot", "--out", "/dev/null", "--no-open")
+    assert device.exit_code == 2 and "--out /dev/null is not a file" in " ".join(device.stderr.split())
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    under_file = cli("view", "robot", "--out", blocker / "page.html", "--no-open")
+    assert under_file.exit_code == 2 and "is a file, not a folder" in " ".join(under_file.stderr.split())
+    unwritable = cli("view", "robot", "--out", "/proc/no-such/page.html", "--no-open")
+    assert unwritable.exit_code == 1 and "cannot write the page" in " ".join(unwritable.stderr.split())
+    assert not list(tmp_path.rglob("*.html"))
+
+
+def test_show_masks_writes_a_contact_sheet_of_photos_beside_their_masks(cli: Any, tmp_path: Path) -> None:
+    store = add_subject(cli, tmp_path)
+    none_yet = cli("show", "robot", "--masks", "--json")
+    assert json.loads(none_yet.stdout)["contact_sheet"] is None
+    subject = store.get_subject("robot")
+    for image in subject.images:
+        mask = mask_path(store.subject_dir("robot") / MASKS_DIR, image)
+        mask.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (64, 64), (250, 0, 0)).save(mask)
+    result = cli("show", "robot", "--masks")
+    assert result.exit_code == 0, result.output
+    assert len(result.stdout.strip().splitlines()) == 2  # one line per photo, as before
+    sheet = store.subject_dir("robot") / MASKS_DIR / "contact-sheet.png"
+    assert "contact sheet" in result.stderr and sheet.name in result.stderr
+    assert json.loads(cli("show", "robot", "--masks", "--json").stdout)["contact_sheet"] == str(sheet)
+    with Image.open(sheet) as picture:
+        pixels = picture.convert("RGB")
+        assert picture.width > picture.height  # two pairs side by side
+        cell = picture.height - 18  # one row of pairs with its labels
+        assert pixels.getpixel((cell + cell // 2, cell // 2)) == (250, 0, 0)  # the mask beside photo 1
+        assert pixels.getpixel((cell // 2, cell // 2)) == (20, 90, 160)  # photo 1 itself
