@@ -91,7 +91,7 @@ def _stencil(*args: str, **kwargs: Any) -> subprocess.Popen[str]:
         (["gen", "x", "y", "-n", "abc"], "--count"),
         (["rm", "x", "--no-such-flag"], "--no-such-flag"),
         (["no-such-command"], "no-such-command"),
-        (["train"], "name"),
+        (["train"], "NAME"),
     ],
 )
 def test_a_usage_error_is_one_error_line_with_exit_2(cli: Any, argv: list[str], named: str) -> None:
