@@ -36,6 +36,7 @@ from stencil_cli.prompts import (
     noun_phrase_description,
     rewrite_instructions,
 )
+from stencil_cli.text import sanitize_text
 
 KEY_ENV = "OPENAI_API_KEY"
 BASE_URL_ENV = "OPENAI_BASE_URL"
@@ -754,27 +755,7 @@ def _as_int(value: Any) -> int | None:
 # -- hostile answers: control characters, secrets, sizes -------------------------------------------------
 
 # terminal escape sequences: CSI (ESC [ ... final), OSC (ESC ] ... BEL or ESC \), other two-byte escapes
-_ESCAPES = re.compile(
-    r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x9b[0-?]*[ -/]*[@-~]|\x1b[@-_]?"
-)
 PHRASE_PUNCTUATION = frozenset(" -'’&.,+")
-
-
-def sanitize_text(text: str) -> str:
-    """`text` without terminal escapes, control characters or invisible format characters (bidi overrides,
-    zero-width marks); tabs and newlines become spaces. Applied to everything a server sends before it is
-    stored or printed."""
-    text = _ESCAPES.sub("", text)
-    kept = []
-    for char in text:
-        category = unicodedata.category(char)
-        if char in "\t\n\r\v\f":
-            kept.append(" ")
-        elif category in ("Cc", "Cf", "Cs", "Co", "Cn") or char in "\u2028\u2029":
-            continue
-        else:
-            kept.append(char)
-    return "".join(kept)
 
 
 def phrase_problem(phrase: str) -> str | None:

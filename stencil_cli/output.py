@@ -85,7 +85,7 @@ def warn(message: str) -> None:
 def plain(text: object) -> str:
     """`text` fit for a terminal: without escape sequences, control or invisible bidi characters (stored
     captions, phrases and prompts may hold what a server or an older version let through)."""
-    from stencil_cli.captioning import sanitize_text
+    from stencil_cli.text import sanitize_text
 
     return sanitize_text(str(text))
 

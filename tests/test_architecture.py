@@ -15,7 +15,18 @@ PACKAGE = Path(__file__).resolve().parents[1] / "stencil_cli"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     (
         "leaf",
-        ("stencil_cli", "errors", "paths", "fsutil", "images", "pngmeta", "threads", "locks", "configs"),
+        (
+            "stencil_cli",
+            "errors",
+            "paths",
+            "fsutil",
+            "images",
+            "pngmeta",
+            "threads",
+            "locks",
+            "configs",
+            "text",
+        ),
     ),
     ("models", ("models",)),
     (
@@ -197,3 +208,15 @@ def test_importing_the_cli_imports_no_ml_library() -> None:
     code = f"import sys, stencil_cli.cli; print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PACKAGE.parent)
     assert done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+def test_commands_never_import_the_ml_core() -> None:
+    core = LAYERS[[name for name, _ in LAYERS].index("core")][1]
+    offending = [
+        f"{module} imports {target}"
+        for module, targets in import_graph().items()
+        if module.startswith("stencil_cli.commands") or LAYERS[layer_of(module)][0] == "cli"
+        for target in targets
+        if target.split(".")[1:2] and target.split(".")[1] in core
+    ]
+    assert not offending, "\n".join(offending)

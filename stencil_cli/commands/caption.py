@@ -11,12 +11,14 @@ from typing import Annotated, Any
 import click
 import typer
 
-from stencil_cli import captioning
 from stencil_cli.clikit import JsonOption, handle_errors
 from stencil_cli.errors import BadInputError, StencilError
 from stencil_cli.output import err_console, escape, info, plain, print_json, settings, shown, warn
 from stencil_cli.store import Subject, open_store
 from stencil_cli.verbs.caption import (
+    DEFAULT_BACKOFF_S,
+    DEFAULT_RETRIES,
+    DEFAULT_TIMEOUT_S,
     CaptionOutcome,
     CaptionRequest,
     apply_edited_captions,
@@ -65,7 +67,7 @@ def _present(outcome: CaptionOutcome, json_output: bool) -> None:
 def _backoff_from_env() -> float:
     raw = os.environ.get(BACKOFF_ENV)
     if not raw:
-        return captioning.DEFAULT_BACKOFF_S
+        return DEFAULT_BACKOFF_S
     try:
         value = float(raw)
     except ValueError:
@@ -159,7 +161,7 @@ def caption(
     ] = None,
     timeout: Annotated[
         float, typer.Option("--timeout", min=0.1, help="Seconds to wait for the vision model's answer.")
-    ] = captioning.DEFAULT_TIMEOUT_S,
+    ] = DEFAULT_TIMEOUT_S,
     retries: Annotated[
         int,
         typer.Option(
@@ -167,7 +169,7 @@ def caption(
             min=0,
             help="Retries after network errors, rate limits (429) and server errors (5xx).",
         ),
-    ] = captioning.DEFAULT_RETRIES,
+    ] = DEFAULT_RETRIES,
     set_caption_text: Annotated[
         tuple[str, str] | None,
         typer.Option("--set", metavar="IMAGE_ID TEXT", help="Set one photo's caption by hand."),

@@ -17,6 +17,9 @@ from stencil_cli.store import Store, Subject
 from stencil_cli.verbs.common import Progress, no_progress, refuse_missing_photos, using_subject
 
 MANUAL_SOURCE = "manual"
+DEFAULT_TIMEOUT_S = captioning.DEFAULT_TIMEOUT_S
+DEFAULT_RETRIES = captioning.DEFAULT_RETRIES
+DEFAULT_BACKOFF_S = captioning.DEFAULT_BACKOFF_S
 REPAIRED_SUFFIX = "+phrase-inserted"
 
 EDIT_HEADER = """\
