@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 from photos import add_subject
+from runs import interrupted_run
 from safetensors import safe_open
 from safetensors.torch import save_file
 from typer.testing import CliRunner
@@ -144,21 +145,9 @@ def test_bad_lora_settings_are_refused_before_the_model_loads(
     assert store.list_runs("robot") == []
 
 
-def _interrupted_lora_run(store: Store) -> Run:
-    from stencil_cli.training import TrainConfig
-
-    params = {**TrainConfig(steps=10, lora_rank=4).to_params(), "subject_model": "tiny"}
-    run = store.create_run("robot", params, base_model="tiny")
-    store.finish_run(run.id, "interrupted", step=3, losses=[0.3, 0.2, 0.1])
-    checkpoint = store.run_dir("robot", run.id) / train_verb.CHECKPOINT_NAME
-    checkpoint.parent.mkdir(parents=True, exist_ok=True)
-    checkpoint.write_bytes(b"not read: the refusal comes first")
-    return store.get_run("robot", run.id)
-
-
 def test_resume_keeps_the_runs_lora_rank(cli: Any, tmp_path: Path) -> None:
     store = add_subject(cli, tmp_path)
-    run = _interrupted_lora_run(store)
+    run = interrupted_run(store, lora_rank=4)
     result = cli("train", "robot", "--resume", "--lora", "8", "--lora-alpha", "8", *TINY)
     assert result.exit_code == 2, result.output
     assert f"resuming run {run.id} keeps its own settings: drop --lora, --lora-alpha" in " ".join(

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from runs import eval_loss
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -23,7 +24,6 @@ from stencil_cli.training import (
     TrainConfig,
     TrainingData,
     load_trained_weights,
-    masked_mse,
     save_trained_weights,
     train_unet,
     trained_state,
@@ -84,19 +84,6 @@ def _fresh_pipe(tiny_models_dir: Path):
     return load_subject_pipeline(str(tiny_models_dir / "subject"), device="cpu", precision="fp32")
 
 
-def _eval_loss(unet, pipe, data) -> float:
-    generator = torch.Generator().manual_seed(123)
-    total = 0.0
-    with torch.no_grad():
-        for t in (100, 400, 700):
-            noise = torch.randn(data.latents.shape, generator=generator)
-            steps = torch.full((data.latents.shape[0],), t)
-            noisy = pipe.scheduler.add_noise(data.latents, noise, steps)
-            prediction = unet(noisy, steps, encoder_hidden_states=data.embeddings).sample
-            total += masked_mse(prediction, noise, data.masks).item()
-    return total / 3
-
-
 # -- LoRA training ---------------------------------------------------------------------------------
 
 
@@ -104,11 +91,11 @@ def test_lora_training_moves_only_adapters_and_lowers_the_loss(tiny_subject_pipe
     """Every base weight stays bit-identical; only decoder attention adapters change; the loss falls."""
     base = {k: v.clone() for k, v in tiny_subject_pipe.unet.state_dict().items()}
     unet = copy.deepcopy(tiny_subject_pipe.unet)
-    before = _eval_loss(unet, tiny_subject_pipe, data)
+    before = eval_loss(unet, tiny_subject_pipe, data)
     result = train_unet(
         unet, tiny_subject_pipe.scheduler, data, _config(steps=30, batch_size=3, lr=3e-2, lora_rank=4)
     )
-    assert _eval_loss(unet, tiny_subject_pipe, data) < 0.9 * before
+    assert eval_loss(unet, tiny_subject_pipe, data) < 0.9 * before
     assert result.names and all(".lora_" in n and n.startswith("up_blocks.") for n in result.names)
     targets = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in result.names}
     assert targets == {"to_q", "to_k", "to_v", "0"}  # to_out.0

@@ -9,26 +9,13 @@ from typing import Any
 
 import pytest
 from photos import add_subject
+from runs import interrupted_run
 
 from stencil_cli.errors import FieldError, StencilError
-from stencil_cli.store import Run, Store, open_store
+from stencil_cli.store import open_store
 from stencil_cli.verbs import common
 from stencil_cli.verbs import train as train_verb
 from stencil_cli.verbs.train import TrainRequest
-
-
-def _interrupted_run(store: Store) -> Run:
-    """An interrupted run of `robot` at step 3 of 10 (batch size 6) with a checkpoint file."""
-    from stencil_cli.training import TrainConfig
-
-    params = {**TrainConfig(steps=10, batch_size=6).to_params(), "subject_model": "tiny"}
-    run = store.create_run("robot", params, base_model="tiny")
-    store.finish_run(run.id, "interrupted", step=3, losses=[0.3, 0.2, 0.1])
-    checkpoint = store.run_dir("robot", run.id) / train_verb.CHECKPOINT_NAME
-    checkpoint.parent.mkdir(parents=True, exist_ok=True)
-    checkpoint.write_bytes(b"not read: the refusal comes first")
-    return store.get_run("robot", run.id)
-
 
 # -- checks before the model loads ------------------------------------------------------------------------
 
@@ -62,7 +49,7 @@ def test_resume_and_masks_only_together_are_refused_by_field(stencil_home: Path)
 
 def test_resume_refuses_options_that_differ_from_the_runs(cli: Any, tmp_path: Path) -> None:
     store = add_subject(cli, tmp_path)
-    run = _interrupted_run(store)
+    run = interrupted_run(store, batch_size=6)
     args = ["train", "robot", "--resume", "--batch-size", "6", "--subject-model", "tiny"]
     result = cli(*args, "--lr", "1e-4", "--checkpoint-every", "5", "--precision", "bf16")
     assert result.exit_code == 2, result.output
@@ -73,7 +60,7 @@ def test_resume_refuses_options_that_differ_from_the_runs(cli: Any, tmp_path: Pa
 
 def test_reopening_a_run_records_its_new_step_count(cli: Any, tmp_path: Path) -> None:
     store = add_subject(cli, tmp_path)
-    run = _interrupted_run(store)
+    run = interrupted_run(store, batch_size=6)
     reopened = train_verb.reopen_run(store, run, 25)
     after = store.get_run("robot", run.id)
     assert after.status == "running" and after.params["steps"] == 25

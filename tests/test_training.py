@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from runs import eval_loss
 from safetensors import safe_open
 
 from stencil_cli import __version__
@@ -125,26 +126,12 @@ def test_only_up_blocks_change_and_the_rest_is_bit_identical(tiny_subject_pipe, 
     assert any(k.startswith("down_blocks.") for k in moved)
 
 
-def _eval_loss(unet, pipe, data) -> float:
-    """The masked loss on a fixed set of noise and timesteps (independent of training randomness)."""
-    generator = torch.Generator().manual_seed(123)
-    total = 0.0
-    with torch.no_grad():
-        for t in (100, 400, 700):
-            noise = torch.randn(data.latents.shape, generator=generator)
-            steps = torch.full((data.latents.shape[0],), t)
-            noisy = pipe.scheduler.add_noise(data.latents, noise, steps)
-            prediction = unet(noisy, steps, encoder_hidden_states=data.embeddings).sample
-            total += masked_mse(prediction, noise, data.masks).item()
-    return total / 3
-
-
 def test_loss_falls_over_a_short_run(tiny_subject_pipe, data) -> None:
     """A few dozen steps lower the masked loss on a fixed evaluation set."""
     unet = _fresh_unet(tiny_subject_pipe)
-    before = _eval_loss(unet, tiny_subject_pipe, data)
+    before = eval_loss(unet, tiny_subject_pipe, data)
     result = train_unet(unet, tiny_subject_pipe.scheduler, data, _config(steps=30, batch_size=3))
-    after = _eval_loss(unet, tiny_subject_pipe, data)
+    after = eval_loss(unet, tiny_subject_pipe, data)
     assert len(result.losses) == 30
     assert after < 0.8 * before
 
