@@ -31,8 +31,9 @@ sys.path.insert(0, str(HERE))
 
 import bench_generate  # noqa: E402
 
-from stencil_cli import generation, models  # noqa: E402
-from stencil_cli.inversion import NullTextSettings  # noqa: E402
+from stencil_cli import models  # noqa: E402
+from stencil_cli.core import generation  # noqa: E402
+from stencil_cli.core.inversion import NullTextSettings  # noqa: E402
 
 
 def variants(

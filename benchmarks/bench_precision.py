@@ -5,7 +5,8 @@
     python benchmarks/bench_precision.py --json
 
 Only the UNet decoder (``up_blocks``, what `stencil train` trains) is materialised, from the shipped config
-(``stencil_cli/configs/sd15.json``) with diffusers' default random initialisation. Each parameter gets an
+(``stencil_cli/models/configs/sd15.json``) with diffusers' default random initialisation. Each parameter gets
+an
 update of realistic size, in two shapes: "adam" (each element moved by ~1e-3, the size 100 Adam steps at lr
 2e-5 give: 1e-3 * N(0, 1) clipped to +-2e-3) and "relative" (1/50 of the tensor's RMS weight, times N(0, 1)).
 Each scenario saves the trained tensors in its file dtype (a real safetensors round trip, in memory), loads
@@ -26,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stencil_cli.precision import DEFAULT_SAVE_DTYPE, subject_unet_dtype, update_fidelity  # noqa: E402
+from stencil_cli.core.precision import DEFAULT_SAVE_DTYPE, subject_unet_dtype, update_fidelity  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # name -> (file format, inference dtype); "delta-fp16" stores (trained - base) in fp16, added to the base

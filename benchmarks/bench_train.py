@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fullsize  # noqa: E402
 
 from stencil_cli import models  # noqa: E402
-from stencil_cli.attention import compute_masks  # noqa: E402
-from stencil_cli.training import TrainConfig, TrainingData, train_unet  # noqa: E402
+from stencil_cli.core.attention import compute_masks  # noqa: E402
+from stencil_cli.core.training import TrainConfig, TrainingData, train_unet  # noqa: E402
 
 HEADER = (
     "| preset | device | train | batch | px | steps | precision | grad ckpt | mask pass s | train s | s/step "

@@ -2,8 +2,8 @@
 
     python benchmarks/export_sizes.py            # Markdown table (fp16 tensors, as stencil saves them)
 
-Nothing is materialised or downloaded: the shipped config (``stencil_cli/configs/sd15.json``) is built on the
-meta device and sizes are parameter counts times 2 bytes (fp16), plus nothing for headers (a few kB).
+Nothing is materialised or downloaded: the shipped config (``stencil_cli/models/configs/sd15.json``) is built
+on the meta device and sizes are parameter counts times 2 bytes (fp16), plus nothing for headers (a few kB).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fullsize  # noqa: E402 - benchmarks/fullsize.py, beside this script
 
-from stencil_cli.weights import LORA_TARGET_MODULES  # noqa: E402
+from stencil_cli.core.weights import LORA_TARGET_MODULES  # noqa: E402
 
 BYTES = 2  # fp16
 

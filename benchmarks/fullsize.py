@@ -1,8 +1,8 @@
 """Full-size SD1.5 and SD3 Medium architectures with random weights: real shapes, no download.
 
 For the benchmarks (time and memory at the real sizes) and the tests that check the shipped configs. The
-architectures come from ``stencil_cli/configs/<preset>.json`` (the diffusers / transformers configs of the
-real models). Import it as ``import fullsize`` with ``benchmarks/`` on ``sys.path``.
+architectures come from ``stencil_cli/models/configs/<preset>.json`` (the diffusers / transformers configs of
+the real models). Import it as ``import fullsize`` with ``benchmarks/`` on ``sys.path``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from stencil_cli.errors import BadInputError
+from stencil_cli.base.errors import BadInputError
 from stencil_cli.models import (
     byte_level_clip_tokenizer,
     bytes_to_unicode,
@@ -26,12 +26,13 @@ FULL_SIZE_PRESETS = ("sd15", "sd3-medium")
 
 
 def full_size_config(preset: str) -> dict[str, Any]:
-    """The shipped architecture configs of a full-size preset (``stencil_cli/configs/<preset>.json``)."""
+    """The shipped architecture configs of a full-size preset (``models/configs/<preset>.json``)."""
     from importlib import resources
 
     if preset not in FULL_SIZE_PRESETS:
         raise BadInputError(f"no full-size config for {preset!r}: use one of {', '.join(FULL_SIZE_PRESETS)}")
-    text = resources.files("stencil_cli").joinpath("configs", f"{preset}.json").read_text(encoding="utf-8")
+    configs = resources.files("stencil_cli").joinpath("models", "configs")
+    text = configs.joinpath(f"{preset}.json").read_text(encoding="utf-8")
     return json.loads(text)
 
 

@@ -55,8 +55,9 @@ sys.path.insert(0, str(HERE))
 import bench_generate  # noqa: E402
 import reference as ref  # noqa: E402
 
-from stencil_cli import generation, models, training  # noqa: E402
-from stencil_cli.inversion import NullTextSettings  # noqa: E402
+from stencil_cli import models  # noqa: E402
+from stencil_cli.core import generation, training  # noqa: E402
+from stencil_cli.core.inversion import NullTextSettings  # noqa: E402
 
 STAGES = ("mask", "train", "draft", "inversion", "denoise")
 PHRASE = "toy robot"

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image, ImageDraw
 
 if TYPE_CHECKING:
-    from stencil_cli.store import Store
+    from stencil_cli.store.db import Store
 
 
 def make_photo(
@@ -39,7 +39,7 @@ def make_photo(
 
 def add_subject(cli: Any, tmp_path: Path, name: str = "robot", phrase: str | None = "toy robot") -> Store:
     """`stencil add` a subject of two plain photos (no captions) and return the open store."""
-    from stencil_cli.store import open_store
+    from stencil_cli.store.db import open_store
 
     folder = tmp_path / f"photos-{name}"
     folder.mkdir(parents=True)

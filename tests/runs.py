@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 
-from stencil_cli.store import Run, Store
-from stencil_cli.training import masked_mse
+from stencil_cli.core.training import masked_mse
+from stencil_cli.store.db import Run, Store
 from stencil_cli.verbs import train as train_verb
 
 
@@ -27,7 +27,7 @@ def eval_loss(unet: Any, pipe: Any, data: Any) -> float:
 
 def interrupted_run(store: Store, **config: Any) -> Run:
     """An interrupted run of `robot` at step 3 of 10 (with `config` settings) and a checkpoint file."""
-    from stencil_cli.training import TrainConfig
+    from stencil_cli.core.training import TrainConfig
 
     params = {**TrainConfig(steps=10, **config).to_params(), "subject_model": "tiny"}
     run = store.create_run("robot", params, base_model="tiny")

@@ -6,7 +6,8 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from stencil_cli.attention import (
+from stencil_cli.base.errors import BadInputError
+from stencil_cli.core.attention import (
     AttentionRecorder,
     RecordingCrossAttnProcessor,
     combine_maps,
@@ -17,7 +18,6 @@ from stencil_cli.attention import (
     recorded_layer_maps,
     token_weights,
 )
-from stencil_cli.errors import BadInputError
 
 
 def _tokens(pipe, caption: str, positions: list[int]) -> str:

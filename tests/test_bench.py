@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from photos import add_subject
 
-from stencil_cli.errors import BadInputError, FieldError, StencilError
+from stencil_cli.base.errors import BadInputError, FieldError, StencilError
 from stencil_cli.verbs import bench
 from stencil_cli.verbs.common import subject_lock
 
@@ -42,7 +42,7 @@ def test_bench_config_names_the_training_steps_train_steps(tmp_path: Path) -> No
 def test_the_bench_command_shows_a_bad_training_step_count_as_train_steps(
     cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from stencil_cli.commands import bench as bench_command
+    from stencil_cli.cli import bench as bench_command
 
     class ZeroTrainSteps(bench.BenchConfig):
         def __init__(self, **values: Any) -> None:
@@ -81,7 +81,7 @@ def test_an_unreadable_bench_file_is_a_clear_error(tmp_path: Path, content: str)
 def test_a_failing_shard_still_reaches_the_final_barrier(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from stencil_cli import evaluation
+    from stencil_cli.core import evaluation
 
     waits: list[int] = []
     state = SimpleNamespace(device=SimpleNamespace(type="cpu"), wait_for_everyone=lambda: waits.append(1))

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from stencil_cli.base.errors import BadInputError, StencilError
 from stencil_cli.captioning import (
     MAX_CAPTION_CHARS,
     MAX_DESCRIPTION_CHARS,
@@ -31,7 +32,6 @@ from stencil_cli.captioning import (
     scrub_secrets,
     secret_forms,
 )
-from stencil_cli.errors import BadInputError, StencilError
 
 KEY = "sk-test-hostile-0123456789abcdefXYZ"
 PHRASE = "toy robot"

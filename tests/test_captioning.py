@@ -27,7 +27,7 @@ from stencil_cli.captioning import (
     parse_answer,
     template_caption,
 )
-from stencil_cli.store import open_store
+from stencil_cli.store.db import open_store
 
 KEY = "sk-test-DO-NOT-LEAK-0123456789abcdef"
 COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 230)]

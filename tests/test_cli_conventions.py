@@ -10,7 +10,7 @@ import pytest
 import typer
 
 from stencil_cli.cli import app
-from stencil_cli.clikit import hoist_global_flags
+from stencil_cli.cli.kit import hoist_global_flags
 
 NOISE = re.compile(r"<(bool|int|str|float|path|file)[^>]*>|\{\w+\}|9223372036854775807|x<=\d{10,}")
 

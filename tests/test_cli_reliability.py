@@ -17,9 +17,9 @@ from photos import add_subject
 from PIL import Image
 from storecheck import check_store
 
-from stencil_cli import locks
-from stencil_cli.errors import DiskFullError, FieldError, StencilError
-from stencil_cli.store import Run, Store, SubjectChangedError, open_store
+from stencil_cli.base import locks
+from stencil_cli.base.errors import DiskFullError, FieldError, StencilError
+from stencil_cli.store.db import Run, Store, SubjectChangedError, open_store
 from stencil_cli.verbs import generate as generate_verb
 from stencil_cli.verbs import train as train_verb
 from stencil_cli.verbs.caption import CaptionRequest
@@ -146,7 +146,7 @@ def test_gen_count_is_capped_before_the_subject_is_looked_up(cli: Any) -> None:
 def test_rm_waits_for_and_then_refuses_a_subject_in_use(cli: Any, tmp_path: Path) -> None:
     add_subject(cli, tmp_path)
     code = (
-        "import time\nfrom stencil_cli.store import open_store\n"
+        "import time\nfrom stencil_cli.store.db import open_store\n"
         "from stencil_cli.verbs.common import using_subject\n"
         "with using_subject(open_store(), 'robot'):\n    print('using', flush=True)\n    time.sleep(60)"
     )
@@ -219,7 +219,7 @@ def test_a_gen_whose_subject_was_removed_and_added_again_stores_nothing(
 def test_ctrl_c_during_gen_prints_the_finished_images(
     cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from stencil_cli.commands import gen as gen_command
+    from stencil_cli.cli import gen as gen_command
 
     store = _captioned(cli, tmp_path)
     _done_run(store)
@@ -313,7 +313,7 @@ def test_adding_a_photo_again_restores_its_deleted_file(cli: Any, tmp_path: Path
 
 
 def _interrupted_with_checkpoint(cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    from stencil_cli import training
+    from stencil_cli.core import training
 
     _captioned(cli, tmp_path)
 

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from stencil_cli.errors import StencilError
-from stencil_cli.pngmeta import read_png_parameters
-from stencil_cli.store import open_store
+from stencil_cli.base.errors import StencilError
+from stencil_cli.base.pngmeta import read_png_parameters
+from stencil_cli.store.db import open_store
 from stencil_cli.verbs import demo as demo_verb
 from stencil_cli.verbs.demo import DemoRequest, run_demo
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from stencil_cli.cli import app
-from stencil_cli.docgen import render
+from stencil_cli.cli.docgen import render
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_commands_md_matches_the_cli() -> None:
     expected = render(app)
     actual = (ROOT / "docs" / "commands.md").read_text()
-    fix = "run `python -m stencil_cli.docgen > docs/commands.md`"
+    fix = "run `python -m stencil_cli.cli.docgen > docs/commands.md`"
     assert actual == expected, f"docs/commands.md is stale: {fix}"
 
 

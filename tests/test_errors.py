@@ -1,12 +1,12 @@
-"""Errors that name settings by field (stencil_cli.errors.FieldError) and how the CLI shows them: by flag."""
+"""Errors that name settings by field (base.errors.FieldError) and how the CLI shows them: by flag."""
 
 from __future__ import annotations
 
 import pytest
 import typer
 
-from stencil_cli.clikit import fail, flag_name
-from stencil_cli.errors import EXIT_USAGE, FieldError
+from stencil_cli.base.errors import EXIT_USAGE, FieldError
+from stencil_cli.cli.kit import fail, flag_name
 
 
 def test_a_field_error_reads_with_its_field_names_and_renders_with_any_names() -> None:

@@ -11,8 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from stencil_cli import evaluation, models
-from stencil_cli.errors import BadInputError, StencilError
+from stencil_cli import models
+from stencil_cli.base.errors import BadInputError, StencilError
+from stencil_cli.core import evaluation
 from stencil_cli.models import EvalModelRefs, EvalModels, load_eval_models, parse_eval_models
 
 SHARED_DREAMBENCH = Path(__file__).resolve().parents[1] / ".." / "shared" / "dreambench"
@@ -316,8 +317,8 @@ def test_bench_settings_that_cannot_work_are_refused_before_any_work(
 
 
 def test_bench_config_validates_everything_it_will_use(fake_dreambench: Path, tmp_path: Path) -> None:
-    from stencil_cli.clikit import flag_name
-    from stencil_cli.errors import FieldError
+    from stencil_cli.base.errors import FieldError
+    from stencil_cli.cli.kit import flag_name
     from stencil_cli.verbs.bench import BenchConfig
 
     good = BenchConfig(dataset=fake_dreambench, out=tmp_path, subjects=["dog"])
@@ -343,7 +344,7 @@ def test_bench_config_validates_everything_it_will_use(fake_dreambench: Path, tm
 def test_eval_command_scores_and_stores(
     cli, tmp_path: Path, tiny_eval: Path, eval_models: EvalModels
 ) -> None:
-    from stencil_cli.store import open_store
+    from stencil_cli.store.db import open_store
 
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -514,8 +515,8 @@ def runner_home(stencil_home: Path, tiny_models_dir: Path, tiny_eval_build: Path
 def test_runner_completes_and_resumes_after_interruption(
     cli, tmp_path: Path, reference_run: tuple[Path, Path], runner_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from stencil_cli import generation
-    from stencil_cli.store import Store
+    from stencil_cli.core import generation
+    from stencil_cli.store.db import Store
     from stencil_cli.verbs import bench
 
     reference_run, fake_dreambench = reference_run

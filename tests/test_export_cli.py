@@ -20,10 +20,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from stencil_cli import export as export_core
 from stencil_cli import models
 from stencil_cli.cli import app
-from stencil_cli.store import Run, Store, open_store
+from stencil_cli.core import export as export_core
+from stencil_cli.store.db import Run, Store, open_store
 from stencil_cli.verbs import export as export_verb
 from stencil_cli.verbs import train as train_verb
 from stencil_cli.verbs.train import TrainRequest
@@ -41,7 +41,7 @@ def _call(unet: Any) -> torch.Tensor:
 
 def _stencil_unet(tiny_models_dir: Path, run: dict[str, Any]) -> Any:
     """The UNet stencil generates with for `run` (the base with the run's weights loaded)."""
-    from stencil_cli.training import load_trained_weights
+    from stencil_cli.core.training import load_trained_weights
 
     unet = models.load_subject_pipeline(str(tiny_models_dir / "subject"), device="cpu", precision="fp32").unet
     load_trained_weights(unet, Path(run["weights_file"]))
@@ -254,7 +254,7 @@ def test_a_full_run_exports_a_single_file_checkpoint_with_a_card(
 
 def _fake_run(store: Store, status: str, params: dict[str, Any], shape: tuple[int, ...] = (8, 6)) -> Run:
     """A run row of `robot` with the given status and a small weights file (one `shape` weight)."""
-    from stencil_cli.training import TrainConfig
+    from stencil_cli.core.training import TrainConfig
 
     run = store.create_run("robot", {**TrainConfig().to_params(), **params, "subject_model": "tiny"}, "tiny")
     weights = store.run_dir("robot", run.id) / "weights.safetensors"

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from stencil_cli import generation
-from stencil_cli.generation import GenerationSettings
-from stencil_cli.inversion import NullTextSettings, encode_prompt
+from stencil_cli.core import generation
+from stencil_cli.core.generation import GenerationSettings
+from stencil_cli.core.inversion import NullTextSettings, encode_prompt
 
 PROMPT = "a toy on a beach"
 # a visible learning rate (random tiny weights barely move at the reference 1e-2) and few iterations

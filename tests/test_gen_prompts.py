@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 from test_generation import FAST, _photo, trained  # noqa: F401 - `trained` is a fixture
 
-from stencil_cli import generation
-from stencil_cli.pngmeta import read_png_parameters
-from stencil_cli.store import open_store
+from stencil_cli.base.pngmeta import read_png_parameters
+from stencil_cli.core import generation
+from stencil_cli.store.db import open_store
 
 
 def lines(stdout: str) -> list[dict[str, Any]]:

@@ -12,8 +12,8 @@ import test_generation
 from test_captioning import completion
 from test_generation import DESCRIPTION, FAST
 
-from stencil_cli.pngmeta import read_png_parameters
-from stencil_cli.store import open_store
+from stencil_cli.base.pngmeta import read_png_parameters
+from stencil_cli.store.db import open_store
 from stencil_cli.verbs.generate import GenerateRequest, plan_generation
 
 # the fixtures these tests share with the captioning and generation tests

@@ -1,4 +1,4 @@
-"""Context Guidance (stencil_cli.generation) and `stencil gen` on the tiny preset."""
+"""Context Guidance (stencil_cli.core.generation) and `stencil gen` on the tiny preset."""
 
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from stencil_cli import generation
-from stencil_cli.errors import BadInputError
-from stencil_cli.generation import GenerationSettings, injected_steps
-from stencil_cli.images import center_crop_resize
-from stencil_cli.inversion import NullTextSettings, encode_prompt
-from stencil_cli.pngmeta import read_png_parameters
-from stencil_cli.prompts import build_prompts
-from stencil_cli.store import open_store
+from stencil_cli.base.errors import BadInputError
+from stencil_cli.base.images import center_crop_resize
+from stencil_cli.base.pngmeta import read_png_parameters
+from stencil_cli.core import generation
+from stencil_cli.core.generation import GenerationSettings, injected_steps
+from stencil_cli.core.inversion import NullTextSettings, encode_prompt
+from stencil_cli.core.prompts import build_prompts
+from stencil_cli.store.db import open_store
 from stencil_cli.verbs.generate import parse_taus
 
 DESCRIPTION = "a shiny red toy robot with round eyes"
@@ -184,7 +184,7 @@ def _photo(path: Path, colour: tuple[int, int, int]) -> Path:
 @pytest.fixture
 def trained(cli: Any, tiny_preset: Path, tmp_path: Path, tiny_subject_pipe: Any) -> str:
     """A subject `robot` with two photos, a description and a done run whose weights are the tiny decoder."""
-    from stencil_cli.training import save_trained_weights, trainable_names, trained_state
+    from stencil_cli.core.training import save_trained_weights, trainable_names, trained_state
 
     photos = tmp_path / "photos"
     photos.mkdir()

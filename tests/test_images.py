@@ -9,7 +9,7 @@ import pytest
 from photos import make_photo
 from PIL import Image
 
-from stencil_cli.images import (
+from stencil_cli.base.images import (
     PreparedImage,
     RejectedImage,
     center_crop_resize,
@@ -113,7 +113,7 @@ def test_low_resolution_warns(tmp_path: Path) -> None:
 
 
 def test_decompression_bomb_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("stencil_cli.images.MAX_PIXELS", 100_000)
+    monkeypatch.setattr("stencil_cli.base.images.MAX_PIXELS", 100_000)
     result = prepare_image(make_photo(tmp_path / "big.png", size=(800, 800)))
     assert isinstance(result, RejectedImage)
     assert "too large" in result.reason

@@ -1,4 +1,4 @@
-"""DDIM inversion and null-text optimisation (stencil_cli.inversion) on the tiny preset."""
+"""DDIM inversion and null-text optimisation (stencil_cli.core.inversion) on the tiny preset."""
 
 from __future__ import annotations
 
@@ -10,8 +10,14 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from stencil_cli import inversion as inv
-from stencil_cli.generation import GenerationSettings, ddim_scheduler, denoise, invert_image, render_draft
+from stencil_cli.core import inversion as inv
+from stencil_cli.core.generation import (
+    GenerationSettings,
+    ddim_scheduler,
+    denoise,
+    invert_image,
+    render_draft,
+)
 from stencil_cli.models import SD15_DDIM_SETTINGS
 
 PROMPT = "a toy on a beach"

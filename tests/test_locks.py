@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from stencil_cli.locks import SubjectInUseError, is_in_use, subject_in_use
+from stencil_cli.base.locks import SubjectInUseError, is_in_use, subject_in_use
 
 
 def _holder(root: Path, name: str, exclusive: bool) -> subprocess.Popen[str]:
     code = (
-        "import sys, time\nfrom stencil_cli.locks import subject_in_use\n"
+        "import sys, time\nfrom stencil_cli.base.locks import subject_in_use\n"
         f"with subject_in_use({str(root)!r}, {name!r}, exclusive={exclusive}):\n"
         "    print('held', flush=True)\n    time.sleep(60)\n"
     )

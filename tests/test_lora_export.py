@@ -16,11 +16,10 @@ from runs import eval_loss
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from stencil_cli import export as ex
-from stencil_cli.errors import BadInputError
-from stencil_cli.generation import GenerationSettings, plain_generate
-from stencil_cli.models import load_subject_pipeline
-from stencil_cli.training import (
+from stencil_cli.base.errors import BadInputError
+from stencil_cli.core import export as ex
+from stencil_cli.core.generation import GenerationSettings, plain_generate
+from stencil_cli.core.training import (
     TrainConfig,
     TrainingData,
     load_trained_weights,
@@ -29,6 +28,7 @@ from stencil_cli.training import (
     trained_state,
     weights_metadata,
 )
+from stencil_cli.models import load_subject_pipeline
 
 
 def _config(**overrides: object) -> TrainConfig:

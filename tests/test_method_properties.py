@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 
-from stencil_cli.attention import (
+from stencil_cli.core.attention import (
     AttentionRecorder,
     combine_maps,
     compute_masks,
@@ -22,10 +22,10 @@ from stencil_cli.attention import (
     recorded_layer_maps,
     token_weights,
 )
-from stencil_cli.generation import denoise, injected_steps, tau_groups
-from stencil_cli.inversion import ddim_inverse_step, invert
+from stencil_cli.core.generation import denoise, injected_steps, tau_groups
+from stencil_cli.core.inversion import ddim_inverse_step, invert
+from stencil_cli.core.training import TrainConfig, TrainingData, train_unet
 from stencil_cli.models import sd15_ddim_scheduler
-from stencil_cli.training import TrainConfig, TrainingData, train_unet
 
 CAPTIONS = ["a toy robot on a wooden table", "the toy robot in tall green grass"]
 PHRASE = "toy robot"
@@ -127,7 +127,7 @@ def test_mask_from_both_averages_the_empty_and_caption_halves(tiny_subject_pipe)
 def test_training_prepares_masks_from_both_halves_when_asked(tiny_subject_pipe) -> None:
     from PIL import Image
 
-    from stencil_cli.training import prepare_training_data
+    from stencil_cli.core.training import prepare_training_data
 
     photos = [Image.new("RGB", (64, 64), (40 * i, 90, 200)) for i in range(2)]
     config = TrainConfig(resolution=64, batch_size=2)
@@ -216,7 +216,7 @@ def test_ddim_inversion_runs_under_the_conditional_prompt(method: str) -> None:
     unet = TextUNet()
     cond, empty = _filled(1.0), _filled(-2.0)
     latent = _latents(1)
-    from stencil_cli.inversion import NullTextSettings
+    from stencil_cli.core.inversion import NullTextSettings
 
     result = invert(
         unet, scheduler, latent, cond, empty, method=method, settings=NullTextSettings(inner_steps=1)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from stencil_cli import models
-from stencil_cli.errors import BadInputError, StencilError
+from stencil_cli.base.errors import BadInputError, StencilError
 
 
 def _generate(pipe, seed: int, steps: int = 3) -> np.ndarray:
@@ -367,7 +367,8 @@ def test_configs_ship_as_package_data() -> None:
     import stencil_cli
 
     package = Path(stencil_cli.__file__).parent
-    assert {p.name for p in (package / "configs").glob("*.json")} >= {"sd15.json", "sd3-medium.json"}
+    shipped = {p.name for p in (package / "models" / "configs").glob("*.json")}
+    assert shipped >= {"sd15.json", "sd3-medium.json"}
     project = tomllib.loads((package.parent / "pyproject.toml").read_text())
     assert "stencil_cli" in project["tool"]["hatch"]["build"]["targets"]["wheel"]["packages"]
 

@@ -23,7 +23,7 @@ sys.path.insert(0, str(BENCHMARKS))
 import reference as ref  # noqa: E402
 import run as bench  # noqa: E402
 
-from stencil_cli import generation, inversion, training  # noqa: E402
+from stencil_cli.core import generation, inversion, training  # noqa: E402
 from stencil_cli.models import quiet_libraries  # noqa: E402
 
 RESOLUTION = 64

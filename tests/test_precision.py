@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from stencil_cli.errors import BadInputError
-from stencil_cli.precision import subject_unet_dtype, update_fidelity
-from stencil_cli.training import (
+from stencil_cli.base.errors import BadInputError
+from stencil_cli.core.precision import subject_unet_dtype, update_fidelity
+from stencil_cli.core.training import (
     SAVE_DTYPES,
     TrainConfig,
     load_trained_weights,

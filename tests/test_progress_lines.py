@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from photos import add_subject
 
-from stencil_cli import progress as progress_module
-from stencil_cli.progress import PlainProgress
+from stencil_cli.cli import progress as progress_module
+from stencil_cli.cli.progress import PlainProgress
 
 LINE = re.compile(r"^\[\d\d:\d\d:\d\d\] training robot: (\d+)/40 \((\d+)%\)  elapsed \d+:\d\d:\d\d")
 

@@ -10,9 +10,8 @@ from typing import Any
 import pytest
 
 from stencil_cli.captioning import OpenAICaptioner, Photo, TemplateCaptioner, parse_answer
-from stencil_cli.evaluation import format_prompt, load_dreambench
-from stencil_cli.models import byte_level_clip_tokenizer
-from stencil_cli.prompts import (
+from stencil_cli.core.evaluation import format_prompt, load_dreambench
+from stencil_cli.core.prompts import (
     CLIP_TOKEN_LIMIT,
     build_prompts,
     clean_rewritten_prompt,
@@ -20,6 +19,7 @@ from stencil_cli.prompts import (
     description_problems,
     noun_phrase_description,
 )
+from stencil_cli.models import byte_level_clip_tokenizer
 
 DREAMBENCH = Path("/work/shared/dreambench")
 if not DREAMBENCH.is_dir():  # the shared data sits beside the repository

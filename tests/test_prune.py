@@ -9,7 +9,7 @@ from typing import Any
 from photos import add_subject
 from test_history import done_run, fake_image
 
-from stencil_cli.store import open_store
+from stencil_cli.store.db import open_store
 from stencil_cli.verbs import common
 
 

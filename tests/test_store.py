@@ -1,4 +1,4 @@
-"""The store (stencil_cli.store): migrations that keep the data, typed records, generation rows that
+"""The store (stencil_cli.store.db): migrations that keep the data, typed records, generation rows that
 belong to the subject they were made for."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import pytest
 import sqlite_utils
 from photos import add_subject
 
-from stencil_cli import store as store_module
-from stencil_cli.errors import NotFoundError, StencilError
-from stencil_cli.store import Generation, Run, Store, open_store
+from stencil_cli.base.errors import NotFoundError, StencilError
+from stencil_cli.store.db import Generation, Run, Store, open_store
+from stencil_cli.store import db as store_module
 
 
 def _columns(db: sqlite_utils.Database, table: str) -> set[str]:

@@ -14,8 +14,8 @@ import pytest
 from photos import make_photo
 from storecheck import check_store
 
-from stencil_cli import fsutil
-from stencil_cli.errors import (
+from stencil_cli.base import fsutil
+from stencil_cli.base.errors import (
     BadInputError,
     CorruptStoreError,
     DiskFullError,
@@ -23,8 +23,8 @@ from stencil_cli.errors import (
     StencilError,
     StoreReadOnlyError,
 )
-from stencil_cli.images import prepare_image
-from stencil_cli.store import SubjectChangedError, open_store, validate_name
+from stencil_cli.base.images import prepare_image
+from stencil_cli.store.db import SubjectChangedError, open_store, validate_name
 
 
 def _add(store, name: str, folder: Path, count: int = 2, start: int = 0):
@@ -148,7 +148,7 @@ def test_a_read_only_store_reads_and_refuses_changes_saying_read_only(filled: Pa
 
 
 def test_an_unwritable_store_opens_read_only_by_itself(filled: Path, monkeypatch, cli) -> None:
-    monkeypatch.setattr("stencil_cli.store._writable", lambda root, db: False)
+    monkeypatch.setattr("stencil_cli.store.db._writable", lambda root, db: False)
     assert open_store().read_only
     listed = cli("ls")
     assert listed.exit_code == 0 and "cat" in listed.stdout

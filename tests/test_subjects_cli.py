@@ -13,7 +13,7 @@ import pytest
 from photos import make_photo
 from storecheck import check_store
 
-from stencil_cli.store import open_store
+from stencil_cli.store.db import open_store
 
 DREAMBENCH = Path(__file__).resolve().parents[2] / "shared" / "dreambench"
 
@@ -298,7 +298,7 @@ def test_rm_refuses_a_subject_that_is_being_trained(cli, tmp_path: Path) -> None
     _photos(tmp_path / "d", 1)
     cli("add", "dog", tmp_path / "d")
     code = (
-        "import time\nfrom stencil_cli.store import open_store\n"
+        "import time\nfrom stencil_cli.store.db import open_store\n"
         "from stencil_cli.verbs.common import subject_lock\n"
         "with subject_lock(open_store(), 'dog'):\n    print('locked', flush=True)\n    time.sleep(30)"
     )

@@ -1,4 +1,4 @@
-"""CPU thread defaults (stencil_cli.threads): never more threads than free cores, the user's choice wins."""
+"""CPU thread defaults (base.threads): never more threads than free cores, the user's choice wins."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from stencil_cli import threads
+from stencil_cli.base import threads
 
 
 def test_default_uses_the_free_cores_of_the_process_affinity_capped() -> None:
@@ -48,7 +48,7 @@ def test_configure_threads_applies_the_request_and_rejects_nonsense(monkeypatch:
 
 def test_before_torch_is_imported_it_sets_the_threads_and_a_passive_wait_through_the_environment() -> None:
     code = (
-        "import sys; from stencil_cli.threads import configure_threads; n = configure_threads(1); "
+        "import sys; from stencil_cli.base.threads import configure_threads; n = configure_threads(1); "
         "assert 'torch' not in sys.modules; import os, torch; "
         "print(n, torch.get_num_threads(), os.environ['OMP_WAIT_POLICY'])"
     )

@@ -11,8 +11,8 @@ import pytest
 from photos import add_subject
 from runs import interrupted_run
 
-from stencil_cli.errors import FieldError, StencilError
-from stencil_cli.store import open_store
+from stencil_cli.base.errors import FieldError, StencilError
+from stencil_cli.store.db import open_store
 from stencil_cli.verbs import common
 from stencil_cli.verbs import train as train_verb
 from stencil_cli.verbs.train import TrainRequest

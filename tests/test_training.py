@@ -19,9 +19,8 @@ from runs import eval_loss
 from safetensors import safe_open
 
 from stencil_cli import __version__
-from stencil_cli.errors import BadInputError, StencilError
-from stencil_cli.store import open_store
-from stencil_cli.training import (
+from stencil_cli.base.errors import BadInputError, StencilError
+from stencil_cli.core.training import (
     TrainConfig,
     load_checkpoint,
     load_trained_weights,
@@ -32,6 +31,7 @@ from stencil_cli.training import (
     trained_state,
     weights_metadata,
 )
+from stencil_cli.store.db import open_store
 from stencil_cli.verbs.common import subject_lock
 from tests.photos import make_photo
 
@@ -301,7 +301,7 @@ def test_refusals(cli, tiny_preset, tmp_path: Path) -> None:
 
 def test_resume_refuses_changed_captions_or_phrase(cli, tiny_preset, tmp_path: Path, monkeypatch) -> None:
     """The run stores a hash of captions + phrase; --resume after either changed is a one-line refusal."""
-    from stencil_cli import training
+    from stencil_cli.core import training
 
     _add_subject(cli, tmp_path)
     real_save = training.save_trained_weights
@@ -336,7 +336,7 @@ def test_lock_is_released_when_its_process_dies(stencil_home: Path) -> None:
     """A process killed while holding the lock does not block the next training."""
     code = (
         "import os, signal\n"
-        "from stencil_cli.store import open_store\n"
+        "from stencil_cli.store.db import open_store\n"
         "from stencil_cli.verbs.common import subject_lock\n"
         "store = open_store()\n"
         "with subject_lock(store, 'robot'):\n"

@@ -10,8 +10,8 @@ import numpy as np
 from photos import add_subject
 from PIL import Image
 
-from stencil_cli.pngmeta import read_png_parameters
-from stencil_cli.store import open_store
+from stencil_cli.base.pngmeta import read_png_parameters
+from stencil_cli.store.db import open_store
 
 TINY = ("--subject-model", "tiny", "--batch-size", "1")
 
@@ -94,7 +94,7 @@ def test_bad_preview_options_are_refused_before_the_model_loads(cli: Any, tmp_pa
 def test_a_resumed_run_keeps_its_preview_settings(
     cli: Any, tmp_path: Path, tiny_preset: Path, monkeypatch: Any
 ) -> None:
-    from stencil_cli import training
+    from stencil_cli.core import training
 
     _captioned(cli, tmp_path)
     real_save = training.save_trained_weights

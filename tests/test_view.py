@@ -14,7 +14,7 @@ from photos import add_subject
 from PIL import Image
 from test_history import done_run, fake_image
 
-from stencil_cli.store import Store
+from stencil_cli.store.db import Store
 from stencil_cli.verbs.history import LOSS_CURVE_NAME, SAMPLES_DIR
 from stencil_cli.verbs.train import MASKS_DIR, mask_path
 

@@ -12,7 +12,7 @@ Hub id (``owner/name``) or a local folder saved with ``save_pretrained``. The mo
 
 This package never imports the store or the ML core, never prints, and imports torch only inside functions:
 ``import stencil_cli.models`` is cheap. Locally built models live under ``<store root>/models``; the caller
-passes the store root (default: `stencil_cli.paths.default_root`).
+passes the store root (default: `stencil_cli.base.paths.default_root`).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from stencil_cli.errors import BadInputError, StencilError
+from stencil_cli.base.errors import BadInputError, StencilError
 
 if TYPE_CHECKING:
     import torch

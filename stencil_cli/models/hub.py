@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stencil_cli.errors import BadInputError, StencilError
-from stencil_cli.fsutil import folder_has_version
+from stencil_cli.base.errors import BadInputError, StencilError
+from stencil_cli.base.fsutil import folder_has_version
 from stencil_cli.models.refs import (
     EVAL,
     HUB_ID_PATTERN,

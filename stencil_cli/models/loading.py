@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stencil_cli.errors import StencilError
+from stencil_cli.base.errors import StencilError
 from stencil_cli.models.devices import quiet_libraries, resolve_device, resolve_dtype, subject_dtype
 from stencil_cli.models.hub import (
     cached_eval_model,

@@ -4,7 +4,7 @@ A reference is a preset name (``sd15``, ``sd3-medium``, ``tiny``; ``dino`` / ``c
 models), a Hub id (``owner/name``; evaluation models may pin ``owner/name@revision``) or a local folder
 saved with ``save_pretrained``. Resolving a reference reads no weights and touches no network. Locally
 built presets (the tiny models) live under ``<store root>/models/``; the store root is given by the caller
-(default: `stencil_cli.paths.default_root`), this module never imports the store.
+(default: `stencil_cli.base.paths.default_root`), this module never imports the store.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from stencil_cli.errors import BadInputError
-from stencil_cli.paths import default_root
+from stencil_cli.base.errors import BadInputError
+from stencil_cli.base.paths import default_root
 
 SUBJECT = "subject"
 CONTEXT = "context"

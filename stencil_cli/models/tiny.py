@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from stencil_cli.fsutil import build_folder_once, folder_has_version
+from stencil_cli.base.fsutil import build_folder_once, folder_has_version
 from stencil_cli.models.devices import quiet_libraries
 from stencil_cli.models.refs import CONTEXT, SUBJECT, tiny_dir, tiny_eval_dir
 from stencil_cli.models.scheduler import sd15_ddim_scheduler

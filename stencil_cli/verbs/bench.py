@@ -30,10 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stencil_cli.errors import EXIT_FAILURE, FieldError, StencilError
-from stencil_cli.fsutil import atomic_write_bytes
-from stencil_cli.settings import resolve_setting
-from stencil_cli.store import Generation, Run, Store
+from stencil_cli.base.errors import EXIT_FAILURE, FieldError, StencilError
+from stencil_cli.base.fsutil import atomic_write_bytes
+from stencil_cli.store.db import Generation, Run, Store
+from stencil_cli.store.settings import resolve_setting
 from stencil_cli.verbs.caption import CaptionRequest, caption, resolve_caption_model
 from stencil_cli.verbs.evaluate import clip_t_text, score_generations
 from stencil_cli.verbs.generate import GenerateRequest, Item, check_seeds, generate, plan_generation
@@ -183,7 +183,7 @@ class BenchConfig:
 
     def train_config(self, *, resolution: int, precision: str) -> Any:
         """The training settings of every subject (the model's resolution, the autocast precision)."""
-        from stencil_cli.training import TrainConfig
+        from stencil_cli.core.training import TrainConfig
 
         return TrainConfig(
             steps=self.train_steps,
@@ -207,7 +207,7 @@ def settle_config(
 
     Returns notes for the user. Runs before any work: a bad setting must not fail after hours of training.
     """
-    from stencil_cli import evaluation
+    from stencil_cli.core import evaluation
     from stencil_cli.models import EvalModelRefs, parse_eval_models
 
     config.validate()
@@ -534,7 +534,7 @@ class Runner:
 
     def summarise(self, job: SubjectJob, rows: list[Generation]) -> dict[str, Any]:
         """The subject's result: per-prompt and per-image scores, means, GPU seconds."""
-        from stencil_cli import evaluation
+        from stencil_cli.core import evaluation
 
         run_ids = sorted({row.run_id for row in rows if row.run_id is not None})
         train_s = 0.0
@@ -586,8 +586,8 @@ class Runner:
         """A grid: the reference photos, then one row per prompt with its images."""
         from PIL import Image
 
-        from stencil_cli.generation import contact_sheet
-        from stencil_cli.images import center_crop_resize, load_rgb
+        from stencil_cli.base.images import center_crop_resize, load_rgb
+        from stencil_cli.core.generation import contact_sheet
 
         subject = self.store.get_subject(job.name)
         columns = max(1, self.config.images_per_prompt)
@@ -621,7 +621,7 @@ class Runner:
 
 def merge_results(config: BenchConfig, subjects: list[str]) -> dict[str, Any]:
     """Read every subject's result.json and compute the overall row (mean over all images)."""
-    from stencil_cli import evaluation
+    from stencil_cli.core import evaluation
 
     paths = {name: config.out / "subjects" / name / RESULT_FILE for name in subjects}
     missing = [name for name, path in paths.items() if not path.is_file()]
@@ -809,7 +809,7 @@ def run_benchmark(
     config: BenchConfig, shard: Shard | None = None, hooks: BenchHooks | None = None
 ) -> dict[str, Any] | None:
     """Run this process's share of the benchmark; the main process merges and returns the results."""
-    from stencil_cli import evaluation
+    from stencil_cli.core import evaluation
 
     config.validate()
     shard = shard or Shard()

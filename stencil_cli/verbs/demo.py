@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from stencil_cli.errors import FieldError
-from stencil_cli.store import Store, validate_name
+from stencil_cli.base.errors import FieldError
+from stencil_cli.store.db import Store, validate_name
 from stencil_cli.verbs.caption import CaptionRequest, caption
 from stencil_cli.verbs.common import Progress, no_progress
 from stencil_cli.verbs.generate import (

@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stencil_cli.errors import FieldError, NotFoundError, StencilError
-from stencil_cli.settings import resolve_setting
-from stencil_cli.store import Generation, Store, Subject
+from stencil_cli.base.errors import FieldError, NotFoundError, StencilError
+from stencil_cli.store.db import Generation, Store, Subject
+from stencil_cli.store.settings import resolve_setting
 from stencil_cli.verbs.common import Progress, no_progress, refuse_missing_photos, using_subject
 
 MAX_RANGE = 100_000  # a range is expanded into a list: keep a typo like 1-99999999999 from eating memory
@@ -119,7 +119,8 @@ def _evaluate(
     store: Store, request: EvalRequest, subject: Subject, refs: Any, progress: Progress
 ) -> EvalResult:
     """`evaluate` while the subject is held."""
-    from stencil_cli import evaluation, models
+    from stencil_cli import models
+    from stencil_cli.core import evaluation
 
     rows = select_generations(store, request.name, request.generation_ids)
     present = [row for row in rows if row.image_file is not None and row.image_file.is_file()]
@@ -141,7 +142,7 @@ def _evaluate(
 
 def clip_t_text(generation: Generation, subject: Subject) -> str:
     """The text CLIP-T compares with: the subject prompt the image was rendered from (phrase included)."""
-    from stencil_cli.prompts import build_prompts
+    from stencil_cli.core.prompts import build_prompts
 
     prompt = generation.prompt or ""
     phrase = subject.phrase or subject.class_word
@@ -165,8 +166,8 @@ def score_generations(
 
     A generation whose image file is gone is skipped (and passed to `on_missing`).
     """
-    from stencil_cli import evaluation
-    from stencil_cli.images import load_rgb
+    from stencil_cli.base.images import load_rgb
+    from stencil_cli.core import evaluation
 
     photos = [load_rgb(Path(image["file"])) for image in subject.images if Path(image["file"]).is_file()]
     if not photos:

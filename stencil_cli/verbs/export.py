@@ -1,5 +1,5 @@
 """Export a trained run in the formats other tools load: a diffusers or kohya LoRA, a diffusers pipeline
-folder, one single-file checkpoint (see `stencil_cli.export` for the formats).
+folder, one single-file checkpoint (see `stencil_cli.core.export` for the formats).
 
 `export(store, ExportRequest) -> ExportResult` settles the run and refuses bad requests (format, run, rank,
 paths) before any model loads, then loads the run's base model at full precision and writes the export and
@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stencil_cli.errors import BadInputError, FieldError
-from stencil_cli.settings import resolve_setting
-from stencil_cli.store import Run, Store
+from stencil_cli.base.errors import BadInputError, FieldError
+from stencil_cli.store.db import Run, Store
+from stencil_cli.store.settings import resolve_setting
 from stencil_cli.verbs.common import Progress, no_progress
 from stencil_cli.verbs.generate import trained_run
 
-FORMATS = ("lora", "kohya", "diffusers", "single-file")  # stencil_cli.export.FORMATS (checked by a test)
+FORMATS = ("lora", "kohya", "diffusers", "single-file")  # stencil_cli.core.export.FORMATS (checked by a test)
 LORA_FORMATS = ("lora", "kohya")
 SAVE_DTYPES = ("fp16", "bf16", "fp32")
 
@@ -44,7 +44,7 @@ class ExportResult:
     """What the export wrote: the file (or folder), its model card, its size and how it was made.
 
     `error` (a full run exported as a LoRA): how well the rank-`rank` SVD reproduces the run's weight
-    difference, the fields of `stencil_cli.export.ExtractionError` (overall, worst, worst_layer, left_out,
+    difference, the fields of `core.export.ExtractionError` (overall, worst, worst_layer, left_out,
     left_out_tensors, layers, rank)."""
 
     subject: str
@@ -78,8 +78,8 @@ def export(store: Store, request: ExportRequest, *, progress: Progress = no_prog
     Progress: ``("loading", 0, None, {"model": ref, "device": dev})`` before the base model loads, then
     ``("export", 0, 1, {"format": fmt})`` and ``("export", 1, 1, {...})`` around the writing.
     """
-    from stencil_cli import export as export_core
     from stencil_cli import models
+    from stencil_cli.core import export as export_core
 
     if request.format not in FORMATS:
         raise FieldError("format", f"{{}} {request.format!r} is unknown: use one of {', '.join(FORMATS)}")
@@ -185,7 +185,7 @@ def largest_rank(run: Run) -> int:
     Read from the weights file's header (no tensor is loaded)."""
     from safetensors import safe_open
 
-    from stencil_cli.export import max_extraction_rank
+    from stencil_cli.core.export import max_extraction_rank
 
     assert run.weights_file is not None
     with safe_open(str(run.weights_file), framework="pt") as handle:
@@ -198,7 +198,7 @@ def largest_rank(run: Run) -> int:
 
 def check_target(fmt: str, target: Path, force: bool) -> None:
     """Refuse a target in a missing folder, or one (or its model card) that exists, unless forced."""
-    from stencil_cli.export import card_path
+    from stencil_cli.core.export import card_path
 
     if not str(target).strip() or not target.name:
         raise FieldError("path", "{} is empty: give the file (or, for diffusers, the folder) to write")

@@ -24,11 +24,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stencil_cli.errors import FieldError, StencilError
-from stencil_cli.fsutil import atomic_write_bytes
-from stencil_cli.pngmeta import png_bytes, read_png_parameters, read_rgb
-from stencil_cli.settings import resolve_setting
-from stencil_cli.store import Generation, Run, Store, Subject
+from stencil_cli.base.errors import FieldError, StencilError
+from stencil_cli.base.fsutil import atomic_write_bytes
+from stencil_cli.base.pngmeta import png_bytes, read_png_parameters, read_rgb
+from stencil_cli.store.db import Generation, Run, Store, Subject
+from stencil_cli.store.settings import resolve_setting
 from stencil_cli.verbs.common import MAX_SEED, Progress, no_progress, using_subject
 
 if TYPE_CHECKING:
@@ -136,7 +136,7 @@ class GenerationPlan:
 
     def stage_totals(self) -> dict[str, int]:
         """Progress totals per stage (draft, inversion, null-text, denoise)."""
-        from stencil_cli.generation import null_text_steps
+        from stencil_cli.core.generation import null_text_steps
 
         count, steps = len(self.items), self.settings.steps
         nti = self.mode != "plain" and self.settings.inversion == "nti"
@@ -216,8 +216,8 @@ def prompt_lines(text: str, field_name: str = "prompts_file") -> list[str]:
 
 def generation_settings(request: GenerateRequest) -> Any:
     """The ML core's generation settings from the request, or a FieldError naming the bad one."""
-    from stencil_cli.generation import GenerationSettings
-    from stencil_cli.inversion import NullTextSettings
+    from stencil_cli.core.generation import GenerationSettings
+    from stencil_cli.core.inversion import NullTextSettings
 
     inversion = request.inversion.strip().lower()
     if inversion not in ("nti", "npi"):
@@ -291,7 +291,7 @@ def check_weights_file(path: Path, run_id: int, name: str) -> None:
 
 def load_draft(path: Path) -> tuple[Image.Image, str]:
     """A user's draft picture and its absolute path, or a FieldError('draft') saying what is wrong."""
-    from stencil_cli.images import load_rgb
+    from stencil_cli.base.images import load_rgb
 
     if not str(path).strip():
         raise FieldError("draft", "is empty: give the path of an image file")
@@ -337,7 +337,7 @@ def _items(request: GenerateRequest, mode: str) -> list[Item]:
 
 def plan_generation(store: Store, request: GenerateRequest) -> GenerationPlan:
     """Check and settle everything about a generation (no model is loaded here)."""
-    from stencil_cli.prompts import build_prompts
+    from stencil_cli.core.prompts import build_prompts
 
     if request.draft is not None and request.no_context:
         raise FieldError(("draft", "no_context"), "{} do not go together: a draft is the context")
@@ -481,7 +481,7 @@ def rewrite_draft_prompts(
     captioner writes none. OPENAI_API_KEY is needed only when something is not cached yet.
     """
     from stencil_cli import captioning
-    from stencil_cli.store import description_hash
+    from stencil_cli.store.db import description_hash
     from stencil_cli.verbs.caption import resolve_caption_model
 
     kind = (request.captioner or "openai").strip().lower()
@@ -518,7 +518,7 @@ def rewrite_draft_prompts(
 
 def _tau_notes(taus: list[float], steps: int) -> list[str]:
     """'tau 20 and 60 inject the same 1 step at 10 steps: their images are identical', once per group."""
-    from stencil_cli.generation import tau_groups
+    from stencil_cli.core.generation import tau_groups
 
     notes = []
     for count, group in tau_groups(taus, steps):
@@ -591,7 +591,7 @@ def image_metadata(
 
 
 def _injected(tau: float, steps: int) -> int:
-    from stencil_cli.generation import injected_steps
+    from stencil_cli.core.generation import injected_steps
 
     return injected_steps(tau, steps)
 
@@ -711,7 +711,7 @@ class _Writer:
 
     def save_grid(self) -> Path:
         """The contact sheet (each item's draft, then its images) from the files written; returns its path."""
-        from stencil_cli.generation import contact_sheet
+        from stencil_cli.core.generation import contact_sheet
 
         rows = []
         for item in self.plan.items:
@@ -765,7 +765,8 @@ def subject_pipeline(
     ref: str, run: Run, *, device: str, precision: str, store_root: Path | None = None
 ) -> Iterator[Any]:
     """The subject model with the run's trained weights, freed afterwards."""
-    from stencil_cli import models, training
+    from stencil_cli import models
+    from stencil_cli.core import training
 
     with models.quiet_libraries():
         pipe = models.load_subject_pipeline(ref, device=device, precision=precision, store_root=store_root)
@@ -831,8 +832,9 @@ def _generate(
     result: GenerateResult | None,
 ) -> GenerateResult:
     """`generate` while the subject is held."""
-    from stencil_cli import generation, models
-    from stencil_cli.images import center_crop_resize
+    from stencil_cli import models
+    from stencil_cli.base.images import center_crop_resize
+    from stencil_cli.core import generation
 
     writer = _Writer(store, plan, on_image)
     if result is not None:
@@ -905,7 +907,7 @@ def _render_drafts(writer: _Writer, progress: Progress, batch: int) -> None:
             wanted.append(item)
     if not wanted:
         return
-    from stencil_cli import generation
+    from stencil_cli.core import generation
 
     options = {
         "device": plan.device,
@@ -941,7 +943,7 @@ def _fit_draft_prompts(
     A draft prompt given by hand or written by the caption model is kept as it is (only a cut is reported)."""
     if tokenizer is None:
         return
-    from stencil_cli.prompts import build_prompts, clip_token_counter, words_past_limit
+    from stencil_cli.core.prompts import build_prompts, clip_token_counter, words_past_limit
 
     counter = clip_token_counter(tokenizer)
     phrase = plan.subject.phrase or plan.subject.class_word or ""

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stencil_cli.errors import FieldError
-from stencil_cli.store import Generation, Run, Store
+from stencil_cli.base.errors import FieldError
+from stencil_cli.store.db import Generation, Run, Store
 
 LOSS_CURVE_NAME = "loss.png"
 SAMPLES_DIR = "samples"

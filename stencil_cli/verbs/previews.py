@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stencil_cli.errors import FieldError
-from stencil_cli.fsutil import atomic_write_bytes
+from stencil_cli.base.errors import FieldError
+from stencil_cli.base.fsutil import atomic_write_bytes
 from stencil_cli.verbs.common import Progress, no_progress
 from stencil_cli.verbs.history import SAMPLES_DIR
 
@@ -76,7 +76,7 @@ def sample_settings(
 def subject_prompts(prompts: tuple[str, ...], phrase: str | None) -> list[str]:
     """The prompts through the prompt rules ("on a beach" -> "a PHRASE on a beach"); as written without a
     phrase."""
-    from stencil_cli.prompts import build_prompts
+    from stencil_cli.core.prompts import build_prompts
 
     if not (phrase or "").strip():
         return [" ".join(prompt.split()) for prompt in prompts]
@@ -109,8 +109,8 @@ class Previewer:
         """Render every prompt with `unet` at `step`; write the PNGs atomically; return their paths."""
         import torch
 
-        from stencil_cli.generation import GenerationSettings, plain_generate
-        from stencil_cli.pngmeta import png_bytes
+        from stencil_cli.base.pngmeta import png_bytes
+        from stencil_cli.core.generation import GenerationSettings, plain_generate
 
         if self.pipe.unet is not unet:
             self.pipe.unet = unet

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stencil_cli.errors import FieldError, StencilError
-from stencil_cli.store import Store
+from stencil_cli.base.errors import FieldError, StencilError
+from stencil_cli.store.db import Store
 from stencil_cli.verbs.common import subject_lock
 from stencil_cli.verbs.history import folder_bytes
 from stencil_cli.verbs.train import CHECKPOINT_NAME, WEIGHTS_NAME

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stencil_cli.errors import BadInputError, DiskFullError, FieldError, StencilError
-from stencil_cli.fsutil import atomic_write_bytes
-from stencil_cli.settings import resolve_setting
-from stencil_cli.store import Run, Store, Subject
+from stencil_cli.base.errors import BadInputError, DiskFullError, FieldError, StencilError
+from stencil_cli.base.fsutil import atomic_write_bytes
+from stencil_cli.store.db import Run, Store, Subject
+from stencil_cli.store.settings import resolve_setting
 from stencil_cli.verbs.common import (
     MAX_SEED,
     Progress,
@@ -187,7 +187,7 @@ def check_request(request: TrainRequest) -> None:
 
 def fresh_config(store: Store, request: TrainRequest) -> tuple[Any, str]:
     """The training settings of a new run, and the subject model it trains (as the run stores it)."""
-    from stencil_cli.training import TrainConfig
+    from stencil_cli.core.training import TrainConfig
 
     if request.lora_alpha is not None and request.lora_rank is None:
         raise FieldError(("lora_alpha", "lora_rank"), "{0} needs {1}: it scales the LoRA adapters")
@@ -212,14 +212,14 @@ def fresh_config(store: Store, request: TrainRequest) -> tuple[Any, str]:
 
 def default_lr(lora_rank: int | None) -> float:
     """The learning rate when none is given: the paper's for the decoder, a higher one for LoRA adapters."""
-    from stencil_cli.weights import LORA_DEFAULT_LR
+    from stencil_cli.core.weights import LORA_DEFAULT_LR
 
     return LORA_DEFAULT_LR if lora_rank else DEFAULT_LR
 
 
 def resumed_config(store: Store, run: Run, request: TrainRequest) -> tuple[Any, str]:
     """The interrupted run's settings (new `steps` may extend it); refuse explicit settings that differ."""
-    from stencil_cli.training import TrainConfig
+    from stencil_cli.core.training import TrainConfig
 
     config = TrainConfig.from_params(run.params)
     if request.steps is not None:
@@ -297,7 +297,7 @@ def check_subject(store: Store, name: str, use_mask: bool) -> tuple[Subject, lis
 
 def check_captions(tokenizer: Any, subject: Subject, captions: list[str]) -> None:
     """Every caption must contain the subject phrase (as tokens); name the photo that does not."""
-    from stencil_cli.attention import find_phrase_positions
+    from stencil_cli.core.attention import find_phrase_positions
 
     for image, caption in zip(subject.images, captions, strict=True):
         try:
@@ -327,7 +327,7 @@ def resumable_run(store: Store, name: str) -> Run:
 
 def check_resume_steps(store: Store, name: str, run: Run, steps: int) -> None:
     """Refuse resuming `run` to a step count its checkpoint has already reached."""
-    from stencil_cli import training
+    from stencil_cli.core import training
 
     path = store.run_dir(name, run.id) / CHECKPOINT_NAME
     done = int(training.load_checkpoint(path, mmap=True)["step"])
@@ -438,7 +438,7 @@ def write_mask_pictures(
     """Save one overlay PNG per photo into every folder; return id, path and mask coverage per photo."""
     from PIL import PngImagePlugin
 
-    from stencil_cli.training import overlay_mask
+    from stencil_cli.core.training import overlay_mask
 
     rows = []
     for index, image in enumerate(subject.images):
@@ -470,8 +470,8 @@ def make_masks(
     progress: Progress = no_progress,
 ) -> tuple[Any, list[MaskPicture]]:
     """Encode the photos and captions, compute the masks and save their pictures (subject and run folders)."""
-    from stencil_cli import training
-    from stencil_cli.images import load_rgb
+    from stencil_cli.base.images import load_rgb
+    from stencil_cli.core import training
 
     captions = [image["caption"] for image in subject.images]
     photos = [load_rgb(Path(image["file"])) for image in subject.images]
@@ -507,7 +507,8 @@ def train_subject(
 
     Ctrl-C marks the run interrupted (with its step and losses), any other error failed; both re-raise.
     """
-    from stencil_cli import models, training
+    from stencil_cli import models
+    from stencil_cli.core import training
 
     name = subject.name
     device = next(pipe.unet.parameters()).device
@@ -649,7 +650,7 @@ def keep_steps_after_disk_full(
 
 
 def _checkpoint_step(path: Path) -> int | None:
-    from stencil_cli import training
+    from stencil_cli.core import training
 
     try:
         return int(training.load_checkpoint(path, mmap=True)["step"])
@@ -661,7 +662,7 @@ def save_run_weights(
     path: Path, unet: Any, names: list[str], config: Any, model_ref: str, subject: Subject, run: Run
 ) -> None:
     """Write the trained parameters (in `config.save_dtype`) and their metadata atomically to `path`."""
-    from stencil_cli import training
+    from stencil_cli.core import training
 
     tensors = training.trained_state(unet, names, training.SAVE_DTYPES[config.save_dtype])
     metadata = training.weights_metadata(

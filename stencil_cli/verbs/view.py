@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from stencil_cli.errors import FieldError, StencilError
-from stencil_cli.fsutil import atomic_write_bytes
-from stencil_cli.store import Generation, Run, Store, Subject
+from stencil_cli.base.errors import FieldError, StencilError
+from stencil_cli.base.fsutil import atomic_write_bytes
+from stencil_cli.store.db import Generation, Run, Store, Subject
 from stencil_cli.verbs.history import LOSS_CURVE_NAME, SAMPLES_DIR, run_kind
 from stencil_cli.verbs.train import MASKS_DIR, mask_files
 

@@ -1,0 +1,153 @@
+"""Durable file writes: temp file in the same folder, fsync, then os.replace."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from stencil_cli.base.errors import DiskFullError
+
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
+
+
+def current_umask() -> int:
+    """The process umask (read without changing it for longer than one call)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode a new file gets from `open()`: 0666 minus the umask."""
+    return 0o666 & ~current_umask()
+
+
+def folder_mode() -> int:
+    """The mode a new folder gets from `mkdir`: 0777 minus the umask."""
+    return 0o777 & ~current_umask()
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """True for the OSErrors a full disk, a quota or a file-size limit (``ulimit -f``) raise."""
+    return isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS
+
+
+@contextlib.contextmanager
+def disk_full_as_error(path: Path | str) -> Iterator[None]:
+    """Turn a disk-full OSError (ENOSPC, EFBIG, EDQUOT) raised inside into `DiskFullError(path)`."""
+    try:
+        yield
+    except OSError as error:
+        if is_disk_full(error):
+            raise DiskFullError(path) from error
+        raise
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem lets a folder be opened
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(target: Path) -> Iterator[Path]:
+    """Yield a temp path beside `target`; on success fsync it and move it over `target`.
+
+    The file gets the mode any new file gets (0666 minus the umask), not mkstemp's 0600. A full disk or a
+    file-size limit becomes `DiskFullError(target)`, and the old `target` (if any) is left as it was.
+    """
+    target = Path(target)
+    with disk_full_as_error(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        with disk_full_as_error(target):
+            yield tmp
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
+            os.chmod(tmp, file_mode())
+            os.replace(tmp, target)
+            _fsync_dir(target.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(target: Path, data: bytes) -> None:
+    """Write `data` to `target` atomically: readers see the old file or the whole new one."""
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_with(target: Path, writer: Callable[[Path], None]) -> None:
+    """Call `writer(tmp_path)` and atomically move the result to `target`."""
+    with atomic_path(target) as tmp:
+        writer(tmp)
+
+
+def is_within(path: Path, root: Path) -> bool:
+    """True if `path` resolves to a location inside `root` (guards deletions)."""
+    try:
+        Path(path).resolve().relative_to(Path(root).resolve())
+    except ValueError:
+        return False
+    return True
+
+
+def crash_point(name: str) -> None:
+    """Kill this process here if ``STENCIL_CRASH_AT`` names this point (tests of crash safety)."""
+    if os.environ.get("STENCIL_CRASH_AT") == name:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def folder_has_version(folder: Path, version: str) -> bool:
+    """Whether `folder` holds a complete build of `version` (its VERSION file, written last, says so)."""
+    try:
+        return (Path(folder) / "VERSION").read_text(encoding="utf-8").strip() == version
+    except OSError:
+        return False
+
+
+def build_folder_once(folder: Path, version: str, build: Callable[[Path], object]) -> Path:
+    """Make `folder` by calling `build(staging)` unless it already holds `version`; safe across processes.
+
+    The build goes to a staging folder beside `folder`, gets a VERSION file, and is renamed into place, so a
+    reader never sees a half-built folder; when two processes race, the first complete build wins.
+    """
+    import shutil
+
+    folder = Path(folder)
+    if folder_has_version(folder, version):
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-build-", dir=folder.parent))
+    try:
+        os.chmod(staging, folder_mode())  # mkdtemp makes 0700: the built folder should honour the umask
+        build(staging)
+        (staging / "VERSION").write_text(version + "\n", encoding="utf-8")
+        if folder.is_symlink() or folder.exists():
+            if folder_has_version(folder, version):  # another process finished first
+                return folder
+            if folder.is_symlink() or folder.is_file():
+                folder.unlink()
+            else:
+                shutil.rmtree(folder)
+        try:
+            os.replace(staging, folder)
+        except OSError:
+            if not folder_has_version(folder, version):
+                raise
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return folder

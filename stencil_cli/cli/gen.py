@@ -1,0 +1,358 @@
+"""`stencil gen`: a trained subject in a new context (Context Guidance), photo editing, plain generation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from stencil_cli.base.errors import BadInputError
+from stencil_cli.cli.kit import JsonOption, handle_errors
+from stencil_cli.cli.options import (
+    ContextModelOption,
+    DeviceOption,
+    NoT5Option,
+    PrecisionOption,
+    SubjectModelOption,
+)
+from stencil_cli.cli.output import err_console, escape, info, print_json_line, shown, warn
+from stencil_cli.cli.progress import add_task, progress_bar
+from stencil_cli.store.db import open_store
+from stencil_cli.verbs.generate import (
+    MAX_IMAGES,
+    MAX_SEED,
+    GenerateRequest,
+    GenerateResult,
+    GenerationPlan,
+    SavedImage,
+    generate,
+    parse_taus,
+    plan_generation,
+    prompt_lines,
+)
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
+
+FLAGS = {
+    "count": "-n",
+    "prompt": "the prompt",
+    "run_id": "--run",
+    "output": "-o",
+    "draft": "--draft",
+    "stdin": "the prompt '-' (stdin)",
+}
+
+
+# -- progress ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StageProgress:
+    """Maps the ML modules' progress hook onto one rich bar per stage (draft, inversion, denoise...)."""
+
+    progress: Progress
+    totals: dict[str, int]
+    tasks: dict[str, int] = field(default_factory=dict)
+    inner_total: int = 0
+
+    LABELS = {
+        "draft": "draft",
+        "inversion": "DDIM inversion",
+        "null-text": "null-text",
+        "denoise": "denoise",
+    }
+
+    def task(self, stage: str) -> int:
+        """The rich task for `stage` (created on first use)."""
+        if stage not in self.tasks:
+            self.tasks[stage] = add_task(self.progress, self.LABELS.get(stage, stage), self.totals.get(stage))
+        return self.tasks[stage]
+
+    def __call__(self, stage: str, step: int, total: int | None, extra: dict[str, Any]) -> None:
+        """The hook: advance the stage's bar; null-text shows inner-iteration counts and the loss."""
+        if stage == "warning":
+            warn(extra["message"])
+            return
+        if stage == "note":
+            info(f"[dim]{escape(extra['message'])}[/dim]")
+            return
+        task = self.task(stage)
+        samples = int(extra.get("samples", 1))  # a batched step stands for this many seeds' steps
+        if "advance" in extra:  # steps a pipeline or mode does not report one by one
+            self.progress.update(task, advance=int(extra["advance"]))
+            return
+        if stage == "null-text":
+            if extra.get("step_done"):
+                self.inner_total += int(extra.get("inner", 0))
+                self.progress.update(
+                    task,
+                    advance=samples,
+                    status=f"{self.inner_total} inner iterations, loss {extra['loss']:.2e}",
+                )
+            else:
+                self.progress.update(task, status=f"step {step}/{total}: inner {extra.get('inner', 0)}")
+            return
+        self.progress.update(task, advance=samples)
+
+
+# -- the command -------------------------------------------------------------------------------------------
+
+
+@handle_errors(flags=FLAGS)
+def gen(
+    name: Annotated[str, typer.Argument(help="The subject to render (see `stencil ls`).")],
+    prompt: Annotated[
+        str | None,
+        typer.Argument(
+            help="What to render. Without the subject phrase or a {} placeholder it becomes "
+            "'a PHRASE PROMPT' (e.g. 'in a Superman outfit'). '-' reads one prompt per line from stdin.",
+            show_default=False,
+        ),
+    ] = None,
+    prompts_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--prompts-file",
+            help="Read the prompts from this file: one per line, '#' starts a comment line.",
+            show_default=False,
+        ),
+    ] = None,
+    negative: Annotated[
+        str | None,
+        typer.Option(
+            "--negative",
+            help="Negative prompt for the denoise (after the injected steps) and the draft.",
+            show_default=False,
+        ),
+    ] = None,
+    count: Annotated[
+        int, typer.Option("-n", "--count", help="Images (seeds) to make.", min=1, max=MAX_IMAGES)
+    ] = 1,
+    seed: Annotated[
+        int | None,
+        typer.Option(
+            "--seed",
+            help="First seed; image i uses seed + i. [default: random]",
+            min=0,
+            max=MAX_SEED,
+        ),
+    ] = None,
+    tau: Annotated[
+        str,
+        typer.Option(
+            "--tau",
+            help="Guidance strength in [0, 1000]: higher keeps more of the draft. A list (20,60,200) reuses "
+            "one draft and one inversion.",
+        ),
+    ] = "60",
+    steps: Annotated[int, typer.Option("--steps", help="DDIM steps.", min=1, max=1000)] = 50,
+    inner_steps: Annotated[
+        int, typer.Option("--inner-steps", help="Null-text optimisation iterations per step.", min=1)
+    ] = 10,
+    guidance: Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale.")] = 7.5,
+    null_lr: Annotated[
+        float, typer.Option("--null-lr", help="Null-text learning rate (decays as lr * (1 - i/100)).")
+    ] = 1e-2,
+    inversion: Annotated[
+        str,
+        typer.Option("--inversion", help="nti (null-text, faithful) or npi (negative-prompt, ~30x faster)."),
+    ] = "nti",
+    draft: Annotated[
+        Path | None,
+        typer.Option(
+            "--draft", help="Use this image as the draft instead of rendering one (subject editing)."
+        ),
+    ] = None,
+    no_context: Annotated[
+        bool,
+        typer.Option(
+            "--no-context", help="Plain generation with the fine-tuned model: no draft, no inversion."
+        ),
+    ] = False,
+    draft_steps: Annotated[
+        int, typer.Option("--draft-steps", help="Context-model steps for the draft.", min=1)
+    ] = 50,
+    run_id: Annotated[
+        int | None, typer.Option("--run", help="Use this training run. [default: the newest done run]")
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option("-o", "--output", help="Also copy the images (and drafts, grid) into this folder."),
+    ] = None,
+    grid: Annotated[
+        bool, typer.Option("--grid", help="Also write a contact sheet: each draft, then each tau.")
+    ] = False,
+    draft_prompt: Annotated[
+        str | None,
+        typer.Option(
+            "--draft-prompt",
+            help="Use this text as the context model's draft prompt instead of the one built from the "
+            "subject's description.",
+        ),
+    ] = None,
+    rewrite: Annotated[
+        bool,
+        typer.Option(
+            "--rewrite",
+            help="Let the caption model write the draft prompt from your prompt and the subject's photos "
+            "(one request per subject and prompt, cached).",
+        ),
+    ] = False,
+    captioner: Annotated[
+        str | None,
+        typer.Option(
+            "--captioner",
+            envvar="STENCIL_CAPTIONER",
+            help="For --rewrite: openai (vision model; needs OPENAI_API_KEY) or template (no request: the "
+            "rule-made draft prompt). [default: openai]",
+            show_default=False,
+        ),
+    ] = None,
+    caption_model: Annotated[
+        str | None,
+        typer.Option(
+            "--caption-model",
+            envvar="STENCIL_CAPTION_MODEL",
+            help="For --rewrite: the vision model (default: as `stencil caption`, gpt-4o).",
+            show_default=False,
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            "--batch-size",
+            envvar="STENCIL_BATCH_SIZE",
+            help="Seeds drafted, inverted and denoised together (fewer, larger model calls; the same images "
+            "as one at a time within float tolerance). Lower it if memory runs out. "
+            "[default: 4 on the CPU and on GPUs with 40 GB or more, else 1]",
+            show_default=False,
+        ),
+    ] = None,
+    show_prompts: Annotated[
+        bool, typer.Option("--show-prompts", help="Print the subject prompt and the draft prompt.")
+    ] = False,
+    subject_model: SubjectModelOption = None,
+    context_model: ContextModelOption = None,
+    device: DeviceOption = None,
+    precision: PrecisionOption = None,
+    no_t5: NoT5Option = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Render a trained subject in a new context: draft -> null-text inversion -> guided denoise."""
+    request = GenerateRequest(
+        name=name,
+        prompts=_prompts(prompt, prompts_file),
+        negative=negative,
+        count=count,
+        seed=seed,
+        taus=parse_taus(tau),
+        steps=steps,
+        inner_steps=inner_steps,
+        guidance=guidance,
+        null_lr=null_lr,
+        inversion=inversion,
+        draft_steps=draft_steps,
+        draft=draft,
+        no_context=no_context,
+        run_id=run_id,
+        output=output,
+        grid=grid,
+        subject_model=subject_model,
+        context_model=context_model,
+        device=device,
+        precision=precision,
+        no_t5=no_t5,
+        batch_size=batch_size,
+        draft_prompt=draft_prompt,
+        rewrite=rewrite,
+        captioner=captioner,
+        caption_model=caption_model,
+    )
+    store = open_store()
+    plan = plan_generation(store, request)
+    for message in plan.warnings:
+        warn(message)
+    for note in plan.notes:
+        info(f"[dim]{shown(note)}[/dim]")
+    if show_prompts:
+        for item in plan.items[:1]:
+            err_console.print(f"prompt:       {shown(item.prompt)}")
+            err_console.print(f"draft prompt: {shown(item.draft_prompt)}")
+    result = GenerateResult(plan)
+    on_image = _json_line if json_output else None
+    try:
+        with progress_bar() as progress:
+            generate(
+                store,
+                plan,
+                progress=StageProgress(progress, plan.stage_totals()),
+                result=result,
+                on_image=on_image,
+            )
+    except (KeyboardInterrupt, Exception):
+        if result.images or result.drafts:
+            info(
+                f"[yellow]stopped after {len(result.images)} of {plan.expected} image(s)[/yellow]; "
+                f"kept what was finished in {escape(str(plan.folder))}"
+            )
+        if result.images:  # what was finished, as the normal end prints it (JSON lines were printed already)
+            _present(result, plan, json_output, finished=False)
+        raise
+    if result.grid_file is not None:
+        info(f"contact sheet: {escape(str(result.grid_file))}")
+    _present(result, plan, json_output)
+
+
+def _prompts(prompt: str | None, prompts_file: Path | None) -> list[str]:
+    """The prompt argument, the lines of --prompts-file, or (for '-') the lines of stdin."""
+    if prompt is not None and prompts_file is not None:
+        raise BadInputError("give the prompt or --prompts-file, not both")
+    if prompts_file is not None:
+        path = Path(prompts_file).expanduser()
+        if path.is_dir():
+            raise BadInputError(f"--prompts-file {path} is a folder: give a text file, one prompt per line")
+        if not path.is_file():
+            raise BadInputError(f"--prompts-file {path}: no such file")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise BadInputError(f"--prompts-file {path} cannot be read as UTF-8 text: {error}") from None
+        return prompt_lines(text)
+    if prompt is None:
+        raise BadInputError("say what to render: a prompt, '-' to read prompts from stdin, or --prompts-file")
+    if prompt == "-":
+        stream = typer.get_text_stream("stdin")
+        if stream.isatty():
+            raise BadInputError(
+                "the prompt '-' reads prompts from stdin, but stdin is a terminal: pipe them in"
+            )
+        return prompt_lines(stream.read(), "stdin")
+    return [prompt]
+
+
+def _json_line(saved: SavedImage) -> None:
+    """One JSON line per image as soon as it is saved (JSON Lines: a pipe sees each image at once)."""
+    print_json_line(saved.to_dict())
+
+
+def _present(
+    result: GenerateResult, plan: GenerationPlan, json_output: bool, *, finished: bool = True
+) -> None:
+    """One image path per line (stdout) and a summary (stderr); with --json the lines were printed already
+    as each image was saved. After an interruption (`finished=False`): the images made so far, no summary."""
+    if json_output:
+        return
+    for saved in result.images:
+        typer.echo(saved.output_file or saved.generation.image_file)
+    if not finished:
+        return
+    where = plan.output if plan.output is not None else plan.folder
+    info(f"[green]made {len(result.images)} image(s)[/green] in {escape(str(where))}")
+
+
+def register(app: typer.Typer) -> None:
+    """Register `stencil gen`."""
+    app.command("gen", no_args_is_help=True)(gen)

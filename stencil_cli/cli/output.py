@@ -1,0 +1,95 @@
+"""Where output goes: data to stdout, messages and progress to stderr."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+
+__all__ = [
+    "escape",
+    "err_console",
+    "human_bytes",
+    "plain",
+    "print_json",
+    "print_json_line",
+    "settings",
+    "shown",
+    "info",
+    "stdout_console",
+    "warn",
+]
+
+
+@dataclass
+class OutputSettings:
+    """Global output switches, set once by the CLI callback."""
+
+    quiet: bool = False
+    debug: bool = os.environ.get("STENCIL_DEBUG", "") not in ("", "0")
+
+
+settings = OutputSettings()
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def print_json(data: Any) -> None:
+    """Print `data` as plain JSON on stdout (never through rich)."""
+    sys.stdout.write(json.dumps(data, indent=2, default=str, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+def print_json_line(data: Any) -> None:
+    """Print `data` as one line of JSON on stdout and flush it (JSON Lines: a pipe sees it at once)."""
+    sys.stdout.write(json.dumps(data, default=str, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+PIPED_WIDTH = 10_000  # a table written to a pipe or file is never cut to 80 columns
+
+
+def stdout_console() -> Console:
+    """A rich console on stdout for tables: the terminal's width, or unlimited when piped (ids never cut)."""
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        console = Console(highlight=False, width=PIPED_WIDTH)
+    return console
+
+
+def human_bytes(count: int) -> str:
+    """1536 -> '1.5 KB' (powers of 1024, one decimal)."""
+    size = float(count)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TB"
+
+
+def info(message: str) -> None:
+    """Print an informational message on stderr unless quiet. `message` is rich markup."""
+    if not settings.quiet:
+        err_console.print(message)
+
+
+def warn(message: str) -> None:
+    """Print a warning on stderr (shown even when quiet). `message` is plain text."""
+    err_console.print(f"[yellow]warning:[/yellow] {shown(message)}")
+
+
+def plain(text: object) -> str:
+    """`text` fit for a terminal: without escape sequences, control or invisible bidi characters (stored
+    captions, phrases and prompts may hold what a server or an older version let through)."""
+    from stencil_cli.base.text import sanitize_text
+
+    return sanitize_text(str(text))
+
+
+def shown(text: object) -> str:
+    """`text` for rich markup: `plain`, then escaped (a prompt like "[Superman]" is not markup)."""
+    return escape(plain(text))
