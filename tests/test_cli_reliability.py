@@ -313,7 +313,7 @@ def test_adding_a_photo_again_restores_its_deleted_file(cli: Any, tmp_path: Path
 
 
 def _interrupted_with_checkpoint(cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    from stencil_cli.core import training
+    from stencil_cli.core import weights
 
     _captioned(cli, tmp_path)
 
@@ -321,7 +321,7 @@ def _interrupted_with_checkpoint(cli: Any, tmp_path: Path, monkeypatch: pytest.M
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr(training, "save_trained_weights", ctrl_c)
+        patch.setattr(weights, "save_trained_weights", ctrl_c)
         result = cli("train", "robot", "--subject-model", "tiny", "--steps", "2", "--batch-size", "2",
                      "--checkpoint-every", "1")
     assert result.exit_code == 130, result.output

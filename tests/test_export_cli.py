@@ -41,7 +41,7 @@ def _call(unet: Any) -> torch.Tensor:
 
 def _stencil_unet(tiny_models_dir: Path, run: dict[str, Any]) -> Any:
     """The UNet stencil generates with for `run` (the base with the run's weights loaded)."""
-    from stencil_cli.core.training import load_trained_weights
+    from stencil_cli.core.weights import load_trained_weights
 
     unet = models.load_subject_pipeline(str(tiny_models_dir / "subject"), device="cpu", precision="fp32").unet
     load_trained_weights(unet, Path(run["weights_file"]))

@@ -184,7 +184,8 @@ def _photo(path: Path, colour: tuple[int, int, int]) -> Path:
 @pytest.fixture
 def trained(cli: Any, tiny_preset: Path, tmp_path: Path, tiny_subject_pipe: Any) -> str:
     """A subject `robot` with two photos, a description and a done run whose weights are the tiny decoder."""
-    from stencil_cli.core.training import save_trained_weights, trainable_names, trained_state
+    from stencil_cli.core.training import trainable_names
+    from stencil_cli.core.weights import save_trained_weights, trained_state
 
     photos = tmp_path / "photos"
     photos.mkdir()

@@ -19,12 +19,10 @@ from safetensors.torch import load_file
 from stencil_cli.base.errors import BadInputError
 from stencil_cli.core import export as ex
 from stencil_cli.core.generation import GenerationSettings, plain_generate
-from stencil_cli.core.training import (
-    TrainConfig,
-    TrainingData,
+from stencil_cli.core.training import TrainConfig, TrainingData, train_unet
+from stencil_cli.core.weights import (
     load_trained_weights,
     save_trained_weights,
-    train_unet,
     trained_state,
     weights_metadata,
 )

@@ -9,13 +9,11 @@ import pytest
 import torch
 
 from stencil_cli.base.errors import BadInputError
-from stencil_cli.core.precision import subject_unet_dtype, update_fidelity
-from stencil_cli.core.training import (
-    SAVE_DTYPES,
-    TrainConfig,
+from stencil_cli.core.precision import SAVE_DTYPES, subject_unet_dtype, update_fidelity
+from stencil_cli.core.training import TrainConfig, trainable_names
+from stencil_cli.core.weights import (
     load_trained_weights,
     save_trained_weights,
-    trainable_names,
     trained_state,
     weights_metadata,
 )

@@ -23,11 +23,13 @@ from stencil_cli.base.errors import BadInputError, StencilError
 from stencil_cli.core.training import (
     TrainConfig,
     load_checkpoint,
-    load_trained_weights,
     masked_mse,
     prepare_training_data,
-    save_trained_weights,
     train_unet,
+)
+from stencil_cli.core.weights import (
+    load_trained_weights,
+    save_trained_weights,
     trained_state,
     weights_metadata,
 )
@@ -301,19 +303,19 @@ def test_refusals(cli, tiny_preset, tmp_path: Path) -> None:
 
 def test_resume_refuses_changed_captions_or_phrase(cli, tiny_preset, tmp_path: Path, monkeypatch) -> None:
     """The run stores a hash of captions + phrase; --resume after either changed is a one-line refusal."""
-    from stencil_cli.core import training
+    from stencil_cli.core import weights
 
     _add_subject(cli, tmp_path)
-    real_save = training.save_trained_weights
+    real_save = weights.save_trained_weights
 
     def crash_before_saving(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(training, "save_trained_weights", crash_before_saving)
+    monkeypatch.setattr(weights, "save_trained_weights", crash_before_saving)
     result = cli("train", "robot", "--subject-model", "tiny", "--steps", "2", "--batch-size", "2",
                  "--checkpoint-every", "1")
     assert result.exit_code == 130, result.output
-    monkeypatch.setattr(training, "save_trained_weights", real_save)
+    monkeypatch.setattr(weights, "save_trained_weights", real_save)
     store = open_store()
     (run,) = store.list_runs("robot")
     assert run.status == "interrupted" and len(run.params["captions_sha256"]) == 64

@@ -94,19 +94,19 @@ def test_bad_preview_options_are_refused_before_the_model_loads(cli: Any, tmp_pa
 def test_a_resumed_run_keeps_its_preview_settings(
     cli: Any, tmp_path: Path, tiny_preset: Path, monkeypatch: Any
 ) -> None:
-    from stencil_cli.core import training
+    from stencil_cli.core import weights
 
     _captioned(cli, tmp_path)
-    real_save = training.save_trained_weights
+    real_save = weights.save_trained_weights
 
     def crash_before_saving(*args: Any, **kwargs: Any) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(training, "save_trained_weights", crash_before_saving)
+    monkeypatch.setattr(weights, "save_trained_weights", crash_before_saving)
     args = ("--steps", "4", "--checkpoint-every", "2", "--sample-every", "2", "--sample-prompt", "x")
     interrupted = cli("train", "robot", *TINY, *args, "--sample-steps", "2")
     assert interrupted.exit_code == 130, interrupted.output
-    monkeypatch.setattr(training, "save_trained_weights", real_save)
+    monkeypatch.setattr(weights, "save_trained_weights", real_save)
     run = _train(cli, "--resume", "--steps", "6")
     samples = Path(run["weights_file"]).parent / "samples"
     assert sorted(path.name for path in samples.iterdir()) == [

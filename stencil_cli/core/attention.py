@@ -13,7 +13,7 @@ import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +22,8 @@ from stencil_cli.base.errors import BadInputError
 
 DEFAULT_THRESHOLD = 0.2  # p_t in the paper
 DEFAULT_MASK_TIMESTEP = 50  # the small timestep the reference code noises the latent to
-MASK_FROM = ("caption", "both")  # caption: the paper ("conditioned on C"); both: the authors' CFG batch
+MaskFrom = Literal["caption", "both"]  # caption: the paper ("conditioned on C"); both: the authors' CFG batch
+MASK_FROM: tuple[MaskFrom, ...] = get_args(MaskFrom)
 END_OF_WORD = "</w>"
 
 
@@ -296,7 +297,7 @@ def compute_masks(
     timestep: int = DEFAULT_MASK_TIMESTEP,
     seed: int = 0,
     batch_size: int = 1,
-    mask_from: str = "caption",
+    mask_from: MaskFrom = "caption",
     empty_embedding: torch.Tensor | None = None,
 ) -> MaskResult:
     """Subject masks from one frozen UNet pass per photo on its latent noised to `timestep`.

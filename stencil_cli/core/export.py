@@ -35,27 +35,34 @@ import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 
 from stencil_cli import __version__
 from stencil_cli.base.errors import BadInputError, StencilError
 from stencil_cli.base.fsutil import atomic_write_with, folder_mode
+from stencil_cli.core.precision import SAVE_DTYPES
 from stencil_cli.core.weights import (
     KIND_LORA,
     LORA_TARGET_MODULES,
+    WeightsKind,
+    cast_weights_file,
+    load_trained_weights,
     lora_delta,
     lora_pairs,
     lora_scale,
     read_tensors,
+    read_weights_metadata,
+    save_trained_weights,
     weights_kind,
 )
+from stencil_cli.models.devices import DtypeName
 
-FORMATS = ("lora", "kohya", "diffusers", "single-file")
-LORA_FORMATS = ("lora", "kohya")
+ExportFormat = Literal["lora", "kohya", "diffusers", "single-file"]
+FORMATS: tuple[ExportFormat, ...] = get_args(ExportFormat)
+LORA_FORMATS: tuple[ExportFormat, ...] = ("lora", "kohya")
 DEFAULT_EXTRACT_RANK = 32
-SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 CARD_SUFFIX = ".README.md"  # file exports: ``NAME.safetensors`` gets ``NAME.README.md`` beside it
 UNET_PREFIX = "unet."
 
@@ -77,13 +84,13 @@ class ExtractionError:
 
 
 @dataclass
-class ExportResult:
-    """What an export wrote."""
+class WrittenExport:
+    """What `export_run` wrote: the file (or folder), its model card, its size and header, how it was made."""
 
-    format: str
+    format: ExportFormat
     path: Path
     card: Path
-    kind: str  # the run's kind: full | lora
+    kind: WeightsKind  # the run's kind
     bytes: int
     rank: int | None = None
     error: ExtractionError | None = None
@@ -93,7 +100,7 @@ class ExportResult:
 # -- validation ----------------------------------------------------------------------------------------------
 
 
-def card_path(fmt: str, target: Path) -> Path:
+def card_path(fmt: ExportFormat, target: Path) -> Path:
     """Where the model card of an export to `target` goes."""
     target = Path(target)
     if fmt == "diffusers":
@@ -101,7 +108,9 @@ def card_path(fmt: str, target: Path) -> Path:
     return target.with_name(target.stem + CARD_SUFFIX)
 
 
-def check_request(fmt: str, target: Path, *, rank: int | None, force: bool, kind: str) -> None:
+def check_request(
+    fmt: ExportFormat, target: Path, *, rank: int | None, force: bool, kind: WeightsKind
+) -> None:
     """Refuse bad requests before any model work: BadInputError with a plain message."""
     if fmt not in FORMATS:
         raise BadInputError(f"unknown export format {fmt!r}: use one of {', '.join(FORMATS)}")
@@ -405,10 +414,7 @@ def _metadata_strings(metadata: Mapping[str, Any]) -> dict[str, str]:
 
 
 def _write_file(target: Path, tensors: dict[str, torch.Tensor], metadata: Mapping[str, Any]) -> None:
-    from safetensors.torch import save_file
-
-    header = _metadata_strings(metadata)
-    atomic_write_with(target, lambda tmp: save_file(tensors, str(tmp), metadata=header))
+    save_trained_weights(target, tensors, _metadata_strings(metadata))
 
 
 def _write_folder(target: Path, build: Callable[[Path], None]) -> None:
@@ -430,18 +436,8 @@ def _write_folder(target: Path, build: Callable[[Path], None]) -> None:
 
 def _cast_safetensors(folder: Path, dtype: torch.dtype) -> None:
     """Rewrite every safetensors file under `folder` with its floating-point tensors in `dtype`."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     for path in Path(folder).rglob("*.safetensors"):
-        with safe_open(str(path), framework="pt") as handle:
-            header = handle.metadata()
-            tensors = {
-                key: (t.to(dtype) if t.is_floating_point() else t).contiguous()
-                for key in handle.keys()  # noqa: SIM118 - a safetensors handle is not a dict
-                for t in (handle.get_tensor(key),)
-            }
-        save_file(tensors, str(path), metadata=header)
+        cast_weights_file(path, dtype)
 
 
 def _folder_bytes(path: Path) -> int:
@@ -451,7 +447,7 @@ def _folder_bytes(path: Path) -> int:
 # -- the model card ------------------------------------------------------------------------------------------
 
 
-def model_card(fmt: str, target: Path, info: Mapping[str, Any]) -> str:
+def model_card(fmt: ExportFormat, target: Path, info: Mapping[str, Any]) -> str:
     """The README.md text of an export: what it is, how it was trained, how to load it."""
     name = Path(target).name
     phrase = info.get("phrase") or "the subject"
@@ -534,33 +530,25 @@ def model_card(fmt: str, target: Path, info: Mapping[str, Any]) -> str:
 # -- the export ----------------------------------------------------------------------------------------------
 
 
-def _read_metadata(path: Path) -> dict[str, str]:
-    from stencil_cli.core.training import read_weights_metadata
-
-    return read_weights_metadata(Path(path))
-
-
 def export_run(
     pipe: Any,
     weights_path: Path,
-    fmt: str,
+    fmt: ExportFormat,
     target: Path,
     *,
     rank: int | None = None,
     force: bool = False,
-    save_dtype: str = "fp16",
+    save_dtype: DtypeName = "fp16",
     base_model: str | None = None,
-) -> ExportResult:
+) -> WrittenExport:
     """Export a run (its weights file, over the base pipeline `pipe`) to `target` in format `fmt`.
 
     `pipe` must hold the base weights the run was trained from; the ``diffusers`` and ``single-file`` formats
     load the run into ``pipe.unet`` in place. `rank` is for extracting a LoRA from a full run (default
     ``DEFAULT_EXTRACT_RANK``); a LoRA run exports at its trained rank.
     """
-    from stencil_cli.core.training import load_trained_weights
-
     target = Path(target)
-    metadata = _read_metadata(weights_path)
+    metadata = read_weights_metadata(Path(weights_path))
     kind = weights_kind(metadata)
     check_request(fmt, target, rank=rank, force=force, kind=kind)
     if save_dtype not in SAVE_DTYPES:
@@ -631,7 +619,7 @@ def export_run(
     if fmt != "diffusers":
         atomic_write_with(card, lambda tmp: tmp.write_text(model_card(fmt, target, info), encoding="utf-8"))
     size = _folder_bytes(target) if target.is_dir() else target.stat().st_size
-    return ExportResult(
+    return WrittenExport(
         format=fmt,
         path=target,
         card=card,
@@ -646,8 +634,9 @@ def export_run(
 __all__ = [
     "DEFAULT_EXTRACT_RANK",
     "FORMATS",
-    "ExportResult",
+    "ExportFormat",
     "ExtractionError",
+    "WrittenExport",
     "check_request",
     "export_run",
     "lora_delta",

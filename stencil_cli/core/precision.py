@@ -10,11 +10,18 @@ from __future__ import annotations
 
 import torch
 
-DEFAULT_SAVE_DTYPE = "fp32"  # the trained parameters on disk: exact master weights
-_NAMED = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from stencil_cli.models import subject_dtype
+from stencil_cli.models.devices import DtypeName, Precision
+
+DEFAULT_SAVE_DTYPE: DtypeName = "fp32"  # the trained parameters on disk: exact master weights
+SAVE_DTYPES: dict[DtypeName, torch.dtype] = {
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+    "fp32": torch.float32,
+}
 
 
-def subject_unet_dtype(precision: str, device: torch.device | str) -> torch.dtype:
+def subject_unet_dtype(precision: Precision | str, device: torch.device | str) -> torch.dtype:
     """The dtype to run the trained subject UNet in for `precision` on `device`.
 
     ``auto``: float16 on CUDA and MPS (10 significant bits: >= 99.7% of the updated elements keep a 1/50
@@ -23,8 +30,6 @@ def subject_unet_dtype(precision: str, device: torch.device | str) -> torch.dtyp
     ``fp32`` / ``fp16`` / ``bf16`` is honoured (bf16 is the user's choice, at a measured cost in fidelity;
     fp16 on the CPU is refused as `models.resolve_dtype` does).
     """
-    from stencil_cli.models import subject_dtype
-
     return subject_dtype(precision, torch.device(device))
 
 

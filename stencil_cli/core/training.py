@@ -1,28 +1,28 @@
-"""Fine-tuning with the Cross-Attention Guided Loss (METHOD.md, section 2); trained params as safetensors.
+"""Fine-tuning with the Cross-Attention Guided Loss (METHOD.md, section 2): the loop and its checkpoints.
 
 The loop is written out step by step: photos are centre-cropped and encoded to latents once, captions to
 embeddings once, and the subject masks are computed once (`attention.compute_masks`) with the frozen model.
 Each step samples references (with replacement when there are fewer than the batch), a timestep uniform in
 [0, 1000) and Gaussian noise, all from one CPU generator, and minimises ``mean((mask * (eps - eps_hat))^2)``.
 
-This module takes models, tensors and dataclasses; it never touches the store and never prints.
+The trained parameters go into a weights file through `core.weights`; the resumable checkpoints (the
+optimiser, the RNG and the loss curve besides the parameters) are this module's own. It takes models,
+tensors and dataclasses; it never touches the store and never prints.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
 from PIL import Image
 
-from stencil_cli import __version__
 from stencil_cli.base.errors import FieldError, StencilError
 from stencil_cli.base.fsutil import atomic_write_with
 from stencil_cli.base.images import center_crop_resize
@@ -30,26 +30,18 @@ from stencil_cli.core.attention import (
     DEFAULT_MASK_TIMESTEP,
     DEFAULT_THRESHOLD,
     MASK_FROM,
+    MaskFrom,
     compute_masks,
     token_weights,
 )
-from stencil_cli.core.precision import DEFAULT_SAVE_DTYPE
-from stencil_cli.core.weights import (
-    KIND_LORA,
-    LORA_TARGET_MODULES,
-    add_lora,
-    lora_scale,
-    merge_lora,
-    read_tensors,
-    weights_kind,
-)
+from stencil_cli.core.precision import DEFAULT_SAVE_DTYPE, SAVE_DTYPES
+from stencil_cli.core.weights import KIND_FULL, KIND_LORA, WeightsKind, add_lora, trained_state
+from stencil_cli.models.devices import DtypeName
 
-WEIGHTS_FORMAT = "stencil-trained-params"
-WEIGHTS_FORMAT_VERSION = "1"
 CHECKPOINT_VERSION = 1
-TRAIN_CHOICES = ("decoder", "all")
-SAVE_DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {
+TrainedPart = Literal["decoder", "all"]  # the decoder (up_blocks), the paper's choice, or the whole UNet
+TRAIN_CHOICES: tuple[TrainedPart, ...] = get_args(TrainedPart)
+AUTOCAST_DTYPES: dict[DtypeName, torch.dtype | None] = {
     "fp32": None,
     "fp16": torch.float16,
     "bf16": torch.bfloat16,
@@ -66,21 +58,21 @@ class TrainConfig:
     threshold: float = DEFAULT_THRESHOLD
     seed: int = 0
     resolution: int = 512
-    train: str = "decoder"  # decoder (up_blocks) | all
+    train: TrainedPart = "decoder"
     use_mask: bool = True
-    precision: str = "fp32"  # fp32 | fp16 | bf16 (autocast)
+    precision: DtypeName = "fp32"  # the autocast dtype
     gradient_checkpointing: bool = False
     mask_timestep: int = DEFAULT_MASK_TIMESTEP
     checkpoint_every: int = 0
-    save_dtype: str = DEFAULT_SAVE_DTYPE  # fp32: the update (~1/50 of a weight) survives exactly
-    mask_from: str = "caption"  # caption (the paper) | both (the authors' [empty, caption] batch, averaged)
+    save_dtype: DtypeName = DEFAULT_SAVE_DTYPE  # fp32: the update (~1/50 of a weight) survives exactly
+    mask_from: MaskFrom = "caption"  # the paper's, or the authors' [empty, caption] batch averaged
     lora_rank: int | None = None  # None: fine-tune the decoder itself (the paper); N: LoRA adapters of rank N
     lora_alpha: float | None = None  # LoRA scale numerator (alpha / rank); None: alpha = rank
 
     @property
-    def kind(self) -> str:
+    def kind(self) -> WeightsKind:
         """``lora`` when training LoRA adapters, else ``full``."""
-        return "lora" if self.lora_rank else "full"
+        return KIND_LORA if self.lora_rank else KIND_FULL
 
     @property
     def effective_lora_alpha(self) -> float:
@@ -260,101 +252,6 @@ def make_optimizer(params: Sequence[torch.nn.Parameter], lr: float) -> torch.opt
     return torch.optim.Adam(params, lr=lr, weight_decay=0.0, foreach=True)
 
 
-def trained_state(unet: Any, names: Sequence[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The named parameters as contiguous CPU tensors of `dtype` (what goes into the file)."""
-    params = dict(unet.named_parameters())
-    return {name: params[name].detach().to("cpu", dtype).contiguous() for name in names}
-
-
-def save_trained_weights(
-    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
-) -> Path:
-    """Write the trained parameters as one safetensors file, atomically (never a truncated file)."""
-    from safetensors.torch import save_file
-
-    header = {str(k): str(v) for k, v in metadata.items()}
-    atomic_write_with(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=header))
-    return Path(path)
-
-
-def weights_metadata(
-    config: TrainConfig, base_model: str, names: Sequence[str], **extra: Any
-) -> dict[str, str]:
-    """The metadata header: format, stencil version, base model, training params and what was trained."""
-    metadata = {
-        "format": WEIGHTS_FORMAT,
-        "format_version": WEIGHTS_FORMAT_VERSION,
-        "stencil_version": __version__,
-        "base_model": base_model,
-        "trained": config.train,
-        "tensors": str(len(names)),
-        "dtype": config.save_dtype,
-        "params": json.dumps(config.to_params(), sort_keys=True),
-        "kind": config.kind,
-    }
-    if config.lora_rank:
-        metadata["lora_rank"] = str(int(config.lora_rank))
-        metadata["lora_alpha"] = str(config.effective_lora_alpha)
-        metadata["lora_targets"] = ",".join(LORA_TARGET_MODULES)
-    for key, value in extra.items():
-        metadata[key] = value if isinstance(value, str) else json.dumps(value)
-    return metadata
-
-
-def read_weights_metadata(path: Path) -> dict[str, str]:
-    """The metadata header of a trained-weights file (clear error if missing or damaged)."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise StencilError(f"trained weights not found: {path}", hint="train again with `stencil train NAME`")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return dict(handle.metadata() or {})
-    except Exception as error:  # noqa: BLE001 - safetensors raises several types for a damaged file
-        raise StencilError(f"trained weights file {path} is damaged or not safetensors ({error})") from error
-
-
-def load_trained_weights(unet: Any, path: Path) -> dict[str, str]:
-    """Load a run's trained weights into `unet` (either kind), in its dtype/device; return the metadata.
-
-    A full run's parameters are copied in; a LoRA run's adapters are merged into the base weights
-    (``W += alpha / rank * B @ A``), so the UNet stays a plain diffusers UNet.
-    """
-    from safetensors import safe_open
-
-    metadata = read_weights_metadata(path)
-    if weights_kind(metadata) == KIND_LORA:
-        merge_lora(unet, read_tensors(path), lora_scale(metadata))
-        return metadata
-    params = dict(unet.named_parameters())
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            names = list(handle.keys())
-            unknown = [name for name in names if name not in params]
-            if unknown:
-                raise StencilError(
-                    f"{path.name} does not fit this UNet (e.g. no parameter {unknown[0]!r}); "
-                    f"it was trained on {metadata.get('base_model', 'another model')}"
-                )
-            with torch.no_grad():
-                for name in names:
-                    tensor = handle.get_tensor(name)
-                    target = params[name]
-                    if tuple(tensor.shape) != tuple(target.shape):
-                        raise StencilError(
-                            f"{path.name} does not fit this UNet: {name} is {tuple(tensor.shape)}, "
-                            f"the model has {tuple(target.shape)} (trained on "
-                            f"{metadata.get('base_model', 'another model')})"
-                        )
-                    target.copy_(tensor.to(device=target.device, dtype=target.dtype))
-    except StencilError:
-        raise
-    except Exception as error:  # noqa: BLE001
-        raise StencilError(f"cannot read trained weights {path}: {error}") from error
-    return metadata
-
-
 # -- checkpoints ---------------------------------------------------------------------------------
 
 
@@ -435,8 +332,8 @@ def first_non_finite(value: Any, where: str = "") -> str | None:
 
 
 @dataclass
-class TrainResult:
-    """What the loop produced."""
+class TrainingLoopResult:
+    """What the training loop produced: the trained names, the loss curve, the steps, a checkpoint writer."""
 
     names: list[str]  # the trained parameter names
     losses: list[float]  # one per step, from step 1
@@ -461,7 +358,7 @@ def train_unet(
     on_step: Callable[[int, float], None] | None = None,
     sample_every: int = 0,
     on_sample: Callable[[int, Any], None] | None = None,
-) -> TrainResult:
+) -> TrainingLoopResult:
     """Fine-tune `unet` in place for `config.steps` steps (continuing a checkpoint if `resume` is given).
 
     The trained parameters must be fp32 (the master weights); forward passes run under autocast when
@@ -577,4 +474,4 @@ def train_unet(
             unet.disable_gradient_checkpointing()
         for param in unet.parameters():
             param.requires_grad_(False)
-    return TrainResult(names=names, losses=losses, steps=step, save_checkpoint=checkpoint_now)
+    return TrainingLoopResult(names=names, losses=losses, steps=step, save_checkpoint=checkpoint_now)

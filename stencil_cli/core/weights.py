@@ -1,4 +1,4 @@
-"""Trained-weights kinds: the full decoder fine-tune and LoRA adapters (through peft), and how each loads.
+"""Every trained-weights file: writing it with its metadata, reading it, fitting it to a UNet, LoRA adapters.
 
 A run's weights file is one safetensors file whose metadata names its ``kind``:
 
@@ -10,25 +10,220 @@ A run's weights file is one safetensors file whose metadata names its ``kind``:
   diffusers UNet and every stage of generation (attention recording, inversion, denoising) works on it
   unchanged.
 
+The metadata header also carries the format, the stencil version, the base model, what was trained and every
+training parameter (JSON). Files are written to a temp name and moved into place (never a truncated file);
+exports (`core.export`) write their files through `save_trained_weights` too.
+
 This module takes models and tensors; it never touches the store and never prints."""
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, Protocol, get_args
 
+import safetensors.torch
 import torch
+from safetensors import safe_open
 
+from stencil_cli import __version__
 from stencil_cli.base.errors import BadInputError, StencilError
+from stencil_cli.base.fsutil import atomic_write_with
 
-KIND_FULL = "full"
-KIND_LORA = "lora"
-KINDS = (KIND_FULL, KIND_LORA)
+WeightsKind = Literal["full", "lora"]
+KIND_FULL: WeightsKind = "full"
+KIND_LORA: WeightsKind = "lora"
+KINDS: tuple[WeightsKind, ...] = get_args(WeightsKind)
+WEIGHTS_FORMAT = "stencil-trained-params"
+WEIGHTS_FORMAT_VERSION = "1"
 LORA_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
 LORA_DEFAULT_LR = 1e-4  # diffusers' DreamBooth-LoRA examples; the paper's 2e-5 is for full fine-tuning
 ADAPTER_NAME = "default"
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>A|B)(?:\.[^.]+)?\.weight$")
+
+
+class TrainedWith(Protocol):
+    """The training settings a weights file records (`core.training.TrainConfig` is one)."""
+
+    train: str
+    save_dtype: str
+    lora_rank: int | None
+
+    @property
+    def kind(self) -> WeightsKind:
+        """``lora`` or ``full``."""
+        ...
+
+    @property
+    def effective_lora_alpha(self) -> float:
+        """The LoRA alpha in use."""
+        ...
+
+    def to_params(self) -> dict[str, Any]:
+        """The settings as a JSON-ready dict."""
+        ...
+
+
+# -- writing -------------------------------------------------------------------------------------------------
+
+
+def trained_state(unet: Any, names: Sequence[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The named parameters as contiguous CPU tensors of `dtype` (what goes into the file)."""
+    params = dict(unet.named_parameters())
+    return {name: params[name].detach().to("cpu", dtype).contiguous() for name in names}
+
+
+def weights_metadata(
+    config: TrainedWith, base_model: str, names: Sequence[str], **extra: Any
+) -> dict[str, str]:
+    """The metadata header: format, stencil version, base model, training params and what was trained."""
+    metadata = {
+        "format": WEIGHTS_FORMAT,
+        "format_version": WEIGHTS_FORMAT_VERSION,
+        "stencil_version": __version__,
+        "base_model": base_model,
+        "trained": config.train,
+        "tensors": str(len(names)),
+        "dtype": config.save_dtype,
+        "params": json.dumps(config.to_params(), sort_keys=True),
+        "kind": config.kind,
+    }
+    if config.lora_rank:
+        metadata["lora_rank"] = str(int(config.lora_rank))
+        metadata["lora_alpha"] = str(config.effective_lora_alpha)
+        metadata["lora_targets"] = ",".join(LORA_TARGET_MODULES)
+    for key, value in extra.items():
+        metadata[key] = value if isinstance(value, str) else json.dumps(value)
+    return metadata
+
+
+def save_trained_weights(
+    path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any]
+) -> Path:
+    """Write tensors and a metadata header as one safetensors file, atomically (never a truncated file)."""
+    header = {str(k): str(v) for k, v in metadata.items()}
+    data = dict(tensors)
+    atomic_write_with(Path(path), lambda tmp: safetensors.torch.save_file(data, str(tmp), metadata=header))
+    return Path(path)
+
+
+def cast_weights_file(path: Path, dtype: torch.dtype) -> None:
+    """Rewrite a safetensors file in place with its floating-point tensors in `dtype` (its header kept)."""
+    with safe_open(str(path), framework="pt") as handle:
+        header = handle.metadata()
+        tensors = {
+            key: (t.to(dtype) if t.is_floating_point() else t).contiguous()
+            for key in handle.keys()  # noqa: SIM118 - a safetensors handle is not a dict
+            for t in (handle.get_tensor(key),)
+        }
+    safetensors.torch.save_file(tensors, str(path), metadata=header)
+
+
+# -- reading -------------------------------------------------------------------------------------------------
+
+
+class DamagedWeightsError(StencilError):
+    """A weights file that is not readable safetensors (truncated, damaged or another format)."""
+
+    def __init__(self, path: Path, detail: str) -> None:
+        super().__init__(f"trained weights file {path} is damaged or not safetensors ({detail})")
+        self.path = Path(path)
+        self.detail = detail
+
+
+def read_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
+    """A weights file's metadata and every tensor's shape, from its header alone (no tensor is read)."""
+    path = Path(path)
+    if not path.is_file():
+        raise StencilError(f"trained weights not found: {path}", hint="train again with `stencil train NAME`")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+            shapes = {
+                key: tuple(handle.get_slice(key).get_shape())
+                for key in handle.keys()  # noqa: SIM118 - a safetensors handle is not a dict
+            }
+    except Exception as error:  # noqa: BLE001 - safetensors raises several types for a damaged file
+        raise DamagedWeightsError(path, str(error)) from error
+    return metadata, shapes
+
+
+def read_weights_metadata(path: Path) -> dict[str, str]:
+    """The metadata header of a trained-weights file (clear error if missing or damaged)."""
+    return read_header(path)[0]
+
+
+def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's name and shape, from the file's header (clear error if missing or damaged)."""
+    return read_header(path)[1]
+
+
+def read_tensors(path: Any) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file (CPU)."""
+    try:
+        return safetensors.torch.load_file(str(path))
+    except Exception as error:  # noqa: BLE001 - safetensors raises several types for a damaged file
+        raise StencilError(f"cannot read trained weights {path}: {error}") from error
+
+
+def weights_kind(metadata: Mapping[str, str]) -> WeightsKind:
+    """``lora`` or ``full`` (files written before LoRA existed are full)."""
+    kind = metadata.get("kind", KIND_FULL)
+    if kind not in KINDS:
+        raise StencilError(f"unknown trained-weights kind {kind!r}: this stencil reads {', '.join(KINDS)}")
+    return KIND_LORA if kind == KIND_LORA else KIND_FULL
+
+
+# -- fitting a file to a UNet --------------------------------------------------------------------------------
+
+
+def check_fits(
+    unet: Any, path: Path, metadata: Mapping[str, str], shapes: Mapping[str, tuple[int, ...]]
+) -> None:
+    """Refuse a full run's tensors that are not parameters of `unet` of the same shapes (names the first)."""
+    params = dict(unet.named_parameters())
+    trained_on = metadata.get("base_model", "another model")
+    unknown = [name for name in shapes if name not in params]
+    if unknown:
+        raise StencilError(
+            f"{path.name} does not fit this UNet (e.g. no parameter {unknown[0]!r}); "
+            f"it was trained on {trained_on}"
+        )
+    for name, shape in shapes.items():
+        if tuple(shape) != tuple(params[name].shape):
+            raise StencilError(
+                f"{path.name} does not fit this UNet: {name} is {tuple(shape)}, "
+                f"the model has {tuple(params[name].shape)} (trained on {trained_on})"
+            )
+
+
+def load_trained_weights(unet: Any, path: Path) -> dict[str, str]:
+    """Load a run's trained weights into `unet` (either kind), in its dtype/device; return the metadata.
+
+    A full run's parameters are checked against the UNet (`check_fits`) and copied in; a LoRA run's
+    adapters are merged into the base weights (``W += alpha / rank * B @ A``), so the UNet stays a plain
+    diffusers UNet.
+    """
+    path = Path(path)
+    metadata, shapes = read_header(path)
+    if weights_kind(metadata) == KIND_LORA:
+        merge_lora(unet, read_tensors(path), lora_scale(metadata))
+        return metadata
+    check_fits(unet, path, metadata, shapes)
+    params = dict(unet.named_parameters())
+    try:
+        with safe_open(str(path), framework="pt") as handle, torch.no_grad():
+            for name in shapes:
+                target = params[name]
+                target.copy_(handle.get_tensor(name).to(device=target.device, dtype=target.dtype))
+    except Exception as error:  # noqa: BLE001 - safetensors raises several types for a damaged file
+        raise StencilError(f"cannot read trained weights {path}: {error}") from error
+    return metadata
+
+
+# -- LoRA adapters -------------------------------------------------------------------------------------------
 
 
 def lora_target_pattern(which: str = "decoder") -> str:
@@ -53,7 +248,7 @@ def add_lora(unet: Any, rank: int, alpha: float, which: str = "decoder") -> list
 
     A UNet that already carries stencil's adapter keeps it (a resumed run); the base weights are untouched.
     """
-    from peft import LoraConfig
+    from peft import LoraConfig  # here, not at the top: peft loads transformers (seconds), only LoRA needs it
 
     if rank < 1:
         raise BadInputError(f"the LoRA rank must be at least 1 (got {rank})")
@@ -122,21 +317,3 @@ def lora_scale(metadata: Mapping[str, str]) -> float:
     except (KeyError, ValueError) as error:
         raise StencilError("the LoRA weights file does not record its rank (lora_rank metadata)") from error
     return alpha / rank
-
-
-def weights_kind(metadata: Mapping[str, str]) -> str:
-    """``lora`` or ``full`` (files written before LoRA existed are full)."""
-    kind = metadata.get("kind", KIND_FULL)
-    if kind not in KINDS:
-        raise StencilError(f"unknown trained-weights kind {kind!r}: this stencil reads {', '.join(KINDS)}")
-    return kind
-
-
-def read_tensors(path: Any) -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors file (CPU)."""
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except Exception as error:  # noqa: BLE001 - safetensors raises several types for a damaged file
-        raise StencilError(f"cannot read trained weights {path}: {error}") from error

@@ -12,7 +12,7 @@ import re
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from stencil_cli.base.errors import BadInputError, StencilError
 
@@ -20,7 +20,9 @@ if TYPE_CHECKING:
     import torch
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+Precision = Literal["auto", "fp32", "fp16", "bf16"]  # a setting: auto picks by device
+DtypeName = Literal["fp32", "fp16", "bf16"]  # a dtype by name: weights files, autocast, exports
+PRECISIONS: tuple[Precision, ...] = get_args(Precision)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -11,17 +11,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from stencil_cli import models
 from stencil_cli.base.errors import BadInputError, FieldError
+from stencil_cli.models.devices import DtypeName
 from stencil_cli.store.db import Run, Store
 from stencil_cli.store.settings import resolve_setting
 from stencil_cli.verbs.common import Progress, no_progress
 from stencil_cli.verbs.generate import trained_run
 
-FORMATS = ("lora", "kohya", "diffusers", "single-file")  # stencil_cli.core.export.FORMATS (checked by a test)
-LORA_FORMATS = ("lora", "kohya")
-SAVE_DTYPES = ("fp16", "bf16", "fp32")
+if TYPE_CHECKING:  # the ML core loads torch: the verb imports it when it runs, not at start-up
+    from stencil_cli.core.export import ExportFormat
+    from stencil_cli.core.weights import WeightsKind
+
+# stencil_cli.core.export's FORMATS, LORA_FORMATS and SAVE_DTYPES, without loading torch (checked by a test)
+FORMATS: tuple[ExportFormat, ...] = ("lora", "kohya", "diffusers", "single-file")
+LORA_FORMATS: tuple[ExportFormat, ...] = ("lora", "kohya")
+SAVE_DTYPES: tuple[DtypeName, ...] = ("fp16", "bf16", "fp32")
 
 
 @dataclass
@@ -29,12 +36,12 @@ class ExportRequest:
     """What to export. `run_id` None: the newest finished run; `rank` None: the run's own (or 32 by SVD)."""
 
     name: str
-    format: str
+    format: ExportFormat
     path: Path
     run_id: int | None = None
     rank: int | None = None
     force: bool = False
-    save_dtype: str = "fp16"
+    save_dtype: DtypeName = "fp16"
     device: str | None = None
     models_root: Path | None = None  # the store whose models/ holds built presets (default: this store)
 
@@ -49,11 +56,11 @@ class ExportResult:
 
     subject: str
     run: Run
-    format: str
+    format: ExportFormat
     path: Path
     card: Path
     bytes: int
-    kind: str  # the run's kind: full | lora
+    kind: WeightsKind  # the run's kind
     rank: int | None
     error: dict[str, Any] | None = None
 
@@ -78,7 +85,6 @@ def export(store: Store, request: ExportRequest, *, progress: Progress = no_prog
     Progress: ``("loading", 0, None, {"model": ref, "device": dev})`` before the base model loads, then
     ``("export", 0, 1, {"format": fmt})`` and ``("export", 1, 1, {...})`` around the writing.
     """
-    from stencil_cli import models
     from stencil_cli.core import export as export_core
 
     if request.format not in FORMATS:
@@ -183,16 +189,11 @@ def largest_rank(run: Run) -> int:
     """The largest rank an SVD of this run's weights can have: min(out, in * kh * kw) over its layers.
 
     Read from the weights file's header (no tensor is loaded)."""
-    from safetensors import safe_open
-
     from stencil_cli.core.export import max_extraction_rank
+    from stencil_cli.core.weights import tensor_shapes
 
     assert run.weights_file is not None
-    with safe_open(str(run.weights_file), framework="pt") as handle:
-        shapes = [
-            tuple(handle.get_slice(key).get_shape())
-            for key in handle.keys()  # noqa: SIM118 - a safetensors handle is not a dict
-        ]
+    shapes = tensor_shapes(run.weights_file).values()
     return max_extraction_rank(shape for shape in shapes if len(shape) >= 2)
 
 
@@ -221,10 +222,8 @@ def check_target(fmt: str, target: Path, force: bool) -> None:
 
 def base_model_id(model_ref: str, store_root: Path) -> str:
     """The base model as other tools name it: the Hub id of a preset, else the reference itself."""
-    from stencil_cli.models import resolve_ref
-
     try:
-        source = resolve_ref(model_ref, store_root=store_root)
+        source = models.resolve_ref(model_ref, store_root=store_root)
     except BadInputError:
         return model_ref
     return source.repo_id or model_ref

@@ -271,18 +271,16 @@ def trained_run(store: Store, name: str, run_id: int | None) -> Run:
 def check_weights_file(path: Path, run_id: int, name: str) -> None:
     """Refuse a trained-weights file whose safetensors header is damaged or truncated (before any model
     loads or draft renders; the tensors' own bytes are read only when the model loads)."""
-    from safetensors import safe_open
+    from stencil_cli.core import weights
 
     try:
-        with safe_open(str(path), framework="numpy") as handle:
-            handle.metadata()
-            keys = list(handle.keys())
-    except Exception as error:  # noqa: BLE001 - safetensors raises several types for a damaged file
+        shapes = weights.tensor_shapes(path)
+    except weights.DamagedWeightsError as error:
         raise StencilError(
-            f"the trained weights {path} of run {run_id} of {name!r} are damaged ({error})",
+            f"the trained weights {path} of run {run_id} of {name!r} are damaged ({error.detail})",
             hint=f"train again with `stencil train {name}`",
         ) from None
-    if not keys:
+    if not shapes:
         raise StencilError(
             f"the trained weights {path} of run {run_id} of {name!r} hold no tensors",
             hint=f"train again with `stencil train {name}`",
@@ -766,13 +764,13 @@ def subject_pipeline(
 ) -> Iterator[Any]:
     """The subject model with the run's trained weights, freed afterwards."""
     from stencil_cli import models
-    from stencil_cli.core import training
+    from stencil_cli.core import weights
 
     with models.quiet_libraries():
         pipe = models.load_subject_pipeline(ref, device=device, precision=precision, store_root=store_root)
     try:
         assert run.weights_file is not None
-        training.load_trained_weights(pipe.unet, run.weights_file)
+        weights.load_trained_weights(pipe.unet, run.weights_file)
         yield pipe
     finally:
         models.free_pipeline(pipe)

@@ -15,10 +15,14 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from stencil_cli import models
 from stencil_cli.base.errors import BadInputError, DiskFullError, FieldError, StencilError
 from stencil_cli.base.fsutil import atomic_write_bytes
+from stencil_cli.base.images import load_rgb
+from stencil_cli.captioning import contains_phrase
+from stencil_cli.models.devices import DtypeName
 from stencil_cli.store.db import Run, Store, Subject
 from stencil_cli.store.settings import resolve_setting
 from stencil_cli.verbs.common import (
@@ -30,6 +34,12 @@ from stencil_cli.verbs.common import (
     synced_clock,
     using_subject,
 )
+from stencil_cli.verbs.history import LOSS_CURVE_NAME
+from stencil_cli.verbs.previews import make_previewer, preview_steps, sample_settings
+
+if TYPE_CHECKING:  # the ML core loads torch: the verbs import it when they run, not at start-up
+    from stencil_cli.core.attention import MaskFrom
+    from stencil_cli.core.training import TrainedPart
 
 WEIGHTS_NAME = "weights.safetensors"
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -70,11 +80,11 @@ class TrainRequest:
     threshold: float = 0.2
     seed: int = 0
     resolution: int | None = None
-    train: str = "decoder"
+    train: TrainedPart = "decoder"
     use_mask: bool = True
     gradient_checkpointing: bool = False
-    save_dtype: str = "fp32"  # exact: the update (~1/50 of a weight) survives (docs/training.md)
-    mask_from: str = "caption"  # caption (the paper) | both (the authors' [empty, caption] batch)
+    save_dtype: DtypeName = "fp32"  # exact: the update (~1/50 of a weight) survives (docs/training.md)
+    mask_from: MaskFrom = "caption"  # caption (the paper) | both (the authors' [empty, caption] batch)
     checkpoint_every: int = 0
     resume: bool = False
     masks_only: bool = False
@@ -163,8 +173,6 @@ def train(store: Store, request: TrainRequest, *, progress: Progress = no_progre
 
 def preview_settings(request: TrainRequest, config: Any, run: Run | None) -> Any:
     """The run's preview settings (None: no previews), checked; a resumed run keeps its own unless given."""
-    from stencil_cli.verbs.previews import sample_settings
-
     samples = sample_settings(
         request.sample_every,
         request.sample_prompts,
@@ -249,8 +257,6 @@ def _load_model(
     store: Store, model_ref: str, config: Any, request: TrainRequest, *, fresh: bool, progress: Progress
 ) -> Any:
     """Load the subject model; a fresh run takes its precision and (unless given) resolution from it."""
-    from stencil_cli import models
-
     device = models.resolve_device(resolve_setting(store, "device", request.device))
     if fresh:
         config.precision = training_precision(resolve_setting(store, "precision", request.precision), device)
@@ -283,8 +289,6 @@ def check_subject(store: Store, name: str, use_mask: bool) -> tuple[Subject, lis
             f"set one with `stencil caption {name} --phrase WORDS`"
         )
     if use_mask:
-        from stencil_cli.captioning import contains_phrase
-
         phrase = subject.phrase or ""
         lacking = [image["id"] for image in subject.images if not contains_phrase(image["caption"], phrase)]
         if lacking:
@@ -367,24 +371,18 @@ def training_precision(precision: str, device: Any) -> str:
     """The autocast name (fp32 / fp16 / bf16) that `precision` ('auto', ...) means on `device`."""
     import torch
 
-    from stencil_cli.models import resolve_dtype
-
-    dtype = resolve_dtype(precision, device)
+    dtype = models.resolve_dtype(precision, device)
     return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
 
 
 def stored_model_ref(ref: str) -> str:
     """The subject-model reference to store: local folders as absolute paths, others as given."""
-    from stencil_cli.models import resolve_ref
-
-    source = resolve_ref(ref)
+    source = models.resolve_ref(ref)
     return str(source.path) if source.kind == "local" and source.path else ref
 
 
 def load_training_pipeline(model_ref: str, device: Any, store_root: Path | None = None) -> Any:
     """The subject pipeline to train on `device` (fp32 master weights; autocast does mixed precision)."""
-    from stencil_cli import models
-
     with models.quiet_libraries():
         return models.load_subject_pipeline(
             model_ref, device=str(device), precision="fp32", store_root=store_root
@@ -470,7 +468,6 @@ def make_masks(
     progress: Progress = no_progress,
 ) -> tuple[Any, list[MaskPicture]]:
     """Encode the photos and captions, compute the masks and save their pictures (subject and run folders)."""
-    from stencil_cli.base.images import load_rgb
     from stencil_cli.core import training
 
     captions = [image["caption"] for image in subject.images]
@@ -507,7 +504,6 @@ def train_subject(
 
     Ctrl-C marks the run interrupted (with its step and losses), any other error failed; both re-raise.
     """
-    from stencil_cli import models
     from stencil_cli.core import training
 
     name = subject.name
@@ -599,8 +595,6 @@ def _previewer(
     progress: Progress,
 ) -> Any:
     """The renderer of this run's previews (counting the images it will make, for the progress hook)."""
-    from stencil_cli.verbs.previews import make_previewer, preview_steps
-
     meta = {"subject": subject.name, "run_id": run.id, "subject_model": model_ref, "phrase": subject.phrase}
     total = len(preview_steps(samples, start, config.steps)) * len(samples.prompts)
     phrase = subject.phrase or subject.class_word
@@ -609,8 +603,7 @@ def _previewer(
 
 def write_loss_curve(run_dir: Path, losses: list[float], title: str) -> None:
     """Draw the run's loss per step into `loss.png` beside its weights (a failure to write is not fatal)."""
-    from stencil_cli.verbs.charts import loss_curve_png
-    from stencil_cli.verbs.history import LOSS_CURVE_NAME
+    from stencil_cli.verbs.charts import loss_curve_png  # Pillow's drawing loads FreeType: not at start-up
 
     with contextlib.suppress(OSError):
         atomic_write_bytes(run_dir / LOSS_CURVE_NAME, loss_curve_png([float(x) for x in losses], title))
@@ -662,13 +655,14 @@ def save_run_weights(
     path: Path, unet: Any, names: list[str], config: Any, model_ref: str, subject: Subject, run: Run
 ) -> None:
     """Write the trained parameters (in `config.save_dtype`) and their metadata atomically to `path`."""
-    from stencil_cli.core import training
+    from stencil_cli.core import weights
+    from stencil_cli.core.precision import SAVE_DTYPES
 
-    tensors = training.trained_state(unet, names, training.SAVE_DTYPES[config.save_dtype])
-    metadata = training.weights_metadata(
+    tensors = weights.trained_state(unet, names, SAVE_DTYPES[config.save_dtype])
+    metadata = weights.weights_metadata(
         config, model_ref, names, subject=subject.name, phrase=subject.phrase or "", run_id=str(run.id)
     )
-    training.save_trained_weights(path, tensors, metadata)
+    weights.save_trained_weights(path, tensors, metadata)
 
 
 def masks_of(store: Store, name: str) -> list[dict[str, Any]]:
