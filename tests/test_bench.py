@@ -3,6 +3,7 @@ that it adds, captions, trains and generates through the same verbs as the CLI."
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -62,6 +63,52 @@ def test_bench_refuses_an_out_path_that_is_a_file(cli: Any, tmp_path: Path) -> N
     out_file.write_text("x")
     result = cli("bench", "dreambench", tmp_path, "--out", out_file)
     assert result.exit_code == 2 and "is a file" in result.stderr
+
+
+def test_the_fingerprint_and_the_training_key_are_the_settings_marked_on_the_fields(tmp_path: Path) -> None:
+    config = bench.BenchConfig(dataset=tmp_path, out=tmp_path, subjects=["dog"])
+    assert list(config.fingerprint()) == [
+        "train_steps", "batch_size", "lr", "steps", "inner_steps", "inversion", "draft_steps", "tau", "seed",
+        "captioner", "caption_model", "subject_model", "context_model", "precision", "no_t5", "eval_dino",
+        "eval_clip",
+    ]  # fmt: skip
+    assert sorted(config.train_key()) == sorted(
+        ["train_steps", "batch_size", "lr", "seed", "subject_model", "precision", "captioner"]
+    )
+    config.tau = 20.0
+    assert config.fingerprint()["tau"] == 20.0 and "tau" not in config.train_key()
+
+
+@pytest.mark.parametrize("captioner", ["openai", "template"])
+def test_every_bench_setting_reaches_the_launched_processes(
+    cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, captioner: str
+) -> None:
+    from test_evaluation import make_fake_dreambench
+
+    from stencil_cli.cli import bench as bench_command
+    from stencil_cli.store.db import open_store
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")  # the vision captioner needs a key; nothing is asked
+    dataset = make_fake_dreambench(tmp_path / "dreambench").resolve()
+    given = {
+        "dataset": dataset, "out": (tmp_path / "out").resolve(), "subjects": ["dog"], "prompts": 2,
+        "images_per_prompt": 3, "train_steps": 7, "batch_size": 3, "lr": 3e-5, "steps": 20, "inner_steps": 4,
+        "inversion": "npi", "draft_steps": 9, "tau": 35.5, "seed": 11, "captioner": captioner,
+        "caption_model": "gpt-x" if captioner == "openai" else None, "subject_model": "tiny", "context_model": "tiny", "device": "cpu",
+        "precision": "fp32", "no_t5": True, "eval_dino": "org/dino-x", "eval_clip": "org/clip-x",
+        "models_root": open_store().root,  # each process settles it again from the same store
+    }  # fmt: skip
+    names = [item.name for item in dataclasses.fields(bench.BenchConfig)]
+    assert sorted(given) == sorted(names)
+    defaults = bench.BenchConfig(dataset=tmp_path, out=tmp_path, subjects=[])
+    same = [name for name in names if getattr(defaults, name) == given[name]]
+    assert same == (["caption_model"] if captioner == "template" else ["captioner"])  # the others changed
+    config = bench.BenchConfig(**given)
+    launched: list[bench.BenchConfig] = []
+    monkeypatch.setattr(bench_command, "_run_here", lambda config: launched.append(config))
+    result = cli(*bench_command.child_args(config))
+    assert result.exit_code == 0, result.output
+    assert dataclasses.asdict(launched[0]) == dataclasses.asdict(config)
 
 
 @pytest.mark.parametrize("content", ["{not json", "[]", '{"dataset": "x"}'])
@@ -133,7 +180,7 @@ def test_the_runner_adds_captions_trains_and_generates_through_the_verbs(
     cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from stencil_cli.verbs.caption import CaptionRequest
-    from stencil_cli.verbs.generate import GenerateRequest
+    from stencil_cli.verbs.generate import GenerateRequest, NamedItems
     from stencil_cli.verbs.subjects import AddRequest
     from stencil_cli.verbs.train import TrainRequest, TrainResult
 
@@ -152,8 +199,8 @@ def test_the_runner_adds_captions_trains_and_generates_through_the_verbs(
         calls["train"] = request
         return TrainResult(request.name, run, [])
 
-    def fake_plan(store_: Any, request: GenerateRequest) -> str:
-        calls["plan"] = request
+    def fake_plan(store_: Any, request: GenerateRequest, named: NamedItems, **kwargs: Any) -> str:
+        calls["plan"] = (request, named, kwargs)
         return "the plan"
 
     def fake_generate(store_: Any, plan: str, *, on_image: Any, **kwargs: Any) -> None:
@@ -183,9 +230,10 @@ def test_the_runner_adds_captions_trains_and_generates_through_the_verbs(
     request = calls["train"]
     assert request.name == "robot" and request.steps == 7 and request.device == "cpu"
     assert request.extra_params == {"bench": config.train_key()} and not request.resume
-    planned = calls["plan"]
-    assert planned.name == "robot" and planned.taus == [config.tau] and planned.reuse_drafts
-    assert [(item.prompt, item.seed, item.stem) for item in planned.items] == [("a {0} {1}", 0, "p00-0")]
+    planned, named, options = calls["plan"]
+    assert planned.name == "robot" and planned.taus == [config.tau] and named.reuse_drafts
+    assert named.folder == bench.GENERATION_FOLDER and options == {"models_root": config.models_root}
+    assert [(item.prompt, item.seed, item.stem) for item in named.items] == [("a {0} {1}", 0, "p00-0")]
     assert calls["generate"] == "the plan" and made == [1]
 
 

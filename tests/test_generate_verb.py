@@ -105,7 +105,7 @@ def test_a_failing_row_insert_leaves_no_copy_and_clean_removes_the_store_file(
     store = add_subject(cli, tmp_path)
     _done_run(store)
     out = tmp_path / "out"
-    request = GenerateRequest("robot", ["a toy robot"], count=2, seed=0, output=out, folder="batch")
+    request = GenerateRequest("robot", ["a toy robot"], count=2, seed=0, output=out)
     plan = plan_generation(store, request)
     writer = generate_verb._Writer(store, plan, None)
     first, second = plan.items

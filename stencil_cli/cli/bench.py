@@ -5,11 +5,13 @@ The runner (training, drafts, images, scores, merging, reports) is `stencil_cli/
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -83,55 +85,62 @@ def launch_command(num_processes: int, child_args: list[str], *, cpu: bool) -> l
     return command + ["-m", "stencil_cli", *child_args]
 
 
+def _eval_models_arg(config: BenchConfig) -> list[str]:
+    return ["--eval-models", f"dino={config.eval_dino},clip={config.eval_clip}"]
+
+
+# How each BenchConfig field reaches a launched process: its flag (the value rendered by its type), a
+# function of the config, or None where it is not passed. Every field must be listed (a test repeats every
+# setting through the launched command line), so a new setting cannot be left behind.
+CHILD_ARGS: dict[str, str | Callable[[BenchConfig], list[str]] | None] = {
+    "dataset": lambda config: [str(config.dataset)],
+    "out": "--out",
+    "subjects": "--subjects",
+    "prompts": "--prompts",
+    "images_per_prompt": "--images-per-prompt",
+    "train_steps": "--train-steps",
+    "batch_size": "--batch-size",
+    "lr": "--lr",
+    "steps": "--steps",
+    "inner_steps": "--inner-steps",
+    "inversion": "--inversion",
+    "draft_steps": "--draft-steps",
+    "tau": "--tau",
+    "seed": "--seed",
+    "captioner": "--captioner",
+    "caption_model": "--caption-model",
+    "subject_model": "--subject-model",
+    "context_model": "--context-model",
+    "device": "--device",
+    "precision": "--precision",
+    "no_t5": "--no-t5",
+    "eval_dino": _eval_models_arg,
+    "eval_clip": None,  # passed with eval_dino
+    "models_root": None,  # each process settles it again from the same store (STENCIL_HOME)
+}
+
+
+def _flag_args(flag: str, value: Any) -> list[str]:
+    """One setting as flags: a switch when true, comma-joined lists, floats exactly, nothing for None."""
+    if value is None or value is False:
+        return []
+    if value is True:
+        return [flag]
+    if isinstance(value, list):
+        return [flag, ",".join(value)]
+    return [flag, repr(value) if isinstance(value, float) else str(value)]
+
+
 def child_args(config: BenchConfig) -> list[str]:
     """The `stencil ...` arguments that repeat this run in each launched process."""
     args = ["-q"] if settings.quiet else []
-    args += [
-        "bench",
-        "dreambench",
-        str(config.dataset),
-        "--out",
-        str(config.out),
-        "--subjects",
-        ",".join(config.subjects),
-        "--images-per-prompt",
-        str(config.images_per_prompt),
-        "--train-steps",
-        str(config.train_steps),
-        "--batch-size",
-        str(config.batch_size),
-        "--lr",
-        repr(config.lr),
-        "--steps",
-        str(config.steps),
-        "--inner-steps",
-        str(config.inner_steps),
-        "--inversion",
-        config.inversion,
-        "--draft-steps",
-        str(config.draft_steps),
-        "--tau",
-        repr(config.tau),
-        "--seed",
-        str(config.seed),
-        "--captioner",
-        config.captioner,
-        *(["--caption-model", config.caption_model] if config.caption_model else []),
-        "--subject-model",
-        config.subject_model,
-        "--context-model",
-        config.context_model,
-        "--device",
-        config.device,
-        "--precision",
-        config.precision,
-        "--eval-models",
-        f"dino={config.eval_dino},clip={config.eval_clip}",
-    ]
-    if config.prompts is not None:
-        args += ["--prompts", str(config.prompts)]
-    if config.no_t5:
-        args.append("--no-t5")
+    args += ["bench", "dreambench"]
+    for item in dataclasses.fields(config):
+        how = CHILD_ARGS[item.name]  # a KeyError here: add the new setting to CHILD_ARGS
+        if callable(how):
+            args += how(config)
+        elif how is not None:
+            args += _flag_args(how, getattr(config, item.name))
     return args
 
 

@@ -23,20 +23,37 @@ for the others (a barrier through ``accelerate.PartialState``: NCCL on GPUs, glo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
+from stencil_cli import captioning
 from stencil_cli.base.errors import EXIT_FAILURE, FieldError, StencilError
 from stencil_cli.base.fsutil import atomic_write_bytes
+from stencil_cli.base.images import center_crop_resize, load_rgb
+from stencil_cli.models import EvalModelRefs, parse_eval_models
+from stencil_cli.models.devices import Precision
 from stencil_cli.store.db import Generation, Run, Store
 from stencil_cli.store.settings import resolve_setting
-from stencil_cli.verbs.caption import CaptionRequest, caption, resolve_caption_model
+from stencil_cli.verbs.caption import CaptionerName, CaptionRequest, caption, resolve_caption_model
 from stencil_cli.verbs.evaluate import clip_t_text, score_generations
-from stencil_cli.verbs.generate import GenerateRequest, Item, check_seeds, generate, plan_generation
+from stencil_cli.verbs.generate import (
+    INVERSION_MODES,
+    GenerateRequest,
+    InversionMode,
+    Item,
+    NamedItems,
+    check_seeds,
+    generate,
+    plan_generation,
+)
 from stencil_cli.verbs.subjects import AddRequest, add_photos
 from stencil_cli.verbs.train import TrainRequest, resumable_run, train
 
@@ -74,64 +91,52 @@ PAPER_ROWS: list[dict[str, Any]] = [
 # -- settings -------------------------------------------------------------------------------------------
 
 
+def setting(default: Any = dataclasses.MISSING, *, numbers: bool, trains: bool = False) -> Any:
+    """A BenchConfig field that says whether it changes the numbers (`numbers`: it is in the fingerprint a
+    resumed run must match) and whether a subject's training run depends on it (`trains`: in its key)."""
+    return dataclasses.field(default=default, metadata={"numbers": numbers, "trains": trains})
+
+
 @dataclass
 class BenchConfig:
-    """Everything one benchmark run needs, settled before any model loads."""
+    """Everything one benchmark run needs, settled before any model loads.
 
-    dataset: Path
-    out: Path
-    subjects: list[str]
-    prompts: int | None = None  # the first N prompts of each subject (None: all 25)
-    images_per_prompt: int = 4
-    train_steps: int = 100
-    batch_size: int = 6
-    lr: float = 2e-5
-    steps: int = 50
-    inner_steps: int = 10
-    inversion: str = "nti"  # nti (null-text, the paper) | npi (negative-prompt, much faster)
-    draft_steps: int = 50
-    tau: float = 60.0
-    seed: int = 0
-    captioner: str = "openai"  # the vision model, as `stencil caption` (the paper's protocol)
-    caption_model: str | None = None  # the vision model (None: stored `caption_model`, else gpt-4o)
-    subject_model: str = "sd15"
-    context_model: str = "sd3-medium"
-    device: str = "auto"
-    precision: str = "auto"
-    no_t5: bool = False
-    eval_dino: str = "facebook/dino-vits16"
-    eval_clip: str = "openai/clip-vit-base-patch32"
-    models_root: Path | None = None  # the user's store: built presets (tiny) live there, not in --out
+    Every field is a `setting` saying whether it changes the numbers: the fingerprint and the training key
+    are read from that, and `stencil bench` passes every field on to the processes it launches."""
+
+    dataset: Path = setting(numbers=False)
+    out: Path = setting(numbers=False)
+    subjects: list[str] = setting(numbers=False)
+    prompts: int | None = setting(None, numbers=False)  # the first N prompts of each subject (None: all 25)
+    images_per_prompt: int = setting(4, numbers=False)
+    train_steps: int = setting(100, numbers=True, trains=True)
+    batch_size: int = setting(6, numbers=True, trains=True)
+    lr: float = setting(2e-5, numbers=True, trains=True)
+    steps: int = setting(50, numbers=True)
+    inner_steps: int = setting(10, numbers=True)
+    inversion: InversionMode = setting("nti", numbers=True)
+    draft_steps: int = setting(50, numbers=True)
+    tau: float = setting(60.0, numbers=True)
+    seed: int = setting(0, numbers=True, trains=True)
+    captioner: CaptionerName = setting("openai", numbers=True, trains=True)  # as `stencil caption`
+    caption_model: str | None = setting(None, numbers=True)  # None: stored `caption_model`, else gpt-4o
+    subject_model: str = setting("sd15", numbers=True, trains=True)
+    context_model: str = setting("sd3-medium", numbers=True)
+    device: str = setting("auto", numbers=False)
+    precision: Precision = setting("auto", numbers=True, trains=True)
+    no_t5: bool = setting(False, numbers=True)
+    eval_dino: str = setting("facebook/dino-vits16", numbers=True)
+    eval_clip: str = setting("openai/clip-vit-base-patch32", numbers=True)
+    # the user's store: built presets (tiny) live there, not in --out
+    models_root: Path | None = setting(None, numbers=False)
 
     def fingerprint(self) -> dict[str, Any]:
         """The settings that change the numbers (a resumed run must match them)."""
-        keys = (
-            "train_steps",
-            "batch_size",
-            "lr",
-            "steps",
-            "inner_steps",
-            "inversion",
-            "draft_steps",
-            "tau",
-            "seed",
-            "captioner",
-            "caption_model",
-            "subject_model",
-            "context_model",
-            "precision",
-            "no_t5",
-            "eval_dino",
-            "eval_clip",
-        )
-        return {key: getattr(self, key) for key in keys}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["numbers"]}
 
     def train_key(self) -> dict[str, Any]:
         """The settings a reusable training run must have been made with."""
-        return {
-            k: getattr(self, k)
-            for k in ("train_steps", "batch_size", "lr", "seed", "subject_model", "precision", "captioner")
-        }
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["trains"]}
 
     def validate(self) -> None:
         """A FieldError naming the setting that cannot work (before any work)."""
@@ -139,7 +144,7 @@ class BenchConfig:
             raise FieldError("out", f"{{}} {self.out} is a file: give a folder for the results")
         if not 0 <= self.tau <= 1000:
             raise FieldError("tau", f"must be in [0, 1000] (got {self.tau})")
-        if self.inversion not in ("nti", "npi"):
+        if self.inversion not in INVERSION_MODES:
             raise FieldError("inversion", f"must be nti or npi (got {self.inversion!r})")
         if self.captioner not in ("template", "openai"):
             raise FieldError("captioner", f"must be template or openai (got {self.captioner!r})")
@@ -160,12 +165,11 @@ class BenchConfig:
         except FieldError as error:  # the training steps are --train-steps here (--steps are DDIM steps)
             raise error.renamed(TRAIN_FIELDS) from None
 
-    def generate_request(self, name: str, items: list[Item]) -> GenerateRequest:
+    def generate_request(self, name: str) -> GenerateRequest:
         """How every benchmark image of subject `name` is rendered (Context Guidance at one tau)."""
         return GenerateRequest(
             name=name,
             prompts=[],
-            items=items,
             taus=[self.tau],
             steps=self.steps,
             inner_steps=self.inner_steps,
@@ -176,9 +180,6 @@ class BenchConfig:
             device=self.device,
             precision=self.precision,
             no_t5=self.no_t5,
-            folder=GENERATION_FOLDER,
-            reuse_drafts=True,
-            models_root=self.models_root,
         )
 
     def train_config(self, *, resolution: int, precision: str) -> Any:
@@ -208,7 +209,6 @@ def settle_config(
     Returns notes for the user. Runs before any work: a bad setting must not fail after hours of training.
     """
     from stencil_cli.core import evaluation
-    from stencil_cli.models import EvalModelRefs, parse_eval_models
 
     config.validate()
     bench = evaluation.load_dreambench(config.dataset)
@@ -220,8 +220,6 @@ def settle_config(
     config.precision = resolve_setting(store, "precision", precision)
     config.models_root = store.root
     if config.captioner == "openai":
-        from stencil_cli import captioning
-
         if not (os.environ.get(captioning.KEY_ENV) or os.environ.get(captioning.BASE_URL_ENV)):
             raise FieldError(
                 "captioner",
@@ -451,7 +449,12 @@ class Runner:
             )
             for prompt_index, image_index in todo
         ]
-        plan = plan_generation(self.store, self.config.generate_request(job.name, items))
+        plan = plan_generation(
+            self.store,
+            self.config.generate_request(job.name),
+            NamedItems(items, folder=GENERATION_FOLDER, reuse_drafts=True),
+            models_root=self.config.models_root,
+        )
         generate(self.store, plan, on_image=lambda saved: on_item())
 
     def eval_models(self) -> Any:
@@ -584,9 +587,6 @@ class Runner:
 
     def write_contact_sheet(self, job: SubjectJob, rows: list[Generation]) -> None:
         """A grid: the reference photos, then one row per prompt with its images."""
-        from PIL import Image
-
-        from stencil_cli.base.images import center_crop_resize, load_rgb
         from stencil_cli.core.generation import contact_sheet
 
         subject = self.store.get_subject(job.name)
@@ -609,8 +609,6 @@ class Runner:
                 sheet_rows.append(cells)
         sheet = contact_sheet(sheet_rows, cell=128)
         path = self.subject_folder(job.name) / SHEET_FILE
-        from io import BytesIO
-
         buffer = BytesIO()
         sheet.save(buffer, format="PNG")
         atomic_write_bytes(path, buffer.getvalue())
@@ -737,7 +735,7 @@ def markdown_report(results: dict[str, Any]) -> str:
 
 def plot_scores(results: dict[str, Any]) -> Any:
     """A bar chart (Pillow only): DINO, CLIP-T and CLIP-I per subject and overall, paper lines dashed."""
-    from PIL import Image, ImageDraw
+    from PIL import ImageDraw  # loads FreeType: not at start-up
 
     groups = [(row["subject"], row) for row in results["subjects"]] + [("overall", results["overall"])]
     colours = {"dino": (52, 101, 164), "clip_t": (204, 102, 0), "clip_i": (78, 154, 6)}
@@ -774,8 +772,6 @@ def plot_scores(results: dict[str, Any]) -> Any:
 
 def write_results(config: BenchConfig, results: dict[str, Any]) -> dict[str, Path]:
     """Write results.json, results.md and the plot into ``--out``; return their paths."""
-    from io import BytesIO
-
     paths = {
         "json": config.out / RESULTS_JSON,
         "markdown": config.out / RESULTS_MD,

@@ -8,7 +8,7 @@ each caption with the phrase) and stores it in one transaction, or stores nothin
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from stencil_cli import captioning
 from stencil_cli.base.errors import BadInputError, FieldError, StencilError
@@ -21,6 +21,7 @@ DEFAULT_TIMEOUT_S = captioning.DEFAULT_TIMEOUT_S
 DEFAULT_RETRIES = captioning.DEFAULT_RETRIES
 DEFAULT_BACKOFF_S = captioning.DEFAULT_BACKOFF_S
 REPAIRED_SUFFIX = "+phrase-inserted"
+CaptionerName = Literal["openai", "template"]  # the vision model (OpenAI-compatible), or offline templates
 
 EDIT_HEADER = """\
 # Captions of subject {name!r}; the phrase is {phrase!r}.
@@ -34,7 +35,7 @@ class CaptionRequest:
     """Caption a subject's photos (those without a caption, or all with `force`)."""
 
     name: str
-    captioner: str = "openai"  # openai | template
+    captioner: CaptionerName = "openai"
     model: str | None = None  # vision model (default: stored `caption_model`, else gpt-4o)
     force: bool = False
     phrase: str | None = None  # set the subject phrase first (changing an existing one needs `force`)

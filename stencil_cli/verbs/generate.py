@@ -22,14 +22,18 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from stencil_cli.base.errors import FieldError, StencilError
 from stencil_cli.base.fsutil import atomic_write_bytes
 from stencil_cli.base.pngmeta import png_bytes, read_png_parameters, read_rgb
-from stencil_cli.store.db import Generation, Run, Store, Subject
+from stencil_cli.core.prompts import build_prompts, clip_token_counter, words_past_limit
+from stencil_cli.models.devices import Precision
+from stencil_cli.store.db import Generation, Run, Store, Subject, description_hash
 from stencil_cli.store.settings import resolve_setting
+from stencil_cli.verbs.caption import CaptionerName, resolve_caption_model
 from stencil_cli.verbs.common import MAX_SEED, Progress, no_progress, using_subject
+from stencil_cli.verbs.train import stored_model_ref
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -39,6 +43,9 @@ MAX_BATCH = 256  # seeds in one batched model call
 MAX_IMAGES = 10_000  # seeds x prompts in one call: a typo like -n 1000000000 must not build a huge list
 GRID_NAME = "grid.png"
 DEFAULT_BATCH_SIZE = 4  # seeds per batched model call (CPU; GPUs with >= 40 GiB)
+InversionMode = Literal["nti", "npi"]  # null-text inversion (the paper) or negative-prompt inversion (faster)
+INVERSION_MODES: tuple[InversionMode, ...] = get_args(InversionMode)
+GenerationMode = Literal["context", "edit", "plain"]  # a drawn draft, the user's draft picture, no draft
 
 
 @dataclass
@@ -64,7 +71,7 @@ class GenerateRequest:
     inner_steps: int = 10
     guidance: float = 7.5
     null_lr: float = 1e-2
-    inversion: str = "nti"
+    inversion: InversionMode = "nti"
     draft_steps: int = 50
     draft: Path | None = None  # subject editing: this picture is the draft
     no_context: bool = False  # plain generation
@@ -74,18 +81,24 @@ class GenerateRequest:
     subject_model: str | None = None
     context_model: str | None = None
     device: str | None = None
-    precision: str | None = None
+    precision: Precision | None = None
     no_t5: bool = False
     negative: str | None = None  # what the denoise (after the injected steps) and the draft steer away from
-    items: list[Item] | None = None  # instead of prompts x count (the DreamBench runner names its own)
-    folder: str | None = None  # the folder under the subject's generations (default: a new one per call)
-    reuse_drafts: bool = False  # a draft already in the folder is used instead of rendered again
-    models_root: Path | None = None  # the store whose models/ holds built presets (default: this store)
     batch_size: int | None = None  # seeds per batched model call (None: by device, see batch_size_for)
     draft_prompt: str | None = None  # the context model's prompt, given by hand
     rewrite: bool = False  # the caption model writes each prompt's draft prompt (cached in the store)
-    captioner: str | None = None  # openai | template, for `rewrite` (default: openai)
+    captioner: CaptionerName | None = None  # for `rewrite` (default: openai)
     caption_model: str | None = None  # the vision model for `rewrite` (default: as `stencil caption`)
+
+
+@dataclass
+class NamedItems:
+    """The images a caller names itself instead of prompts x count (the DreamBench runner): each one's
+    prompt, seed, file stem and row metadata, made in one fixed folder that a rerun fills up."""
+
+    items: list[Item]
+    folder: str  # the folder under the subject's generations
+    reuse_drafts: bool = False  # a draft already in the folder is used instead of rendered again
 
 
 @dataclass
@@ -107,14 +120,14 @@ class GenerationPlan:
 
     subject: Subject
     run: Run
-    mode: str  # context | edit | plain
+    mode: GenerationMode
     items: list[PlannedItem]
     taus: list[float]
     settings: Any  # generation.GenerationSettings
     subject_model: str
     context_model: str | None
     device: str
-    precision: str
+    precision: Precision
     no_t5: bool
     resolution: int
     folder: Path
@@ -220,7 +233,7 @@ def generation_settings(request: GenerateRequest) -> Any:
     from stencil_cli.core.inversion import NullTextSettings
 
     inversion = request.inversion.strip().lower()
-    if inversion not in ("nti", "npi"):
+    if inversion not in INVERSION_MODES:
         raise FieldError("inversion", f"must be nti or npi (got {request.inversion!r})")
     if not (request.null_lr > 0 and math.isfinite(request.null_lr)):
         raise FieldError("null_lr", f"must be a positive number (got {request.null_lr})")
@@ -311,10 +324,10 @@ def batch_name() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
 
 
-def _items(request: GenerateRequest, mode: str) -> list[Item]:
-    """The images to make: the request's own items, or every prompt times `count` seeds."""
-    if request.items is not None:
-        return request.items
+def _items(request: GenerateRequest, mode: GenerationMode, named: NamedItems | None) -> list[Item]:
+    """The images to make: the caller's named items, or every prompt times `count` seeds."""
+    if named is not None:
+        return named.items
     prompts = [p for p in request.prompts]
     if not prompts or any(not p.strip() for p in prompts):
         raise FieldError("prompt", 'is empty: say what to render, e.g. "on a beach at sunset"')
@@ -333,10 +346,18 @@ def _items(request: GenerateRequest, mode: str) -> list[Item]:
     ]
 
 
-def plan_generation(store: Store, request: GenerateRequest) -> GenerationPlan:
-    """Check and settle everything about a generation (no model is loaded here)."""
-    from stencil_cli.core.prompts import build_prompts
+def plan_generation(
+    store: Store,
+    request: GenerateRequest,
+    named: NamedItems | None = None,
+    *,
+    models_root: Path | None = None,
+) -> GenerationPlan:
+    """Check and settle everything about a generation (no model is loaded here).
 
+    `named`: the caller's own items and folder instead of the request's prompts x count (the DreamBench
+    runner); `models_root`: the store whose models/ holds built presets (default: this store).
+    """
     if request.draft is not None and request.no_context:
         raise FieldError(("draft", "no_context"), "{} do not go together: a draft is the context")
     if request.draft_prompt is not None and (request.draft is not None or request.no_context):
@@ -347,14 +368,16 @@ def plan_generation(store: Store, request: GenerateRequest) -> GenerationPlan:
         _check_rewrite(request)
     if request.batch_size is not None and not 1 <= request.batch_size <= MAX_BATCH:
         raise FieldError("batch_size", f"must be in [1, {MAX_BATCH}] (got {request.batch_size})")
-    mode = "plain" if request.no_context else ("edit" if request.draft is not None else "context")
+    mode: GenerationMode = (
+        "plain" if request.no_context else ("edit" if request.draft is not None else "context")
+    )
     notes: list[str] = []
     warnings: list[str] = []
-    if mode == "edit" and request.count > 1 and request.items is None:
+    if mode == "edit" and request.count > 1 and named is None:
         warnings.append(
             "with a draft picture the result does not depend on the seed: making one image per tau"
         )
-    items = _items(request, mode)
+    items = _items(request, mode, named)
     taus = list(request.taus) if mode != "plain" else []
     for tau in taus:
         if not 0 <= tau <= MAX_TAU:
@@ -405,14 +428,11 @@ def plan_generation(store: Store, request: GenerateRequest) -> GenerationPlan:
     draft_image, draft_source = load_draft(request.draft) if request.draft is not None else (None, None)
     trained_on = run.params.get("subject_model") or run.base_model
     subject_ref = request.subject_model or trained_on or resolve_setting(store, "subject_model", None)
-    if request.subject_model and trained_on:
-        from stencil_cli.verbs.train import stored_model_ref
-
-        # runs store local folders as absolute paths: compare the given reference the same way
-        if stored_model_ref(request.subject_model) != trained_on:
-            warnings.append(
-                f"run {run.id} was trained on {trained_on}; generating with {request.subject_model} as asked"
-            )
+    # runs store local folders as absolute paths: compare the given reference the same way
+    if request.subject_model and trained_on and stored_model_ref(request.subject_model) != trained_on:
+        warnings.append(
+            f"run {run.id} was trained on {trained_on}; generating with {request.subject_model} as asked"
+        )
     output = _prepare_output(request.output)
     return GenerationPlan(
         subject=subject,
@@ -429,11 +449,11 @@ def plan_generation(store: Store, request: GenerateRequest) -> GenerationPlan:
         precision=resolve_setting(store, "precision", request.precision),
         no_t5=request.no_t5,
         resolution=int(run.params.get("resolution") or 0),
-        folder=store.generation_dir(subject.name) / (request.folder or batch_name()),
+        folder=store.generation_dir(subject.name) / ((named.folder if named else None) or batch_name()),
         output=output,
         grid=request.grid,
-        reuse_drafts=request.reuse_drafts,
-        models_root=request.models_root or store.root,
+        reuse_drafts=named.reuse_drafts if named is not None else False,
+        models_root=models_root or store.root,
         batch_size=request.batch_size,
         draft_prompt_override=request.draft_prompt,
         draft_image=draft_image,
@@ -479,8 +499,6 @@ def rewrite_draft_prompts(
     captioner writes none. OPENAI_API_KEY is needed only when something is not cached yet.
     """
     from stencil_cli import captioning
-    from stencil_cli.store.db import description_hash
-    from stencil_cli.verbs.caption import resolve_caption_model
 
     kind = (request.captioner or "openai").strip().lower()
     if kind == "template":
@@ -941,8 +959,6 @@ def _fit_draft_prompts(
     A draft prompt given by hand or written by the caption model is kept as it is (only a cut is reported)."""
     if tokenizer is None:
         return
-    from stencil_cli.core.prompts import build_prompts, clip_token_counter, words_past_limit
-
     counter = clip_token_counter(tokenizer)
     phrase = plan.subject.phrase or plan.subject.class_word or ""
     told: set[str] = set()
