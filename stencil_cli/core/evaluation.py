@@ -19,19 +19,18 @@ This module never touches the store, never loads models and never prints.
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from PIL import Image
 
 from stencil_cli.base.errors import BadInputError, StencilError
-
-if TYPE_CHECKING:
-    from stencil_cli.models import EvalModels
+from stencil_cli.models import EvalModels
 
 BATCH_SIZE = 16
 SCORE_KEYS = ("dino", "clip_i", "clip_t")
@@ -285,8 +284,6 @@ def select_subjects(bench: DreamBench, folder: Path, wanted: Sequence[str] | Non
     chosen: list[str] = []
     for name in wanted:
         if name not in bench.subjects:
-            import difflib
-
             close = difflib.get_close_matches(name, list(bench.subjects), n=1, cutoff=0.6)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise BadInputError(f"unknown DreamBench subject {name!r}{hint} (see {PROMPT_FILE})")
@@ -295,4 +292,3 @@ def select_subjects(bench: DreamBench, folder: Path, wanted: Sequence[str] | Non
         if name not in chosen:
             chosen.append(name)
     return chosen
-

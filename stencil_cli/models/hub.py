@@ -12,7 +12,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from stencil_cli.base.errors import BadInputError, StencilError
 from stencil_cli.base.fsutil import folder_has_version
@@ -21,6 +21,7 @@ from stencil_cli.models.refs import (
     HUB_ID_PATTERN,
     PRESETS,
     SUBJECT,
+    ModelRole,
     ModelSource,
     is_gated_repo,
     pull_command,
@@ -29,6 +30,8 @@ from stencil_cli.models.refs import (
     tiny_dir,
 )
 from stencil_cli.models.tiny import TINY_EVAL_VERSION, ensure_tiny, tiny_ready
+
+ModelLayout = Literal["diffusers", "transformers", "tiny"]  # how a pulled model's folder is laid out
 
 # -- what to download -----------------------------------------------------------------------------------
 
@@ -274,7 +277,7 @@ def cached_repos() -> dict[str, dict[str, Any]]:
 
 def model_status(
     ref: str,
-    role: str = SUBJECT,
+    role: ModelRole = SUBJECT,
     cache: dict[str, dict[str, Any]] | None = None,
     *,
     store_root: Path | None = None,
@@ -326,11 +329,11 @@ class PulledModel:
     path: Path
     repo_id: str | None = None
     revision: str | None = None  # None: main; else e.g. ``refs/pr/3`` (the Hub's safetensors conversion)
-    layout: str = "diffusers"  # "diffusers" | "transformers" | "tiny"
+    layout: ModelLayout = "diffusers"
 
 
 def pull(
-    ref: str, role: str = SUBJECT, *, progress: bool = True, store_root: Path | None = None
+    ref: str, role: ModelRole = SUBJECT, *, progress: bool = True, store_root: Path | None = None
 ) -> PulledModel:
     """Download a diffusers or transformers (eval) model into the HF cache, safetensors only; tiny: build it.
 

@@ -28,6 +28,7 @@ from stencil_cli.models.refs import (
     EVAL,
     SUBJECT,
     EvalModelRefs,
+    ModelRole,
     ModelSource,
     pull_command,
     resolve_ref,
@@ -115,7 +116,9 @@ def locate_eval(source: ModelSource, kind: str) -> Location:
     return Location(source, source.repo_id, True)
 
 
-def inspect_ref(ref: str, role: str = SUBJECT, *, store_root: Path | None = None) -> tuple[ModelSource, dict]:
+def inspect_ref(
+    ref: str, role: ModelRole = SUBJECT, *, store_root: Path | None = None
+) -> tuple[ModelSource, dict]:
     """Resolve `ref` and read its model_index.json without loading weights; raises clear errors."""
     location = locate(resolve_ref(ref, role, store_root=store_root))
     return location.source, location.index

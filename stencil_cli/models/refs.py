@@ -12,13 +12,17 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from stencil_cli.base.errors import BadInputError
 from stencil_cli.base.paths import default_root
 
-SUBJECT = "subject"
-CONTEXT = "context"
-EVAL = "eval"  # transformers models that score images (evaluation.py), not diffusion pipelines
+ModelRole = Literal["subject", "context", "eval"]  # what a reference is resolved (and loaded) for
+PresetRole = Literal["subject", "context", "both", "eval"]  # what a preset serves (tiny: both pipelines)
+SourceKind = Literal["preset", "hub", "local"]
+SUBJECT: ModelRole = "subject"
+CONTEXT: ModelRole = "context"
+EVAL: ModelRole = "eval"  # transformers models that score images (evaluation.py), not diffusion pipelines
 TINY = "tiny"
 
 DEFAULT_DINO = "facebook/dino-vits16"
@@ -30,7 +34,7 @@ class Preset:
     """A named model: where it comes from and what it is for."""
 
     name: str
-    role: str  # "subject" | "context" | "both" | "eval"
+    role: PresetRole
     repo_id: str | None  # Hub id, None for locally built presets
     gated: bool = False
     description: str = ""
@@ -61,12 +65,12 @@ class ModelSource:
     """A resolved model reference."""
 
     ref: str  # what the user wrote
-    kind: str  # "preset" | "hub" | "local"
+    kind: SourceKind
     repo_id: str | None  # Hub id for hub sources and Hub presets
     path: Path | None  # folder for local sources and built presets
     gated: bool = False
     revision: str | None = None  # Hub branch, tag, ``refs/pr/N`` or commit (evaluation models only)
-    role: str = SUBJECT
+    role: ModelRole = SUBJECT
 
     @property
     def label(self) -> str:
@@ -110,7 +114,7 @@ def is_gated_repo(repo_id: str) -> bool:
     return any(p.repo_id == repo_id and p.gated for p in PRESETS.values())
 
 
-def resolve_ref(ref: str, role: str = SUBJECT, *, store_root: Path | None = None) -> ModelSource:
+def resolve_ref(ref: str, role: ModelRole = SUBJECT, *, store_root: Path | None = None) -> ModelSource:
     """Turn a model reference (preset, Hub id, local folder) into a `ModelSource`; bad refs raise.
 
     `role` is ``subject`` or ``context`` for diffusion pipelines and ``eval`` for the scoring models (which

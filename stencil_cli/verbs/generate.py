@@ -24,8 +24,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
+from stencil_cli import captioning
 from stencil_cli.base.errors import FieldError, StencilError
 from stencil_cli.base.fsutil import atomic_write_bytes
+from stencil_cli.base.images import load_rgb
 from stencil_cli.base.pngmeta import png_bytes, read_png_parameters, read_rgb
 from stencil_cli.core.prompts import build_prompts, clip_token_counter, words_past_limit
 from stencil_cli.models.devices import Precision
@@ -302,8 +304,6 @@ def check_weights_file(path: Path, run_id: int, name: str) -> None:
 
 def load_draft(path: Path) -> tuple[Image.Image, str]:
     """A user's draft picture and its absolute path, or a FieldError('draft') saying what is wrong."""
-    from stencil_cli.base.images import load_rgb
-
     if not str(path).strip():
         raise FieldError("draft", "is empty: give the path of an image file")
     path = Path(path).expanduser()
@@ -498,8 +498,6 @@ def rewrite_draft_prompts(
     usable sentence is left out (the prompt rules write its draft prompt; a note says so); the template
     captioner writes none. OPENAI_API_KEY is needed only when something is not cached yet.
     """
-    from stencil_cli import captioning
-
     kind = (request.captioner or "openai").strip().lower()
     if kind == "template":
         notes.append("the template captioner writes no draft prompt: using the rule-made one")
