@@ -94,8 +94,9 @@ def test_every_bench_setting_reaches_the_launched_processes(
         "dataset": dataset, "out": (tmp_path / "out").resolve(), "subjects": ["dog"], "prompts": 2,
         "images_per_prompt": 3, "train_steps": 7, "batch_size": 3, "lr": 3e-5, "steps": 20, "inner_steps": 4,
         "inversion": "npi", "draft_steps": 9, "tau": 35.5, "seed": 11, "captioner": captioner,
-        "caption_model": "gpt-x" if captioner == "openai" else None, "subject_model": "tiny", "context_model": "tiny", "device": "cpu",
-        "precision": "fp32", "no_t5": True, "eval_dino": "org/dino-x", "eval_clip": "org/clip-x",
+        "caption_model": "gpt-x" if captioner == "openai" else None, "subject_model": "tiny",
+        "context_model": "tiny", "device": "cpu", "precision": "fp32", "no_t5": True,
+        "eval_dino": "org/dino-x", "eval_clip": "org/clip-x",
         "models_root": open_store().root,  # each process settles it again from the same store
     }  # fmt: skip
     names = [item.name for item in dataclasses.fields(bench.BenchConfig)]

@@ -213,6 +213,21 @@ def test_damaged_or_foreign_weights_are_clear_errors(tiny_subject_pipe, tmp_path
         load_trained_weights(_fresh_unet(tiny_subject_pipe), foreign)
 
 
+def test_a_weights_file_of_another_shape_is_refused_before_any_weight_changes(
+    tiny_subject_pipe, tmp_path: Path
+) -> None:
+    unet = _fresh_unet(tiny_subject_pipe)
+    names = [name for name, _ in unet.named_parameters() if name.startswith("up_blocks.")][:2]
+    before = {name: tensor.clone() for name, tensor in trained_state(unet, names, torch.float32).items()}
+    wrong = {names[0]: torch.ones_like(before[names[0]]), names[1]: torch.ones(3, 3)}
+    path = save_trained_weights(tmp_path / "wrong.safetensors", wrong, {"base_model": "other"})
+    with pytest.raises(StencilError, match=rf"does not fit this UNet: {names[1]} is \(3, 3\)") as caught:
+        load_trained_weights(unet, path)
+    assert "trained on other" in str(caught.value)
+    after = trained_state(unet, names, torch.float32)
+    assert all(torch.equal(after[name], before[name]) for name in names)  # checked first, then copied
+
+
 # -- the command -----------------------------------------------------------------------------------
 
 
