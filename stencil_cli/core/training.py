@@ -224,7 +224,7 @@ def masked_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tenso
     return error.pow(2).mean()
 
 
-def trainable_names(unet: Any, which: str = "decoder") -> list[str]:
+def trainable_names(unet: Any, which: TrainedPart = "decoder") -> list[str]:
     """Names of the parameters `which` trains: the decoder (`up_blocks.*`) or all of the UNet."""
     if which not in TRAIN_CHOICES:
         raise FieldError("train", f"must be one of {', '.join(TRAIN_CHOICES)} (got {which!r})")

@@ -367,7 +367,7 @@ def check_resume(run: Run, subject: Subject, captions: list[str]) -> bool:
     return True
 
 
-def training_precision(precision: str, device: Any) -> str:
+def training_precision(precision: str, device: Any) -> DtypeName:
     """The autocast name (fp32 / fp16 / bf16) that `precision` ('auto', ...) means on `device`."""
     import torch
 
