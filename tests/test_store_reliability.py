@@ -24,7 +24,9 @@ from stencil_cli.base.errors import (
     StoreReadOnlyError,
 )
 from stencil_cli.base.images import prepare_image
-from stencil_cli.store.db import SubjectChangedError, open_store, validate_name
+from stencil_cli.store.db import open_store
+from stencil_cli.store.records import validate_name
+from stencil_cli.store.subjects import SubjectChangedError
 
 
 def _add(store, name: str, folder: Path, count: int = 2, start: int = 0):
@@ -148,7 +150,7 @@ def test_a_read_only_store_reads_and_refuses_changes_saying_read_only(filled: Pa
 
 
 def test_an_unwritable_store_opens_read_only_by_itself(filled: Path, monkeypatch, cli) -> None:
-    monkeypatch.setattr("stencil_cli.store.db._writable", lambda root, db: False)
+    monkeypatch.setattr("stencil_cli.store.connection._writable", lambda root, db: False)
     assert open_store().read_only
     listed = cli("ls")
     assert listed.exit_code == 0 and "cat" in listed.stdout
