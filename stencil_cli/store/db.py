@@ -1,13 +1,6 @@
-"""The Store: one handle on the store's folder and database, made of the query groups.
+"""The Store: one handle on the store's folder and database, made of the query groups (see the package).
 
-    connection.py   opening (read-write or read-only), write transactions, SQLite errors explained
-    subjects.py     subjects and their photos          runs.py         training runs
-    generations.py  generated images                   drafts.py       the draft-prompt cache
-    config.py       the stored config                  upkeep.py       clean, repair, missing files
-    records.py      Subject, Run, Generation           migrations.py   the schema, one function per change
-    layout.py       every file and folder name in the store
-
-This package never imports torch.
+This module never imports torch.
 """
 
 from __future__ import annotations

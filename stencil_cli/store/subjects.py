@@ -13,6 +13,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from PIL import Image
+
 from stencil_cli.base.errors import NotFoundError, StencilError
 from stencil_cli.base.fsutil import atomic_write_bytes, crash_point, is_within
 from stencil_cli.store import layout
@@ -286,8 +288,6 @@ def _encoded_as(image: PreparedImage, suffix: str) -> bytes:
     """The photo's bytes in the format `suffix` names (a restored file keeps its stored name)."""
     if suffix == image.suffix:
         return image.data
-    from PIL import Image
-
     buffer = io.BytesIO()
     with Image.open(io.BytesIO(image.data)) as opened:
         if suffix == ".jpg":

@@ -13,6 +13,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from stencil_cli.base.errors import BadInputError, NotFoundError
 from stencil_cli.store import layout
 from stencil_cli.store.connection import translate_errors
@@ -219,8 +221,6 @@ def _unindexed_photos(
 ) -> list[dict[str, Any]]:
     """Image rows (without subject id) for the readable stored photos in `folder` that no row refers to;
     the files it cannot take go to `skipped` with the reason."""
-    from PIL import Image
-
     found: list[dict[str, Any]] = []
     images_dir = folder / layout.IMAGES_DIR
     usable = images_dir.is_dir() and not images_dir.is_symlink()
