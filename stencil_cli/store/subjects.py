@@ -136,21 +136,13 @@ class SubjectQueries(Connection):
         known = {image["sha256"]: image for image in existing.images} if existing else {}
         to_add = [image for sha, image in unique.items() if sha not in known]
         duplicates = [image for image in prepared if image not in to_add]
-        restored: list[dict[str, Any]] = []
-        for sha, image in unique.items():  # a stored photo whose file was deleted by hand: put it back
-            row = known.get(sha)
-            if row is not None and not os.path.isfile(row["file"]):
-                target = Path(row["file"])
-                if is_within(target, self.root):
-                    atomic_write_bytes(target, _encoded_as(image, target.suffix))
-                    restored.append(row)
+        restored = self._restore_deleted_files(unique, known)
         for image in to_add:
             target = images_dir / layout.photo_name(image.sha256, image.suffix)
             if not target.exists():
                 atomic_write_bytes(target, image.data)
                 crash_point("add:file-written")
         crash_point("add:files-written")
-        added_rows: list[dict[str, Any]] = []
         with self.write():
             row = next(iter(self.db.query("select * from subjects where name = ?", [name])), None)
             created_subject = row is None
@@ -163,22 +155,7 @@ class SubjectQueries(Connection):
                 updates = {k: v for k, v in (("phrase", phrase), ("class_word", class_word)) if v}
                 if updates:
                     self.db["subjects"].update(subject_id, updates)
-            for image in to_add:
-                record = {
-                    "subject_id": subject_id,
-                    "sha256": image.sha256,
-                    "file": layout.photo_relative(name, layout.photo_name(image.sha256, image.suffix)),
-                    "original_name": image.source.name,
-                    "width": image.width,
-                    "height": image.height,
-                    "caption": None,
-                    "caption_source": None,
-                    "added": now(),
-                }
-                # another process may have added the same photo meanwhile: keep theirs
-                self.db["images"].insert(record, ignore=True)
-                if self.db.execute("select changes()").fetchone()[0]:
-                    added_rows.append(record)
+            added_rows = self._insert_photo_rows(name, subject_id, to_add)
         subject = self.get_subject(name)
         by_sha = {image["sha256"]: image for image in subject.images}
         added = [by_sha[row["sha256"]] for row in added_rows]
@@ -252,6 +229,43 @@ class SubjectQueries(Connection):
                 self.db["subjects"].update(subject.id, updates)
 
     # -- helpers ------------------------------------------------------------------------------
+
+    def _restore_deleted_files(
+        self, unique: dict[str, PreparedImage], known: dict[str, dict[str, Any]]
+    ) -> list[dict[str, Any]]:
+        """Write back the files of stored photos that were deleted by hand; return their rows."""
+        restored: list[dict[str, Any]] = []
+        for sha, image in unique.items():
+            row = known.get(sha)
+            if row is not None and not os.path.isfile(row["file"]):
+                target = Path(row["file"])
+                if is_within(target, self.root):
+                    atomic_write_bytes(target, _encoded_as(image, target.suffix))
+                    restored.append(row)
+        return restored
+
+    def _insert_photo_rows(
+        self, name: str, subject_id: int, images: list[PreparedImage]
+    ) -> list[dict[str, Any]]:
+        """Insert an image row per photo (call inside a write transaction); return the rows this call added
+        (another process may have added the same photo meanwhile: its row is kept)."""
+        added: list[dict[str, Any]] = []
+        for image in images:
+            record = {
+                "subject_id": subject_id,
+                "sha256": image.sha256,
+                "file": layout.photo_relative(name, layout.photo_name(image.sha256, image.suffix)),
+                "original_name": image.source.name,
+                "width": image.width,
+                "height": image.height,
+                "caption": None,
+                "caption_source": None,
+                "added": now(),
+            }
+            self.db["images"].insert(record, ignore=True)
+            if self.db.execute("select changes()").fetchone()[0]:
+                added.append(record)
+        return added
 
     def _insert_subject(self, name: str, **values: Any) -> int:
         """Insert a subject row with a never-used id and return the id (call inside a write transaction)."""
