@@ -233,7 +233,7 @@ def test_the_runner_adds_captions_trains_and_generates_through_the_verbs(
     assert request.extra_params == {"bench": config.train_key()} and not request.resume
     planned, named, options = calls["plan"]
     assert planned.name == "robot" and planned.taus == [config.tau] and named.reuse_drafts
-    assert named.folder == bench.GENERATION_FOLDER and options == {"models_root": config.models_root}
+    assert named.folder == bench.BENCH_BATCH and options == {"models_root": config.models_root}
     assert [(item.prompt, item.seed, item.stem) for item in named.items] == [("a {0} {1}", 0, "p00-0")]
     assert calls["generate"] == "the plan" and made == [1]
 

@@ -40,7 +40,9 @@ from stencil_cli.base.fsutil import atomic_write_bytes
 from stencil_cli.base.images import center_crop_resize, load_rgb
 from stencil_cli.models import EvalModelRefs, parse_eval_models
 from stencil_cli.models.devices import Precision
-from stencil_cli.store.db import Generation, Run, Store
+from stencil_cli.store.db import Store
+from stencil_cli.store.layout import BENCH_BATCH, CONTACT_SHEET_NAME
+from stencil_cli.store.records import Generation, Run
 from stencil_cli.store.settings import resolve_setting
 from stencil_cli.verbs.caption import CaptionerName, CaptionRequest, caption, resolve_caption_model
 from stencil_cli.verbs.evaluate import clip_t_text, score_generations
@@ -62,8 +64,6 @@ RESULT_FILE = "result.json"
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 PLOT_FILE = "scores.png"
-SHEET_FILE = "contact-sheet.png"
-GENERATION_FOLDER = "bench"
 TRAIN_FIELDS = {"steps": "train_steps"}  # TrainConfig's fields as BenchConfig names them
 
 # The paper's table (SD1.5 base; METHOD.md, Evaluation). GPU seconds from its GPU-hours per subject.
@@ -452,7 +452,7 @@ class Runner:
         plan = plan_generation(
             self.store,
             self.config.generate_request(job.name),
-            NamedItems(items, folder=GENERATION_FOLDER, reuse_drafts=True),
+            NamedItems(items, folder=BENCH_BATCH, reuse_drafts=True),
             models_root=self.config.models_root,
         )
         generate(self.store, plan, on_image=lambda saved: on_item())
@@ -608,7 +608,7 @@ class Runner:
             if cells:
                 sheet_rows.append(cells)
         sheet = contact_sheet(sheet_rows, cell=128)
-        path = self.subject_folder(job.name) / SHEET_FILE
+        path = self.subject_folder(job.name) / CONTACT_SHEET_NAME
         buffer = BytesIO()
         sheet.save(buffer, format="PNG")
         atomic_write_bytes(path, buffer.getvalue())

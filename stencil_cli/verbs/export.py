@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 from stencil_cli import models
 from stencil_cli.base.errors import BadInputError, FieldError
 from stencil_cli.models.devices import DtypeName
-from stencil_cli.store.db import Run, Store
+from stencil_cli.store.db import Store
+from stencil_cli.store.records import Run
 from stencil_cli.store.settings import resolve_setting
 from stencil_cli.verbs.common import Progress, no_progress
 from stencil_cli.verbs.generate import trained_run

@@ -20,7 +20,6 @@ import secrets
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
@@ -31,7 +30,10 @@ from stencil_cli.base.images import load_rgb
 from stencil_cli.base.pngmeta import png_bytes, read_png_parameters, read_rgb
 from stencil_cli.core.prompts import build_prompts, clip_token_counter, words_past_limit
 from stencil_cli.models.devices import Precision
-from stencil_cli.store.db import Generation, Run, Store, Subject, description_hash
+from stencil_cli.store.db import Store
+from stencil_cli.store.drafts import description_hash
+from stencil_cli.store.layout import GRID_NAME, batch_name, draft_name, image_name
+from stencil_cli.store.records import Generation, Run, Subject
 from stencil_cli.store.settings import resolve_setting
 from stencil_cli.verbs.caption import CaptionerName, resolve_caption_model
 from stencil_cli.verbs.common import MAX_SEED, Progress, no_progress, using_subject
@@ -43,7 +45,6 @@ if TYPE_CHECKING:
 MAX_TAU = 1000
 MAX_BATCH = 256  # seeds in one batched model call
 MAX_IMAGES = 10_000  # seeds x prompts in one call: a typo like -n 1000000000 must not build a huge list
-GRID_NAME = "grid.png"
 DEFAULT_BATCH_SIZE = 4  # seeds per batched model call (CPU; GPUs with >= 40 GiB)
 InversionMode = Literal["nti", "npi"]  # null-text inversion (the paper) or negative-prompt inversion (faster)
 INVERSION_MODES: tuple[InversionMode, ...] = get_args(InversionMode)
@@ -317,11 +318,6 @@ def load_draft(path: Path) -> tuple[Image.Image, str]:
         raise FieldError(
             "draft", f"{{}} {path} is not an image Pillow can read ({type(error).__name__})"
         ) from None
-
-
-def batch_name() -> str:
-    """A folder name for one generation call: UTC time plus a random suffix."""
-    return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
 
 
 def _items(request: GenerateRequest, mode: GenerationMode, named: NamedItems | None) -> list[Item]:
@@ -658,7 +654,7 @@ class _Writer:
 
     def draft_path(self, item: PlannedItem) -> Path:
         """Where the draft of `item` lives."""
-        return self.plan.folder / f"draft-{item.stem}.png"
+        return self.plan.folder / draft_name(item.stem)
 
     def save_draft(self, item: PlannedItem, image: Image.Image, seconds: float | None) -> None:
         """Write the draft of `item` (with its parameters) now."""
@@ -689,7 +685,7 @@ class _Writer:
         """Write one image (PNG with its parameters) and its generation row now."""
         plan = self.plan
         stem = item.stem if tau is None else f"{item.stem}-tau{tau_label(tau)}"
-        path = plan.folder / f"{stem}.png"
+        path = plan.folder / image_name(stem)
         draft_path = self.result.drafts.get(item.stem)
         carried = image_metadata(plan, item, tau, draft_path.name if draft_path else None)
         data = png_bytes(image, carried)

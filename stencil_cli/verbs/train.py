@@ -23,7 +23,9 @@ from stencil_cli.base.fsutil import atomic_write_bytes
 from stencil_cli.base.images import load_rgb
 from stencil_cli.captioning import contains_phrase
 from stencil_cli.models.devices import DtypeName
-from stencil_cli.store.db import Run, Store, Subject
+from stencil_cli.store.db import Store
+from stencil_cli.store.layout import CHECKPOINT_NAME, LOSS_CURVE_NAME, MASKS_DIR, WEIGHTS_NAME, mask_path
+from stencil_cli.store.records import Run, Subject
 from stencil_cli.store.settings import resolve_setting
 from stencil_cli.verbs.common import (
     MAX_SEED,
@@ -34,16 +36,12 @@ from stencil_cli.verbs.common import (
     synced_clock,
     using_subject,
 )
-from stencil_cli.verbs.history import LOSS_CURVE_NAME
 from stencil_cli.verbs.previews import make_previewer, preview_steps, sample_settings
 
 if TYPE_CHECKING:  # the ML core loads torch: the verbs import it when they run, not at start-up
     from stencil_cli.core.attention import MaskFrom
     from stencil_cli.core.training import TrainedPart
 
-WEIGHTS_NAME = "weights.safetensors"
-CHECKPOINT_NAME = "checkpoint.pt"
-MASKS_DIR = "masks"
 DB_UPDATE_SECONDS = 1.0
 CAPTIONS_KEY = "captions_sha256"  # run params: the hash of the captions + phrase trained on
 DEFAULT_STEPS = 100
@@ -413,11 +411,6 @@ def reopen_run(store: Store, run: Run, steps: int, extra: dict[str, Any] | None 
     params = {**run.params, **(extra or {}), "steps": steps}
     store.update_run(run.id, status="running", finished=None, error=None, params=params)
     return dataclasses.replace(run, status="running", finished=None, error=None, params=params)
-
-
-def mask_path(folder: Path, image: dict[str, Any]) -> Path:
-    """Where a photo's mask picture lives in `folder` (named by photo id and content hash)."""
-    return folder / f"{image['id']}-{image['sha256'][:12]}.png"
 
 
 def mask_files(store: Store, subject: Subject) -> list[tuple[dict[str, Any], Path | None]]:
