@@ -23,6 +23,7 @@ for the others (a barrier through ``accelerate.PartialState``: NCCL on GPUs, glo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable
@@ -36,7 +37,14 @@ from stencil_cli.store.db import Generation, Run, Store
 from stencil_cli.store.settings import resolve_setting
 from stencil_cli.verbs.caption import CaptionRequest, caption, resolve_caption_model
 from stencil_cli.verbs.evaluate import clip_t_text, score_generations
-from stencil_cli.verbs.generate import GenerateRequest, Item, check_seeds, generate, plan_generation
+from stencil_cli.verbs.generate import (
+    GenerateRequest,
+    Item,
+    SavedImage,
+    check_seeds,
+    generate,
+    plan_generation,
+)
 from stencil_cli.verbs.subjects import AddRequest, add_photos
 from stencil_cli.verbs.train import TrainRequest, resumable_run, train
 
@@ -452,7 +460,10 @@ class Runner:
             for prompt_index, image_index in todo
         ]
         plan = plan_generation(self.store, self.config.generate_request(job.name, items))
-        generate(self.store, plan, on_image=lambda saved: on_item())
+        with contextlib.closing(generate(self.store, plan)) as saving:
+            for saved in saving:
+                if isinstance(saved, SavedImage):
+                    on_item()
 
     def eval_models(self) -> Any:
         """The DINO and CLIP models (loaded on first use, kept for the next subjects)."""

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from stencil_cli.base.errors import FieldError
+from stencil_cli.base.events import Progress, Step, no_progress
 from stencil_cli.base.fsutil import atomic_write_bytes
-from stencil_cli.verbs.common import Progress, no_progress
 from stencil_cli.verbs.history import SAMPLES_DIR
 
 DEFAULT_SAMPLE_STEPS = 20
@@ -117,7 +117,7 @@ class Previewer:
         settings = GenerationSettings(steps=self.settings.steps)
         written: list[Path] = []
         total = self.total or self.rendered + len(self.prompts)
-        self.progress("samples", self.rendered, total, {"step": step})
+        self.progress(Step("samples", self.rendered, total, at=step))
         for index, prompt in enumerate(self.prompts):
             with torch.inference_mode():
                 image = plain_generate(self.pipe, prompt, self.settings.seed, settings)
@@ -134,7 +134,7 @@ class Previewer:
             atomic_write_bytes(path, png_bytes(image, meta))
             written.append(path)
             self.rendered += 1
-            self.progress("samples", self.rendered, total, {"step": step, "file": str(path)})
+            self.progress(Step("samples", self.rendered, total, at=step))
         self.last_step = step
         return written
 
