@@ -53,15 +53,20 @@ def stage_string_dispatch(source: str) -> list[int]:
             for name, pattern in zip(node.kwd_attrs, node.kwd_patterns, strict=True):
                 if name == "stage" and isinstance(pattern, ast.MatchValue):
                     lines.append(pattern.lineno)
-        elif isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name) and node.value.id == "extra":
-            lines.append(node.lineno)
-        elif isinstance(node, ast.arg) and node.arg == "extra":
+        elif _is_extra(node):
             lines.append(node.lineno)
     return sorted(lines)
 
 
+def _is_extra(node: ast.AST) -> bool:
+    """The old hook's `extra` dict: a parameter named `extra`, or `extra[...]`."""
+    if isinstance(node, ast.arg):
+        return node.arg == "extra"
+    return isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name) and node.value.id == "extra"
+
+
 def test_the_dispatch_detector_finds_the_old_stage_string_forms() -> None:
-    old = '''
+    old = """
 def hook(stage, step, total, extra):
     if stage == "warning":
         warn(extra["message"])
@@ -75,16 +80,16 @@ def hook(stage, step, total, extra):
     match event:
         case Step(stage="train"):
             pass
-'''
+"""
     assert stage_string_dispatch(old) == [2, 3, 4, 5, 7, 9, 13]
-    new = '''
+    new = """
 def hook(event):
     match event:
         case events.Warning(text=text):
             warn(text)
         case events.Step(stage=stage) if stage not in self.tasks:
             add(stage)
-'''
+"""
     assert stage_string_dispatch(new) == []
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, ClassVar
+from typing import Annotated, ClassVar
 
 import typer
+from rich.progress import Progress
 
 from stencil_cli.base import events
 from stencil_cli.base.errors import BadInputError
@@ -35,9 +36,6 @@ from stencil_cli.verbs.generate import (
     plan_generation,
     prompt_lines,
 )
-
-if TYPE_CHECKING:
-    from rich.progress import Progress
 
 FLAGS = {
     "count": "-n",

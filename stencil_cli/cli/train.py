@@ -6,9 +6,10 @@ Parse, call the train verb (`verbs/train.py`), present.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
+from rich.progress import Progress
 
 from stencil_cli.base import events
 from stencil_cli.base.events import Stage
@@ -27,10 +28,6 @@ from stencil_cli.verbs.train import (
     TrainResult,
 )
 from stencil_cli.verbs.train import train as train_verb
-
-if TYPE_CHECKING:
-    from rich.progress import Progress
-
 
 # -- progress ------------------------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from stencil_cli.base.events import Progress, Step, no_progress
 from stencil_cli.base.images import center_crop_resize
@@ -113,7 +113,7 @@ def chunks(items: Sequence[Any], size: int | None) -> list[list[Any]]:
 
 def ddim_scheduler(pipe: Any, steps: int) -> Any:
     """The pipeline's scheduler as a DDIMScheduler (same config), with `steps` timesteps set."""
-    from diffusers import DDIMScheduler
+    from diffusers import DDIMScheduler  # here: planning a generation imports this module, not diffusers
 
     scheduler = pipe.scheduler
     if not isinstance(scheduler, DDIMScheduler):
@@ -435,8 +435,6 @@ def plain_generate(
 
 def contact_sheet(rows: list[list[tuple[str, Image.Image]]], cell: int | None = None) -> Image.Image:
     """A grid image: one row per list of (label, image), labels drawn under each cell."""
-    from PIL import ImageDraw
-
     cell = cell or max(128, *(image.width for row in rows for _, image in row))
     label_h = 14
     columns = max(len(row) for row in rows)

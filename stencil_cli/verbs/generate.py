@@ -25,11 +25,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from stencil_cli import models
 from stencil_cli.base import events
 from stencil_cli.base.errors import FieldError, StencilError
 from stencil_cli.base.events import Note, Progress, Reused, Stage, no_progress
 from stencil_cli.base.fsutil import atomic_write_bytes
+from stencil_cli.base.images import center_crop_resize
 from stencil_cli.base.pngmeta import png_bytes, read_png_parameters, read_rgb
+from stencil_cli.core.prompts import build_prompts, clip_token_counter, words_past_limit
 from stencil_cli.store.db import Generation, Run, Store, Subject
 from stencil_cli.store.settings import resolve_setting
 from stencil_cli.verbs.common import MAX_SEED, using_subject
@@ -376,8 +379,6 @@ def _items(request: GenerateRequest, mode: str) -> list[Item]:
 
 def plan_generation(store: Store, request: GenerateRequest) -> GenerationPlan:
     """Check and settle everything about a generation (no model is loaded here)."""
-    from stencil_cli.core.prompts import build_prompts
-
     if request.draft is not None and request.no_context:
         raise FieldError(("draft", "no_context"), "{} do not go together: a draft is the context")
     if request.draft_prompt is not None and (request.draft is not None or request.no_context):
@@ -786,8 +787,6 @@ def context_pipeline(
     ref: str, *, device: str, precision: str, no_t5: bool, store_root: Path | None = None
 ) -> Iterator[Any]:
     """The context model, loaded for the drafts and freed afterwards (before the subject model loads)."""
-    from stencil_cli import models
-
     with models.quiet_libraries():
         pipe = models.load_context_pipeline(
             ref, device=device, precision=precision, no_t5=no_t5, store_root=store_root
@@ -831,8 +830,6 @@ def batch_size_for(requested: int | None, device: str) -> int:
     40 GiB or more, else 1 (measured on the CPU; the GPU rule is an estimate, see docs/performance.md)."""
     if requested is not None:
         return requested
-    from stencil_cli import models
-
     torch_device = models.resolve_device(device)
     if torch_device.type != "cuda":
         return DEFAULT_BATCH_SIZE
@@ -858,8 +855,6 @@ def generate(store: Store, plan: GenerationPlan, *, progress: Progress = no_prog
 
 def _generate(store: Store, plan: GenerationPlan, progress: Progress) -> Iterator[Saved]:
     """`generate` while the subject is held."""
-    from stencil_cli import models
-    from stencil_cli.base.images import center_crop_resize
     from stencil_cli.core import generation
 
     writer = _Writer(store, plan)
@@ -968,8 +963,6 @@ def _fit_draft_prompts(
     A draft prompt given by hand or written by the caption model is kept as it is (only a cut is reported)."""
     if tokenizer is None:
         return
-    from stencil_cli.core.prompts import build_prompts, clip_token_counter, words_past_limit
-
     counter = clip_token_counter(tokenizer)
     phrase = plan.subject.phrase or plan.subject.class_word or ""
     told: set[str] = set()

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 from stencil_cli.base.errors import FieldError
 from stencil_cli.base.events import Progress, Step, no_progress
 from stencil_cli.base.fsutil import atomic_write_bytes
+from stencil_cli.base.pngmeta import png_bytes
 from stencil_cli.verbs.history import SAMPLES_DIR
 
 DEFAULT_SAMPLE_STEPS = 20
@@ -109,7 +111,6 @@ class Previewer:
         """Render every prompt with `unet` at `step`; write the PNGs atomically; return their paths."""
         import torch
 
-        from stencil_cli.base.pngmeta import png_bytes
         from stencil_cli.core.generation import GenerationSettings, plain_generate
 
         if self.pipe.unet is not unet:
@@ -160,8 +161,6 @@ def make_previewer(
     `pipe.scheduler` is replaced by a copy: the caller keeps the original for the training loop, and the
     copy's timesteps are set for rendering.
     """
-    import copy
-
     pipe.scheduler = copy.deepcopy(pipe.scheduler)
     prompts = subject_prompts(settings.prompts, phrase)
     return Previewer(pipe, settings, prompts, run_dir, meta, progress=progress, total=total)
