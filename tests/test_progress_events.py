@@ -11,10 +11,12 @@ import pytest
 
 from stencil_cli.base import events
 from stencil_cli.base.events import NullTextIteration, Reused, Step, Working
+from stencil_cli.cli import bench as bench_command
 from stencil_cli.cli import demo as demo_command
 from stencil_cli.cli import gen as gen_command
 from stencil_cli.cli import progress as progress_module
 from stencil_cli.cli import train as train_command
+from stencil_cli.verbs.bench import SubjectStatus
 from stencil_cli.verbs.train import MaskPicture, MaskPictures
 
 PACKAGE = Path(__file__).resolve().parents[1] / "stencil_cli"
@@ -155,7 +157,7 @@ class FakeBars:
 def said(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
     """What the handlers print as messages: (kind, text)."""
     lines: list[tuple[str, str]] = []
-    for module in (gen_command, train_command, demo_command):
+    for module in (gen_command, train_command, demo_command, bench_command):
         monkeypatch.setattr(module, "info", lambda text: lines.append(("info", text)), raising=False)
         monkeypatch.setattr(module, "warn", lambda text: lines.append(("warn", text)), raising=False)
     return lines
@@ -231,3 +233,17 @@ def test_the_demo_prints_headings_and_draws_each_stage_as_a_bar(said: list[tuple
         ("info", "[bold]3/4 train \\[tiny][/bold]"),
         ("info", "removed the half-made demo subject demo"),
     ]
+
+
+def test_the_benchmark_draws_one_bar_per_subject_and_says_its_notes(said: list[tuple[str, str]]) -> None:
+    bars = FakeBars()
+    hook = bench_command.SubjectBars(bars)  # type: ignore[arg-type]
+    hook(events.Note("process 1/2 on cpu: [dog]"))
+    hook(SubjectStatus("dog", "training", 0, 4))
+    hook(SubjectStatus("dog", "generating", 3, 4))
+    hook(events.Warning("dog: skipped a.png: not an image"))
+    hook(SubjectStatus("dog", "done", 4, 4))
+    (task,) = bars.tasks
+    assert task["description"] == "dog" and task["total"] == 4 and task["completed"] == 4
+    assert task["status"] == "[green]done[/green]"
+    assert said == [("info", "process 1/2 on cpu: \\[dog]"), ("warn", "dog: skipped a.png: not an image")]
