@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 
 from stencil_cli.base.errors import FieldError
 from stencil_cli.base.events import Heading, Progress, Removed, no_progress
-from stencil_cli.store.db import Store, validate_name
+from stencil_cli.store.db import Store
+from stencil_cli.store.records import validate_name
 from stencil_cli.verbs.caption import CaptionRequest, caption
 from stencil_cli.verbs.generate import (
     GenerateRequest,

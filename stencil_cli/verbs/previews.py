@@ -16,7 +16,7 @@ from stencil_cli.base.errors import FieldError
 from stencil_cli.base.events import Progress, Step, no_progress
 from stencil_cli.base.fsutil import atomic_write_bytes
 from stencil_cli.base.pngmeta import png_bytes
-from stencil_cli.verbs.history import SAMPLES_DIR
+from stencil_cli.store.layout import sample_path
 
 DEFAULT_SAMPLE_STEPS = 20
 MAX_SAMPLE_STEPS = 1000
@@ -83,11 +83,6 @@ def subject_prompts(prompts: tuple[str, ...], phrase: str | None) -> list[str]:
     if not (phrase or "").strip():
         return [" ".join(prompt.split()) for prompt in prompts]
     return [build_prompts(prompt, phrase or "").prompt for prompt in prompts]
-
-
-def sample_path(run_dir: Path, step: int, index: int) -> Path:
-    """Where the preview of prompt `index` at `step` goes."""
-    return run_dir / SAMPLES_DIR / f"step-{step:06d}-p{index}.png"
 
 
 @dataclass
