@@ -160,7 +160,8 @@ class TemplateCaptioner:
         if phrase is None:
             raise StencilError(
                 "the template captioner needs the subject's phrase, and this subject has none",
-                hint="pass --phrase 'cat' (or set it with `stencil add NAME --phrase ...`)",
+                hint="pass {phrase='cat'} (or set it with `stencil add NAME {add.phrase=...}`)",
+                fields=("phrase", "add.phrase"),
             )
         captions = {photo.id: template_caption(phrase, index) for index, photo in enumerate(request.photos)}
         return CaptionResult(phrase=phrase, captions=captions, source="template")
@@ -266,10 +267,12 @@ class OpenAICaptioner:
         if not key.strip():
             raise StencilError(
                 f"{KEY_ENV} is not set: export your OpenAI API key as {KEY_ENV} "
-                f"(or {BASE_URL_ENV} for a compatible server), or caption offline with `--captioner template`"
+                f"(or {BASE_URL_ENV} for a compatible server), or caption offline with "
+                "`{captioner=template}`",
+                fields=("captioner",),
             )
         if timeout_s <= 0:
-            raise BadInputError("--timeout must be a positive number of seconds")
+            raise BadInputError("{timeout} must be a positive number of seconds", fields=("timeout",))
         if response_format not in ("json_schema", "json_object"):
             raise BadInputError("response format must be json_schema or json_object")
         self._key = key.strip()
@@ -406,17 +409,20 @@ class OpenAICaptioner:
             except RecursionError:
                 raise StencilError(
                     f"{self.host} sent an answer nested too deeply to read; nothing was stored",
-                    hint="check the server, try another --model, or use `--captioner template`",
+                    hint="check the server, try another {model}, or use `{captioner=template}`",
+                    fields=("model", "captioner"),
                 ) from None
             except (openai.APITimeoutError, TimeoutError):
                 raise StencilError(
                     f"no answer from {self.host} within {self.timeout_s:g} s",
-                    hint="raise the limit with --timeout SECONDS, or try again later",
+                    hint="raise the limit with {timeout=SECONDS}, or try again later",
+                    fields=("timeout",),
                 ) from None
             except openai.AuthenticationError:
                 raise StencilError(
                     f"{self.host} refused the key in {KEY_ENV} (HTTP 401)",
-                    hint=f"check {KEY_ENV}, or caption offline with `--captioner template`",
+                    hint=f"check {KEY_ENV}, or caption offline with `{{captioner=template}}`",
+                    fields=("captioner",),
                 ) from None
             except openai.BadRequestError as error:
                 if self.response_format == "json_schema" and "response_format" in self._message(error):
@@ -429,7 +435,8 @@ class OpenAICaptioner:
             except openai.NotFoundError as error:
                 raise StencilError(
                     f"{self.host} does not know model {self.model!r} (HTTP 404): {self._message(error)}",
-                    hint="pick another with --model",
+                    hint="pick another with {model}",
+                    fields=("model",),
                 ) from None
             except (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError) as error:
                 quota = isinstance(error, openai.RateLimitError) and "insufficient_quota" in self._message(
@@ -437,7 +444,9 @@ class OpenAICaptioner:
                 )
                 if quota or attempt >= self.retry.retries:
                     raise StencilError(
-                        self._give_up_message(error, attempt), hint=self._give_up_hint(quota)
+                        self._give_up_message(error, attempt),
+                        hint=self._give_up_hint(quota),
+                        fields=("captioner",),
                     ) from None
                 self._sleep(self.retry.wait(attempt, self._retry_after(error)))
                 attempt += 1
@@ -451,7 +460,8 @@ class OpenAICaptioner:
             raise StencilError(
                 f"{self.host} answered with {what}, not a chat completion: is {BASE_URL_ENV} the API's URL "
                 "(ending in /v1), and not a proxy's or login page?",
-                hint=f"check {BASE_URL_ENV}, or caption offline with `--captioner template`",
+                hint=f"check {BASE_URL_ENV}, or caption offline with `{{captioner=template}}`",
+                fields=("captioner",),
             )
         choices = getattr(response, "choices", None) or []
         if not choices:
@@ -464,7 +474,8 @@ class OpenAICaptioner:
             raise StencilError(
                 f"{self.host} sent an answer of {len(text):,} characters "
                 f"(the limit is {MAX_ANSWER_CHARS:,}); nothing was stored",
-                hint="try another --model, or use `--captioner template`",
+                hint="try another {model}, or use `{captioner=template}`",
+                fields=("model", "captioner"),
             )
         return self._scrub(text)
 
@@ -510,8 +521,8 @@ class OpenAICaptioner:
     @staticmethod
     def _give_up_hint(quota: bool) -> str:
         if quota:
-            return "the account has no quota left: check its billing, or use `--captioner template`"
-        return f"try again later, check {BASE_URL_ENV} / your network, or use `--captioner template`"
+            return "the account has no quota left: check its billing, or use `{captioner=template}`"
+        return f"try again later, check {BASE_URL_ENV} / your network, or use `{{captioner=template}}`"
 
     # -- the draft prompt (--rewrite) --
 
@@ -593,7 +604,8 @@ class OpenAICaptioner:
         problems = "; ".join(second.problems[:3])
         raise StencilError(
             f"{self.model} gave no usable captions after one retry ({problems}); nothing was stored",
-            hint="run the command again, try another --model, or use `--captioner template`",
+            hint="run the command again, try another {model}, or use `{captioner=template}`",
+            fields=("model", "captioner"),
         )
 
 
@@ -910,7 +922,7 @@ def make_captioner(
         return TemplateCaptioner()
     if kind == "openai":
         if retries < 0:
-            raise BadInputError("--retries must be 0 or more")
+            raise BadInputError("{retries} must be 0 or more", fields=("retries",))
         return OpenAICaptioner(
             model=model, timeout_s=timeout_s, retry=RetryPolicy(retries=retries, backoff_s=backoff_s)
         )

@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stencil_cli.base.errors import FieldError, StencilError
+from stencil_cli.base.errors import FieldError, StencilError, Wording
 from stencil_cli.base.fsutil import atomic_write_bytes
 from stencil_cli.base.pngmeta import png_bytes, read_png_parameters, read_rgb
 from stencil_cli.store.db import Generation, Run, Store, Subject
@@ -368,7 +368,8 @@ def plan_generation(store: Store, request: GenerateRequest) -> GenerationPlan:
     if not phrase:
         raise StencilError(
             f"subject {request.name!r} has no phrase",
-            hint=f"caption it with `stencil caption {request.name}` or re-add with --phrase",
+            hint=f"caption it with `stencil caption {request.name}` or re-add with {{add.phrase}}",
+            fields=("add.phrase",),
         )
     rewritten: dict[str, tuple[str, str]] = {}
     if request.rewrite:
@@ -400,8 +401,11 @@ def plan_generation(store: Store, request: GenerateRequest) -> GenerationPlan:
     if reduced:
         shown = f"{prompts.description!r}" if prompts.description else f"the phrase {phrase!r}"
         warnings.append(
-            f"{request.name}'s description is not one noun phrase (stored before this version); "
-            f"using {shown} (run `stencil caption {request.name} --force` for a new one)"
+            Wording(
+                f"{request.name}'s description is not one noun phrase (stored before this version); "
+                f"using {shown} (run `stencil caption {request.name} {{caption.force}}` for a new one)",
+                ("caption.force",),
+            )
         )
     notes.extend(_tau_notes(taus, settings.steps))
     draft_image, draft_source = load_draft(request.draft) if request.draft is not None else (None, None)
