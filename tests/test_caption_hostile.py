@@ -32,6 +32,7 @@ from stencil_cli.captioning import (
     scrub_secrets,
     secret_forms,
 )
+from stencil_cli.cli.kit import error_line
 
 KEY = "sk-test-hostile-0123456789abcdefXYZ"
 PHRASE = "toy robot"
@@ -148,7 +149,8 @@ def test_the_timeout_bounds_a_server_that_drips_its_answer(server: Server, photo
     with pytest.raises(StencilError, match=r"within 1\.5 s") as caught:
         captioner(server, timeout_s=1.5).caption(CaptionRequest(photos=photos))
     assert time.monotonic() - start < 6
-    assert "--timeout" in str(caught.value)
+    assert "raise the limit with timeout=SECONDS" in str(caught.value)  # a library caller reads the field
+    assert "raise the limit with --timeout SECONDS" in error_line(caught.value)  # the CLI shows the flag
 
 
 # -- answers that are not chat completions ---------------------------------------------------------
