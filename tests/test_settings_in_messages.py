@@ -231,3 +231,24 @@ def test_the_subject_page_names_the_masks_only_flag(cli: Any, tmp_path: Path) ->
     assert result.exit_code == 0, result.output
     page = Path(result.stdout.strip()).read_text(encoding="utf-8")
     assert "no mask pictures yet: stencil train robot --masks-only" in page
+
+
+def test_a_loss_that_blows_up_names_the_learning_rate_and_precision_flags(
+    cli: Any, tiny_preset: Path, tmp_path: Path
+) -> None:
+    add_subject(cli, tmp_path)
+    assert cli("caption", "robot", "--captioner", "template").exit_code == 0
+    args = ("--subject-model", "tiny", "--steps", "3", "--batch-size", "1", "--lr", "1e30")
+    result = cli("train", "robot", *args)
+    assert result.exit_code == 1, result.output
+    assert "; try a lower --lr or --precision fp32" in _line(result)
+
+
+def test_a_subject_model_of_another_kind_names_the_subject_model_flag(
+    cli: Any, tiny_preset: Path, tmp_path: Path
+) -> None:
+    add_subject(cli, tmp_path)
+    assert cli("caption", "robot", "--captioner", "template").exit_code == 0
+    result = cli("train", "robot", "--subject-model", str(tiny_preset / "context"), "--steps", "1")
+    assert result.exit_code == 1, result.output
+    assert "(the subject model must be SD1.5-shaped, e.g. --subject-model sd15)" in _line(result)
