@@ -182,7 +182,6 @@ class StencilError(Exception):
         clone.message = message
         if hint is not _KEEP:
             clone.hint = hint
-        clone.__traceback__ = None
         return clone
 
 
@@ -240,7 +239,7 @@ class FieldError(BadInputError):
         clone = self._with(rename(self.message) or "", rename(self.hint))
         assert isinstance(clone, FieldError)
         clone.named = tuple(names.get(name, name) for name in self.named)
-        clone.exit_code = EXIT_USAGE  # as a FieldError made anew under the new names
+        clone.exit_code = EXIT_USAGE  # as a FieldError made anew under the new names (as before)
         return clone
 
 
