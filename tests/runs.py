@@ -7,8 +7,9 @@ from typing import Any
 import torch
 
 from stencil_cli.core.training import masked_mse
-from stencil_cli.store.db import Run, Store
-from stencil_cli.verbs import train as train_verb
+from stencil_cli.store.db import Store
+from stencil_cli.store.layout import CHECKPOINT_NAME
+from stencil_cli.store.records import Run
 
 
 def eval_loss(unet: Any, pipe: Any, data: Any) -> float:
@@ -32,7 +33,7 @@ def interrupted_run(store: Store, **config: Any) -> Run:
     params = {**TrainConfig(steps=10, **config).to_params(), "subject_model": "tiny"}
     run = store.create_run("robot", params, base_model="tiny")
     store.finish_run(run.id, "interrupted", step=3, losses=[0.3, 0.2, 0.1])
-    checkpoint = store.run_dir("robot", run.id) / train_verb.CHECKPOINT_NAME
+    checkpoint = store.run_dir("robot", run.id) / CHECKPOINT_NAME
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
     checkpoint.write_bytes(b"not read: the refusal comes first")
     return store.get_run("robot", run.id)

@@ -19,7 +19,10 @@ from storecheck import check_store
 
 from stencil_cli.base import locks
 from stencil_cli.base.errors import DiskFullError, FieldError, StencilError
-from stencil_cli.store.db import Run, Store, SubjectChangedError, open_store
+from stencil_cli.store.db import Store, open_store
+from stencil_cli.store.layout import CHECKPOINT_NAME, WEIGHTS_NAME
+from stencil_cli.store.records import Run
+from stencil_cli.store.subjects import SubjectChangedError
 from stencil_cli.verbs import generate as generate_verb
 from stencil_cli.verbs import train as train_verb
 from stencil_cli.verbs.caption import CaptionRequest
@@ -326,7 +329,7 @@ def _interrupted_with_checkpoint(cli: Any, tmp_path: Path, monkeypatch: pytest.M
                      "--checkpoint-every", "1")
     assert result.exit_code == 130, result.output
     (run,) = open_store().list_runs("robot")
-    return open_store().run_dir("robot", run.id) / train_verb.CHECKPOINT_NAME
+    return open_store().run_dir("robot", run.id) / CHECKPOINT_NAME
 
 
 def test_resuming_a_checkpoint_with_non_finite_values_says_it_is_corrupt(
@@ -363,8 +366,8 @@ def test_a_disk_full_at_the_weights_keeps_the_steps_in_a_checkpoint_to_resume(
     assert result.exit_code == 1, result.output
     store = open_store()
     (run,) = store.list_runs("robot")
-    weights = store.run_dir("robot", run.id) / train_verb.WEIGHTS_NAME
-    checkpoint = store.run_dir("robot", run.id) / train_verb.CHECKPOINT_NAME
+    weights = store.run_dir("robot", run.id) / WEIGHTS_NAME
+    checkpoint = store.run_dir("robot", run.id) / CHECKPOINT_NAME
     text = " ".join(result.stderr.split())
     (error,) = [line for line in _lines(result.stderr) if line.startswith("error:")]
     error = " ".join(error.split())

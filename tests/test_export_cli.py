@@ -23,7 +23,8 @@ from typer.testing import CliRunner
 from stencil_cli import models
 from stencil_cli.cli import app
 from stencil_cli.core import export as export_core
-from stencil_cli.store.db import Run, Store, open_store
+from stencil_cli.store.db import Store, open_store
+from stencil_cli.store.records import Run
 from stencil_cli.verbs import export as export_verb
 from stencil_cli.verbs import train as train_verb
 from stencil_cli.verbs.train import TrainRequest

@@ -12,7 +12,8 @@ from photos import add_subject
 from PIL import Image
 
 from stencil_cli.base.errors import FieldError
-from stencil_cli.store.db import Run, Store
+from stencil_cli.store.db import Store
+from stencil_cli.store.records import Run
 from stencil_cli.verbs import generate as generate_verb
 from stencil_cli.verbs.generate import GenerateRequest, plan_generation
 

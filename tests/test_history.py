@@ -9,7 +9,8 @@ from typing import Any
 from photos import add_subject
 from PIL import Image
 
-from stencil_cli.store.db import Run, Store
+from stencil_cli.store.db import Store
+from stencil_cli.store.records import Run
 
 
 def done_run(store: Store, name: str = "robot", size: int = 2048, **params: Any) -> Run:

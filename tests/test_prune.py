@@ -10,12 +10,13 @@ from photos import add_subject
 from test_history import done_run, fake_image
 
 from stencil_cli.store.db import open_store
+from stencil_cli.store.layout import TRAIN_LOCK_NAME
 from stencil_cli.verbs import common
 
 
 def tree_bytes(path: Path) -> int:
     """The bytes of the files under `path`, but the lock file a removal leaves (it holds a process id)."""
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and f.name != common.LOCK_NAME)
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and f.name != TRAIN_LOCK_NAME)
 
 
 def test_rm_run_removes_its_weights_masks_and_images_and_frees_what_it_says(

@@ -1,4 +1,4 @@
-"""The store (stencil_cli.store.db): migrations that keep the data, typed records, generation rows that
+"""The store (stencil_cli.store): migrations that keep the data, typed records, generation rows that
 belong to the subject they were made for."""
 
 from __future__ import annotations
@@ -12,8 +12,10 @@ import sqlite_utils
 from photos import add_subject
 
 from stencil_cli.base.errors import NotFoundError, StencilError
-from stencil_cli.store.db import Generation, Run, Store, open_store
-from stencil_cli.store import db as store_module
+from stencil_cli.store import migrations
+from stencil_cli.store.db import Store, open_store
+from stencil_cli.store.layout import DB_NAME
+from stencil_cli.store.records import Generation, Run
 
 
 def _columns(db: sqlite_utils.Database, table: str) -> set[str]:
@@ -26,8 +28,8 @@ def _columns(db: sqlite_utils.Database, table: str) -> set[str]:
 def test_a_database_at_the_first_schema_is_migrated_and_keeps_its_data(tmp_path: Path) -> None:
     root = tmp_path / "old-store"
     root.mkdir()
-    db = sqlite_utils.Database(root / store_module.DB_NAME)
-    store_module.migrations.apply(db, stop_before="m003_one_name_per_file_column")
+    db = sqlite_utils.Database(root / DB_NAME)
+    migrations.apply(db, stop_before="m003_one_name_per_file_column")
     assert "path" in _columns(db, "images") and "weights_path" in _columns(db, "runs")
     db["subjects"].insert({"id": 1, "name": "cat", "phrase": "cat", "created": "2025-01-01T00:00:00+00:00"})
     db["images"].insert(
@@ -69,7 +71,7 @@ def test_a_database_at_the_first_schema_is_migrated_and_keeps_its_data(tmp_path:
     store.close()
     again = open_store(root)  # every migration ran once: opening again changes nothing
     assert again.get_run("cat", 1).weights_file == run.weights_file
-    names = [m.name for m in store_module.migrations.applied(again.db)]
+    names = [m.name for m in migrations.applied(again.db)]
     assert names == [
         "m001_initial",
         "m002_subject_id_counter",
@@ -81,7 +83,7 @@ def test_a_database_at_the_first_schema_is_migrated_and_keeps_its_data(tmp_path:
 
 def test_a_new_store_is_at_the_latest_schema(stencil_home: Path) -> None:
     store = open_store()
-    assert store_module.migrations.pending(store.db) == []
+    assert migrations.pending(store.db) == []
     assert "file" in _columns(store.db, "images") and "weights_file" in _columns(store.db, "runs")
 
 

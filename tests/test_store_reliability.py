@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import resource
 import shutil
 import sqlite3
 import stat
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from photos import make_photo
@@ -24,7 +27,9 @@ from stencil_cli.base.errors import (
     StoreReadOnlyError,
 )
 from stencil_cli.base.images import prepare_image
-from stencil_cli.store.db import SubjectChangedError, open_store, validate_name
+from stencil_cli.store.db import open_store
+from stencil_cli.store.records import validate_name
+from stencil_cli.store.subjects import SubjectChangedError
 
 
 def _add(store, name: str, folder: Path, count: int = 2, start: int = 0):
@@ -148,7 +153,7 @@ def test_a_read_only_store_reads_and_refuses_changes_saying_read_only(filled: Pa
 
 
 def test_an_unwritable_store_opens_read_only_by_itself(filled: Path, monkeypatch, cli) -> None:
-    monkeypatch.setattr("stencil_cli.store.db._writable", lambda root, db: False)
+    monkeypatch.setattr("stencil_cli.store.connection._writable", lambda root, db: False)
     assert open_store().read_only
     listed = cli("ls")
     assert listed.exit_code == 0 and "cat" in listed.stdout
@@ -365,3 +370,85 @@ def test_rows_for_a_subject_removed_and_re_added_meanwhile_are_refused(filled: P
     made = store.create_run("dog", {}, "tiny", subject_id=fresh.id)
     store.finish_run(made.id, "failed")
     assert store.add_generation(fresh, {"prompt": "p"}).subject_id == fresh.id
+
+
+# -- every method explains the database errors it meets --------------------------------------------------
+
+
+class _BrokenDatabase:
+    """A database handle whose every query fails the way a damaged file does (transactions still work)."""
+
+    def __init__(self, real: Any) -> None:
+        self.conn = real.conn
+        self.atomic = real.atomic
+
+    def _fail(self, *args: Any, **kwargs: Any) -> Any:
+        raise sqlite3.DatabaseError("database disk image is malformed")
+
+    query = execute = __getitem__ = close = _fail
+
+
+PATH_HELPERS = {"subject_dir", "absolute", "relative", "run_dir", "generation_dir", "resolve_image"}
+NOT_QUERIES = {"write", "db_error"}  # the transaction (it translates itself) and the translation
+
+
+def test_every_store_method_turns_a_raw_database_error_into_the_error_that_explains_it(filled: Path) -> None:
+    store = open_store()
+    subject = store.get_subject("cat")
+    calls: dict[str, Callable[[], Any]] = {
+        "subject_names": lambda: store.subject_names(),
+        "find_subject": lambda: store.find_subject("cat"),
+        "get_subject": lambda: store.get_subject("cat"),
+        "list_subjects": lambda: store.list_subjects(),
+        "subject_id_of": lambda: store.subject_id_of("cat"),
+        "check_subject": lambda: store.check_subject("cat", subject.id),
+        "update_subject": lambda: store.update_subject("cat", phrase="a cat"),
+        "add_images": lambda: store.add_images("cat", []),
+        "remove_subject": lambda: store.remove_subject("cat"),
+        "remove_image": lambda: store.remove_image("cat", "1"),
+        "set_captions": lambda: store.set_captions("cat", {}, "manual"),
+        "create_run": lambda: store.create_run("cat", {}, "tiny"),
+        "update_run": lambda: store.update_run(1, step=1),
+        "finish_run": lambda: store.finish_run(1, "done"),
+        "get_run": lambda: store.get_run("cat", 1),
+        "list_runs": lambda: store.list_runs("cat"),
+        "latest_done_run": lambda: store.latest_done_run("cat"),
+        "remove_run": lambda: store.remove_run("cat", 1),
+        "add_generation": lambda: store.add_generation(subject, {"prompt": "p"}),
+        "get_generation": lambda: store.get_generation(1),
+        "list_generations": lambda: store.list_generations("cat"),
+        "set_generation_scores": lambda: store.set_generation_scores(1, {}),
+        "cached_draft_prompt": lambda: store.cached_draft_prompt(subject, "p", "m", "h"),
+        "cache_draft_prompt": lambda: store.cache_draft_prompt(subject, "p", "m", "h", "d"),
+        "get_config": lambda: store.get_config("device"),
+        "set_config": lambda: store.set_config("device", "cpu"),
+        "all_config": lambda: store.all_config(),
+        "unindexed_folders": lambda: store.unindexed_folders(),
+        "missing_files": lambda: store.missing_files(),
+        "clean": lambda: store.clean(),
+        "repair": lambda: store.repair(),
+        "close": lambda: store.close(),
+    }
+    public = {name for name in dir(store) if not name.startswith("_") and callable(getattr(store, name))}
+    unlisted = public - set(calls) - PATH_HELPERS - NOT_QUERIES - {"integrity_problems"}
+    assert not unlisted, f"add the new store methods to this test: {sorted(unlisted)}"
+    real = store.db
+    store.db = _BrokenDatabase(real)  # type: ignore[assignment]
+    for name, call in calls.items():
+        with pytest.raises(CorruptStoreError, match="is damaged"):
+            call()
+        assert not real.conn.in_transaction, name  # a failed write leaves no transaction open
+    assert store.integrity_problems() == ["database disk image is malformed"]
+
+
+def test_a_full_disk_while_adding_photos_is_disk_full(filled: Path, tmp_path: Path, monkeypatch) -> None:
+    store = open_store()
+    photo = prepare_image(make_photo(tmp_path / "new.jpg", seed=40))
+
+    def full(target: Path, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(target))
+
+    monkeypatch.setattr("stencil_cli.store.subjects.atomic_write_bytes", full)
+    with pytest.raises(DiskFullError, match="disk full at .*images"):
+        store.add_images("cat", [photo])
+    assert len(store.get_subject("cat").images) == 2  # no row without its file

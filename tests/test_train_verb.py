@@ -13,6 +13,7 @@ from runs import interrupted_run
 
 from stencil_cli.base.errors import FieldError, StencilError
 from stencil_cli.store.db import open_store
+from stencil_cli.store.layout import TRAIN_LOCK_NAME
 from stencil_cli.verbs import common
 from stencil_cli.verbs import train as train_verb
 from stencil_cli.verbs.train import TrainRequest
@@ -99,7 +100,7 @@ def test_the_lock_is_taken_from_the_start_of_the_file(
     stencil_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = open_store()
-    lock = store.subject_dir("robot") / common.LOCK_NAME
+    lock = store.subject_dir("robot") / TRAIN_LOCK_NAME
     lock.parent.mkdir(parents=True)
     lock.write_text("12345", encoding="utf-8")  # left by an earlier process: "a+" opens at byte 5
     positions: list[int] = []
@@ -120,7 +121,7 @@ def test_a_held_lock_names_its_holder_or_says_another_process(stencil_home: Path
     import fcntl
 
     store = open_store()
-    lock = store.subject_dir("robot") / common.LOCK_NAME
+    lock = store.subject_dir("robot") / TRAIN_LOCK_NAME
     lock.parent.mkdir(parents=True)
     for content, words in (("", "by another process;"), ("4321", "by process 4321;")):
         lock.write_text(content, encoding="utf-8")

@@ -15,8 +15,7 @@ from PIL import Image
 from test_history import done_run, fake_image
 
 from stencil_cli.store.db import Store
-from stencil_cli.verbs.history import LOSS_CURVE_NAME, SAMPLES_DIR
-from stencil_cli.verbs.train import MASKS_DIR, mask_path
+from stencil_cli.store.layout import LOSS_CURVE_NAME, MASKS_DIR, SAMPLES_DIR, mask_path
 
 HOSTILE = 'a toy robot <script>alert("x")</script> & <marquee>friends</marquee>'
 

@@ -14,7 +14,8 @@ import typer
 from stencil_cli.base.errors import BadInputError, StencilError
 from stencil_cli.cli.kit import JsonOption, handle_errors
 from stencil_cli.cli.output import err_console, escape, info, plain, print_json, settings, shown, warn
-from stencil_cli.store.db import Subject, open_store
+from stencil_cli.store.db import open_store
+from stencil_cli.store.records import Subject
 from stencil_cli.verbs.caption import (
     DEFAULT_BACKOFF_S,
     DEFAULT_RETRIES,

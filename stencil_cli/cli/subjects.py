@@ -21,7 +21,8 @@ from stencil_cli.cli.output import (
     stdout_console,
     warn,
 )
-from stencil_cli.store.db import Store, Subject, open_store
+from stencil_cli.store.db import Store, open_store
+from stencil_cli.store.records import Subject
 from stencil_cli.verbs.history import SubjectSummary, subject_summary
 from stencil_cli.verbs.prune import disk_usage, plan_run_removal, prune, remove_run
 from stencil_cli.verbs.subjects import (

@@ -15,8 +15,9 @@ from stencil_cli.cli.options import DeviceOption, PrecisionOption, SubjectModelO
 from stencil_cli.cli.output import escape, info, print_json, warn
 from stencil_cli.cli.progress import add_task, progress_bar
 from stencil_cli.store.db import Store, open_store
+from stencil_cli.store.layout import CHECKPOINT_NAME
 from stencil_cli.verbs.common import MAX_SEED
-from stencil_cli.verbs.train import CHECKPOINT_NAME, MAX_BATCH_SIZE, TrainRequest, TrainResult
+from stencil_cli.verbs.train import MAX_BATCH_SIZE, TrainRequest, TrainResult
 from stencil_cli.verbs.train import train as train_verb
 
 if TYPE_CHECKING:

@@ -32,7 +32,9 @@ from typing import Any
 
 from stencil_cli.base.errors import EXIT_FAILURE, FieldError, StencilError
 from stencil_cli.base.fsutil import atomic_write_bytes
-from stencil_cli.store.db import Generation, Run, Store
+from stencil_cli.store.db import Store
+from stencil_cli.store.layout import BENCH_BATCH, CONTACT_SHEET_NAME
+from stencil_cli.store.records import Generation, Run
 from stencil_cli.store.settings import resolve_setting
 from stencil_cli.verbs.caption import CaptionRequest, caption, resolve_caption_model
 from stencil_cli.verbs.evaluate import clip_t_text, score_generations
@@ -45,8 +47,6 @@ RESULT_FILE = "result.json"
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 PLOT_FILE = "scores.png"
-SHEET_FILE = "contact-sheet.png"
-GENERATION_FOLDER = "bench"
 TRAIN_FIELDS = {"steps": "train_steps"}  # TrainConfig's fields as BenchConfig names them
 
 # The paper's table (SD1.5 base; METHOD.md, Evaluation). GPU seconds from its GPU-hours per subject.
@@ -176,7 +176,7 @@ class BenchConfig:
             device=self.device,
             precision=self.precision,
             no_t5=self.no_t5,
-            folder=GENERATION_FOLDER,
+            folder=BENCH_BATCH,
             reuse_drafts=True,
             models_root=self.models_root,
         )
@@ -608,7 +608,7 @@ class Runner:
             if cells:
                 sheet_rows.append(cells)
         sheet = contact_sheet(sheet_rows, cell=128)
-        path = self.subject_folder(job.name) / SHEET_FILE
+        path = self.subject_folder(job.name) / CONTACT_SHEET_NAME
         from io import BytesIO
 
         buffer = BytesIO()

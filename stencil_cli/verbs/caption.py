@@ -14,7 +14,8 @@ from stencil_cli import captioning
 from stencil_cli.base.errors import BadInputError, FieldError, StencilError
 from stencil_cli.base.text import sanitize_text
 from stencil_cli.captioning import CaptionResult, Photo, clean_phrase, contains_phrase
-from stencil_cli.store.db import Store, Subject
+from stencil_cli.store.db import Store
+from stencil_cli.store.records import Subject
 from stencil_cli.verbs.common import Progress, no_progress, refuse_missing_photos, using_subject
 
 MANUAL_SOURCE = "manual"

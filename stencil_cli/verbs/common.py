@@ -10,10 +10,10 @@ from typing import IO, Any
 
 from stencil_cli.base.errors import StencilError, StoreReadOnlyError
 from stencil_cli.store.db import Store
+from stencil_cli.store.layout import TRAIN_LOCK_NAME
 
 Progress = Callable[[str, int, int | None, dict[str, Any]], None]
 MAX_SEED = 2**63 - 1  # seeds are stored as SQLite INTEGERs (signed 64-bit); gen and train share the range
-LOCK_NAME = ".train.lock"
 
 
 def no_progress(stage: str, step: int, total: int | None, extra: dict[str, Any]) -> None:
@@ -33,7 +33,7 @@ def synced_clock(device: Any) -> float:
 @contextlib.contextmanager
 def subject_lock(store: Store, name: str) -> Iterator[None]:
     """Hold an exclusive lock on the subject's training (released by the OS if the process dies)."""
-    path = store.subject_dir(name) / LOCK_NAME
+    path = store.subject_dir(name) / TRAIN_LOCK_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
     handle: IO[str] = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held for the whole block
     try:

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from stencil_cli.base.errors import FieldError
-from stencil_cli.store.db import Store, validate_name
+from stencil_cli.store.db import Store
+from stencil_cli.store.records import validate_name
 from stencil_cli.verbs.caption import CaptionRequest, caption
 from stencil_cli.verbs.common import Progress, no_progress
 from stencil_cli.verbs.generate import (

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from stencil_cli.base.errors import FieldError, NotFoundError, StencilError
-from stencil_cli.store.db import Generation, Store, Subject
+from stencil_cli.store.db import Store
+from stencil_cli.store.records import Generation, Subject
 from stencil_cli.store.settings import resolve_setting
 from stencil_cli.verbs.common import Progress, no_progress, refuse_missing_photos, using_subject
 

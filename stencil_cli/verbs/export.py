@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from stencil_cli.base.errors import BadInputError, FieldError
-from stencil_cli.store.db import Run, Store
+from stencil_cli.store.db import Store
+from stencil_cli.store.records import Run
 from stencil_cli.store.settings import resolve_setting
 from stencil_cli.verbs.common import Progress, no_progress
 from stencil_cli.verbs.generate import trained_run

@@ -20,14 +20,15 @@ import secrets
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stencil_cli.base.errors import FieldError, StencilError, Wording
 from stencil_cli.base.fsutil import atomic_write_bytes
 from stencil_cli.base.pngmeta import png_bytes, read_png_parameters, read_rgb
-from stencil_cli.store.db import Generation, Run, Store, Subject
+from stencil_cli.store.db import Store
+from stencil_cli.store.layout import GRID_NAME, batch_name, draft_name, image_name
+from stencil_cli.store.records import Generation, Run, Subject
 from stencil_cli.store.settings import resolve_setting
 from stencil_cli.verbs.common import MAX_SEED, Progress, no_progress, using_subject
 
@@ -37,7 +38,6 @@ if TYPE_CHECKING:
 MAX_TAU = 1000
 MAX_BATCH = 256  # seeds in one batched model call
 MAX_IMAGES = 10_000  # seeds x prompts in one call: a typo like -n 1000000000 must not build a huge list
-GRID_NAME = "grid.png"
 DEFAULT_BATCH_SIZE = 4  # seeds per batched model call (CPU; GPUs with >= 40 GiB)
 
 
@@ -308,11 +308,6 @@ def load_draft(path: Path) -> tuple[Image.Image, str]:
         ) from None
 
 
-def batch_name() -> str:
-    """A folder name for one generation call: UTC time plus a random suffix."""
-    return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
-
-
 def _items(request: GenerateRequest, mode: str) -> list[Item]:
     """The images to make: the request's own items, or every prompt times `count` seeds."""
     if request.items is not None:
@@ -485,7 +480,7 @@ def rewrite_draft_prompts(
     captioner writes none. OPENAI_API_KEY is needed only when something is not cached yet.
     """
     from stencil_cli import captioning
-    from stencil_cli.store.db import description_hash
+    from stencil_cli.store.drafts import description_hash
     from stencil_cli.verbs.caption import resolve_caption_model
 
     kind = (request.captioner or "openai").strip().lower()
@@ -648,7 +643,7 @@ class _Writer:
 
     def draft_path(self, item: PlannedItem) -> Path:
         """Where the draft of `item` lives."""
-        return self.plan.folder / f"draft-{item.stem}.png"
+        return self.plan.folder / draft_name(item.stem)
 
     def save_draft(self, item: PlannedItem, image: Image.Image, seconds: float | None) -> None:
         """Write the draft of `item` (with its parameters) now."""
@@ -679,7 +674,7 @@ class _Writer:
         """Write one image (PNG with its parameters) and its generation row now."""
         plan = self.plan
         stem = item.stem if tau is None else f"{item.stem}-tau{tau_label(tau)}"
-        path = plan.folder / f"{stem}.png"
+        path = plan.folder / image_name(stem)
         draft_path = self.result.drafts.get(item.stem)
         carried = image_metadata(plan, item, tau, draft_path.name if draft_path else None)
         data = png_bytes(image, carried)

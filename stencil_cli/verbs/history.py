@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from stencil_cli.base.errors import FieldError
-from stencil_cli.store.db import Generation, Run, Store
-
-LOSS_CURVE_NAME = "loss.png"
-SAMPLES_DIR = "samples"
+from stencil_cli.store.db import Store
+from stencil_cli.store.layout import LOSS_CURVE_NAME, SAMPLES_DIR
+from stencil_cli.store.records import Generation, Run
 
 
 def folder_bytes(path: Path) -> int:

@@ -13,8 +13,8 @@ from typing import Any
 
 from stencil_cli.base.errors import FieldError
 from stencil_cli.base.fsutil import atomic_write_bytes
+from stencil_cli.store.layout import sample_path
 from stencil_cli.verbs.common import Progress, no_progress
-from stencil_cli.verbs.history import SAMPLES_DIR
 
 DEFAULT_SAMPLE_STEPS = 20
 MAX_SAMPLE_STEPS = 1000
@@ -81,11 +81,6 @@ def subject_prompts(prompts: tuple[str, ...], phrase: str | None) -> list[str]:
     if not (phrase or "").strip():
         return [" ".join(prompt.split()) for prompt in prompts]
     return [build_prompts(prompt, phrase or "").prompt for prompt in prompts]
-
-
-def sample_path(run_dir: Path, step: int, index: int) -> Path:
-    """Where the preview of prompt `index` at `step` goes."""
-    return run_dir / SAMPLES_DIR / f"step-{step:06d}-p{index}.png"
 
 
 @dataclass

@@ -13,9 +13,9 @@ from typing import Any
 
 from stencil_cli.base.errors import FieldError, StencilError
 from stencil_cli.store.db import Store
+from stencil_cli.store.layout import CHECKPOINT_NAME, GENERATIONS_DIR, IMAGES_DIR, RUNS_DIR, WEIGHTS_NAME
 from stencil_cli.verbs.common import subject_lock
 from stencil_cli.verbs.history import folder_bytes
-from stencil_cli.verbs.train import CHECKPOINT_NAME, WEIGHTS_NAME
 
 PRUNED_FILES = (WEIGHTS_NAME, CHECKPOINT_NAME)  # what pruning takes from an older run
 
@@ -171,9 +171,9 @@ def disk_usage(store: Store) -> list[SubjectUsage]:
         rows.append(
             SubjectUsage(
                 name,
-                folder_bytes(folder / "images"),
-                folder_bytes(folder / "runs"),
-                folder_bytes(folder / "generations"),
+                folder_bytes(folder / IMAGES_DIR),
+                folder_bytes(folder / RUNS_DIR),
+                folder_bytes(folder / GENERATIONS_DIR),
                 folder_bytes(folder),
             )
         )

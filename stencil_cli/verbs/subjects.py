@@ -11,7 +11,8 @@ from typing import Any
 
 from stencil_cli.base.errors import BadInputError, FieldError
 from stencil_cli.base.images import PreparedImage, RejectedImage, expand_paths, prepare_image
-from stencil_cli.store.db import Store, Subject, validate_name
+from stencil_cli.store.db import Store
+from stencil_cli.store.records import Subject, validate_name
 from stencil_cli.verbs.common import removing_subject, subject_lock
 
 RM_WAIT_S = 10.0  # how long `rm` waits for the commands using the subject to finish

@@ -19,7 +19,9 @@ from typing import Any
 
 from stencil_cli.base.errors import BadInputError, DiskFullError, FieldError, StencilError, worded
 from stencil_cli.base.fsutil import atomic_write_bytes
-from stencil_cli.store.db import Run, Store, Subject
+from stencil_cli.store.db import Store
+from stencil_cli.store.layout import CHECKPOINT_NAME, LOSS_CURVE_NAME, MASKS_DIR, WEIGHTS_NAME, mask_path
+from stencil_cli.store.records import Run, Subject
 from stencil_cli.store.settings import resolve_setting
 from stencil_cli.verbs.common import (
     MAX_SEED,
@@ -31,9 +33,6 @@ from stencil_cli.verbs.common import (
     using_subject,
 )
 
-WEIGHTS_NAME = "weights.safetensors"
-CHECKPOINT_NAME = "checkpoint.pt"
-MASKS_DIR = "masks"
 DB_UPDATE_SECONDS = 1.0
 CAPTIONS_KEY = "captions_sha256"  # run params: the hash of the captions + phrase trained on
 DEFAULT_STEPS = 100
@@ -424,11 +423,6 @@ def reopen_run(store: Store, run: Run, steps: int, extra: dict[str, Any] | None 
     return dataclasses.replace(run, status="running", finished=None, error=None, params=params)
 
 
-def mask_path(folder: Path, image: dict[str, Any]) -> Path:
-    """Where a photo's mask picture lives in `folder` (named by photo id and content hash)."""
-    return folder / f"{image['id']}-{image['sha256'][:12]}.png"
-
-
 def mask_files(store: Store, subject: Subject) -> list[tuple[dict[str, Any], Path | None]]:
     """Each photo of `subject` with its latest mask picture (None where no mask pass has run)."""
     folder = store.subject_dir(subject.name) / MASKS_DIR
@@ -617,7 +611,6 @@ def _previewer(
 def write_loss_curve(run_dir: Path, losses: list[float], title: str) -> None:
     """Draw the run's loss per step into `loss.png` beside its weights (a failure to write is not fatal)."""
     from stencil_cli.verbs.charts import loss_curve_png
-    from stencil_cli.verbs.history import LOSS_CURVE_NAME
 
     with contextlib.suppress(OSError):
         atomic_write_bytes(run_dir / LOSS_CURVE_NAME, loss_curve_png([float(x) for x in losses], title))

@@ -26,12 +26,12 @@ from urllib.parse import quote
 
 from stencil_cli.base.errors import FieldError, ShowMention, StencilError, fill, plain_mention
 from stencil_cli.base.fsutil import atomic_write_bytes
-from stencil_cli.store.db import Generation, Run, Store, Subject
-from stencil_cli.verbs.history import LOSS_CURVE_NAME, SAMPLES_DIR, run_kind
-from stencil_cli.verbs.train import MASKS_DIR, mask_files
+from stencil_cli.store.db import Store
+from stencil_cli.store.layout import CONTACT_SHEET_NAME, LOSS_CURVE_NAME, MASKS_DIR, PAGE_NAME, SAMPLES_DIR
+from stencil_cli.store.records import Generation, Run, Subject
+from stencil_cli.verbs.history import run_kind
+from stencil_cli.verbs.train import mask_files
 
-PAGE_NAME = "view.html"
-SHEET_NAME = "contact-sheet.png"  # a name `store clean` keeps
 PICTURE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif"}
 # run settings worth a line on the page, in this order (the rest stay in `stencil runs --json`)
 RUN_SETTINGS = (
@@ -412,7 +412,7 @@ def mask_sheet(store: Store, name: str, cell: int = 256) -> MaskSheet | None:
             draw.text((x + offset + 3, y + cell + 3), label, fill="black")
     buffer = io.BytesIO()
     sheet.save(buffer, format="PNG")
-    path = store.subject_dir(name) / MASKS_DIR / SHEET_NAME
+    path = store.subject_dir(name) / MASKS_DIR / CONTACT_SHEET_NAME
     atomic_write_bytes(path, buffer.getvalue())
     return MaskSheet(path, len(pairs), sum(1 for _, mask in pairs if mask))
 
