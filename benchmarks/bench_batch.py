@@ -4,12 +4,13 @@
     python benchmarks/bench_batch.py --preset full --device cuda --json     # SD3 Medium + SD1.5, 512 px
 
 Each variant makes the same N images (draft with the context model, DDIM + null-text inversion, denoise at tau
-60, so K = 3 null-text steps at 50 DDIM steps): `one_by_one` calls `render_draft`, `invert_image` and
-`guided_images` per seed; `batched_B` renders the drafts with `render_drafts` and inverts + denoises them with
-`context_guidance_batch`, B seeds per batch. Both pipelines stay resident (on a GPU `stencil gen` frees the
-context model before loading the subject model: that load is the same for both variants and not timed). One
-untimed warm-up of each variant, then `--repeat` rounds alternating the order; medians reported. Nothing is
-downloaded: `full` builds the architectures with random weights (bench_generate's builders).
+60, so K = 3 null-text steps at 50 DDIM steps): `one_by_one` calls `render_drafts`, `invert_images` and
+`guided_images` with a batch of one per seed; `batched_B` renders the drafts with `render_drafts` and inverts
++ denoises them with `iter_context_guidance`, B seeds per batch. Both pipelines stay resident (on a GPU
+`stencil gen` frees the context model before loading the subject model: that load is the same for both
+variants and not timed). One untimed warm-up of each variant, then `--repeat` rounds alternating the order;
+medians reported. Nothing is downloaded: `full` builds the architectures with random weights
+(bench_generate's builders).
 """
 
 from __future__ import annotations
@@ -52,9 +53,9 @@ def variants(
     def one_by_one() -> Any:
         images = []
         for seed in seeds:
-            draft = generation.render_draft(context, draft_prompt, seed=seed, **draft_args)
-            inverted = generation.invert_image(subject, draft, prompt, settings, taus=taus)
-            images.append(generation.guided_images(subject, inverted, prompt, taus, settings))
+            drafts = generation.render_drafts(context, draft_prompt, seeds=[seed], **draft_args)
+            inverted = generation.invert_images(subject, drafts, prompt, settings, taus=taus)
+            images.append(generation.guided_images(subject, inverted, prompt, taus, settings)[0])
         return images
 
     def batched(size: int) -> Callable[[], Any]:
@@ -62,7 +63,10 @@ def variants(
             drafts = generation.render_drafts(
                 context, draft_prompt, seeds=seeds, batch_size=size, **draft_args
             )
-            return generation.context_guidance_batch(subject, drafts, prompt, taus, settings, batch_size=size)
+            samples = generation.iter_context_guidance(
+                subject, drafts, prompt, taus, settings, batch_size=size
+            )
+            return [sample for _, sample in samples]
 
         return call
 

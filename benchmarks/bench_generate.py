@@ -125,14 +125,14 @@ def main() -> None:
     resolution = 64 if args.preset == "tiny" else 512
 
     def draft_stage(pipe: Any, steps: int) -> Any:
-        return generation.render_draft(
+        return generation.render_drafts(
             pipe,
             DRAFT_PROMPT,
             resolution=resolution,
-            seed=0,
+            seeds=[0],
             steps=steps,
             guidance=settings.draft_guidance,
-        )
+        )[0]
 
     if args.warmup:
         draft_stage(context, 2)
@@ -145,16 +145,18 @@ def main() -> None:
         quick = generation.GenerationSettings(
             steps=2, inversion=args.inversion, null_text=NullTextSettings(inner_steps=2)
         )
-        warm = generation.invert_image(subject, draft, PROMPT, quick, resolution=resolution, taus=[args.tau])
+        warm = generation.invert_images(
+            subject, [draft], PROMPT, quick, resolution=resolution, taus=[args.tau]
+        )
         generation.guided_images(subject, warm, PROMPT, [args.tau], quick)
     inverted, inversion_s, inversion_peak = timed(
         device,
-        lambda: generation.invert_image(
-            subject, draft, PROMPT, settings, resolution=resolution, taus=[args.tau]
-        ),
+        lambda: generation.invert_images(
+            subject, [draft], PROMPT, settings, resolution=resolution, taus=[args.tau]
+        )[0],
     )
     _, denoise_s, denoise_peak = timed(
-        device, lambda: generation.guided_images(subject, inverted, PROMPT, [args.tau], settings)
+        device, lambda: generation.guided_images(subject, [inverted], PROMPT, [args.tau], settings)
     )
     inner = sum(inverted.inner_iterations)
     unit = "GiB" if device.type == "cuda" else "GiB RSS"

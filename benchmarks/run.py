@@ -424,8 +424,8 @@ def stage_calls(
     elif stage == "draft":
 
         def stencil() -> Any:
-            shared.draft = generation.render_draft(
-                work.context, DRAFT_PROMPT, resolution=res, seed=s.seed, steps=draft_steps
+            (shared.draft,) = generation.render_drafts(
+                work.context, DRAFT_PROMPT, resolution=res, seeds=[s.seed], steps=draft_steps
             )
 
         def reference() -> Any:
@@ -436,8 +436,8 @@ def stage_calls(
     elif stage == "inversion":
 
         def stencil() -> Any:
-            shared.inversion = generation.invert_image(
-                pipe, shared.draft, PROMPT, gen_settings, resolution=res, taus=[s.tau]
+            (shared.inversion,) = generation.invert_images(
+                pipe, [shared.draft], PROMPT, gen_settings, resolution=res, taus=[s.tau]
             )
 
         def reference() -> Any:
@@ -448,7 +448,7 @@ def stage_calls(
     elif stage == "denoise":
 
         def stencil() -> Any:
-            return generation.guided_images(pipe, shared.inversion, PROMPT, [s.tau], gen_settings)[0]
+            return generation.guided_images(pipe, [shared.inversion], PROMPT, [s.tau], gen_settings)[0][0]
 
         def reference() -> Any:
             return ref.reference_denoise(pipe, shared.reference_inversion, PROMPT, tau=s.tau, steps=ddim)

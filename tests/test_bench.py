@@ -13,6 +13,7 @@ from photos import add_subject
 from stencil_cli.base.errors import BadInputError, FieldError, StencilError
 from stencil_cli.verbs import bench
 from stencil_cli.verbs.common import subject_lock
+from stencil_cli.verbs.generate import SavedDraft, SavedImage
 
 
 def _job(name: str = "robot") -> bench.SubjectJob:
@@ -156,9 +157,10 @@ def test_the_runner_adds_captions_trains_and_generates_through_the_verbs(
         calls["plan"] = request
         return "the plan"
 
-    def fake_generate(store_: Any, plan: str, *, on_image: Any, **kwargs: Any) -> None:
+    def fake_generate(store_: Any, plan: str, **kwargs: Any) -> Any:
         calls["generate"] = plan
-        on_image(None)
+        yield SavedDraft("p00-0", tmp_path / "draft-p00-0.png")  # a draft: not an image
+        yield SavedImage(None, None)  # type: ignore[arg-type]
 
     for name, fake in (
         ("add_photos", fake_add),

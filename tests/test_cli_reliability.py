@@ -19,6 +19,7 @@ from storecheck import check_store
 
 from stencil_cli.base import locks
 from stencil_cli.base.errors import DiskFullError, FieldError, StencilError
+from stencil_cli.base.events import Event
 from stencil_cli.store.db import Store, open_store
 from stencil_cli.store.layout import CHECKPOINT_NAME, WEIGHTS_NAME
 from stencil_cli.store.records import Run
@@ -177,15 +178,15 @@ def test_gen_caption_and_train_hold_the_subject_while_they_work(
     _done_run(store)
     seen: dict[str, bool] = {}
 
-    def fake_generate(store: Store, plan: Any, **kwargs: Any) -> Any:
+    def fake_generate(store: Store, plan: Any, progress: Any) -> Any:
         seen["gen"] = locks.is_in_use(store.root, "robot")
-        return generate_verb.GenerateResult(plan)
+        yield from ()
 
     monkeypatch.setattr(generate_verb, "_generate", fake_generate)
     plan = plan_generation(store, GenerateRequest("robot", ["on the moon"], seed=1, no_context=True))
-    generate_verb.generate(store, plan)
+    assert list(generate_verb.generate(store, plan)) == []
 
-    def hook(stage: str, step: int, total: int | None, extra: dict[str, Any]) -> None:
+    def hook(event: Event) -> None:
         seen["caption"] = locks.is_in_use(store.root, "robot")
 
     caption_verb(store, CaptionRequest("robot", captioner="template", force=True), progress=hook)
@@ -211,7 +212,7 @@ def test_a_gen_whose_subject_was_removed_and_added_again_stores_nothing(
     assert cli("rm", "robot", "--yes").exit_code == 0  # another process removes it after the plan ...
     add_subject(cli, tmp_path / "again")  # ... and a new subject of the same name appears
     with pytest.raises(SubjectChangedError):
-        generate_verb.generate(store, plan)
+        list(generate_verb.generate(store, plan))
     assert open_store().list_generations("robot") == []
     assert check_store(store.root) == []
 
@@ -227,10 +228,9 @@ def test_ctrl_c_during_gen_prints_the_finished_images(
     store = _captioned(cli, tmp_path)
     _done_run(store)
 
-    def first_then_ctrl_c(store: Store, plan: Any, *, result: Any, **kwargs: Any) -> Any:
-        writer = generate_verb._Writer(store, plan, kwargs.get("on_image"))
-        writer.result = result
-        writer.save_image(plan.items[0], 60.0, Image.new("RGB", (8, 8)), {}, {})
+    def first_then_ctrl_c(store: Store, plan: Any, **kwargs: Any) -> Any:
+        writer = generate_verb._Writer(store, plan)
+        yield writer.save_image(plan.items[0], 60.0, Image.new("RGB", (8, 8)), {}, {})
         raise KeyboardInterrupt
 
     monkeypatch.setattr(gen_command, "generate", first_then_ctrl_c)

@@ -532,7 +532,7 @@ def test_runner_completes_and_resumes_after_interruption(
     assert [p["prompt"] for p in dog["prompts"]] == ["a dog in the jungle", "a dog wearing a red hat"]
     assert dog["prompts"][1]["text"] == "a dog wearing a red hat" and dog["gpu_seconds"] > 0
 
-    real_guided = generation.guided_images_batch
+    real_guided = generation.guided_images
     calls: list[str] = []
 
     def interrupt_at_fourth(*args, **kwargs):
@@ -542,7 +542,7 @@ def test_runner_completes_and_resumes_after_interruption(
         return real_guided(*args, **kwargs)
 
     out = tmp_path / "resumed"
-    monkeypatch.setattr(generation, "guided_images_batch", interrupt_at_fourth)
+    monkeypatch.setattr(generation, "guided_images", interrupt_at_fourth)
     result = cli("bench", "dreambench", fake_dreambench, "--out", out, *TINY_RUN)
     assert result.exit_code == 130
     assert (out / "subjects" / "backpack" / "result.json").is_file()

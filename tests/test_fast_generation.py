@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from stencil_cli.base.events import Event, NullTextIteration, Step
 from stencil_cli.core import generation
 from stencil_cli.core.generation import GenerationSettings
 from stencil_cli.core.inversion import NullTextSettings, encode_prompt
@@ -19,9 +20,11 @@ VISIBLE = NullTextSettings(lr=2e-1, inner_steps=3)
 
 @pytest.fixture(scope="module")
 def drafts(tiny_context_pipe: Any) -> list[Any]:
-    """Three drafts, one per seed, rendered one at a time."""
+    """Three drafts, one per seed, rendered one at a time (a batch of one each)."""
     return [
-        generation.render_draft(tiny_context_pipe, "a red toy on a beach", resolution=64, seed=seed, steps=3)
+        generation.render_drafts(
+            tiny_context_pipe, "a red toy on a beach", resolution=64, seeds=[seed], steps=3
+        )[0]
         for seed in (0, 1, 2)
     ]
 
@@ -34,7 +37,7 @@ def full_runs(tiny_subject_pipe: Any, drafts: list[Any]) -> dict[int, Any]:
     def get(steps: int) -> Any:
         if steps not in cache:
             settings = GenerationSettings(steps=steps, null_text=VISIBLE)
-            cache[steps] = generation.invert_image(tiny_subject_pipe, drafts[0], PROMPT, settings)
+            (cache[steps],) = generation.invert_images(tiny_subject_pipe, drafts[:1], PROMPT, settings)
         return cache[steps]
 
     return get  # type: ignore[return-value]
@@ -63,16 +66,16 @@ def test_truncated_null_text_gives_bit_identical_embeddings_and_images(
     settings = GenerationSettings(steps=steps, null_text=VISIBLE)
     full = full_runs(steps)
     k = generation.null_text_steps(taus, steps)
-    calls: list[tuple[int, int, dict[str, Any]]] = []
+    calls: list[Step | NullTextIteration] = []
     forwards: list[int] = []
 
-    def hook(stage: str, step: int, total: int, extra: dict[str, Any]) -> None:
-        if stage == "null-text":
-            calls.append((step, total, extra))
+    def hook(event: Event) -> None:
+        if isinstance(event, NullTextIteration) or (isinstance(event, Step) and event.stage == "null-text"):
+            calls.append(event)
 
     handle = pipe.unet.register_forward_hook(lambda module, args, out: forwards.append(1))
     try:
-        short = generation.invert_image(pipe, drafts[0], PROMPT, settings, taus=taus, progress=hook)
+        (short,) = generation.invert_images(pipe, drafts[:1], PROMPT, settings, taus=taus, progress=hook)
     finally:
         handle.remove()
 
@@ -88,21 +91,21 @@ def test_truncated_null_text_gives_bit_identical_embeddings_and_images(
     inner = VISIBLE.inner_steps
     assert len(forwards) == steps + k * (1 + inner) + max(0, k - 1)
     # the progress bar's null-text total is K, one finished step each
-    assert all(total == k for _, total, _ in calls)
-    assert sum(1 for _, _, extra in calls if extra.get("step_done")) == k
+    assert all(event.total == k for event in calls)
+    assert sum(1 for event in calls if isinstance(event, Step)) == k
 
-    short_images = generation.guided_images(pipe, short, PROMPT, taus, settings)
-    full_images = generation.guided_images(pipe, full, PROMPT, taus, settings)
+    (short_images,) = generation.guided_images(pipe, [short], PROMPT, taus, settings)
+    (full_images,) = generation.guided_images(pipe, [full], PROMPT, taus, settings)
     for a, b in zip(short_images, full_images, strict=True):
         assert np.array_equal(_pixels(a), _pixels(b))
 
 
 def test_a_tau_beyond_the_optimised_steps_is_refused(tiny_subject_pipe: Any, drafts: list[Any]) -> None:
     settings = GenerationSettings(steps=5, null_text=NullTextSettings(inner_steps=1))
-    short = generation.invert_image(tiny_subject_pipe, drafts[0], PROMPT, settings, taus=[200])
+    (short,) = generation.invert_images(tiny_subject_pipe, drafts[:1], PROMPT, settings, taus=[200])
     assert short.optimized_steps == 1
     with pytest.raises(ValueError, match="null embeddings for 1"):
-        generation.guided_images(tiny_subject_pipe, short, PROMPT, [600], settings)
+        generation.guided_images(tiny_subject_pipe, [short], PROMPT, [600], settings)
 
 
 def test_drafts_rendered_as_one_batch_equal_one_at_a_time(tiny_context_pipe: Any, drafts: list[Any]) -> None:
@@ -113,7 +116,7 @@ def test_drafts_rendered_as_one_batch_equal_one_at_a_time(tiny_context_pipe: Any
         resolution=64,
         seeds=[0, 1, 2],
         steps=3,
-        progress=lambda stage, step, total, extra: seen.append(extra["samples"]),
+        progress=lambda event: seen.append(event.samples) if isinstance(event, Step) else None,
     )
     assert seen == [3, 3, 3]  # one pipeline call for the three seeds
     for one, many in zip(drafts, batched, strict=True):
@@ -132,9 +135,9 @@ def test_batched_inversion_and_denoise_equal_one_at_a_time_with_per_sample_early
     taus = [0, 300]
     single = []
     for draft in drafts:
-        inverted = generation.invert_image(pipe, draft, PROMPT, settings, taus=taus)
-        single.append((inverted, generation.guided_images(pipe, inverted, PROMPT, taus, settings)))
-    batched = generation.context_guidance_batch(pipe, drafts, PROMPT, taus, settings)
+        (inverted,) = generation.invert_images(pipe, [draft], PROMPT, settings, taus=taus)
+        single.append((inverted, generation.guided_images(pipe, [inverted], PROMPT, taus, settings)[0]))
+    batched = [sample for _, sample in generation.iter_context_guidance(pipe, drafts, PROMPT, taus, settings)]
 
     first_steps = {inverted.inner_iterations[0] for inverted, _ in single}
     assert len(first_steps) > 1 and max(first_steps) < 8, first_steps  # the early stop differs per sample

@@ -108,7 +108,7 @@ def test_a_failing_row_insert_leaves_no_copy_and_clean_removes_the_store_file(
     out = tmp_path / "out"
     request = GenerateRequest("robot", ["a toy robot"], count=2, seed=0, output=out, folder="batch")
     plan = plan_generation(store, request)
-    writer = generate_verb._Writer(store, plan, None)
+    writer = generate_verb._Writer(store, plan)
     first, second = plan.items
     saved = writer.save_image(first, 60.0, Image.new("RGB", (8, 8)), {}, {})
     kept = plan.folder / "s0-tau60.png"

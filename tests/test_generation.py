@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from stencil_cli.base import locks
 from stencil_cli.base.errors import BadInputError
 from stencil_cli.base.images import center_crop_resize
 from stencil_cli.base.pngmeta import read_png_parameters
@@ -19,7 +20,15 @@ from stencil_cli.core.generation import GenerationSettings, injected_steps
 from stencil_cli.core.inversion import NullTextSettings, encode_prompt
 from stencil_cli.core.prompts import build_prompts
 from stencil_cli.store.db import open_store
-from stencil_cli.verbs.generate import parse_taus
+from stencil_cli.verbs.generate import (
+    GenerateRequest,
+    SavedDraft,
+    SavedImage,
+    collect,
+    generate,
+    parse_taus,
+    plan_generation,
+)
 
 DESCRIPTION = "a shiny red toy robot with round eyes"
 FAST = ["--steps", "4", "--inner-steps", "2", "--draft-steps", "2", "--subject-model", "tiny"]
@@ -96,12 +105,14 @@ def test_parse_taus_accepts_lists_and_refuses_out_of_range() -> None:
 def guided(tiny_subject_pipe: Any, tiny_context_pipe: Any) -> dict[str, Any]:
     """A draft, its inversion with settings that make NTI visible on random weights (computed once)."""
     pipe = tiny_subject_pipe
-    draft = generation.render_draft(tiny_context_pipe, "a red toy robot", resolution=64, seed=0, steps=2)
+    (draft,) = generation.render_drafts(
+        tiny_context_pipe, "a red toy robot", resolution=64, seeds=[0], steps=2
+    )
     settings = GenerationSettings(steps=6, null_text=NullTextSettings(lr=2e-1, inner_steps=10))
     return {
         "draft": draft,
         "settings": settings,
-        "result": generation.invert_image(pipe, draft, "a toy", settings),
+        "result": generation.invert_images(pipe, [draft], "a toy", settings)[0],
     }
 
 
@@ -133,7 +144,7 @@ def test_tau_covering_every_step_reproduces_the_reconstruction(
 ) -> None:
     pipe = tiny_subject_pipe
     steps = guided["settings"].steps
-    (image,) = generation.guided_images(pipe, guided["result"], "a toy", [1000], guided["settings"])
+    ((image,),) = generation.guided_images(pipe, [guided["result"]], "a toy", [1000], guided["settings"])
     assert np.array_equal(_pixels(image), _pixels(_denoised_image(pipe, guided, inject=steps)))
     # ... and that reconstruction lands near the draft's latent, much nearer than plain CFG does
     clean = guided["result"].trajectory[0]
@@ -146,7 +157,9 @@ def test_tau_zero_is_plain_cfg_from_the_inverted_latent(
     tiny_subject_pipe: Any, guided: dict[str, Any]
 ) -> None:
     pipe = tiny_subject_pipe
-    zero, sixty = generation.guided_images(pipe, guided["result"], "a toy", [0, 60], guided["settings"])
+    ((zero, sixty),) = generation.guided_images(
+        pipe, [guided["result"]], "a toy", [0, 60], guided["settings"]
+    )
     assert np.array_equal(_pixels(zero), _pixels(_denoised_image(pipe, guided, inject=0)))
     # tau 60 with 6 steps (stride 166.7) injects only the first step
     assert np.array_equal(_pixels(sixty), _pixels(_denoised_image(pipe, guided, inject=1)))
@@ -251,7 +264,7 @@ def test_an_interruption_keeps_the_finished_images_drafts_and_rows(
     cli: Any, trained: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Ctrl-C at the third seed of three: seeds 1-2 have their PNGs, rows and copies; nothing half-written."""
-    real_guided = generation.guided_images_batch
+    real_guided = generation.guided_images
     calls: list[int] = []
 
     def interrupt_at_third_seed(*args: Any, **kwargs: Any) -> list[list[Image.Image]]:
@@ -260,7 +273,7 @@ def test_an_interruption_keeps_the_finished_images_drafts_and_rows(
             raise KeyboardInterrupt
         return real_guided(*args, **kwargs)
 
-    monkeypatch.setattr(generation, "guided_images_batch", interrupt_at_third_seed)
+    monkeypatch.setattr(generation, "guided_images", interrupt_at_third_seed)
     out = tmp_path / "out"
     args = ["-n", "3", "--seed", "5", "--tau", "20,60", "--batch-size", "1", "-o", str(out)]
     result = _gen(cli, trained, "on the moon", *args)
@@ -422,3 +435,51 @@ def test_batched_seeds_make_the_images_one_at_a_time_makes(cli: Any, trained: st
         assert difference.max() <= 8 and difference.mean() <= 1.5  # 0-255 levels: float rounding only
     refused = _gen(cli, trained, "on the moon", "--batch-size", "0")
     assert refused.exit_code == 2 and "--batch-size must be in [1, 256]" in refused.stderr
+
+
+def _fast_request(name: str, **fields: Any) -> GenerateRequest:
+    tiny = {"subject_model": "tiny", "context_model": "tiny", "device": "cpu", "precision": "fp32"}
+    return GenerateRequest(name, ["on the moon"], steps=4, inner_steps=2, draft_steps=2, **tiny, **fields)
+
+
+def test_generate_yields_each_draft_image_and_the_grid_once_it_is_written(
+    trained: str, tmp_path: Path
+) -> None:
+    store = open_store()
+    out = tmp_path / "out"
+    request = _fast_request(trained, count=2, seed=3, taus=[20.0, 60.0], grid=True, output=out)
+    plan = plan_generation(store, request)
+    seen: list[tuple[str, str]] = []
+    yielded = []
+    for saved in generate(store, plan):
+        if isinstance(saved, SavedImage):
+            assert saved.generation.image_file is not None and saved.generation.image_file.is_file()
+            assert saved.output_file is not None and saved.output_file.is_file()  # and its copy
+            rows = {row.id for row in open_store().list_generations(trained)}
+            assert saved.generation.id in rows  # its row is stored before the caller sees it
+            seen.append(("image", saved.generation.image_file.name))
+        else:
+            assert saved.path.is_file()
+            seen.append(("draft" if isinstance(saved, SavedDraft) else "grid", saved.path.name))
+        yielded.append(saved)
+    grid = f"{trained}-{plan.folder.name}-grid.png"  # the copy under -o
+    assert seen == [
+        ("draft", "draft-s3.png"),
+        ("draft", "draft-s4.png"),
+        *[("image", f"s{seed}-tau{tau}.png") for seed in (3, 4) for tau in (20, 60)],
+        ("grid", grid),
+    ]
+    result = collect(plan, yielded)
+    assert len(result.images) == 4 and set(result.drafts) == {"s3", "s4"}
+    assert result.grid_file == out / grid
+
+
+def test_a_closed_generation_stops_and_lets_go_of_the_subject(trained: str) -> None:
+    store = open_store()
+    plan = plan_generation(store, _fast_request(trained, count=2, seed=0))
+    saving = generate(store, plan)
+    first = next(saving)
+    assert isinstance(first, SavedDraft) and locks.is_in_use(store.root, trained)
+    saving.close()  # as `stencil gen` does when the caller stops (Ctrl-C between two images)
+    assert not locks.is_in_use(store.root, trained)
+    assert open_store().list_generations(trained) == []

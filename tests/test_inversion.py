@@ -15,8 +15,8 @@ from stencil_cli.core.generation import (
     GenerationSettings,
     ddim_scheduler,
     denoise,
-    invert_image,
-    render_draft,
+    invert_images,
+    render_drafts,
 )
 from stencil_cli.models import SD15_DDIM_SETTINGS
 
@@ -102,9 +102,9 @@ def test_inversion_walks_the_same_timesteps_backwards_and_denoising_retraces_it(
 def inverted(tiny_subject_pipe: Any, tiny_context_pipe: Any) -> dict[str, Any]:
     """One draft, its NTI inversion with visible settings, and the prompt embeddings (computed once)."""
     pipe = tiny_subject_pipe
-    draft = render_draft(tiny_context_pipe, "a red toy on a beach", resolution=64, seed=0, steps=3)
+    (draft,) = render_drafts(tiny_context_pipe, "a red toy on a beach", resolution=64, seeds=[0], steps=3)
     settings = GenerationSettings(steps=STEPS, null_text=VISIBLE)
-    result = invert_image(pipe, draft, PROMPT, settings)
+    (result,) = invert_images(pipe, [draft], PROMPT, settings)
     return {
         "draft": draft,
         "result": result,
@@ -150,7 +150,7 @@ def test_reference_learning_rate_barely_helps_on_random_weights(
     tiny_subject_pipe: Any, inverted: dict[str, Any]
 ) -> None:
     settings = GenerationSettings(steps=STEPS)  # reference: lr 1e-2, 10 inner iterations
-    reference = invert_image(tiny_subject_pipe, inverted["draft"], PROMPT, settings)
+    (reference,) = invert_images(tiny_subject_pipe, [inverted["draft"]], PROMPT, settings)
     reference_error = _reconstruction_error(tiny_subject_pipe, inverted, reference, inject=STEPS)
     visible_error = _reconstruction_error(tiny_subject_pipe, inverted, inverted["result"], inject=STEPS)
     cfg_error = _reconstruction_error(tiny_subject_pipe, inverted, reference, inject=0)
@@ -162,7 +162,7 @@ def test_negative_prompt_inversion_uses_the_prompt_as_null_and_needs_no_optimisa
     tiny_subject_pipe: Any, inverted: dict[str, Any]
 ) -> None:
     settings = GenerationSettings(steps=STEPS, inversion="npi")
-    result = invert_image(tiny_subject_pipe, inverted["draft"], PROMPT, settings)
+    (result,) = invert_images(tiny_subject_pipe, [inverted["draft"]], PROMPT, settings)
     assert result.method == "npi" and result.inner_iterations == [0] * STEPS
     for null in result.null_embeddings:
         assert torch.equal(null, inverted["cond"].float())
@@ -190,7 +190,7 @@ def test_optimisation_schedule_fresh_adam_decaying_lr_early_stop_and_warm_start(
     monkeypatch.setattr(inv.torch.optim, "Adam", recording_adam)
     # a huge early-stop threshold: every step stops after its first iteration
     settings = inv.NullTextSettings(lr=0.5, inner_steps=7, early_stop=1e9)
-    result = inv.null_text_optimization(
+    (result,) = inv.null_text_optimization(
         pipe.unet, scheduler, trajectory, inverted["cond"], inverted["empty"], settings
     )
     assert result.inner_iterations == [1, 1, 1, 1]
@@ -200,7 +200,7 @@ def test_optimisation_schedule_fresh_adam_decaying_lr_early_stop_and_warm_start(
         assert torch.equal(made[i][1], result.null_embeddings[i - 1])
     # without early stop, every step runs all iterations
     made.clear()
-    full = inv.null_text_optimization(
+    (full,) = inv.null_text_optimization(
         pipe.unet,
         scheduler,
         trajectory,
@@ -238,7 +238,7 @@ def test_inversion_runs_in_float32_even_for_a_half_precision_unet(
     hook = pipe.unet.register_forward_pre_hook(lambda module, args: seen.append(module.dtype))
     try:
         settings = GenerationSettings(steps=2, null_text=inv.NullTextSettings(inner_steps=1))
-        result = invert_image(pipe, inverted["draft"], PROMPT, settings)
+        (result,) = invert_images(pipe, [inverted["draft"]], PROMPT, settings)
     finally:
         hook.remove()
     assert seen and set(seen) == {torch.float32}  # every UNet call of the inversion ran in float32

@@ -218,7 +218,7 @@ def test_ddim_inversion_runs_under_the_conditional_prompt(method: str) -> None:
     latent = _latents(1)
     from stencil_cli.core.inversion import NullTextSettings
 
-    result = invert(
+    (result,) = invert(
         unet, scheduler, latent, cond, empty, method=method, settings=NullTextSettings(inner_steps=1)
     )
     inversion_calls = unet.calls[:steps]

@@ -94,7 +94,7 @@ def test_null_text_inversion_and_denoise_equal_the_reference(pipe: Any, photos: 
     # early stopping is what the reference does not do; switched off here so both run every iteration
     no_stop = inversion.NullTextSettings(inner_steps=inner, lr=lr, early_stop=0.0, early_stop_slope=0.0)
     settings = generation.GenerationSettings(steps=steps, null_text=no_stop)
-    fast = generation.invert_image(pipe, image, prompt, settings, resolution=RESOLUTION)
+    (fast,) = generation.invert_images(pipe, [image], prompt, settings, resolution=RESOLUTION)
     slow = ref.reference_invert(
         pipe, image, prompt, resolution=RESOLUTION, steps=steps, inner_steps=inner, lr=lr
     )
@@ -127,7 +127,7 @@ def test_null_text_inversion_and_denoise_equal_the_reference(pipe: Any, photos: 
         pipe, slow.latent, prompt, slow.null_embeddings, inject=inject, steps=steps
     )
     torch.testing.assert_close(latent, reference_latent, rtol=0, atol=1e-2)  # off by one step: ~0.4
-    image_fast = generation.guided_images(pipe, fast, prompt, [600], settings)[0]
+    image_fast = generation.guided_images(pipe, [fast], prompt, [600], settings)[0][0]
     image_slow = ref.reference_denoise(pipe, slow, prompt, tau=600, steps=steps)
     diff = torch.tensor(bench.np.asarray(image_fast), dtype=torch.int16) - torch.tensor(
         bench.np.asarray(image_slow), dtype=torch.int16

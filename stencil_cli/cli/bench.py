@@ -12,10 +12,12 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
+from rich.progress import Progress
 
+from stencil_cli.base import events
 from stencil_cli.base.errors import BadInputError, StencilError
 from stencil_cli.cli.kit import JsonOption, handle_errors
 from stencil_cli.cli.options import (
@@ -34,7 +36,7 @@ from stencil_cli.verbs.bench import (
     RESULTS_JSON,
     RESULTS_MD,
     BenchConfig,
-    BenchHooks,
+    SubjectStatus,
     check_out_folder,
     current_shard,
     launch_on_cpu,
@@ -43,9 +45,6 @@ from stencil_cli.verbs.bench import (
     settle_config,
 )
 from stencil_cli.verbs.generate import MAX_SEED
-
-if TYPE_CHECKING:
-    from rich.progress import Progress
 
 bench_app = typer.Typer(help="Benchmarks: the DreamBench protocol end to end.", no_args_is_help=True)
 
@@ -279,7 +278,8 @@ def _launch(config: BenchConfig, num_processes: int) -> dict[str, Any]:
 
 @dataclass
 class SubjectBars:
-    """The runner's hooks on rich: one bar per subject (images made, what it is doing now)."""
+    """The runner's progress events on rich: one bar per subject (images made, what it is doing now), its
+    notes and warnings as lines."""
 
     progress: Progress
     tasks: dict[str, int] = field(default_factory=dict)
@@ -291,16 +291,22 @@ class SubjectBars:
         label = "[green]done[/green]" if doing == "done" else doing
         self.progress.update(self.tasks[subject], completed=done, status=label)
 
-    def hooks(self) -> BenchHooks:
-        """The hooks to hand to the runner."""
-        return BenchHooks(status=self.status, note=lambda text: info(escape(text)), warn=warn)
+    def __call__(self, event: events.Event) -> None:
+        """The hook."""
+        match event:
+            case SubjectStatus(subject=subject, doing=doing, done=done, total=total):
+                self.status(subject, doing, done, total)
+            case events.Note(text=text):
+                info(escape(text))
+            case events.Warning(text=text):
+                warn(text)
 
 
 def _run_here(config: BenchConfig) -> dict[str, Any] | None:
     """This process's share (all of it without accelerate); the results on the main process."""
     shard = current_shard(config.device)
     with progress_bar() as progress:
-        return run_benchmark(config, shard, SubjectBars(progress).hooks())
+        return run_benchmark(config, shard, SubjectBars(progress))
 
 
 def _present(config: BenchConfig, results: dict[str, Any], json_output: bool) -> None:

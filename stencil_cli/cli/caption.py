@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import click
 import typer
 
+from stencil_cli.base import events
 from stencil_cli.base.errors import BadInputError, StencilError
 from stencil_cli.cli.kit import JsonOption, handle_errors
 from stencil_cli.cli.output import err_console, escape, info, plain, print_json, settings, shown, warn
@@ -84,17 +85,20 @@ class _Waiting:
     def __init__(self) -> None:
         self.status: Any = None
 
-    def __call__(self, stage: str, step: int, total: int | None, extra: dict[str, Any]) -> None:
-        if step == 0:
-            where = f" at {escape(extra['host'])}" if extra.get("host") else ""
-            info(f"captioning {total} photo(s) with {escape(extra['captioner'])}{where}...")
-            if extra.get("host") and not settings.quiet:
-                self.status = err_console.status("waiting for the answer...", spinner="dots")
-                self.status.start()
-        else:
-            self.close()
+    def __call__(self, event: events.Event) -> None:
+        """The hook: a line and a spinner when the captioner is asked; the spinner ends with the answer."""
+        match event:
+            case events.Captioning(photos=photos, captioner=captioner, host=host):
+                where = f" at {escape(host)}" if host else ""
+                info(f"captioning {photos} photo(s) with {escape(captioner)}{where}...")
+                if host and not settings.quiet:
+                    self.status = err_console.status("waiting for the answer...", spinner="dots")
+                    self.status.start()
+            case events.Captioned():
+                self.close()
 
     def close(self) -> None:
+        """Stop the spinner (if one is turning)."""
         if self.status is not None:
             self.status.stop()
             self.status = None

@@ -3,35 +3,37 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
+from stencil_cli.base import events
 from stencil_cli.cli.kit import JsonOption, handle_errors
 from stencil_cli.cli.output import escape, info, print_json, warn
 from stencil_cli.cli.progress import StageBars, progress_bar
 from stencil_cli.store.db import open_store
 from stencil_cli.verbs.demo import DemoRequest, run_demo
 
-TEXT_STAGES = {"loading", "captioning", "mask pictures"}
-
 
 class DemoProgress:
-    """Step headings as lines; each verb's stages as bars."""
+    """Step headings as lines; each verb's stages as bars (what is loading, asked or written goes unsaid)."""
 
     def __init__(self, bars: StageBars) -> None:
         self.bars = bars
 
-    def __call__(self, stage: str, step: int, total: int | None, extra: dict[str, Any]) -> None:
+    def __call__(self, event: events.Event) -> None:
         """The hook."""
-        if stage == "step":
-            info(f"[bold]{step}/{total} {escape(extra['title'])}[/bold]")
-        elif stage == "removed":
-            info(f"removed the half-made demo subject {escape(extra['subject'])}")
-        elif stage == "warning":
-            warn(extra["message"])
-        elif stage not in TEXT_STAGES:
-            self.bars(stage, step, total, extra)
+        match event:
+            case events.Heading(number=number, total=total, title=title):
+                info(f"[bold]{number}/{total} {escape(title)}[/bold]")
+            case events.Removed(subject=subject):
+                info(f"removed the half-made demo subject {escape(subject)}")
+            case events.Warning(text=text):
+                warn(text)
+            case events.Note(text=text):
+                info(f"[dim]{escape(text)}[/dim]")
+            case _:
+                self.bars(event)
 
 
 @handle_errors

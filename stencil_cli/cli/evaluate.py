@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
+from stencil_cli.base import events
 from stencil_cli.cli.kit import JsonOption, handle_errors
 from stencil_cli.cli.options import DeviceOption, EvalModelsOption
 from stencil_cli.cli.output import escape, info, plain, print_json, warn
@@ -29,7 +30,7 @@ def evaluate(
 ) -> None:
     """Score a subject's generated images: DINO and CLIP-I against its photos, CLIP-T against the prompt."""
     request = EvalRequest(name, parse_ids(generations), eval_models, device)
-    result = evaluate_verb(open_store(), request, progress=_loading)
+    result = evaluate_verb(open_store(), request, progress=_progress)
     scored = [image.to_dict() for image in result.images]
     if json_output:
         print_json(
@@ -61,11 +62,13 @@ def evaluate(
         )
 
 
-def _loading(stage: str, step: int, total: int | None, extra: dict[str, Any]) -> None:
-    if stage == "missing":
-        warn(f"generation {extra['generation']}: image file missing, skipped")
-    elif stage == "loading":
-        info(f"loading eval models {escape(extra['model'])} on {extra['device']} ...")
+def _progress(event: events.Event) -> None:
+    """The verb's progress events as messages on stderr (skipped files, then the models loading)."""
+    match event:
+        case events.Warning(text=text):
+            warn(text)
+        case events.Loading(model=model, device=device):
+            info(f"loading eval models {escape(model)} on {device} ...")
 
 
 def register(app: typer.Typer) -> None:

@@ -7,10 +7,11 @@ Parse, call the export verb (`verbs/export.py`), present.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
+from stencil_cli.base import events
 from stencil_cli.cli.kit import JsonOption, handle_errors
 from stencil_cli.cli.options import DeviceOption
 from stencil_cli.cli.output import escape, info, print_json, warn
@@ -22,12 +23,13 @@ FLAGS = {"run_id": "--run", "path": "-o", "format": "--format"}
 HIGH_ERROR = 0.5  # above this overall SVD error, suggest a higher --rank
 
 
-def _progress(stage: str, step: int, total: int | None, extra: dict[str, Any]) -> None:
-    """The verb's progress hook as messages on stderr (an export is one long step)."""
-    if stage == "loading":
-        info(f"loading base model {escape(extra['model'])} on {extra['device']} ...")
-    elif stage == "export" and step == 0:
-        info(f"exporting as {extra['format']} ...")
+def _progress(event: events.Event) -> None:
+    """The verb's progress events as messages on stderr (an export is one long step)."""
+    match event:
+        case events.Loading(model=model, device=device):
+            info(f"loading base model {escape(model)} on {device} ...")
+        case events.Exporting(format=fmt):
+            info(f"exporting as {fmt} ...")
 
 
 @handle_errors(flags=FLAGS)

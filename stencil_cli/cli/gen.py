@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, ClassVar
 
 import typer
+from rich.progress import Progress
 
+from stencil_cli.base import events
 from stencil_cli.base.errors import BadInputError
+from stencil_cli.base.events import Stage
 from stencil_cli.cli.kit import JsonOption, handle_errors
 from stencil_cli.cli.options import (
     ContextModelOption,
@@ -33,9 +37,6 @@ from stencil_cli.verbs.generate import (
     prompt_lines,
 )
 
-if TYPE_CHECKING:
-    from rich.progress import Progress
-
 FLAGS = {
     "count": "-n",
     "prompt": "the prompt",
@@ -51,51 +52,41 @@ FLAGS = {
 
 @dataclass
 class StageProgress:
-    """Maps the ML modules' progress hook onto one rich bar per stage (draft, inversion, denoise...)."""
+    """Maps the generation's progress events onto one rich bar per stage (draft, inversion, denoise...)."""
 
     progress: Progress
-    totals: dict[str, int]
-    tasks: dict[str, int] = field(default_factory=dict)
+    totals: dict[Stage, int]
+    tasks: dict[Stage, int] = field(default_factory=dict)
     inner_total: int = 0
 
-    LABELS = {
-        "draft": "draft",
-        "inversion": "DDIM inversion",
-        "null-text": "null-text",
-        "denoise": "denoise",
-    }
+    LABELS: ClassVar[dict[Stage, str]] = {"inversion": "DDIM inversion"}  # the others show the stage's name
 
-    def task(self, stage: str) -> int:
+    def task(self, stage: Stage) -> int:
         """The rich task for `stage` (created on first use)."""
         if stage not in self.tasks:
             self.tasks[stage] = add_task(self.progress, self.LABELS.get(stage, stage), self.totals.get(stage))
         return self.tasks[stage]
 
-    def __call__(self, stage: str, step: int, total: int | None, extra: dict[str, Any]) -> None:
+    def __call__(self, event: events.Event) -> None:
         """The hook: advance the stage's bar; null-text shows inner-iteration counts and the loss."""
-        if stage == "warning":
-            warn(extra["message"])
-            return
-        if stage == "note":
-            info(f"[dim]{escape(extra['message'])}[/dim]")
-            return
-        task = self.task(stage)
-        samples = int(extra.get("samples", 1))  # a batched step stands for this many seeds' steps
-        if "advance" in extra:  # steps a pipeline or mode does not report one by one
-            self.progress.update(task, advance=int(extra["advance"]))
-            return
-        if stage == "null-text":
-            if extra.get("step_done"):
-                self.inner_total += int(extra.get("inner", 0))
+        match event:
+            case events.Warning(text=text):
+                warn(text)
+            case events.Note(text=text):
+                info(f"[dim]{escape(text)}[/dim]")
+            case events.Reused(stage=stage, steps=steps):  # steps that needed no work (a kept draft)
+                self.progress.update(self.task(stage), advance=steps)
+            case events.NullTextIteration(step=step, total=total, inner=inner):
+                self.progress.update(self.task(event.stage), status=f"step {step}/{total}: inner {inner}")
+            case events.Step(stage=stage, samples=samples, inner=int(inner), loss=loss):  # a null-text step
+                self.inner_total += inner
                 self.progress.update(
-                    task,
+                    self.task(stage),
                     advance=samples,
-                    status=f"{self.inner_total} inner iterations, loss {extra['loss']:.2e}",
+                    status=f"{self.inner_total} inner iterations, loss {loss:.2e}",
                 )
-            else:
-                self.progress.update(task, status=f"step {step}/{total}: inner {extra.get('inner', 0)}")
-            return
-        self.progress.update(task, advance=samples)
+            case events.Step(stage=stage, samples=samples):  # a batched step: `samples` seeds' steps
+                self.progress.update(self.task(stage), advance=samples)
 
 
 # -- the command -------------------------------------------------------------------------------------------
@@ -282,16 +273,14 @@ def gen(
             err_console.print(f"prompt:       {shown(item.prompt)}")
             err_console.print(f"draft prompt: {shown(item.draft_prompt)}")
     result = GenerateResult(plan)
-    on_image = _json_line if json_output else None
     try:
         with progress_bar() as progress:
-            generate(
-                store,
-                plan,
-                progress=StageProgress(progress, plan.stage_totals()),
-                result=result,
-                on_image=on_image,
-            )
+            hook = StageProgress(progress, plan.stage_totals())
+            with contextlib.closing(generate(store, plan, progress=hook)) as saving:
+                for saved in saving:  # each file as soon as it is written
+                    result.add(saved)
+                    if json_output and isinstance(saved, SavedImage):
+                        _json_line(saved)
     except (KeyboardInterrupt, Exception):
         if result.images or result.drafts:
             info(

@@ -23,6 +23,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from stencil_cli.base import events
+from stencil_cli.base.events import Stage
 from stencil_cli.cli.output import err_console, settings
 
 PLAIN_PERCENT_STEP = 10  # a plain line at every further 10% ...
@@ -169,24 +171,36 @@ def add_task(progress: Any, description: str, total: float | None) -> int:
 
 
 class StageBars:
-    """A progress hook that shows one bar per stage (for the demo and the benchmark's inner verbs).
+    """A progress hook that shows one bar per stage, titled by the stage (for the demo's verbs).
 
-    Stages with a known total get a bar with that total; ``extra["advance"]`` advances by that many steps,
-    otherwise the bar moves to ``step``.
+    A stage's bar gets the total of its first event; a `Step` moves it to its step (with the loss as its
+    status), `Reused` steps advance it, `Working` (one long step) counts as a total of 1. Every other event
+    is left to the caller.
     """
 
     def __init__(self, progress: Any) -> None:
         self.progress = progress
-        self.tasks: dict[str, int] = {}
+        self.tasks: dict[Stage, int] = {}
 
-    def __call__(self, stage: str, step: int, total: int | None, extra: dict[str, Any]) -> None:
-        """The hook."""
+    def task(self, stage: Stage, total: int | None) -> int:
+        """The bar of `stage` (created with `total` on first use)."""
         if stage not in self.tasks:
             self.tasks[stage] = add_task(self.progress, stage, total)
-        task = self.tasks[stage]
-        if "advance" in extra:
-            self.progress.update(task, advance=int(extra["advance"]))
-        elif total is not None:
-            self.progress.update(task, total=total, completed=step)
-        if "loss" in extra:
-            self.progress.update(task, status=f"loss {extra['loss']:.4f}")
+        return self.tasks[stage]
+
+    def __call__(self, event: events.Event) -> None:
+        """The hook."""
+        match event:
+            case events.Working(stage=stage):
+                self.task(stage, 1)
+            case events.Reused(stage=stage, steps=steps):
+                self.progress.update(self.task(stage, steps), advance=steps)
+            case (
+                events.Step(stage=stage, step=step, total=total, loss=loss)
+                | events.NullTextIteration(stage=stage, step=step, total=total, loss=loss)
+            ):
+                task = self.task(stage, total)
+                if total is not None:
+                    self.progress.update(task, total=total, completed=step)
+                if loss is not None:
+                    self.progress.update(task, status=f"loss {loss:.4f}")

@@ -6,10 +6,13 @@ Parse, call the train verb (`verbs/train.py`), present.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated
 
 import typer
+from rich.progress import Progress
 
+from stencil_cli.base import events
+from stencil_cli.base.events import Stage
 from stencil_cli.cli.kit import JsonOption, given_fields, handle_errors
 from stencil_cli.cli.options import DeviceOption, PrecisionOption, SubjectModelOption
 from stencil_cli.cli.output import escape, info, print_json, warn
@@ -17,53 +20,57 @@ from stencil_cli.cli.progress import add_task, progress_bar
 from stencil_cli.store.db import Store, open_store
 from stencil_cli.store.layout import CHECKPOINT_NAME
 from stencil_cli.verbs.common import MAX_SEED
-from stencil_cli.verbs.train import MAX_BATCH_SIZE, TrainRequest, TrainResult
+from stencil_cli.verbs.train import (
+    MAX_BATCH_SIZE,
+    MaskPicture,
+    MaskPictures,
+    TrainRequest,
+    TrainResult,
+)
 from stencil_cli.verbs.train import train as train_verb
-
-if TYPE_CHECKING:
-    from rich.progress import Progress
-
 
 # -- progress ------------------------------------------------------------------------------------
 
 
 @dataclass
 class TrainProgress:
-    """Maps the workflow's progress hook onto rich bars: the mask pass, then steps with the loss."""
+    """Maps the train verb's progress events onto rich bars: the mask pass (a spinner until it is done),
+    then the steps with the loss, and the previews."""
 
     progress: Progress
     name: str
-    tasks: dict[str, int] = field(default_factory=dict)
+    tasks: dict[Stage, int] = field(default_factory=dict)
 
-    def __call__(self, stage: str, step: int, total: int | None, extra: dict[str, Any]) -> None:
+    def label(self, stage: Stage) -> str:
+        """The bar's title for `stage`."""
+        return {"train": f"training {escape(self.name)}", "samples": "previews"}.get(stage, stage)
+
+    def __call__(self, event: events.Event) -> None:
         """The hook."""
-        if stage == "loading":
-            info(f"loading subject model {escape(extra['model'])} on {extra['device']} ...")
-            return
-        if stage == "warning":
-            warn(extra["message"])
-            return
-        if stage == "mask pictures":
-            _warn_about_masks(extra["masks"])
-            return
-        if stage == "samples":
-            if stage not in self.tasks:
-                self.tasks[stage] = add_task(self.progress, "previews", total=total)
-            status = f"step {extra['step']}" if "step" in extra else ""
-            self.progress.update(self.tasks[stage], total=total, completed=step, status=status)
-            return
-        if stage not in self.tasks:
-            label = f"training {escape(self.name)}" if stage == "train" else stage
-            self.tasks[stage] = add_task(self.progress, label, total=total if stage == "train" else None)
-        task = self.tasks[stage]
-        if stage == "train":
-            status = f"loss {extra['loss']:.4f}" if "loss" in extra else ""
-            self.progress.update(task, completed=step, status=status)
-        elif total is not None and step >= total:
-            self.progress.update(task, total=1, completed=1)
+        match event:
+            case events.Loading(model=model, device=device):
+                info(f"loading subject model {escape(model)} on {device} ...")
+            case events.Warning(text=text):
+                warn(text)
+            case MaskPictures(masks=masks):
+                _warn_about_masks(masks)
+            case events.Working(stage=stage):  # one long step: no total until it is done
+                self.tasks[stage] = add_task(self.progress, self.label(stage), total=None)
+            case events.Step(stage=stage, step=step, total=total) if stage in self.tasks:
+                self.progress.update(self.tasks[stage], total=total, completed=step, status=_status(event))
+            case events.Step(stage=stage, step=step, total=total):
+                self.tasks[stage] = add_task(self.progress, self.label(stage), total=total)
+                self.progress.update(self.tasks[stage], completed=step, status=_status(event))
 
 
-def _warn_about_masks(masks: list[Any]) -> None:
+def _status(step: events.Step) -> str:
+    """A bar's status: the loss of a training step, the training step a preview shows."""
+    if step.loss is not None:
+        return f"loss {step.loss:.4f}"
+    return f"step {step.at}" if step.at is not None else ""
+
+
+def _warn_about_masks(masks: list[MaskPicture]) -> None:
     for mask in masks:
         if mask.coverage >= 0.99 or mask.coverage <= 0.01:
             warn(f"the mask of photo {mask.image_id} covers {mask.coverage:.0%}; see {mask.file}")

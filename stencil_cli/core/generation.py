@@ -1,15 +1,17 @@
 """Context Guidance (METHOD.md section 3): draft -> null-text inversion -> guided denoise; plain generation.
 
 Pipeline style: the loops are written out, pipelines and schedulers are passed in. This module never touches
-the store and never prints; callers pass a progress hook ``(stage, step, total, extra)``.
+the store and never prints; callers pass a progress hook that gets `base.events` values (`Step` per stage).
 
-Stages:
+Stages, each over a batch of seeds (a single image is a batch of one):
 
-1. ``render_draft``: the context model renders the draft prompt at the subject model's resolution.
-2. ``invert_image``: VAE-encode the draft with the subject pipeline, DDIM-invert it under the prompt and
+1. ``render_drafts``: the context model renders the draft prompt at the subject model's resolution.
+2. ``invert_images``: VAE-encode the drafts with the subject pipeline, DDIM-invert them under the prompt and
    optimise the null embeddings (``inversion.py``), in float32.
-3. ``denoise``: from the inverted latent, the optimised null embeddings for the first ``injected_steps(tau)``
-   steps, then plain classifier-free guidance with the empty-prompt embedding.
+3. ``guided_images`` (``denoise``): from the inverted latents, the optimised null embeddings for the first
+   ``injected_steps(tau)`` steps, then plain classifier-free guidance with the empty-prompt embedding.
+
+``iter_context_guidance`` runs 2 and 3 over batches of drafts and yields each sample as its batch finishes.
 """
 
 from __future__ import annotations
@@ -23,18 +25,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
+from stencil_cli.base.events import Progress, Step, no_progress
 from stencil_cli.base.images import center_crop_resize
 from stencil_cli.core.inversion import (
     InversionResult,
     NullTextSettings,
-    ProgressHook,
     ddim_step,
     encode_prompt,
     guided_noise,
-    invert_batch,
-    no_progress,
+    invert,
 )
 from stencil_cli.models import native_resolution
 
@@ -112,7 +113,7 @@ def chunks(items: Sequence[Any], size: int | None) -> list[list[Any]]:
 
 def ddim_scheduler(pipe: Any, steps: int) -> Any:
     """The pipeline's scheduler as a DDIMScheduler (same config), with `steps` timesteps set."""
-    from diffusers import DDIMScheduler
+    from diffusers import DDIMScheduler  # here: planning a generation imports this module, not diffusers
 
     scheduler = pipe.scheduler
     if not isinstance(scheduler, DDIMScheduler):
@@ -173,30 +174,6 @@ def float32_unet(unet: Any) -> Iterator[Any]:
 # -- the three stages -----------------------------------------------------------------------------------
 
 
-def render_draft(
-    context_pipe: Any,
-    prompt: str,
-    *,
-    resolution: int,
-    seed: int,
-    steps: int = 50,
-    guidance: float = 7.5,
-    progress: ProgressHook = no_progress,
-    negative: str = "",
-) -> Image.Image:
-    """Render the draft with the context model (any diffusers text-to-image pipeline) at `resolution`."""
-    return render_drafts(
-        context_pipe,
-        prompt,
-        resolution=resolution,
-        seeds=[seed],
-        steps=steps,
-        guidance=guidance,
-        progress=progress,
-        negative=negative,
-    )[0]
-
-
 def render_drafts(
     context_pipe: Any,
     prompt: str,
@@ -206,14 +183,15 @@ def render_drafts(
     steps: int = 50,
     guidance: float = 7.5,
     batch_size: int | None = None,
-    progress: ProgressHook = no_progress,
+    progress: Progress = no_progress,
     negative: str = "",
 ) -> list[Image.Image]:
-    """One draft per seed, rendered as batches of at most `batch_size` (None: all) in one pipeline call each.
+    """Render one draft per seed with the context model (any diffusers text-to-image pipeline) at
+    `resolution`, as batches of at most `batch_size` (None: all) in one pipeline call each.
 
     Each sample draws its starting noise from its own CPU generator seeded with its seed, so a draft is the
-    one `render_draft` gives for that seed (within float tolerance of the batched model call). The progress
-    hook gets each denoising step once per batch, with ``extra["samples"]`` = the batch's size."""
+    one a batch of that seed alone gives (within float tolerance of the batched model call). The progress
+    hook gets each denoising step once per batch, as a `Step` whose `samples` is the batch's size."""
     images: list[Image.Image] = []
     if hasattr(context_pipe, "set_progress_bar_config"):
         context_pipe.set_progress_bar_config(disable=True)
@@ -236,7 +214,7 @@ def render_drafts(
             def on_step(
                 pipe: Any, i: int, t: Any, tensors: dict[str, Any], samples: int = len(batch)
             ) -> dict[str, Any]:
-                progress("draft", i + 1, steps, {"samples": samples})
+                progress(Step("draft", i + 1, steps, samples=samples))
                 return tensors
 
             kwargs["callback_on_step_end"] = on_step
@@ -249,25 +227,6 @@ def render_drafts(
     return images
 
 
-def invert_image(
-    pipe: Any,
-    image: Image.Image,
-    prompt: str,
-    settings: GenerationSettings = GenerationSettings(),
-    *,
-    resolution: int | None = None,
-    taus: Sequence[float] | None = None,
-    progress: ProgressHook = no_progress,
-) -> InversionResult:
-    """VAE-encode `image` and invert it with the subject model (nti or npi), in float32.
-
-    With `taus`, null-text optimisation runs only for the first ``null_text_steps(taus, steps)`` steps (the
-    ones those taus inject; none for tau 0); without, for every step. The DDIM inversion always runs fully."""
-    return invert_images(
-        pipe, [image], prompt, settings, resolution=resolution, taus=taus, progress=progress
-    )[0]
-
-
 def invert_images(
     pipe: Any,
     images: Sequence[Image.Image],
@@ -276,9 +235,13 @@ def invert_images(
     *,
     resolution: int | None = None,
     taus: Sequence[float] | None = None,
-    progress: ProgressHook = no_progress,
+    progress: Progress = no_progress,
 ) -> list[InversionResult]:
-    """`invert_image` for several images as one batch (each its own null embeddings and early stop)."""
+    """VAE-encode `images` and invert them with the subject model (nti or npi) as one batch, in float32
+    (each its own null embeddings and early stop); one result per image.
+
+    With `taus`, null-text optimisation runs only for the first ``null_text_steps(taus, steps)`` steps (the
+    ones those taus inject; none for tau 0); without, for every step. The DDIM inversion always runs fully."""
     resolution = resolution or native_resolution(pipe)
     scheduler = ddim_scheduler(pipe, settings.steps)
     latents = torch.cat([encode_image(pipe, image, resolution) for image in images])
@@ -294,7 +257,7 @@ def invert_images(
     )
     optimize = None if taus is None else null_text_steps(taus, settings.steps)
     with float32_unet(pipe.unet) as unet:
-        return invert_batch(
+        return invert(
             unet,
             scheduler,
             latents,
@@ -318,7 +281,7 @@ def denoise(
     guidance: float = 7.5,
     null_embeddings: list[torch.Tensor] | None = None,
     inject: int = 0,
-    progress: ProgressHook = no_progress,
+    progress: Progress = no_progress,
 ) -> torch.Tensor:
     """DDIM-denoise `latent` with CFG; the first `inject` steps use `null_embeddings[i]` as the uncond."""
     timesteps = [int(t) for t in scheduler.timesteps]
@@ -329,33 +292,21 @@ def denoise(
         negative = null_embeddings[i] if i < inject and null_embeddings is not None else uncond
         noise = guided_noise(unet, latent, t, cond, negative, guidance)
         latent = ddim_step(scheduler, noise, t, latent)
-        progress("denoise", i + 1, len(timesteps), {"injected": i < inject, "samples": latent.shape[0]})
+        progress(Step("denoise", i + 1, len(timesteps), samples=latent.shape[0]))
     return latent
 
 
 def guided_images(
-    pipe: Any,
-    inversion: InversionResult,
-    prompt: str,
-    taus: Sequence[float],
-    settings: GenerationSettings = GenerationSettings(),
-    *,
-    progress: ProgressHook = no_progress,
-) -> list[Image.Image]:
-    """Denoise one inverted latent once per tau (the draft and inversion are shared); one image each."""
-    return guided_images_batch(pipe, [inversion], prompt, taus, settings, progress=progress)[0]
-
-
-def guided_images_batch(
     pipe: Any,
     inversions: Sequence[InversionResult],
     prompt: str,
     taus: Sequence[float],
     settings: GenerationSettings = GenerationSettings(),
     *,
-    progress: ProgressHook = no_progress,
+    progress: Progress = no_progress,
 ) -> list[list[Image.Image]]:
-    """Denoise N inverted latents together, once per tau, each with its own null embeddings.
+    """Denoise N inverted latents together, once per tau, each with its own null embeddings (the draft and
+    inversion are shared by the taus).
 
     Returns, per inversion, one image per tau. Raises ValueError when a tau injects more steps than an
     inversion has null embeddings for (its null-text optimisation was truncated for smaller taus)."""
@@ -419,7 +370,7 @@ def iter_context_guidance(
     *,
     resolution: int | None = None,
     batch_size: int | None = None,
-    progress: ProgressHook = no_progress,
+    progress: Progress = no_progress,
 ) -> Iterator[tuple[int, GuidedSample]]:
     """Invert and denoise `drafts` in batches of at most `batch_size` (None: all at once); yields
     ``(index into drafts, GuidedSample)`` as each batch finishes, so a caller can save images as they come.
@@ -433,7 +384,7 @@ def iter_context_guidance(
             pipe, batch, prompt, settings, resolution=resolution, taus=taus, progress=progress
         )
         middle = _clock(device)
-        images = guided_images_batch(pipe, inverted, prompt, taus, settings, progress=progress)
+        images = guided_images(pipe, inverted, prompt, taus, settings, progress=progress)
         finished = _clock(device)
         n = len(batch)
         timings = {
@@ -443,33 +394,6 @@ def iter_context_guidance(
         for row in range(n):
             yield start + row, GuidedSample(images[row], inverted[row], dict(timings), n)
         start += n
-
-
-def context_guidance_batch(
-    pipe: Any,
-    drafts: Sequence[Image.Image],
-    prompt: str,
-    taus: Sequence[float],
-    settings: GenerationSettings = GenerationSettings(),
-    *,
-    resolution: int | None = None,
-    batch_size: int | None = None,
-    progress: ProgressHook = no_progress,
-) -> list[GuidedSample]:
-    """`iter_context_guidance` collected: one GuidedSample per draft, in order."""
-    return [
-        sample
-        for _, sample in iter_context_guidance(
-            pipe,
-            drafts,
-            prompt,
-            taus,
-            settings,
-            resolution=resolution,
-            batch_size=batch_size,
-            progress=progress,
-        )
-    ]
 
 
 def initial_noise(pipe: Any, seed: int, resolution: int | None = None) -> torch.Tensor:
@@ -488,7 +412,7 @@ def plain_generate(
     settings: GenerationSettings = GenerationSettings(),
     *,
     resolution: int | None = None,
-    progress: ProgressHook = no_progress,
+    progress: Progress = no_progress,
 ) -> Image.Image:
     """Plain text-to-image with the fine-tuned subject model (no draft, no inversion)."""
     scheduler = ddim_scheduler(pipe, settings.steps)
@@ -511,8 +435,6 @@ def plain_generate(
 
 def contact_sheet(rows: list[list[tuple[str, Image.Image]]], cell: int | None = None) -> Image.Image:
     """A grid image: one row per list of (label, image), labels drawn under each cell."""
-    from PIL import ImageDraw
-
     cell = cell or max(128, *(image.width for row in rows for _, image in row))
     label_h = 14
     columns = max(len(row) for row in rows)
@@ -536,7 +458,7 @@ def plain_images(
     settings: GenerationSettings = GenerationSettings(),
     *,
     resolution: int,
-    progress: ProgressHook = no_progress,
+    progress: Progress = no_progress,
 ) -> Iterator[tuple[Any, Image.Image, float]]:
     """Plain generation of each (key, prompt, seed): yields (key, image, seconds) as each is done."""
     device = pipe_device(pipe)

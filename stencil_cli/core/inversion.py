@@ -18,20 +18,13 @@ Conventions used throughout:
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F  # noqa: N812 - the usual name
 
-# progress hook: (stage, step done (1-based), total steps, extra info) -> None
-ProgressHook = Callable[[str, int, int, dict[str, Any]], None]
-
-
-def no_progress(stage: str, step: int, total: int, extra: dict[str, Any]) -> None:
-    """A progress hook that does nothing."""
-    return None
+from stencil_cli.base.events import NullTextIteration, Progress, Step, no_progress
 
 
 @dataclass(frozen=True)
@@ -149,7 +142,7 @@ def ddim_inversion(
     latent: torch.Tensor,
     cond: torch.Tensor,
     *,
-    progress: ProgressHook = no_progress,
+    progress: Progress = no_progress,
 ) -> list[torch.Tensor]:
     """DDIM-invert a clean latent under the conditional prompt only (guidance 1); returns the trajectory.
 
@@ -164,7 +157,7 @@ def ddim_inversion(
         noise = _unet(unet, latent, t, cond)
         latent = ddim_inverse_step(scheduler, noise, t, latent)
         trajectory.append(latent)
-        progress("inversion", k + 1, len(timesteps), {"t": t, "samples": latent.shape[0]})
+        progress(Step("inversion", k + 1, len(timesteps), samples=latent.shape[0]))
     return trajectory
 
 
@@ -186,8 +179,8 @@ def null_text_optimization(
     settings: NullTextSettings = NullTextSettings(),
     *,
     optimize_steps: int | None = None,
-    progress: ProgressHook = no_progress,
-) -> InversionResult:
+    progress: Progress = no_progress,
+) -> list[InversionResult]:
     """Optimise one unconditional embedding per step so guided DDIM steps retrace `trajectory`.
 
     Reference settings: per step ``i`` from the noisiest a fresh Adam at ``lr * (1 - i / 100)``, at most
@@ -197,33 +190,14 @@ def null_text_optimization(
 
     Only the first `optimize_steps` steps (K, from the noisiest; default all) are optimised: step i's
     embedding depends only on steps 0..i, so the first K embeddings are exactly those of the full
-    optimisation, and denoising injects no more than `injected_steps(tau)` of them. One latent (batch 1).
-    """
-    if trajectory[0].shape[0] != 1:
-        raise ValueError("null_text_optimization takes one latent: use null_text_optimization_batch")
-    return null_text_optimization_batch(
-        unet, scheduler, trajectory, cond, uncond, settings, optimize_steps=optimize_steps, progress=progress
-    )[0]
+    optimisation, and denoising injects no more than `injected_steps(tau)` of them.
 
-
-def null_text_optimization_batch(
-    unet: Any,
-    scheduler: Any,
-    trajectory: list[torch.Tensor],
-    cond: torch.Tensor,
-    uncond: torch.Tensor,
-    settings: NullTextSettings = NullTextSettings(),
-    *,
-    optimize_steps: int | None = None,
-    progress: ProgressHook = no_progress,
-) -> list[InversionResult]:
-    """`null_text_optimization` for a batch of N latents at once, each with its own null embeddings.
-
-    `trajectory` holds batched latents ``[N, ...]``; `cond` and `uncond` have batch 1 or N. The per-sample
-    loss drives the per-sample gradient (the batch loss is their sum, so each sample's gradient is the one it
-    would get alone), and each sample stops early on its own: a finished sample leaves the UNet batch and its
-    embedding is frozen (restored after every later Adam step, so the optimiser's momentum cannot move it).
-    Results equal one-at-a-time runs within float tolerance. Returns one InversionResult per sample.
+    A batch of N latents runs at once, each with its own null embeddings: `trajectory` holds batched latents
+    ``[N, ...]``; `cond` and `uncond` have batch 1 or N. The per-sample loss drives the per-sample gradient
+    (the batch loss is their sum, so each sample's gradient is the one it would get alone), and each sample
+    stops early on its own: a finished sample leaves the UNet batch and its embedding is frozen (restored
+    after every later Adam step, so the optimiser's momentum cannot move it). Results equal one-at-a-time
+    runs within float tolerance. Returns one InversionResult per sample.
     """
     _check_epsilon(scheduler)
     timesteps = [int(t) for t in scheduler.timesteps]
@@ -288,12 +262,7 @@ def null_text_optimization_batch(
                     loss_values[row] = value
                     if value < threshold:
                         finished.append(row)
-                progress(
-                    "null-text",
-                    i + 1,
-                    optimize,
-                    {"inner": inner, "loss": max(per_sample.tolist()), "samples": n},
-                )
+                progress(NullTextIteration(i + 1, optimize, inner, max(per_sample.tolist()), samples=n))
                 if finished:
                     with torch.no_grad():
                         kept[finished] = null[finished]
@@ -309,12 +278,7 @@ def null_text_optimization_batch(
                     noise_uncond = _unet(unet, latent, t, current_uncond)
                     noise = noise_uncond + settings.guidance * (noise_cond - noise_uncond)
                     latent = ddim_step(scheduler, noise, t, latent)
-            progress(
-                "null-text",
-                i + 1,
-                optimize,
-                {"inner": sum(done), "loss": max(loss_values), "step_done": True, "samples": n},
-            )
+            progress(Step("null-text", i + 1, optimize, samples=n, loss=max(loss_values), inner=sum(done)))
     finally:
         for parameter, flag in zip(unet.parameters(), grad_flags, strict=True):
             parameter.requires_grad_(flag)
@@ -348,36 +312,6 @@ def negative_prompt_inversion(trajectory: list[torch.Tensor], cond: torch.Tensor
 def invert(
     unet: Any,
     scheduler: Any,
-    latent: torch.Tensor,
-    cond: torch.Tensor,
-    uncond: torch.Tensor,
-    *,
-    method: str = "nti",
-    settings: NullTextSettings = NullTextSettings(),
-    optimize_steps: int | None = None,
-    progress: ProgressHook = no_progress,
-) -> InversionResult:
-    """DDIM-invert `latent`, then null-text optimisation ("nti", of the first `optimize_steps` steps, default
-    all), negative-prompt inversion ("npi") or nothing ("ddim": the null embeddings are `uncond` at every
-    step). One latent (batch 1)."""
-    if latent.shape[0] != 1:
-        raise ValueError("invert takes one latent: use invert_batch")
-    return invert_batch(
-        unet,
-        scheduler,
-        latent,
-        cond,
-        uncond,
-        method=method,
-        settings=settings,
-        optimize_steps=optimize_steps,
-        progress=progress,
-    )[0]
-
-
-def invert_batch(
-    unet: Any,
-    scheduler: Any,
     latents: torch.Tensor,
     cond: torch.Tensor,
     uncond: torch.Tensor,
@@ -385,18 +319,20 @@ def invert_batch(
     method: str = "nti",
     settings: NullTextSettings = NullTextSettings(),
     optimize_steps: int | None = None,
-    progress: ProgressHook = no_progress,
+    progress: Progress = no_progress,
 ) -> list[InversionResult]:
-    """`invert` for N latents ``[N, ...]`` at once (`cond`/`uncond`: batch 1 or N); one result per latent.
+    """DDIM-invert `latents`, then null-text optimisation ("nti", of the first `optimize_steps` steps, default
+    all; 0: none at all), negative-prompt inversion ("npi") or nothing ("ddim": the null embeddings are
+    `uncond` at every step).
 
-    The DDIM inversion always runs to the noisiest latent; null-text optimisation only over the first
-    `optimize_steps` steps (0: none at all)."""
+    N latents ``[N, ...]`` invert at once (`cond`/`uncond`: batch 1 or N); one result per latent. The DDIM
+    inversion always runs to the noisiest latent."""
     if method not in ("nti", "npi", "ddim"):
         raise ValueError(f"unknown inversion method {method!r} (nti, npi or ddim)")
     n = latents.shape[0]
     trajectory = ddim_inversion(unet, scheduler, latents, _rows(cond, n), progress=progress)
     if method == "nti":
-        return null_text_optimization_batch(
+        return null_text_optimization(
             unet,
             scheduler,
             trajectory,

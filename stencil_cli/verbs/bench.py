@@ -4,7 +4,8 @@ For each subject: add its photos, caption them (template: the class word is the 
 prompt (``images_per_prompt`` seeds each) with Context Guidance, score (DINO, CLIP-T, CLIP-I). Then a results
 table per subject and overall (Markdown + JSON), a plot and a contact sheet per subject. Training, drafts,
 images and scores go through the same verbs as `stencil add` / `caption` / `train` / `gen` / `eval`. Nothing
-here prints: progress and notes go to the `BenchHooks` the command passes.
+here prints: progress and notes go as events (`SubjectStatus`, `Note`, `Warning`) to the hook the command
+passes.
 
 Layout of ``--out``::
 
@@ -23,6 +24,7 @@ for the others (a barrier through ``accelerate.PartialState``: NCCL on GPUs, glo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable
@@ -30,7 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from stencil_cli.base import events
 from stencil_cli.base.errors import EXIT_FAILURE, FieldError, StencilError
+from stencil_cli.base.events import Event, Note, Progress, no_progress
 from stencil_cli.base.fsutil import atomic_write_bytes
 from stencil_cli.store.db import Store
 from stencil_cli.store.layout import BENCH_BATCH, CONTACT_SHEET_NAME
@@ -38,7 +42,14 @@ from stencil_cli.store.records import Generation, Run
 from stencil_cli.store.settings import resolve_setting
 from stencil_cli.verbs.caption import CaptionRequest, caption, resolve_caption_model
 from stencil_cli.verbs.evaluate import clip_t_text, score_generations
-from stencil_cli.verbs.generate import GenerateRequest, Item, check_seeds, generate, plan_generation
+from stencil_cli.verbs.generate import (
+    GenerateRequest,
+    Item,
+    SavedImage,
+    check_seeds,
+    generate,
+    plan_generation,
+)
 from stencil_cli.verbs.subjects import AddRequest, add_photos
 from stencil_cli.verbs.train import TrainRequest, resumable_run, train
 
@@ -337,17 +348,16 @@ def _stem(prompt_index: int, image_index: int) -> str:
     return f"p{prompt_index:02d}-{image_index}"
 
 
-def _ignore(*args: Any) -> None:
-    """A hook that reports nothing."""
+@dataclass(frozen=True)
+class SubjectStatus(Event):
+    """Progress event: what the runner does now for `subject` ("training", ..., "done"), with its images
+    made of planned. Besides these the runner reports a `Note` (which subjects this process runs) and a
+    `Warning` for what it skips (a photo that cannot be used, a missing image file)."""
 
-
-@dataclass
-class BenchHooks:
-    """How the runner reports (it never prints): the command maps these onto rich progress and messages."""
-
-    status: Callable[[str, str, int, int], None] = _ignore  # subject, what now, images done, images planned
-    note: Callable[[str], None] = _ignore  # a line for the user (which subjects this process runs)
-    warn: Callable[[str], None] = _ignore  # something skipped (a photo that cannot be used)
+    subject: str
+    doing: str
+    done: int
+    total: int
 
 
 @dataclass
@@ -370,13 +380,13 @@ class Runner:
         store: Store,
         device: str,
         shard: Shard | None = None,
-        hooks: BenchHooks | None = None,
+        progress: Progress = no_progress,
     ) -> None:
         self.config = config
         self.store = store
         self.device = device
         self.shard = shard or Shard()
-        self.hooks = hooks or BenchHooks()
+        self.progress = progress
         self._eval_models: Any = None
 
     # -- steps ------------------------------------------------------------------------------------------
@@ -395,7 +405,7 @@ class Runner:
         request = AddRequest(job.name, [folder], phrase=word, class_word=word, skip_bad=True)
         outcome = add_photos(self.store, request)
         for rejected in outcome.skipped:
-            self.hooks.warn(f"{job.name}: skipped {rejected.source.name}: {rejected.reason}")
+            self.progress(events.Warning(f"{job.name}: skipped {rejected.source.name}: {rejected.reason}"))
 
     def caption(self, job: SubjectJob) -> None:
         """Caption the photos that have no caption yet (checked and stored like `stencil caption`)."""
@@ -452,7 +462,10 @@ class Runner:
             for prompt_index, image_index in todo
         ]
         plan = plan_generation(self.store, self.config.generate_request(job.name, items))
-        generate(self.store, plan, on_image=lambda saved: on_item())
+        with contextlib.closing(generate(self.store, plan)) as saving:
+            for saved in saving:
+                if isinstance(saved, SavedImage):
+                    on_item()
 
     def eval_models(self) -> Any:
         """The DINO and CLIP models (loaded on first use, kept for the next subjects)."""
@@ -475,7 +488,9 @@ class Runner:
                 self.store.get_subject(job.name),
                 unscored,
                 self.eval_models(),
-                on_missing=lambda row: self.hooks.warn(f"generation {row.id}: image file missing"),
+                on_missing=lambda row: self.progress(
+                    events.Warning(f"generation {row.id}: image file missing")
+                ),
             )
 
     # -- the whole subject ------------------------------------------------------------------------------
@@ -503,25 +518,25 @@ class Runner:
             if done.get("items") == planned and done.get("settings") == self.config.fingerprint():
                 return done
         total = len(job.items)
-        self.hooks.status(job.name, "photos and captions", 0, total)
+        self.progress(SubjectStatus(job.name, "photos and captions", 0, total))
         self.add(job)
         self.caption(job)
         rows = self.bench_rows(job.name)
         todo = [item for item in job.items if item not in rows]
         made = total - len(todo)
         if todo:
-            self.hooks.status(job.name, "training", made, total)
+            self.progress(SubjectStatus(job.name, "training", made, total))
             self.train(job)
-            self.hooks.status(job.name, "generating", made, total)
+            self.progress(SubjectStatus(job.name, "generating", made, total))
 
             def one_more() -> None:
                 nonlocal made
                 made += 1
-                self.hooks.status(job.name, "generating", made, total)
+                self.progress(SubjectStatus(job.name, "generating", made, total))
 
             self.generate(job, todo, one_more)
             rows = self.bench_rows(job.name)
-        self.hooks.status(job.name, "scoring", total, total)
+        self.progress(SubjectStatus(job.name, "scoring", total, total))
         chosen = [rows[item] for item in job.items]
         self.score(job, chosen)
         by_id = {row.id: row for row in self.store.list_generations(job.name)}
@@ -529,7 +544,7 @@ class Runner:
         result = self.summarise(job, chosen)
         atomic_write_bytes(result_path, (json.dumps(result, indent=2) + "\n").encode())
         self.write_contact_sheet(job, chosen)
-        self.hooks.status(job.name, "done", total, total)
+        self.progress(SubjectStatus(job.name, "done", total, total))
         return result
 
     def summarise(self, job: SubjectJob, rows: list[Generation]) -> dict[str, Any]:
@@ -806,14 +821,13 @@ def plan(config: BenchConfig, bench: Any) -> list[SubjectJob]:
 
 
 def run_benchmark(
-    config: BenchConfig, shard: Shard | None = None, hooks: BenchHooks | None = None
+    config: BenchConfig, shard: Shard | None = None, progress: Progress = no_progress
 ) -> dict[str, Any] | None:
     """Run this process's share of the benchmark; the main process merges and returns the results."""
     from stencil_cli.core import evaluation
 
     config.validate()
     shard = shard or Shard()
-    hooks = hooks or BenchHooks()
     bench = evaluation.load_dreambench(config.dataset)
     jobs = plan(config, bench)
     if shard.is_main:
@@ -824,12 +838,14 @@ def run_benchmark(
     shard.wait()
     device = shard_device(shard, config.device)
     store = Store(config.out / "store")
-    runner = Runner(config, store, device, shard, hooks)
+    runner = Runner(config, store, device, shard, progress)
     mine = [job for job in jobs if job.name in shard.mine(config.subjects)]
     if shard.world > 1:
-        hooks.note(
-            f"process {shard.rank + 1}/{shard.world} on {device}: "
-            f"{', '.join(job.name for job in mine) or 'nothing'}"
+        progress(
+            Note(
+                f"process {shard.rank + 1}/{shard.world} on {device}: "
+                f"{', '.join(job.name for job in mine) or 'nothing'}"
+            )
         )
     try:
         for job in mine:

@@ -12,11 +12,12 @@ from typing import Any
 
 from stencil_cli import captioning
 from stencil_cli.base.errors import BadInputError, FieldError, StencilError
+from stencil_cli.base.events import Captioned, Captioning, Progress, no_progress
 from stencil_cli.base.text import sanitize_text
 from stencil_cli.captioning import CaptionResult, Photo, clean_phrase, contains_phrase
 from stencil_cli.store.db import Store
 from stencil_cli.store.records import Subject
-from stencil_cli.verbs.common import Progress, no_progress, refuse_missing_photos, using_subject
+from stencil_cli.verbs.common import refuse_missing_photos, using_subject
 
 MANUAL_SOURCE = "manual"
 DEFAULT_TIMEOUT_S = captioning.DEFAULT_TIMEOUT_S
@@ -68,8 +69,8 @@ def resolve_caption_model(store: Store, model: str | None) -> str:
 def caption(store: Store, request: CaptionRequest, *, progress: Progress = no_progress) -> CaptionOutcome:
     """Caption the photos that need it; see the module docstring.
 
-    Progress: ``("captioning", 0, photos, {"captioner": name, "host": host or None})`` before the request
-    and ``("captioning", photos, photos, {})`` after it.
+    Progress: `Captioning` (how many photos, the captioner, its host or None) before the request and
+    `Captioned` after it.
     """
     kind = request.captioner.strip().lower()
     if kind not in ("openai", "template"):
@@ -108,11 +109,11 @@ def _caption(store: Store, request: CaptionRequest, kind: str, progress: Progres
     )
     photos = [Photo(id=image["id"], path=store.absolute(image["file"])) for image in targets]
     host = captioner.host if isinstance(captioner, captioning.OpenAICaptioner) else None
-    progress("captioning", 0, len(photos), {"captioner": captioner.name, "host": host})
+    progress(Captioning(len(photos), captioner.name, host))
     result = captioner.caption(
         captioning.CaptionJob(photos=photos, phrase=phrase, class_word=subject.class_word)
     )
-    progress("captioning", len(photos), len(photos), {})
+    progress(Captioned(len(photos)))
     validate_result(result, photos)
     phrase_to_store = result.phrase if (subject.phrase is None or phrase_changed) else None
     store_result(

@@ -1,23 +1,21 @@
-"""What every verb shares: the progress hook, a device-synchronised clock, the per-subject lock."""
+"""What every verb shares: the seed range, a device-synchronised clock, the per-subject lock.
+
+Progress hooks and their events live in `base/events.py` (the ML core reports through them too).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import IO, Any
 
 from stencil_cli.base.errors import StencilError, StoreReadOnlyError
 from stencil_cli.store.db import Store
 from stencil_cli.store.layout import TRAIN_LOCK_NAME
 
-Progress = Callable[[str, int, int | None, dict[str, Any]], None]
 MAX_SEED = 2**63 - 1  # seeds are stored as SQLite INTEGERs (signed 64-bit); gen and train share the range
-
-
-def no_progress(stage: str, step: int, total: int | None, extra: dict[str, Any]) -> None:
-    """The default progress hook: report nothing."""
 
 
 def synced_clock(device: Any) -> float:

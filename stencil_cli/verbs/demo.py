@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from stencil_cli.base.errors import FieldError
+from stencil_cli.base.events import Heading, Progress, Removed, no_progress
 from stencil_cli.store.db import Store
 from stencil_cli.store.records import validate_name
 from stencil_cli.verbs.caption import CaptionRequest, caption
-from stencil_cli.verbs.common import Progress, no_progress
 from stencil_cli.verbs.generate import (
     GenerateRequest,
     GenerateResult,
+    collect,
     generate,
     plan_generation,
     prepare_output,
@@ -114,8 +115,8 @@ TINY = {"subject_model": "tiny", "device": "cpu", "precision": "fp32"}
 
 
 def run_demo(store: Store, request: DemoRequest, *, progress: Progress = no_progress) -> DemoResult:
-    """Add, caption, train and generate; the hook gets ``("step", i, 4, {"title": ...})`` before each step
-    and every verb's own progress in between."""
+    """Add, caption, train and generate; the hook gets a `Heading` (i of 4, its title) before each step and
+    every verb's own progress in between (and `Removed` when a failed step removed the subject)."""
     started = time.monotonic()
     validate_name(request.name)
     if not request.prompt.strip():
@@ -134,17 +135,17 @@ def run_demo(store: Store, request: DemoRequest, *, progress: Progress = no_prog
                 title = "add: 4 synthesised photos of a toy robot"
             else:
                 title = f"add: photos from {folder}"
-            progress("step", 1, 4, {"title": title})
+            progress(Heading(1, 4, title))
             add_photos(store, AddRequest(name, [folder], phrase=request.phrase, skip_bad=True))
-            progress("step", 2, 4, {"title": "caption (template captioner, offline)"})
+            progress(Heading(2, 4, "caption (template captioner, offline)"))
             caption(store, CaptionRequest(name, captioner="template"), progress=progress)
             if not store.get_subject(name).description and request.photos is None:
                 store.update_subject(name, description=DEMO_DESCRIPTION)
-            progress("step", 3, 4, {"title": f"train ({request.train_steps} steps on the tiny preset)"})
+            progress(Heading(3, 4, f"train ({request.train_steps} steps on the tiny preset)"))
             train(
                 store, TrainRequest(name, steps=request.train_steps, batch_size=2, **TINY), progress=progress
             )
-            progress("step", 4, 4, {"title": "gen (tiny draft -> null-text inversion -> denoise)"})
+            progress(Heading(4, 4, "gen (tiny draft -> null-text inversion -> denoise)"))
             plan = plan_generation(
                 store,
                 GenerateRequest(
@@ -161,11 +162,11 @@ def run_demo(store: Store, request: DemoRequest, *, progress: Progress = no_prog
                     **TINY,
                 ),
             )
-            generated = generate(store, plan, progress=progress)
+            generated = collect(plan, generate(store, plan, progress=progress))
     except BaseException:
         if store.find_subject(name) is not None:
             store.remove_subject(name)
-            progress("removed", 0, None, {"subject": name})
+            progress(Removed(name))
         raise
     page = write_view(store, ViewRequest(name)).page  # after the try: a page that fails keeps the subject
     return DemoResult(name, generated, time.monotonic() - started, page)

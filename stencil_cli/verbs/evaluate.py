@@ -8,11 +8,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stencil_cli.base import events
 from stencil_cli.base.errors import FieldError, NotFoundError, StencilError
+from stencil_cli.base.events import Loading, Progress, no_progress
 from stencil_cli.store.db import Store
 from stencil_cli.store.records import Generation, Subject
 from stencil_cli.store.settings import resolve_setting
-from stencil_cli.verbs.common import Progress, no_progress, refuse_missing_photos, using_subject
+from stencil_cli.verbs.common import refuse_missing_photos, using_subject
 
 MAX_RANGE = 100_000  # a range is expanded into a list: keep a typo like 1-99999999999 from eating memory
 
@@ -105,7 +107,7 @@ def select_generations(store: Store, name: str, ids: list[int] | None) -> list[G
 def evaluate(store: Store, request: EvalRequest, *, progress: Progress = no_progress) -> EvalResult:
     """Score the selected generations (files that are gone are skipped, before any model loads).
 
-    Progress: ``("missing", 0, None, {"generation": id})`` per skipped generation, then ``("loading", ...)``.
+    Progress: a `Warning` per skipped generation, then `Loading` (the eval models, the device).
     """
     from stencil_cli import models
 
@@ -127,14 +129,14 @@ def _evaluate(
     present = [row for row in rows if row.image_file is not None and row.image_file.is_file()]
     missing = [row.id for row in rows if row not in present]
     for row_id in missing:
-        progress("missing", 0, None, {"generation": row_id})
+        progress(events.Warning(f"generation {row_id}: image file missing, skipped"))
     if not present:
         raise StencilError(
             f"none of the {len(rows)} selected image file(s) of {request.name!r} exist: nothing to score",
             hint=f"generate new ones with `stencil gen {request.name} ...`",
         )
     device = models.resolve_device(resolve_setting(store, "device", request.device))
-    progress("loading", 0, None, {"model": f"{refs.dino} and {refs.clip}", "device": str(device)})
+    progress(Loading(f"{refs.dino} and {refs.clip}", str(device)))
     loaded = models.load_eval_models(refs, device, store_root=store.root)
     scored = score_generations(store, subject, present, loaded)
     mean = evaluation.mean_scores([image.scores for image in scored])

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from stencil_cli.base.errors import BadInputError, FieldError
+from stencil_cli.base.events import Exporting, Loading, Progress, no_progress
 from stencil_cli.store.db import Store
 from stencil_cli.store.records import Run
 from stencil_cli.store.settings import resolve_setting
-from stencil_cli.verbs.common import Progress, no_progress
 from stencil_cli.verbs.generate import trained_run
 
 FORMATS = ("lora", "kohya", "diffusers", "single-file")  # stencil_cli.core.export.FORMATS (checked by a test)
@@ -76,8 +76,8 @@ class ExportResult:
 def export(store: Store, request: ExportRequest, *, progress: Progress = no_progress) -> ExportResult:
     """Export one run of a subject; see the module docstring.
 
-    Progress: ``("loading", 0, None, {"model": ref, "device": dev})`` before the base model loads, then
-    ``("export", 0, 1, {"format": fmt})`` and ``("export", 1, 1, {...})`` around the writing.
+    Progress: `Loading` (the base model, the device) before the base model loads, then `Exporting` (the
+    format) before the writing.
     """
     from stencil_cli import models
     from stencil_cli.core import export as export_core
@@ -97,10 +97,10 @@ def export(store: Store, request: ExportRequest, *, progress: Progress = no_prog
     model_ref = run.params.get("subject_model") or run.base_model or ""
     root = request.models_root or store.root
     device = models.resolve_device(resolve_setting(store, "device", request.device))
-    progress("loading", 0, None, {"model": model_ref, "device": str(device)})
+    progress(Loading(model_ref, str(device)))
     with models.quiet_libraries():
         pipe = models.load_subject_pipeline(model_ref, device=str(device), precision="fp32", store_root=root)
-    progress("export", 0, 1, {"format": request.format})
+    progress(Exporting(request.format))
     assert run.weights_file is not None  # trained_run checked it
     with models.quiet_libraries():  # save_pretrained's progress bars
         written = export_core.export_run(
@@ -116,7 +116,6 @@ def export(store: Store, request: ExportRequest, *, progress: Progress = no_prog
     del pipe
     models.free_pipeline(None)
     error = written.error.__dict__.copy() if written.error is not None else None
-    progress("export", 1, 1, {"format": request.format})
     return ExportResult(
         subject=request.name,
         run=run,

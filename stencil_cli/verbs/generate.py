@@ -4,9 +4,10 @@ Two steps, so that everything is checked before any model loads:
 
 1. `plan_generation(store, GenerateRequest) -> GenerationPlan`: the subject, its trained run, the prompts,
    the seeds, the taus, the models and the output folders, settled once.
-2. `generate(store, plan) -> GenerateResult`: drafts with the context model (freed afterwards), then the
+2. `generate(store, plan)` yields what it saves: drafts with the context model (freed afterwards), then the
    subject model's inversion and denoise. Every draft, image and generation row is written as soon as it is
-   made, so an interruption keeps what was finished (`on_image` sees each saved image at once).
+   made and yielded at once (`SavedDraft`, `SavedImage`, `SavedGrid`), so an interruption keeps what was
+   finished and the caller has seen each of it; `collect` gathers them into a `GenerateResult`.
 
 `stencil gen`, the DreamBench runner and the demo all generate through these two functions.
 """
@@ -18,19 +19,24 @@ import math
 import os
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from stencil_cli import models
+from stencil_cli.base import events
 from stencil_cli.base.errors import FieldError, StencilError, Wording
+from stencil_cli.base.events import Note, Progress, Reused, Stage, no_progress
 from stencil_cli.base.fsutil import atomic_write_bytes
+from stencil_cli.base.images import center_crop_resize
 from stencil_cli.base.pngmeta import png_bytes, read_png_parameters, read_rgb
+from stencil_cli.core.prompts import build_prompts, clip_token_counter, words_past_limit
 from stencil_cli.store.db import Store
 from stencil_cli.store.layout import GRID_NAME, batch_name, draft_name, image_name
 from stencil_cli.store.records import Generation, Run, Subject
 from stencil_cli.store.settings import resolve_setting
-from stencil_cli.verbs.common import MAX_SEED, Progress, no_progress, using_subject
+from stencil_cli.verbs.common import MAX_SEED, using_subject
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -134,7 +140,7 @@ class GenerationPlan:
         """How many images the plan makes when it runs to the end."""
         return len(self.items) * max(1, len(self.taus))
 
-    def stage_totals(self) -> dict[str, int]:
+    def stage_totals(self) -> dict[Stage, int]:
         """Progress totals per stage (draft, inversion, null-text, denoise)."""
         from stencil_cli.core.generation import null_text_steps
 
@@ -164,6 +170,25 @@ class SavedImage:
 
 
 @dataclass
+class SavedDraft:
+    """One item's draft, written (or, `reused`, kept from an earlier attempt in the same folder)."""
+
+    stem: str
+    path: Path
+    reused: bool = False
+
+
+@dataclass
+class SavedGrid:
+    """The contact sheet written: its copy under `output` if asked, else the store file."""
+
+    path: Path
+
+
+Saved = SavedDraft | SavedImage | SavedGrid  # what `generate` yields
+
+
+@dataclass
 class GenerateResult:
     """What a generation wrote (so far, when it was interrupted)."""
 
@@ -171,6 +196,23 @@ class GenerateResult:
     images: list[SavedImage] = field(default_factory=list)
     drafts: dict[str, Path] = field(default_factory=dict)  # stem -> draft file
     grid_file: Path | None = None
+
+    def add(self, saved: Saved) -> None:
+        """Record one file that `generate` yielded."""
+        if isinstance(saved, SavedImage):
+            self.images.append(saved)
+        elif isinstance(saved, SavedDraft):
+            self.drafts[saved.stem] = saved.path
+        else:
+            self.grid_file = saved.path
+
+
+def collect(plan: GenerationPlan, saved: Iterable[Saved]) -> GenerateResult:
+    """Everything `generate` yields for `plan`, gathered into one result (run to the end)."""
+    result = GenerateResult(plan)
+    for one in saved:
+        result.add(one)
+    return result
 
 
 # -- 1. the plan -------------------------------------------------------------------------------------------
@@ -332,8 +374,6 @@ def _items(request: GenerateRequest, mode: str) -> list[Item]:
 
 def plan_generation(store: Store, request: GenerateRequest) -> GenerationPlan:
     """Check and settle everything about a generation (no model is loaded here)."""
-    from stencil_cli.core.prompts import build_prompts
-
     if request.draft is not None and request.no_context:
         raise FieldError(("draft", "no_context"), "{} do not go together: a draft is the context")
     if request.draft_prompt is not None and (request.draft is not None or request.no_context):
@@ -616,14 +656,12 @@ def tau_label(tau: float) -> str:
 
 
 class _Writer:
-    """Writes a plan's files and rows as they arrive (atomically; copies under `output` too)."""
+    """Writes a plan's files and rows as they arrive (atomically; copies under `output` too) and keeps what
+    it wrote (the images' drafts and the grid are drawn from it)."""
 
-    def __init__(
-        self, store: Store, plan: GenerationPlan, on_image: Callable[[SavedImage], None] | None
-    ) -> None:
+    def __init__(self, store: Store, plan: GenerationPlan) -> None:
         self.store = store
         self.plan = plan
-        self.on_image = on_image
         self.result = GenerateResult(plan)
         self.draft_seconds: dict[str, float] = {}
 
@@ -645,23 +683,26 @@ class _Writer:
         """Where the draft of `item` lives."""
         return self.plan.folder / draft_name(item.stem)
 
-    def save_draft(self, item: PlannedItem, image: Image.Image, seconds: float | None) -> None:
+    def save_draft(self, item: PlannedItem, image: Image.Image, seconds: float | None) -> SavedDraft:
         """Write the draft of `item` (with its parameters) now."""
         path = self.draft_path(item)
         self.write(path, png_bytes(image, draft_metadata(self.plan, item, seconds)))
-        self.result.drafts[item.stem] = path
+        saved = SavedDraft(item.stem, path)
+        self.result.add(saved)
         if seconds is not None:
             self.draft_seconds[item.stem] = seconds
+        return saved
 
-    def reuse_draft(self, item: PlannedItem) -> bool:
-        """Take an existing draft of `item` (when the plan allows it); True when there was one."""
+    def reuse_draft(self, item: PlannedItem) -> SavedDraft | None:
+        """Take an existing draft of `item` (when the plan allows it); None when there is none."""
         path = self.draft_path(item)
         if not (self.plan.reuse_drafts and path.is_file()):
-            return False
-        self.result.drafts[item.stem] = path
+            return None
+        saved = SavedDraft(item.stem, path, reused=True)
+        self.result.add(saved)
         seconds = read_png_parameters(path).get("render_seconds")
         self.draft_seconds[item.stem] = float(seconds or 0.0)
-        return True
+        return saved
 
     def save_image(
         self,
@@ -703,13 +744,11 @@ class _Writer:
         if copy is not None:
             atomic_write_bytes(copy, data)
         saved = SavedImage(generation, copy)
-        self.result.images.append(saved)
-        if self.on_image is not None:
-            self.on_image(saved)
+        self.result.add(saved)
         return saved
 
-    def save_grid(self) -> Path:
-        """The contact sheet (each item's draft, then its images) from the files written; returns its path."""
+    def save_grid(self) -> SavedGrid:
+        """The contact sheet (each item's draft, then its images) from the files written."""
         from stencil_cli.core.generation import contact_sheet
 
         rows = []
@@ -737,8 +776,9 @@ class _Writer:
             "seeds": [item.seed for item in self.plan.items],
         }
         copy = self.write(path, png_bytes(contact_sheet(rows), meta))
-        self.result.grid_file = copy or path
-        return self.result.grid_file
+        saved = SavedGrid(copy or path)
+        self.result.add(saved)
+        return saved
 
 
 @contextlib.contextmanager
@@ -746,8 +786,6 @@ def context_pipeline(
     ref: str, *, device: str, precision: str, no_t5: bool, store_root: Path | None = None
 ) -> Iterator[Any]:
     """The context model, loaded for the drafts and freed afterwards (before the subject model loads)."""
-    from stencil_cli import models
-
     with models.quiet_libraries():
         pipe = models.load_context_pipeline(
             ref, device=device, precision=precision, no_t5=no_t5, store_root=store_root
@@ -791,8 +829,6 @@ def batch_size_for(requested: int | None, device: str) -> int:
     40 GiB or more, else 1 (measured on the CPU; the GPU rule is an estimate, see docs/performance.md)."""
     if requested is not None:
         return requested
-    from stencil_cli import models
-
     torch_device = models.resolve_device(device)
     if torch_device.type != "cuda":
         return DEFAULT_BATCH_SIZE
@@ -802,45 +838,28 @@ def batch_size_for(requested: int | None, device: str) -> int:
     return DEFAULT_BATCH_SIZE if total >= 40 * 2**30 else 1
 
 
-def generate(
-    store: Store,
-    plan: GenerationPlan,
-    *,
-    progress: Progress = no_progress,
-    on_image: Callable[[SavedImage], None] | None = None,
-    result: GenerateResult | None = None,
-) -> GenerateResult:
+def generate(store: Store, plan: GenerationPlan, *, progress: Progress = no_progress) -> Iterator[Saved]:
     """Make the plan's images: drafts, then the subject model's inversion and denoise, in batches of seeds.
 
-    Each draft, image and row is written as soon as its batch is made. Pass your own `result` to see what
-    was written when an exception (Ctrl-C) stops the generation. Stages reported: draft, inversion,
-    null-text (the K steps the taus inject), denoise; batched steps carry ``extra["samples"]``.
-    The subject is held (shared) meanwhile: `stencil rm` waits for the generation to end.
+    Yields each draft, image (with its row) and the grid as soon as it is written, so what was yielded when
+    an exception (Ctrl-C) stops the generation is what it kept. Progress: `Step` of the stages draft,
+    inversion, null-text (the K steps the taus inject) and denoise (a batched step's `samples` is its
+    batch's size), `Reused` for kept drafts, `Note` and `Warning` about the draft prompts.
+    The subject is held (shared) until the iteration ends (or the iterator is closed): `stencil rm` waits.
     """
     with using_subject(store, plan.subject.name):
         store.check_subject(plan.subject.name, plan.subject.id)  # not removed since the plan was made
-        return _generate(store, plan, progress=progress, on_image=on_image, result=result)
+        yield from _generate(store, plan, progress)
 
 
-def _generate(
-    store: Store,
-    plan: GenerationPlan,
-    *,
-    progress: Progress,
-    on_image: Callable[[SavedImage], None] | None,
-    result: GenerateResult | None,
-) -> GenerateResult:
+def _generate(store: Store, plan: GenerationPlan, progress: Progress) -> Iterator[Saved]:
     """`generate` while the subject is held."""
-    from stencil_cli import models
-    from stencil_cli.base.images import center_crop_resize
     from stencil_cli.core import generation
 
-    writer = _Writer(store, plan, on_image)
-    if result is not None:
-        writer.result = result
+    writer = _Writer(store, plan)
     batch = batch_size_for(plan.batch_size, plan.device)
     if plan.mode == "context":
-        _render_drafts(writer, progress, batch)
+        yield from _render_drafts(writer, progress, batch)
     with subject_pipeline(
         plan.subject_model,
         plan.run,
@@ -856,12 +875,12 @@ def _generate(
             for stem, image, seconds in generation.plain_images(
                 pipe, wanted, plan.settings, resolution=resolution, progress=progress
             ):
-                writer.save_image(by_stem[stem], None, image, {"denoise": seconds}, {})
+                yield writer.save_image(by_stem[stem], None, image, {"denoise": seconds}, {})
         else:
             if plan.mode == "edit" and plan.draft_image is not None:
                 edit_draft = center_crop_resize(plan.draft_image, resolution)
                 for item in plan.items:
-                    writer.save_draft(item, edit_draft, None)
+                    yield writer.save_draft(item, edit_draft, None)
             for group in _groups(plan.items):
                 drafts = [read_rgb(writer.result.drafts[item.stem]) for item in group]
                 for index, sample in generation.iter_context_guidance(
@@ -884,13 +903,12 @@ def _generate(
                         "batch_size": sample.batch,
                     }
                     for tau, image in zip(plan.taus, sample.images, strict=True):
-                        writer.save_image(item, tau, image, timings, extra)
+                        yield writer.save_image(item, tau, image, timings, extra)
     if plan.grid:
-        writer.save_grid()
-    return writer.result
+        yield writer.save_grid()
 
 
-def _render_drafts(writer: _Writer, progress: Progress, batch: int) -> None:
+def _render_drafts(writer: _Writer, progress: Progress, batch: int) -> Iterator[SavedDraft]:
     """Render and save every item's draft with the context model (freed afterwards), reusing kept drafts.
 
     With the context model's tokenizer at hand, each draft prompt is checked against its 77-token window
@@ -900,8 +918,10 @@ def _render_drafts(writer: _Writer, progress: Progress, batch: int) -> None:
     steps = plan.settings.draft_steps
     wanted = []
     for item in plan.items:
-        if writer.reuse_draft(item):
-            progress("draft", steps, steps, {"advance": steps})
+        kept = writer.reuse_draft(item)
+        if kept is not None:
+            progress(Reused("draft", steps))
+            yield kept
         else:
             wanted.append(item)
     if not wanted:
@@ -931,7 +951,7 @@ def _render_drafts(writer: _Writer, progress: Progress, batch: int) -> None:
                 )
                 seconds = (time.perf_counter() - started) / len(chunk)
                 for item, image in zip(chunk, images, strict=True):
-                    writer.save_draft(item, image, seconds)
+                    yield writer.save_draft(item, image, seconds)
 
 
 def _fit_draft_prompts(
@@ -942,8 +962,6 @@ def _fit_draft_prompts(
     A draft prompt given by hand or written by the caption model is kept as it is (only a cut is reported)."""
     if tokenizer is None:
         return
-    from stencil_cli.core.prompts import build_prompts, clip_token_counter, words_past_limit
-
     counter = clip_token_counter(tokenizer)
     phrase = plan.subject.phrase or plan.subject.class_word or ""
     told: set[str] = set()
@@ -954,15 +972,15 @@ def _fit_draft_prompts(
                 told.add(item.draft_prompt)
                 whose = "the caption model's" if item.draft_prompt_by else "the given"
                 message = f"{whose} draft prompt passes the draft model's 77 tokens; it will not read {cut!r}"
-                progress("warning", 0, None, {"message": message})
+                progress(events.Warning(message))
             continue
         fitted = build_prompts(item.user_prompt, phrase, plan.subject.description, count_tokens=counter)
         item.draft_prompt = fitted.draft_prompt
         if fitted.shortened and "shortened" not in told:
             told.add("shortened")
             message = f"the description was shortened to the draft model's 77 tokens: {fitted.description}"
-            progress("note", 0, None, {"message": message})
+            progress(Note(message))
         if fitted.cut and "cut" not in told:
             told.add("cut")
             message = f"the draft prompt passes the draft model's 77 tokens; it will not read {fitted.cut!r}"
-            progress("warning", 0, None, {"message": message})
+            progress(events.Warning(message))

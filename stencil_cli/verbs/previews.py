@@ -7,14 +7,16 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from stencil_cli.base.errors import FieldError
+from stencil_cli.base.events import Progress, Step, no_progress
 from stencil_cli.base.fsutil import atomic_write_bytes
+from stencil_cli.base.pngmeta import png_bytes
 from stencil_cli.store.layout import sample_path
-from stencil_cli.verbs.common import Progress, no_progress
 
 DEFAULT_SAMPLE_STEPS = 20
 MAX_SAMPLE_STEPS = 1000
@@ -104,7 +106,6 @@ class Previewer:
         """Render every prompt with `unet` at `step`; write the PNGs atomically; return their paths."""
         import torch
 
-        from stencil_cli.base.pngmeta import png_bytes
         from stencil_cli.core.generation import GenerationSettings, plain_generate
 
         if self.pipe.unet is not unet:
@@ -112,7 +113,7 @@ class Previewer:
         settings = GenerationSettings(steps=self.settings.steps)
         written: list[Path] = []
         total = self.total or self.rendered + len(self.prompts)
-        self.progress("samples", self.rendered, total, {"step": step})
+        self.progress(Step("samples", self.rendered, total, at=step))
         for index, prompt in enumerate(self.prompts):
             with torch.inference_mode():
                 image = plain_generate(self.pipe, prompt, self.settings.seed, settings)
@@ -129,7 +130,7 @@ class Previewer:
             atomic_write_bytes(path, png_bytes(image, meta))
             written.append(path)
             self.rendered += 1
-            self.progress("samples", self.rendered, total, {"step": step, "file": str(path)})
+            self.progress(Step("samples", self.rendered, total, at=step))
         self.last_step = step
         return written
 
@@ -155,8 +156,6 @@ def make_previewer(
     `pipe.scheduler` is replaced by a copy: the caller keeps the original for the training loop, and the
     copy's timesteps are set for rendering.
     """
-    import copy
-
     pipe.scheduler = copy.deepcopy(pipe.scheduler)
     prompts = subject_prompts(settings.prompts, phrase)
     return Previewer(pipe, settings, prompts, run_dir, meta, progress=progress, total=total)

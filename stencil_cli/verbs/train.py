@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stencil_cli.base import events
 from stencil_cli.base.errors import BadInputError, DiskFullError, FieldError, StencilError, worded
+from stencil_cli.base.events import Event, Loading, Progress, Stage, Step, Working, no_progress
 from stencil_cli.base.fsutil import atomic_write_bytes
 from stencil_cli.store.db import Store
 from stencil_cli.store.layout import CHECKPOINT_NAME, LOSS_CURVE_NAME, MASKS_DIR, WEIGHTS_NAME, mask_path
@@ -25,8 +27,6 @@ from stencil_cli.store.records import Run, Subject
 from stencil_cli.store.settings import resolve_setting
 from stencil_cli.verbs.common import (
     MAX_SEED,
-    Progress,
-    no_progress,
     refuse_missing_photos,
     subject_lock,
     synced_clock,
@@ -104,6 +104,13 @@ class MaskPicture:
         return dataclasses.asdict(self)
 
 
+@dataclass(frozen=True)
+class MaskPictures(Event):
+    """Progress event: the mask pass wrote its pictures (one per photo, with its coverage)."""
+
+    masks: list[MaskPicture]
+
+
 @dataclass
 class TrainResult:
     """What training produced: the finished run (None with masks_only) and the mask pictures."""
@@ -119,9 +126,9 @@ class TrainResult:
 def train(store: Store, request: TrainRequest, *, progress: Progress = no_progress) -> TrainResult:
     """Train (or resume, or only compute masks for) a subject; see the module docstring.
 
-    Progress: ``("loading", 0, None, {"model": ref, "device": dev})`` before the model loads, the mask pass
-    (``"masks"`` / ``"encoding"``, then ``("mask pictures", 1, 1, {"masks": [MaskPicture]})``) and
-    ``("train", step, steps, {"loss": loss})`` per step.
+    Progress: `Loading` (the model, the device) before the model loads, the mask pass (`Working` and then a
+    `Step` of the stage "masks", or "encoding" without masks, then `MaskPictures`), ``Step("train", step,
+    steps, loss=...)`` per step, and `Step` of the stage "samples" per preview.
     """
     if request.resume and request.masks_only:
         raise FieldError(("resume", "masks_only"), "{} do not go together")
@@ -142,7 +149,7 @@ def train(store: Store, request: TrainRequest, *, progress: Progress = no_progre
                 message = (
                     f"run {run.id} predates caption checks: resuming with the current captions and phrase"
                 )
-                progress("warning", 0, None, {"message": message})
+                progress(events.Warning(message))
             check_resume_steps(store, request.name, run, config.steps)
         pipe = _load_model(store, model_ref, config, request, fresh=run is None, progress=progress)
         if config.use_mask or request.masks_only:
@@ -253,7 +260,7 @@ def _load_model(
     device = models.resolve_device(resolve_setting(store, "device", request.device))
     if fresh:
         config.precision = training_precision(resolve_setting(store, "precision", request.precision), device)
-    progress("loading", 0, None, {"model": model_ref, "device": str(device)})
+    progress(Loading(model_ref, str(device)))
     pipe = load_training_pipeline(model_ref, device, request.models_root or store.root)
     if fresh and request.resolution is None:
         config.resolution = models.native_resolution(pipe)
@@ -476,17 +483,17 @@ def make_masks(
 
     captions = [image["caption"] for image in subject.images]
     photos = [load_rgb(Path(image["file"])) for image in subject.images]
-    stage = "masks" if config.use_mask else "encoding"
-    progress(stage, 0, 1, {})
+    stage: Stage = "masks" if config.use_mask else "encoding"
+    progress(Working(stage))
     data = training.prepare_training_data(pipe, photos, captions, subject.phrase, config)
-    progress(stage, 1, 1, {})
+    progress(Step(stage, 1, 1))
     rows: list[MaskPicture] = []
     if config.use_mask:
         folders = [store.subject_dir(subject.name) / MASKS_DIR]
         if run is not None:
             folders.insert(0, store.run_dir(subject.name, run.id) / MASKS_DIR)
         rows = write_mask_pictures(folders, subject, data, captions, config.threshold)
-        progress("mask pictures", 1, 1, {"masks": rows})
+        progress(MaskPictures(rows))
     return data, rows
 
 
@@ -534,14 +541,14 @@ def train_subject(
         else:
             previewer = _previewer(pipe, samples, subject, run, run_dir, model_ref, step, config, progress)
         losses = [float(x) for x in resume_state["losses"]] if resume_state else []
-        progress("train", step, config.steps, {})
+        progress(Step("train", step, config.steps))
         last_write = 0.0
 
         def on_step(done: int, loss: float) -> None:
             nonlocal step, last_write
             step = done
             losses.append(loss)
-            progress("train", done, config.steps, {"loss": loss})
+            progress(Step("train", done, config.steps, loss=loss))
             now = time.monotonic()
             if done == 1 or now - last_write >= DB_UPDATE_SECONDS:
                 last_write = now
