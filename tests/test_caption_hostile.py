@@ -17,10 +17,11 @@ import pytest
 from PIL import Image
 
 from stencil_cli.base.errors import BadInputError, StencilError
+from stencil_cli.base.text import sanitize_text
 from stencil_cli.captioning import (
     MAX_CAPTION_CHARS,
     MAX_DESCRIPTION_CHARS,
-    CaptionRequest,
+    CaptionJob,
     OpenAICaptioner,
     Photo,
     RetryPolicy,
@@ -28,10 +29,10 @@ from stencil_cli.captioning import (
     check_base_url,
     parse_answer,
     phrase_problem,
-    sanitize_text,
     scrub_secrets,
     secret_forms,
 )
+from stencil_cli.cli.kit import error_line
 
 KEY = "sk-test-hostile-0123456789abcdefXYZ"
 PHRASE = "toy robot"
@@ -146,9 +147,10 @@ def test_the_timeout_bounds_a_server_that_drips_its_answer(server: Server, photo
     server.script = drip
     start = time.monotonic()
     with pytest.raises(StencilError, match=r"within 1\.5 s") as caught:
-        captioner(server, timeout_s=1.5).caption(CaptionRequest(photos=photos))
+        captioner(server, timeout_s=1.5).caption(CaptionJob(photos=photos))
     assert time.monotonic() - start < 6
-    assert "--timeout" in str(caught.value)
+    assert "raise the limit with timeout=SECONDS" in str(caught.value)  # a library caller reads the field
+    assert "raise the limit with --timeout SECONDS" in error_line(caught.value)  # the CLI shows the flag
 
 
 # -- answers that are not chat completions ---------------------------------------------------------
@@ -157,7 +159,7 @@ def test_the_timeout_bounds_a_server_that_drips_its_answer(server: Server, photo
 def test_a_200_html_page_is_one_clear_line_and_not_retried(server: Server, photos) -> None:
     server.script = lambda h, body: send(h, b"<html><body>Please log in</body></html>", kind="text/html")
     with pytest.raises(StencilError) as caught:
-        captioner(server, retry=RetryPolicy(retries=3, backoff_s=0.01)).caption(CaptionRequest(photos=photos))
+        captioner(server, retry=RetryPolicy(retries=3, backoff_s=0.01)).caption(CaptionJob(photos=photos))
     message = str(caught.value)
     assert "web page" in message and "OPENAI_BASE_URL" in message and "\n" not in message
     assert server.requests == 1
@@ -166,7 +168,7 @@ def test_a_200_html_page_is_one_clear_line_and_not_retried(server: Server, photo
 def test_a_deeply_nested_body_is_a_clear_error_not_a_recursion_error(server: Server, photos) -> None:
     server.script = lambda h, body: send(h, b"[" * 200_000 + b"]" * 200_000)
     with pytest.raises(StencilError, match="nested too deeply"):
-        captioner(server).caption(CaptionRequest(photos=photos))
+        captioner(server).caption(CaptionJob(photos=photos))
 
 
 @pytest.mark.parametrize("depth", [100, 200_000])
@@ -175,7 +177,7 @@ def test_a_deeply_nested_answer_is_an_invalid_answer(server: Server, photos, dep
     assert parse_answer(nested, photos, None).problems == ["the answer is not a JSON object"]
     server.script = lambda h, body: send(h, chat(nested))
     with pytest.raises(StencilError, match="no usable captions"):
-        captioner(server).caption(CaptionRequest(photos=photos))
+        captioner(server).caption(CaptionJob(photos=photos))
 
 
 @pytest.mark.parametrize(
@@ -210,14 +212,14 @@ def test_huge_descriptions_and_captions_are_cut_keeping_the_phrase(server: Serve
     tail_phrase = "word " * 500 + PHRASE
     server.script = lambda h, body: send(h, chat(answer(description="red " * 2_500_000)))
     with pytest.raises(StencilError, match=r"characters \(the limit is 1,000,000\); nothing was stored"):
-        captioner(server).caption(CaptionRequest(photos=photos))  # a 10 MB answer is refused whole
+        captioner(server).caption(CaptionJob(photos=photos))  # a 10 MB answer is refused whole
     server.script = lambda h, body: send(h, chat(answer(description="red " * 50_000, caption=long_caption)))
-    result = captioner(server).caption(CaptionRequest(photos=photos))
+    result = captioner(server).caption(CaptionJob(photos=photos))
     assert len(result.description or "") <= MAX_DESCRIPTION_CHARS
     assert len(result.captions[1]) <= MAX_CAPTION_CHARS and PHRASE in result.captions[1]
     assert any("description" in note for note in result.notes)  # cut, or reduced to one noun phrase
     server.script = lambda h, body: send(h, chat(answer(caption=tail_phrase)))
-    result = captioner(server).caption(CaptionRequest(photos=photos))
+    result = captioner(server).caption(CaptionJob(photos=photos))
     assert len(result.captions[1]) <= MAX_CAPTION_CHARS and PHRASE in result.captions[1]
 
 
@@ -227,7 +229,7 @@ def test_huge_descriptions_and_captions_are_cut_keeping_the_phrase(server: Serve
 def test_terminal_escapes_and_bidi_overrides_never_get_through(server: Server, photos) -> None:
     nasty = "\x1b]0;pwned\x07\x1b[2J\u202etoy\u202c robot\u200b \x07\x00on a table\r\nnext"
     server.script = lambda h, body: send(h, chat(answer(description=nasty, caption=f"a {PHRASE}: {nasty}")))
-    result = captioner(server).caption(CaptionRequest(photos=photos))
+    result = captioner(server).caption(CaptionJob(photos=photos))
     for text in (result.description or "", result.captions[1]):
         assert not any(ord(c) < 32 or 0x7F <= ord(c) < 0xA0 or c in "\u202e\u202c\u200b" for c in text), text
         assert "pwned" not in text and "[2J" not in text
@@ -239,13 +241,13 @@ def test_terminal_escapes_and_bidi_overrides_never_get_through(server: Server, p
 def test_a_phrase_with_shell_or_path_characters_is_refused(server: Server, photos, phrase: str) -> None:
     assert phrase_problem(phrase)
     with pytest.raises(BadInputError, match="the phrase"):
-        TemplateCaptioner().caption(CaptionRequest(photos=photos, phrase=phrase))
+        TemplateCaptioner().caption(CaptionJob(photos=photos, phrase=phrase))
     with pytest.raises(BadInputError, match="the phrase"):
-        captioner(server).caption(CaptionRequest(photos=photos, phrase=phrase))
+        captioner(server).caption(CaptionJob(photos=photos, phrase=phrase))
     served = [answer(phrase=phrase, caption=f"a {phrase} here"), answer()]
     server.script = lambda h, body: send(h, chat(served.pop(0)))
     result = captioner(server).caption(
-        CaptionRequest(photos=photos)
+        CaptionJob(photos=photos)
     )  # the bad phrase is refused, asked again
     assert result.phrase == PHRASE and server.requests == 2
 
@@ -277,7 +279,7 @@ def _leaks(text: str, *secrets: str) -> list[str]:
 def test_an_echoed_key_and_url_credentials_are_scrubbed_from_the_answer(server: Server, photos) -> None:
     server.script = _echo_headers
     url = server.url.replace("http://", "http://alice:s3cretpw@")
-    result = captioner(server, base_url=url).caption(CaptionRequest(photos=photos))
+    result = captioner(server, base_url=url).caption(CaptionJob(photos=photos))
     stored = json.dumps([result.captions, result.description, result.notes, result.phrase])
     assert "authorization" in stored.lower()  # the server did echo it
     assert _leaks(stored, KEY, "s3cretpw", "alice:s3cretpw") == []
@@ -291,7 +293,7 @@ def test_an_error_echoing_the_credentials_is_scrubbed(server: Server, photos) ->
     server.script = refuse
     url = server.url.replace("http://", "http://alice:s3cretpw@")
     with pytest.raises(StencilError) as caught:
-        captioner(server, base_url=url).caption(CaptionRequest(photos=photos))
+        captioner(server, base_url=url).caption(CaptionJob(photos=photos))
     assert _leaks(str(caught.value), KEY, "s3cretpw", "alice:s3cretpw") == []
 
 

@@ -672,9 +672,9 @@ def test_captioner_batches_large_subjects(server, tmp_path) -> None:
 
 
 def _request(photos: list[Photo]):
-    from stencil_cli.captioning import CaptionRequest
+    from stencil_cli.captioning import CaptionJob
 
-    return CaptionRequest(photos=photos)
+    return CaptionJob(photos=photos)
 
 
 def test_credentials_in_the_base_url_are_never_shown(monkeypatch) -> None:

@@ -14,7 +14,9 @@ import typer
 from typer import _click as click  # typer vendors Click: its commands raise these exception classes
 from typer.core import TyperArgument, TyperGroup, TyperOption
 
-from stencil_cli.base.errors import EXIT_FAILURE, EXIT_USAGE, FieldError, StencilError
+from stencil_cli.base.errors import EXIT_FAILURE, EXIT_USAGE, StencilError
+from stencil_cli.cli.flags import flag_name as flag_name  # re-exported: commands and tests name flags by it
+from stencil_cli.cli.flags import show_as_flag
 from stencil_cli.cli.output import err_console, escape, settings
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -22,22 +24,16 @@ F = TypeVar("F", bound=Callable[..., Any])
 JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 
 
-def flag_name(field: str, flags: Mapping[str, str] | None = None) -> str:
-    """The command-line flag that sets `field`: `flags[field]`, else `--field-name`."""
-    if flags and field in flags:
-        return flags[field]
-    return "--" + field.replace("_", "-")
+def error_line(error: StencilError, flags: Mapping[str, str] | None = None) -> str:
+    """`error` as one line, message (hint), each setting it mentions shown as its flag (see `cli.flags`)."""
+    show = show_as_flag(flags)
+    message, hint = error.render(show), error.render_hint(show)
+    return f"{message} ({hint})" if hint else message
 
 
 def fail(error: StencilError, flags: Mapping[str, str] | None = None) -> None:
-    """Print `error` as one line on stderr (fields named by their flags) and exit with its code."""
-    if isinstance(error, FieldError):
-        message = error.render({field: flag_name(field, flags) for field in error.fields})
-        if error.hint:
-            message = f"{message} ({error.hint})"
-    else:
-        message = str(error)
-    err_console.print(f"[red]error:[/red] {escape(message)}")
+    """Print `error` as one line on stderr (settings named by their flags) and exit with its code."""
+    err_console.print(f"[red]error:[/red] {escape(error_line(error, flags))}")
     raise typer.Exit(error.exit_code)
 
 

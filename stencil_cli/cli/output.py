@@ -11,6 +11,9 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
+from stencil_cli.base.errors import render_text
+from stencil_cli.cli.flags import show_as_flag
+
 __all__ = [
     "escape",
     "err_console",
@@ -78,8 +81,9 @@ def info(message: str) -> None:
 
 
 def warn(message: str) -> None:
-    """Print a warning on stderr (shown even when quiet). `message` is plain text."""
-    err_console.print(f"[yellow]warning:[/yellow] {shown(message)}")
+    """Print a warning on stderr (shown even when quiet). `message` is plain text; settings it mentions by
+    field (a `Wording`) are shown as their flags."""
+    err_console.print(f"[yellow]warning:[/yellow] {shown(render_text(message, show_as_flag()))}")
 
 
 def plain(text: object) -> str:

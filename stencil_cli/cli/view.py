@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from stencil_cli.cli.flags import show_as_flag
 from stencil_cli.cli.kit import JsonOption, handle_errors
 from stencil_cli.cli.output import escape, info, print_json, warn
 from stencil_cli.store.db import open_store
@@ -36,7 +37,7 @@ def view(
     The page needs no server and no network; it refers to the images in the store by relative paths. Run it
     again after training or generating to bring the page up to date.
     """
-    result = write_view(open_store(), ViewRequest(name, out))
+    result = write_view(open_store(), ViewRequest(name, out, show_setting=show_as_flag()))
     for path in result.missing[:5]:
         warn(f"file missing (shown as a placeholder): {path}")
     if len(result.missing) > 5:

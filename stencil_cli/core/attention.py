@@ -43,7 +43,10 @@ def find_phrase_positions(tokenizer: Any, caption: str, phrase: str) -> list[int
     """
     phrase = (phrase or "").strip()
     if not phrase:
-        raise BadInputError("the subject has no phrase: set one with `stencil add NAME --phrase WORDS`")
+        raise BadInputError(
+            "the subject has no phrase: set one with `stencil add NAME {add.phrase=WORDS}`",
+            fields=("add.phrase",),
+        )
     phrase_ids = list(tokenizer(phrase, add_special_tokens=False)["input_ids"])
     if not phrase_ids:
         raise BadInputError(f"the subject phrase {phrase!r} gives no tokens")

@@ -300,7 +300,8 @@ def load_checkpoint(path: Path, *, mmap: bool = False) -> dict[str, Any]:
         if damaged is not None:
             raise StencilError(
                 f"checkpoint {path} is corrupt (non-finite values in {damaged})",
-                hint="start a fresh run (train without --resume)",
+                hint="start a fresh run (train without {resume})",
+                fields=("resume",),
             )
     return state
 
@@ -451,10 +452,12 @@ def train_unet(
                     raise StencilError(
                         f"the loss became {value} at the first step after resuming (step {step}): "
                         "the checkpoint looks corrupt",
-                        hint="start a fresh run (train without --resume)",
+                        hint="start a fresh run (train without {resume})",
+                        fields=("resume",),
                     )
                 raise StencilError(
-                    f"the loss became {value} at step {step}; try a lower --lr or --precision fp32"
+                    f"the loss became {value} at step {step}; try a lower {{lr}} or {{precision=fp32}}",
+                    fields=("lr", "precision"),
                 )
             losses.append(value)
             if every and step % every == 0:

@@ -41,17 +41,21 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise StencilError(
-                f"--device {name} was asked for but CUDA is not available on this machine",
-                hint="use --device cpu (or auto), or install a CUDA build of torch",
+                f"{{device={name}}} was asked for but CUDA is not available on this machine",
+                hint="use {device=cpu} (or auto), or install a CUDA build of torch",
+                fields=("device",),
             )
         device = torch.device(name)
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise StencilError(
-                f"--device {name}: there are only {torch.cuda.device_count()} CUDA device(s) (cuda:0 ...)"
+                f"{{device={name}}}: there are only {torch.cuda.device_count()} CUDA device(s) (cuda:0 ...)",
+                fields=("device",),
             )
         return device
     if name == "mps" and not mps_available():
-        raise StencilError("--device mps was asked for but MPS is not available", hint="use --device cpu")
+        raise StencilError(
+            "{device=mps} was asked for but MPS is not available", hint="use {device=cpu}", fields=("device",)
+        )
     return torch.device(name)
 
 
@@ -74,11 +78,15 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
         return torch.float32
     if precision == "fp16":
         if device.type == "cpu":
-            raise BadInputError("fp16 is not supported on the CPU: use --precision fp32 (or bf16)")
+            raise BadInputError(
+                "fp16 is not supported on the CPU: use {precision=fp32} (or bf16)", fields=("precision",)
+            )
         return torch.float16
     if precision == "bf16":
         if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise BadInputError("this GPU does not support bf16: use --precision fp16 or fp32")
+            raise BadInputError(
+                "this GPU does not support bf16: use {precision=fp16} or fp32", fields=("precision",)
+            )
         return torch.bfloat16
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

@@ -110,7 +110,8 @@ def locate_eval(source: ModelSource, kind: str) -> Location:
                 f"eval model {source.repo_id} (configs and safetensors weights) is not in the Hugging Face "
                 "cache and HF_HUB_OFFLINE is set",
                 hint=f"run `{pull_command(source)}` while online (see docs/evaluation.md); "
-                "or use --eval-models tiny for a smoke run",
+                "or use {eval_models=tiny} for a smoke run",
+                fields=("eval_models",),
             )
         return Location(source, str(cached.weights), False, files=str(cached.files))
     return Location(source, source.repo_id, True)
@@ -207,7 +208,8 @@ def load_subject_pipeline(
         raise StencilError(
             f"model {location.source.label} is a {index.get('_class_name')}, not a Stable Diffusion (UNet) "
             "model",
-            hint="the subject model must be SD1.5-shaped, e.g. --subject-model sd15",
+            hint="the subject model must be SD1.5-shaped, e.g. {subject_model=sd15}",
+            fields=("subject_model",),
         )
     pipe = from_pretrained(
         StableDiffusionPipeline,

@@ -210,8 +210,9 @@ def parse_eval_models(spec: str | None) -> EvalModelRefs:
     parts = [part.strip() for part in text.split(",")]
     if any(not part for part in parts) or len(parts) > 2:
         raise BadInputError(
-            f"bad --eval-models {spec!r}: use 'tiny', 'DINO_REF,CLIP_REF' or 'dino=REF,clip=REF' "
-            f"(default: {DEFAULT_DINO},{DEFAULT_CLIP})"
+            f"bad {{eval_models}} {spec!r}: use 'tiny', 'DINO_REF,CLIP_REF' or 'dino=REF,clip=REF' "
+            f"(default: {DEFAULT_DINO},{DEFAULT_CLIP})",
+            fields=("eval_models",),
         )
     named: dict[str, str] = {}
     positional: list[str] = []
@@ -220,14 +221,21 @@ def parse_eval_models(spec: str | None) -> EvalModelRefs:
         if sep:
             key = key.strip().lower()
             if key not in ("dino", "clip") or not value.strip():
-                raise BadInputError(f"bad --eval-models entry {part!r}: use dino=REF or clip=REF")
+                raise BadInputError(
+                    f"bad {{eval_models}} entry {part!r}: use dino=REF or clip=REF", fields=("eval_models",)
+                )
             named[key] = value.strip()
         else:
             positional.append(part)
     if named and positional:
-        raise BadInputError(f"bad --eval-models {spec!r}: do not mix 'REF' and 'dino=REF' forms")
+        raise BadInputError(
+            f"bad {{eval_models}} {spec!r}: do not mix 'REF' and 'dino=REF' forms", fields=("eval_models",)
+        )
     if positional:
         if len(positional) != 2:
-            raise BadInputError(f"bad --eval-models {spec!r}: give two models, DINO_REF,CLIP_REF (or 'tiny')")
+            raise BadInputError(
+                f"bad {{eval_models}} {spec!r}: give two models, DINO_REF,CLIP_REF (or 'tiny')",
+                fields=("eval_models",),
+            )
         return EvalModelRefs(positional[0], positional[1])
     return EvalModelRefs(named.get("dino", DEFAULT_DINO), named.get("clip", DEFAULT_CLIP))

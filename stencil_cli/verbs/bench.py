@@ -713,7 +713,7 @@ def comparable_with_paper(settings: dict[str, Any]) -> bool:
 NOT_COMPARABLE = (
     "**Not comparable with the paper**: captioned with templates (no subject descriptions; drafts "
     "rendered from the class word alone). The paper's protocol captions with a vision model "
-    "(`--captioner openai`).\n\n"
+    "(captioner `openai`).\n\n"
 )
 
 

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from stencil_cli import captioning
 from stencil_cli.base.errors import BadInputError, FieldError, StencilError
 from stencil_cli.base.events import Captioned, Captioning, Progress, no_progress
+from stencil_cli.base.text import sanitize_text
 from stencil_cli.captioning import CaptionResult, Photo, clean_phrase, contains_phrase
 from stencil_cli.store.db import Store
 from stencil_cli.store.records import Subject
@@ -111,7 +112,7 @@ def _caption(store: Store, request: CaptionRequest, kind: str, progress: Progres
     host = captioner.host if isinstance(captioner, captioning.OpenAICaptioner) else None
     progress(Captioning(len(photos), captioner.name, host))
     result = captioner.caption(
-        captioning.CaptionRequest(photos=photos, phrase=phrase, class_word=subject.class_word)
+        captioning.CaptionJob(photos=photos, phrase=phrase, class_word=subject.class_word)
     )
     progress(Captioned(len(photos)))
     validate_result(result, photos)
@@ -183,7 +184,7 @@ def check_text(text: str, phrase: str | None, force: bool, where: str) -> str:
     """Normalise a hand-written caption; refuse it if it lacks the phrase (unless `force`) or is too long.
 
     Control characters and terminal escapes are dropped (as from a captioning server)."""
-    text = " ".join(captioning.sanitize_text(text).split())
+    text = " ".join(sanitize_text(text).split())
     if not text:
         raise BadInputError(f"{where}: the caption is empty")
     if len(text) > captioning.MAX_CAPTION_CHARS:

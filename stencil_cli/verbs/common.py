@@ -105,5 +105,6 @@ def refuse_missing_photos(store: Store, name: str) -> None:
     raise StencilError(
         f"photo(s) {ids} of {name!r} are missing their files ({paths})",
         hint=f"add the same photos again with `stencil add {name} PHOTOS...` to restore them, "
-        f"or remove them with `stencil rm {name} --image ID`",
+        f"or remove them with `stencil rm {name} {{rm.image=ID}}`",
+        fields=("rm.image",),
     )

@@ -156,7 +156,8 @@ def finished_run(store: Store, name: str, run_id: int | None) -> Run:
             newest = runs[-1]
             raise BadInputError(
                 f"subject {name!r} has no finished run to export (run {newest.id} is {newest.status}): "
-                f"finish it with `stencil train {name} --resume` or train again"
+                f"finish it with `stencil train {name} {{train.resume}}` or train again",
+                fields=("train.resume",),
             )
     return trained_run(store, name, run_id)
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from stencil_cli import captioning, models
 from stencil_cli.base import events
-from stencil_cli.base.errors import FieldError, StencilError
+from stencil_cli.base.errors import FieldError, StencilError, Wording
 from stencil_cli.base.events import Note, Progress, Reused, Stage, no_progress
 from stencil_cli.base.fsutil import atomic_write_bytes
 from stencil_cli.base.images import center_crop_resize, load_rgb
@@ -424,7 +424,8 @@ def plan_generation(
     if not phrase:
         raise StencilError(
             f"subject {request.name!r} has no phrase",
-            hint=f"caption it with `stencil caption {request.name}` or re-add with --phrase",
+            hint=f"caption it with `stencil caption {request.name}` or re-add with {{add.phrase}}",
+            fields=("add.phrase",),
         )
     rewritten: dict[str, tuple[str, str]] = {}
     if request.rewrite:
@@ -456,8 +457,11 @@ def plan_generation(
     if reduced:
         shown = f"{prompts.description!r}" if prompts.description else f"the phrase {phrase!r}"
         warnings.append(
-            f"{request.name}'s description is not one noun phrase (stored before this version); "
-            f"using {shown} (run `stencil caption {request.name} --force` for a new one)"
+            Wording(
+                f"{request.name}'s description is not one noun phrase (stored before this version); "
+                f"using {shown} (run `stencil caption {request.name} {{caption.force}}` for a new one)",
+                ("caption.force",),
+            )
         )
     notes.extend(_tau_notes(taus, settings.steps))
     draft_image, draft_source = load_draft(request.draft) if request.draft is not None else (None, None)

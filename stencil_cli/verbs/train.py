@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from stencil_cli import models
 from stencil_cli.base import events
-from stencil_cli.base.errors import BadInputError, DiskFullError, FieldError, StencilError
+from stencil_cli.base.errors import BadInputError, DiskFullError, FieldError, StencilError, worded
 from stencil_cli.base.events import Event, Loading, Progress, Stage, Step, Working, no_progress
 from stencil_cli.base.fsutil import atomic_write_bytes
 from stencil_cli.base.images import load_rgb
@@ -291,7 +291,8 @@ def check_subject(store: Store, name: str, use_mask: bool) -> tuple[Subject, lis
     if use_mask and not (subject.phrase or "").strip():
         raise StencilError(
             f"subject {name!r} has no phrase to locate it by: "
-            f"set one with `stencil caption {name} --phrase WORDS`"
+            f"set one with `stencil caption {name} {{caption.phrase=WORDS}}`",
+            fields=("caption.phrase",),
         )
     if use_mask:
         phrase = subject.phrase or ""
@@ -299,7 +300,9 @@ def check_subject(store: Store, name: str, use_mask: bool) -> tuple[Subject, lis
         if lacking:
             raise StencilError(
                 f"{len(lacking)} of {len(subject.images)} captions of {name!r} lack the phrase {phrase!r} "
-                f"(ids {', '.join(map(str, lacking[:8]))}): recaption with `stencil caption {name} --force`"
+                f"(ids {', '.join(map(str, lacking[:8]))}): recaption with `stencil caption {name} "
+                "{caption.force}`",
+                fields=("caption.force",),
             )
     return subject, [image["caption"] for image in subject.images]
 
@@ -312,7 +315,7 @@ def check_captions(tokenizer: Any, subject: Subject, captions: list[str]) -> Non
         try:
             find_phrase_positions(tokenizer, caption, subject.phrase or "")
         except BadInputError as error:
-            raise BadInputError(f"photo {image['id']} of {subject.name!r}: {error}") from error
+            raise error.prefixed(f"photo {image['id']} of {subject.name!r}: ") from error
 
 
 def mark_stale_runs(store: Store, name: str) -> None:
@@ -330,7 +333,8 @@ def resumable_run(store: Store, name: str) -> Run:
             return run
     raise StencilError(
         f"no interrupted run of {name!r} has a checkpoint to resume from "
-        "(train with --checkpoint-every N to make a run resumable)"
+        "(train with {checkpoint_every=N} to make a run resumable)",
+        fields=("checkpoint_every",),
     )
 
 
@@ -359,7 +363,9 @@ def check_resume(run: Run, subject: Subject, captions: list[str]) -> bool:
     (the masks would silently change mid-run). False when the run predates the caption hash (unchecked)."""
     if run.params.get("images") != [image["id"] for image in subject.images]:
         raise StencilError(
-            f"the photos of {subject.name!r} changed since run {run.id}; start a fresh run (without --resume)"
+            f"the photos of {subject.name!r} changed since run {run.id}; "
+            "start a fresh run (without {resume})",
+            fields=("resume",),
         )
     stored = run.params.get(CAPTIONS_KEY)
     if stored is None:
@@ -367,7 +373,8 @@ def check_resume(run: Run, subject: Subject, captions: list[str]) -> bool:
     if stored != captions_digest(captions, subject.phrase):
         raise StencilError(
             f"the captions or the phrase of {subject.name!r} changed since run {run.id} was started "
-            "(the masks would change mid-run); start a fresh run (without --resume)"
+            "(the masks would change mid-run); start a fresh run (without {resume})",
+            fields=("resume",),
         )
     return True
 
@@ -623,7 +630,8 @@ def keep_steps_after_disk_full(
 ) -> WeightsNotSavedError:
     """After a full disk at the weights: keep the trained steps in a resumable checkpoint if one fits."""
     resume = (
-        f"free some space, then `stencil train {name} --resume` writes the weights without training again"
+        f"free some space, then `stencil train {name} {{train.resume}}` writes the weights without training "
+        "again"
     )
     kept = checkpoint_path.is_file() and _checkpoint_step(checkpoint_path) == result.steps
     if not kept and result.save_checkpoint is not None:
@@ -639,6 +647,7 @@ def keep_steps_after_disk_full(
             "no checkpoint of the trained steps fitted on the disk either, so nothing could be kept: "
             "free some space and train again"
         )
+    hint = worded(hint, ("train.resume",))
     return WeightsNotSavedError(Path(error.path), hint, result.steps, list(result.losses))
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from stencil_cli.base.errors import FieldError, StencilError
+from stencil_cli.base.errors import FieldError, ShowMention, StencilError, fill, plain_mention
 from stencil_cli.base.fsutil import atomic_write_bytes
 from stencil_cli.store.db import Store
 from stencil_cli.store.layout import CONTACT_SHEET_NAME, LOSS_CURVE_NAME, MASKS_DIR, PAGE_NAME, SAMPLES_DIR
@@ -50,10 +50,12 @@ RUN_SETTINGS = (
 
 @dataclass
 class ViewRequest:
-    """Which subject, and where the page goes (default: `subjects/NAME/view.html` in the store)."""
+    """Which subject, where the page goes (default: `subjects/NAME/view.html` in the store), and how its hints
+    name a setting (the CLI: as its flag)."""
 
     name: str
     out: Path | None = None
+    show_setting: ShowMention = plain_mention
 
 
 @dataclass
@@ -93,7 +95,7 @@ def write_view(store: Store, request: ViewRequest) -> ViewResult:
     """Write the subject's HTML page (atomically) and return where it is and what it shows."""
     subject = store.get_subject(request.name)
     page = page_path(store, request)
-    builder = _Page(page.parent.resolve())
+    builder = _Page(page.parent.resolve(), request.show_setting)
     body = [
         _header(subject),
         _photos_section(builder, store, subject),
@@ -127,8 +129,9 @@ def esc(value: Any) -> str:
 class _Page:
     """Turns store files into links relative to the page's folder; remembers files that are gone."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, show_setting: ShowMention = plain_mention) -> None:
         self.folder = folder
+        self.show_setting = show_setting
         self.missing: list[str] = []
         self.masks = 0
 
@@ -187,7 +190,8 @@ def _photos_section(page: _Page, store: Store, subject: Subject) -> str:
                 caption=esc(caption) if caption else "<i>no caption yet</i>",
             )
         )
-    hint = "" if page.masks else _hint(f"no mask pictures yet: stencil train {subject.name} --masks-only")
+    masks_only = fill("{train.masks_only}", ("train.masks_only",), page.show_setting)
+    hint = "" if page.masks else _hint(f"no mask pictures yet: stencil train {subject.name} {masks_only}")
     return _section(
         "photos",
         f"Photos ({len(subject.images)})",
