@@ -182,7 +182,7 @@ def test_the_runner_adds_captions_trains_and_generates_through_the_verbs(
     cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from stencil_cli.verbs.caption import CaptionRequest
-    from stencil_cli.verbs.generate import GenerateRequest, NamedItems
+    from stencil_cli.verbs.generation_plan import GenerateRequest, NamedItems
     from stencil_cli.verbs.subjects import AddRequest
     from stencil_cli.verbs.train import TrainRequest, TrainResult
 

@@ -25,10 +25,11 @@ from stencil_cli.store.layout import CHECKPOINT_NAME, WEIGHTS_NAME
 from stencil_cli.store.records import Run
 from stencil_cli.store.subjects import SubjectChangedError
 from stencil_cli.verbs import generate as generate_verb
+from stencil_cli.verbs import generation_plan
 from stencil_cli.verbs import train as train_verb
 from stencil_cli.verbs.caption import CaptionRequest
 from stencil_cli.verbs.caption import caption as caption_verb
-from stencil_cli.verbs.generate import GenerateRequest, plan_generation
+from stencil_cli.verbs.generation_plan import GenerateRequest, plan_generation
 from stencil_cli.verbs.train import TrainRequest
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
@@ -135,7 +136,7 @@ def test_train_seed_and_batch_size_are_bounded_like_gen_before_any_work(
     with pytest.raises(FieldError) as caught:
         train_verb.train(open_store(), TrainRequest("nobody", batch_size=65))
     assert caught.value.fields == ("batch_size",)
-    assert generate_verb.MAX_SEED == train_verb.MAX_SEED == 2**63 - 1
+    assert generation_plan.MAX_SEED == train_verb.MAX_SEED == 2**63 - 1
 
 
 def test_gen_count_is_capped_before_the_subject_is_looked_up(cli: Any) -> None:

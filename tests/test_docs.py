@@ -1,4 +1,4 @@
-"""The command reference in docs/ is generated from the code and must match it."""
+"""The docs match the code: the generated command reference, and the names the architecture page cites."""
 
 from __future__ import annotations
 
@@ -22,3 +22,52 @@ def test_every_command_has_help() -> None:
     for block in text.split("\n## ")[1:]:
         title, _, body = block.partition("\n")
         assert body.strip().split("\n")[0].strip(), f"{title} has no help text"
+
+
+# -- docs/architecture.md names only what exists ---------------------------------------------------------
+
+LAYER_FOLDERS = ("base", "models", "core", "captioning", "store", "verbs", "cli")
+
+
+def _architecture_citations() -> tuple[set[str], set[str]]:
+    """The module files (`core/attention.py`) and dotted names (`core.weights.load_trained_weights`) cited."""
+    import re
+
+    text = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    folders = "|".join(LAYER_FOLDERS)
+    files = set(re.findall(rf"\b((?:{folders})/\w+\.py)\b", text))
+    dotted = set(re.findall(rf"`((?:{folders})(?:\.\w+)+)", text))
+    return files, dotted
+
+
+def _resolve(dotted: str) -> bool:
+    """Whether `layer.module[.attribute...]` names a module of stencil_cli and (then) attributes of it."""
+    import importlib
+
+    parts = dotted.split(".")
+    for split in range(len(parts), 0, -1):
+        try:
+            target: object = importlib.import_module("stencil_cli." + ".".join(parts[:split]))
+        except ModuleNotFoundError:
+            continue
+        for attribute in parts[split:]:
+            if not hasattr(target, attribute):
+                return False
+            target = getattr(target, attribute)
+        return True
+    return False
+
+
+def test_architecture_md_cites_only_modules_and_functions_that_exist() -> None:
+    files, dotted = _architecture_citations()
+    assert len(files) >= 20 and len(dotted) >= 20, "the parser found few citations: is it broken?"
+    package = ROOT / "stencil_cli"
+    missing = sorted(f for f in files if not (package / f).is_file())
+    unknown = sorted(name for name in dotted if not _resolve(name))
+    assert not missing and not unknown, f"docs/architecture.md cites what does not exist: {missing + unknown}"
+
+
+def test_the_citation_check_catches_a_stale_name() -> None:
+    assert _resolve("core.weights.load_trained_weights")
+    assert not _resolve("core.generation.context_guidance")  # moved long ago: must be reported
+    assert not _resolve("store.nowhere")

@@ -14,7 +14,7 @@ from test_generation import DESCRIPTION, FAST
 
 from stencil_cli.base.pngmeta import read_png_parameters
 from stencil_cli.store.db import open_store
-from stencil_cli.verbs.generate import GenerateRequest, plan_generation
+from stencil_cli.verbs.generation_plan import GenerateRequest, plan_generation
 
 # the fixtures these tests share with the captioning and generation tests
 server = test_captioning.server

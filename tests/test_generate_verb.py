@@ -15,7 +15,8 @@ from stencil_cli.base.errors import FieldError
 from stencil_cli.store.db import Store
 from stencil_cli.store.records import Run
 from stencil_cli.verbs import generate as generate_verb
-from stencil_cli.verbs.generate import GenerateRequest, plan_generation
+from stencil_cli.verbs import generation_plan
+from stencil_cli.verbs.generation_plan import GenerateRequest, plan_generation
 
 
 def _done_run(store: Store, model: str = "tiny") -> Run:
@@ -45,9 +46,9 @@ def _age(path: Path, seconds: float = 3600.0) -> None:
 
 
 def test_parse_taus_names_the_tau_field() -> None:
-    assert generate_verb.parse_taus("60") == [60.0]
+    assert generation_plan.parse_taus("60") == [60.0]
     with pytest.raises(FieldError) as caught:
-        generate_verb.parse_taus("2000")
+        generation_plan.parse_taus("2000")
     assert caught.value.fields == ("tau",)
     assert str(caught.value) == "tau 2000 is outside [0, 1000] (the default is 60)"
 
@@ -55,7 +56,7 @@ def test_parse_taus_names_the_tau_field() -> None:
 def test_load_draft_refuses_a_folder_or_an_empty_path(tmp_path: Path) -> None:
     for bad in (tmp_path, Path("")):
         with pytest.raises(FieldError, match="folder|empty") as caught:
-            generate_verb.load_draft(bad)
+            generation_plan.load_draft(bad)
         assert caught.value.fields == ("draft",)
 
 
@@ -93,7 +94,7 @@ def test_a_plan_settles_items_seeds_and_stage_totals_before_any_model_loads(
     assert plan.expected == 4
     assert plan.stage_totals()["denoise"] == 2 * 2 * 4 and plan.stage_totals()["draft"] == 2 * 50
     with pytest.raises(FieldError) as caught:
-        plan_generation(store, GenerateRequest("robot", ["x"], seed=generate_verb.MAX_SEED, count=2))
+        plan_generation(store, GenerateRequest("robot", ["x"], seed=generation_plan.MAX_SEED, count=2))
     assert caught.value.fields == ("seed",)
 
 

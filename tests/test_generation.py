@@ -20,15 +20,8 @@ from stencil_cli.core.generation import GenerationSettings, injected_steps
 from stencil_cli.core.inversion import NullTextSettings, encode_prompt
 from stencil_cli.core.prompts import build_prompts
 from stencil_cli.store.db import open_store
-from stencil_cli.verbs.generate import (
-    GenerateRequest,
-    SavedDraft,
-    SavedImage,
-    collect,
-    generate,
-    parse_taus,
-    plan_generation,
-)
+from stencil_cli.verbs.generate import SavedDraft, SavedImage, collect, generate
+from stencil_cli.verbs.generation_plan import GenerateRequest, parse_taus, plan_generation
 
 DESCRIPTION = "a shiny red toy robot with round eyes"
 FAST = ["--steps", "4", "--inner-steps", "2", "--draft-steps", "2", "--subject-model", "tiny"]

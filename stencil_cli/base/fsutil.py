@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
+import signal
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -105,7 +107,6 @@ def is_within(path: Path, root: Path) -> bool:
 def crash_point(name: str) -> None:
     """Kill this process here if ``STENCIL_CRASH_AT`` names this point (tests of crash safety)."""
     if os.environ.get("STENCIL_CRASH_AT") == name:
-        import signal
 
         os.kill(os.getpid(), signal.SIGKILL)
 
@@ -124,8 +125,6 @@ def build_folder_once(folder: Path, version: str, build: Callable[[Path], object
     The build goes to a staging folder beside `folder`, gets a VERSION file, and is renamed into place, so a
     reader never sees a half-built folder; when two processes race, the first complete build wins.
     """
-    import shutil
-
     folder = Path(folder)
     if folder_has_version(folder, version):
         return folder

@@ -5,19 +5,18 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+from PIL import Image
 
 from stencil_cli import __version__
-
-if TYPE_CHECKING:
-    from PIL import Image
 
 PNG_KEY = "stencil"  # the text chunk holding every parameter as JSON
 
 
 def png_bytes(image: Image.Image, meta: dict[str, Any]) -> bytes:
     """Encode `image` as PNG with `meta` in text chunks: one per key, plus all of it as JSON ("stencil")."""
-    from PIL.PngImagePlugin import PngInfo
+    from PIL.PngImagePlugin import PngInfo  # with its logging: not at the start-up of store commands
 
     info_chunks = PngInfo()
     for key, value in meta.items():
@@ -34,8 +33,6 @@ def png_bytes(image: Image.Image, meta: dict[str, Any]) -> bytes:
 
 def read_png_parameters(path: Path) -> dict[str, Any]:
     """The parameters a stencil PNG carries (its 'stencil' JSON text chunk); {} if none."""
-    from PIL import Image
-
     with Image.open(path) as image:
         image.load()
         text = dict(getattr(image, "text", {}) or {})
@@ -44,7 +41,5 @@ def read_png_parameters(path: Path) -> dict[str, Any]:
 
 def read_rgb(path: Path) -> Image.Image:
     """An image file as an RGB picture (closed after reading)."""
-    from PIL import Image
-
     with Image.open(path) as opened:
         return opened.convert("RGB")

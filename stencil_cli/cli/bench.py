@@ -46,7 +46,7 @@ from stencil_cli.verbs.bench import (
     run_benchmark,
     settle_config,
 )
-from stencil_cli.verbs.generate import MAX_SEED
+from stencil_cli.verbs.generation_plan import MAX_SEED
 
 bench_app = typer.Typer(help="Benchmarks: the DreamBench protocol end to end.", no_args_is_help=True)
 

@@ -24,14 +24,12 @@ from stencil_cli.cli.options import (
 from stencil_cli.cli.output import err_console, escape, info, print_json_line, shown, warn
 from stencil_cli.cli.progress import add_task, progress_bar
 from stencil_cli.store.db import open_store
-from stencil_cli.verbs.generate import (
+from stencil_cli.verbs.generate import GenerateResult, SavedImage, generate
+from stencil_cli.verbs.generation_plan import (
     MAX_IMAGES,
     MAX_SEED,
     GenerateRequest,
-    GenerateResult,
     GenerationPlan,
-    SavedImage,
-    generate,
     parse_taus,
     plan_generation,
     prompt_lines,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from rich.table import Table
 
 from stencil_cli.cli.kit import JsonOption, handle_errors
 from stencil_cli.cli.output import escape, human_bytes, info, print_json, stdout_console
@@ -48,7 +49,6 @@ def runs(
                 if data.get(key):
                     typer.echo(f"  {key + ':':<14}{data[key]}")
         return
-    from rich.table import Table
 
     table = Table(
         "id",
@@ -101,7 +101,6 @@ def images(
         target = escape(name) if name else "NAME"
         info(f"no generated images match: render some with `stencil gen {target} PROMPT`")
         return
-    from rich.table import Table
 
     table = Table(
         "id", "subject", "run", "prompt", "tau", "seed", "mode", "file", "created", box=None, pad_edge=False

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from stencil_cli.base.errors import render_text
+from stencil_cli.base.text import sanitize_text
 from stencil_cli.cli.flags import show_as_flag
 
 __all__ = [
@@ -89,8 +90,6 @@ def warn(message: str) -> None:
 def plain(text: object) -> str:
     """`text` fit for a terminal: without escape sequences, control or invisible bidi characters (stored
     captions, phrases and prompts may hold what a server or an older version let through)."""
-    from stencil_cli.base.text import sanitize_text
-
     return sanitize_text(str(text))
 
 

@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from PIL import Image, ImageDraw
@@ -49,7 +49,7 @@ class GenerationSettings:
 
     steps: int = 50
     guidance: float = 7.5
-    inversion: str = "nti"  # nti | npi
+    inversion: Literal["nti", "npi"] = "nti"
     null_text: NullTextSettings = field(default_factory=NullTextSettings)
     draft_steps: int = 50
     draft_guidance: float = 7.5

@@ -19,12 +19,15 @@ Conventions used throughout:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F  # noqa: N812 - the usual name
 
 from stencil_cli.base.events import NullTextIteration, Progress, Step, no_progress
+
+# null-text optimisation (the paper), negative-prompt inversion, or plain DDIM inversion (uncond as is)
+InversionMethod = Literal["nti", "npi", "ddim"]
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,7 @@ class InversionResult:
 
     trajectory: list[torch.Tensor]  # [z_clean, ..., z_noisiest], float32
     null_embeddings: list[torch.Tensor]  # one per usable injected step, noisiest first, float32
-    method: str  # "nti" | "npi" | "ddim"
+    method: InversionMethod
     inner_iterations: list[int] = field(default_factory=list)  # per optimised step (nti)
     losses: list[float] = field(default_factory=list)  # last loss per optimised step (nti)
     optimized_steps: int = 0  # K: how many steps (from the noisiest) null-text optimisation ran (nti)
@@ -316,7 +319,7 @@ def invert(
     cond: torch.Tensor,
     uncond: torch.Tensor,
     *,
-    method: str = "nti",
+    method: InversionMethod = "nti",
     settings: NullTextSettings = NullTextSettings(),
     optimize_steps: int | None = None,
     progress: Progress = no_progress,

@@ -9,6 +9,7 @@ built presets (the tiny models) live under ``<store root>/models/``; the store r
 
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,7 +147,6 @@ def resolve_ref(ref: str, role: ModelRole = SUBJECT, *, store_root: Path | None 
         raise BadInputError(f"no such model folder: {ref}")
     if HUB_ID_PATTERN.match(ref):
         return ModelSource(ref, "hub", ref, None, gated=is_gated_repo(ref), role=role)
-    import difflib
 
     close = difflib.get_close_matches(ref, list(PRESETS), n=1, cutoff=0.5)
     hint = f"did you mean {close[0]!r}? " if close else ""

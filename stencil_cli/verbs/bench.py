@@ -36,7 +36,7 @@ from typing import Any
 
 from PIL import Image
 
-from stencil_cli import captioning
+from stencil_cli import captioning, models
 from stencil_cli.base import events
 from stencil_cli.base.errors import EXIT_FAILURE, FieldError, StencilError
 from stencil_cli.base.events import Event, Note, Progress, no_progress
@@ -50,15 +50,14 @@ from stencil_cli.store.records import Generation, Run
 from stencil_cli.store.settings import resolve_setting
 from stencil_cli.verbs.caption import CaptionerName, CaptionRequest, caption, resolve_caption_model
 from stencil_cli.verbs.evaluate import clip_t_text, score_generations
-from stencil_cli.verbs.generate import (
+from stencil_cli.verbs.generate import SavedImage, generate
+from stencil_cli.verbs.generation_plan import (
     INVERSION_MODES,
     GenerateRequest,
     InversionMode,
     Item,
     NamedItems,
-    SavedImage,
     check_seeds,
-    generate,
     plan_generation,
 )
 from stencil_cli.verbs.subjects import AddRequest, add_photos
@@ -467,7 +466,6 @@ class Runner:
     def eval_models(self) -> Any:
         """The DINO and CLIP models (loaded on first use, kept for the next subjects)."""
         if self._eval_models is None:
-            from stencil_cli import models
 
             refs = models.EvalModelRefs(self.config.eval_dino, self.config.eval_clip)
             device = models.resolve_device(self.device)

@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from typing import IO, Any
 
+from stencil_cli.base import locks
 from stencil_cli.base.errors import StencilError, StoreReadOnlyError
 from stencil_cli.store.db import Store
 from stencil_cli.store.layout import TRAIN_LOCK_NAME
@@ -74,8 +75,6 @@ def _try_lock(handle: IO[str]) -> bool:
 def using_subject(store: Store, name: str) -> contextlib.AbstractContextManager[None]:
     """Hold subject `name` shared for a command that reads or adds to it (gen, caption, eval, train):
     `rm` waits for (or refuses while) any such command runs."""
-    from stencil_cli.base import locks
-
     store.subject_dir(name)  # a valid name, and not a symbolic link, before a lock file is named after it
     if store.read_only:  # no lock file can be made, and no one can remove the subject meanwhile
         return contextlib.nullcontext()
@@ -84,8 +83,6 @@ def using_subject(store: Store, name: str) -> contextlib.AbstractContextManager[
 
 def removing_subject(store: Store, name: str, wait_s: float) -> contextlib.AbstractContextManager[None]:
     """Hold subject `name` exclusively to remove it, waiting up to `wait_s` seconds for its users."""
-    from stencil_cli.base import locks
-
     store.subject_dir(name)
     if store.read_only:
         raise StoreReadOnlyError(

@@ -18,14 +18,8 @@ from stencil_cli.base.events import Heading, Progress, Removed, no_progress
 from stencil_cli.store.db import Store
 from stencil_cli.store.records import validate_name
 from stencil_cli.verbs.caption import CaptionRequest, caption
-from stencil_cli.verbs.generate import (
-    GenerateRequest,
-    GenerateResult,
-    collect,
-    generate,
-    plan_generation,
-    prepare_output,
-)
+from stencil_cli.verbs.generate import GenerateResult, collect, generate
+from stencil_cli.verbs.generation_plan import GenerateRequest, plan_generation, prepare_output
 from stencil_cli.verbs.subjects import AddRequest, add_photos
 from stencil_cli.verbs.train import TrainRequest, train
 from stencil_cli.verbs.view import ViewRequest, write_view

@@ -8,9 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stencil_cli import models
 from stencil_cli.base import events
 from stencil_cli.base.errors import FieldError, NotFoundError, StencilError
 from stencil_cli.base.events import Loading, Progress, no_progress
+from stencil_cli.base.images import load_rgb
+from stencil_cli.core.prompts import build_prompts
 from stencil_cli.store.db import Store
 from stencil_cli.store.records import Generation, Subject
 from stencil_cli.store.settings import resolve_setting
@@ -109,8 +112,6 @@ def evaluate(store: Store, request: EvalRequest, *, progress: Progress = no_prog
 
     Progress: a `Warning` per skipped generation, then `Loading` (the eval models, the device).
     """
-    from stencil_cli import models
-
     refs = models.parse_eval_models(request.eval_models)
     subject = store.get_subject(request.name)
     with using_subject(store, subject.name):  # `stencil rm` waits for the scores to be stored
@@ -122,7 +123,6 @@ def _evaluate(
     store: Store, request: EvalRequest, subject: Subject, refs: Any, progress: Progress
 ) -> EvalResult:
     """`evaluate` while the subject is held."""
-    from stencil_cli import models
     from stencil_cli.core import evaluation
 
     rows = select_generations(store, request.name, request.generation_ids)
@@ -145,8 +145,6 @@ def _evaluate(
 
 def clip_t_text(generation: Generation, subject: Subject) -> str:
     """The text CLIP-T compares with: the subject prompt the image was rendered from (phrase included)."""
-    from stencil_cli.core.prompts import build_prompts
-
     prompt = generation.prompt or ""
     phrase = subject.phrase or subject.class_word
     if not phrase:
@@ -169,7 +167,6 @@ def score_generations(
 
     A generation whose image file is gone is skipped (and passed to `on_missing`).
     """
-    from stencil_cli.base.images import load_rgb
     from stencil_cli.core import evaluation
 
     photos = [load_rgb(Path(image["file"])) for image in subject.images if Path(image["file"]).is_file()]

@@ -20,7 +20,7 @@ from stencil_cli.models.devices import DtypeName
 from stencil_cli.store.db import Store
 from stencil_cli.store.records import Run
 from stencil_cli.store.settings import resolve_setting
-from stencil_cli.verbs.generate import trained_run
+from stencil_cli.verbs.generation_plan import trained_run
 
 if TYPE_CHECKING:  # the ML core loads torch: the verb imports it when it runs, not at start-up
     from stencil_cli.core.export import ExportFormat

@@ -16,6 +16,7 @@ from stencil_cli.base.errors import FieldError
 from stencil_cli.base.events import Progress, Step, no_progress
 from stencil_cli.base.fsutil import atomic_write_bytes
 from stencil_cli.base.pngmeta import png_bytes
+from stencil_cli.core.prompts import build_prompts
 from stencil_cli.store.layout import sample_path
 
 DEFAULT_SAMPLE_STEPS = 20
@@ -78,8 +79,6 @@ def sample_settings(
 def subject_prompts(prompts: tuple[str, ...], phrase: str | None) -> list[str]:
     """The prompts through the prompt rules ("on a beach" -> "a PHRASE on a beach"); as written without a
     phrase."""
-    from stencil_cli.core.prompts import build_prompts
-
     if not (phrase or "").strip():
         return [" ".join(prompt.split()) for prompt in prompts]
     return [build_prompts(prompt, phrase or "").prompt for prompt in prompts]

@@ -11,6 +11,7 @@ from typing import Any
 
 from stencil_cli.base.errors import BadInputError, FieldError
 from stencil_cli.base.images import PreparedImage, RejectedImage, expand_paths, prepare_image
+from stencil_cli.captioning import validate_phrase
 from stencil_cli.store.db import Store
 from stencil_cli.store.records import Subject, validate_name
 from stencil_cli.verbs.common import removing_subject, subject_lock
@@ -55,8 +56,6 @@ class BadPhotosError(FieldError):
 
 def add_photos(store: Store, request: AddRequest) -> AddOutcome:
     """Check every photo first, then add them all (or, with `skip_bad`, the good ones); see AddOutcome."""
-    from stencil_cli.captioning import validate_phrase
-
     validate_name(request.name)
     if request.phrase is not None and not request.phrase.strip():
         raise FieldError("phrase", "{0} must not be empty (e.g. {0} 'cat')")

@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from PIL import Image
+
 from stencil_cli.base.errors import FieldError, ShowMention, StencilError, fill, plain_mention
 from stencil_cli.base.fsutil import atomic_write_bytes
 from stencil_cli.store.db import Store
@@ -418,7 +420,6 @@ def mask_sheet(store: Store, name: str, cell: int = 256) -> MaskSheet | None:
 
 
 def _tile(path: Path | None, cell: int) -> Any:
-    from PIL import Image
 
     if path is None or not path.is_file():
         return None
@@ -434,7 +435,6 @@ def _tile(path: Path | None, cell: int) -> Any:
 def _mask_label(path: Path | None) -> str:
     if path is None:
         return "no mask picture yet"
-    from PIL import Image
 
     try:
         with Image.open(path) as opened:
