@@ -1,5 +1,5 @@
-"""Trained weights loaded into place: the subject model a run renders with is bit-identical to loading the base
-model and then copying the run's tensors over it (the way stencil loaded them before)."""
+"""Trained weights loaded into place: the subject model a run renders with is bit-identical to loading the
+base model and then copying the run's tensors over it (the way stencil loaded them before)."""
 
 from __future__ import annotations
 
@@ -59,3 +59,41 @@ def test_subject_model_with_trained_weights_is_bit_identical_to_base_then_overwr
         different = [k for k in want if got[k].dtype != want[k].dtype or not torch.equal(got[k], want[k])]
         assert different == []
         assert torch.equal(_image(pipe), _image(expected))
+
+
+def test_base_decoder_weights_are_never_read_when_a_full_run_replaces_them(
+    tmp_path: Path, tiny_models_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import safetensors
+
+    subject = tiny_models_dir / "subject"
+    path = _trained_file(tmp_path, subject)
+    read: list[tuple[str, str]] = []
+    original = safetensors.safe_open
+
+    class Spy:
+        def __init__(self, filename: str, *args: object, **kwargs: object) -> None:
+            self.filename = filename
+            self.handle = original(filename, *args, **kwargs)
+
+        def __enter__(self) -> Spy:
+            self.handle.__enter__()
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.handle.__exit__(*exc)
+
+        def get_tensor(self, name: str) -> torch.Tensor:
+            read.append((Path(self.filename).parent.name, name))
+            return self.handle.get_tensor(name)
+
+        def __getattr__(self, attr: str) -> object:
+            return getattr(self.handle, attr)
+
+    monkeypatch.setattr(safetensors, "safe_open", Spy)
+    run = SimpleNamespace(weights_file=path)
+    with subject_pipeline(str(subject), run, device="cpu", precision="fp32") as pipe:  # type: ignore[arg-type]
+        assert not any(p.is_meta for p in pipe.unet.parameters())
+    base_reads = {name for folder, name in read if folder == "unet"}
+    assert base_reads, "the base UNet was not read through safetensors at all"
+    assert not [name for name in base_reads if name.startswith("up_blocks.")]

@@ -199,6 +199,28 @@ def check_fits(
             )
 
 
+def is_full_run(path: Path) -> bool:
+    """Whether a weights file holds trained parameters themselves (``full``), not LoRA adapters."""
+    return weights_kind(read_header(Path(path))[0]) == KIND_FULL
+
+
+def full_run_tensors(unet: Any, path: Path) -> dict[str, torch.Tensor]:
+    """A full run's trained parameters (CPU, the file's dtype), checked against `unet`'s names and shapes.
+
+    `unet` may live on the meta device: only its parameter names and shapes are looked at.
+    """
+    path = Path(path)
+    metadata, shapes = read_header(path)
+    if weights_kind(metadata) != KIND_FULL:
+        raise StencilError(f"{path.name} holds LoRA adapters, not trained parameters")
+    check_fits(unet, path, metadata, shapes)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {name: handle.get_tensor(name) for name in shapes}
+    except Exception as error:  # noqa: BLE001 - safetensors raises several types for a damaged file
+        raise StencilError(f"cannot read trained weights {path}: {error}") from error
+
+
 def load_trained_weights(unet: Any, path: Path) -> dict[str, str]:
     """Load a run's trained weights into `unet` (either kind), in its dtype/device; return the metadata.
 

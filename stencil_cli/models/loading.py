@@ -9,6 +9,7 @@ the functions, so importing this module is cheap.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -193,10 +194,97 @@ def _absent_components(index: dict[str, Any]) -> dict[str, None]:
     }
 
 
+UnetReplacement = Callable[[Any], Mapping[str, "torch.Tensor"]]
+"""Given the UNet (its parameters may be on the meta device: only names and shapes are known), the tensors
+that replace some of its parameters (a run's trained decoder), read and checked by the caller."""
+
+UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def _unet_weight_files(folder: Path) -> dict[str, Path] | None:
+    """Every UNet parameter's safetensors file in a diffusers `unet/` folder (one file or shards), or None."""
+    single = folder / UNET_WEIGHTS
+    if single.is_file():
+        return {"": single}
+    index = folder / f"{UNET_WEIGHTS}.index.json"
+    if not index.is_file():
+        return None
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return {name: folder / file for name, file in weight_map.items()}
+
+
+def _local_unet_folder(location: Location) -> Path | None:
+    """The `unet/` folder on this disk that from_pretrained would read, when there is one."""
+    if not location.hub:
+        return Path(location.path) / "unet"
+    if location.source.revision is not None or location.source.repo_id is None:
+        return None
+    snapshot = cached_snapshot(location.source.repo_id)
+    return snapshot / "unet" if snapshot is not None else None
+
+
+def _unet_in_place(folder: Path, replace: UnetReplacement, dtype: torch.dtype) -> Any | None:
+    """The UNet built on the meta device, its base tensors read from `folder` except those `replace` gives,
+    which are put in their place: the replaced base weights are never read. None when the folder is not a
+    plain safetensors UNet (the caller then loads it the usual way)."""
+    import torch
+    from safetensors import safe_open
+
+    files = _unet_weight_files(folder)
+    if files is None or not (folder / "config.json").is_file():
+        return None
+    with quiet_libraries():
+        from diffusers import UNet2DConditionModel
+
+        config = UNet2DConditionModel.load_config(str(folder))
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(config)
+    replaced = replace(unet)
+    wanted = {name for name, _ in unet.named_parameters()} | {name for name, _ in unet.named_buffers()}
+    state = {
+        name: tensor.to(dtype) if tensor.is_floating_point() else tensor for name, tensor in replaced.items()
+    }
+    shards = sorted(set(files.values())) if "" not in files else [files[""]]
+    for shard in shards:
+        with safe_open(str(shard), framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 - a safetensors handle is not a dict
+                if name in wanted and name not in state:
+                    tensor = handle.get_tensor(name)
+                    state[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    if set(state) != wanted:
+        return None  # a key layout from_pretrained would convert (an old checkpoint): let it
+    unet.load_state_dict(state, strict=True, assign=True)
+    unet.register_to_config(_name_or_path=str(folder.parent))
+    return unet.eval()
+
+
+def _replace_after_loading(unet: Any, replace: UnetReplacement) -> None:
+    """Copy the replacing tensors over an already loaded UNet (when it could not be built in place)."""
+    import torch
+
+    params = dict(unet.named_parameters())
+    with torch.no_grad():
+        for name, tensor in replace(unet).items():
+            target = params[name]
+            target.copy_(tensor.to(device=target.device, dtype=target.dtype))
+
+
 def load_subject_pipeline(
-    ref: str, *, device: str = "auto", precision: str = "auto", store_root: Path | None = None
+    ref: str,
+    *,
+    device: str = "auto",
+    precision: str = "auto",
+    store_root: Path | None = None,
+    replace_unet: UnetReplacement | None = None,
 ) -> Any:
-    """Load an SD1.5-shaped StableDiffusionPipeline (SD1.5 DDIM, no safety checker) on device/dtype."""
+    """Load an SD1.5-shaped StableDiffusionPipeline (SD1.5 DDIM, no safety checker) on device/dtype.
+
+    `replace_unet` gives the tensors (a run's trained parameters) that take the place of some of the UNet's:
+    the base weights they replace are not loaded at all.
+    """
     with quiet_libraries():
         from diffusers import StableDiffusionPipeline
 
@@ -211,6 +299,12 @@ def load_subject_pipeline(
             hint="the subject model must be SD1.5-shaped, e.g. {subject_model=sd15}",
             fields=("subject_model",),
         )
+    components: dict[str, Any] = {}
+    if replace_unet is not None:
+        folder = _local_unet_folder(location)
+        unet = _unet_in_place(folder, replace_unet, dtype) if folder is not None else None
+        if unet is not None:
+            components["unet"] = unet
     pipe = from_pretrained(
         StableDiffusionPipeline,
         location,
@@ -218,7 +312,10 @@ def load_subject_pipeline(
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+        **components,
     )
+    if replace_unet is not None and "unet" not in components:
+        _replace_after_loading(pipe.unet, replace_unet)
     pipe.scheduler = sd15_ddim_scheduler(dict(pipe.scheduler.config))
     pipe.to(torch_device)
     pipe.set_progress_bar_config(disable=True)

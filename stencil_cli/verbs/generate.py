@@ -11,6 +11,7 @@ Two steps, so that everything is checked before any model loads:
 
 `stencil gen`, the DreamBench runner and the demo all generate through these two functions.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -154,7 +155,6 @@ def draft_metadata(plan: GenerationPlan, item: PlannedItem, seconds: float | Non
         "draft_source": plan.draft_source,
         "render_seconds": round(seconds, 4) if seconds is not None else None,
     }
-
 
 
 class _Writer:
@@ -306,11 +306,20 @@ def subject_pipeline(
     """The subject model with the run's trained weights, freed afterwards."""
     from stencil_cli.core import weights
 
+    assert run.weights_file is not None
+    path = run.weights_file
+    full = weights.is_full_run(path)  # a full run's tensors go straight into place (no base decoder read)
     with models.quiet_libraries():
-        pipe = models.load_subject_pipeline(ref, device=device, precision=precision, store_root=store_root)
+        pipe = models.load_subject_pipeline(
+            ref,
+            device=device,
+            precision=precision,
+            store_root=store_root,
+            replace_unet=(lambda unet: weights.full_run_tensors(unet, path)) if full else None,
+        )
     try:
-        assert run.weights_file is not None
-        weights.load_trained_weights(pipe.unet, run.weights_file)
+        if not full:
+            weights.load_trained_weights(pipe.unet, path)  # LoRA adapters merge into the base weights
         yield pipe
     finally:
         models.free_pipeline(pipe)
