@@ -1,21 +1,30 @@
-"""The plain reference: the Stencil method computed the way the paper's code does it (slow on purpose).
+"""The reference: the Stencil method computed the way the authors' published code does it, choice by choice.
 
 This is the baseline `benchmarks/run.py` measures stencil against, and `tests/test_performance.py` checks
-stencil's fast paths against. It computes the same thing as stencil (METHOD.md, with stencil's numerical
-choices: noised latent for the mask pass, all of the phrase's tokens, maps combined at latent/4, nearest
-upsampling of the binary mask, the same random-number protocol), in the straightforward way of the paper's
-reference code and the null-text inversion code it builds on (Mokady et al.):
+stencil's fast paths against. It follows the authors' repository (github.com/GordonChen19/STENCIL, the files
+named below; docs/performance.md lists every choice with its line) in how the work is done, and computes what
+stencil computes (METHOD.md: the noised latent for the mask pass, all of the phrase's tokens, maps combined at
+latent/4, nearest upsampling of the binary mask, the same random-number protocol), so that the two compare:
 
-* every attention layer of the UNet is eager (diffusers' ``AttnProcessor``: the pixels x pixels self-attention
-  maps are materialised), not only the recorded cross-attention;
-* everything in float32, no autocast, no TF32;
-* the mask pass encodes each photo and caption on its own, one UNet pass per photo;
-* training runs the VAE and the text encoder inside every step (nothing is precomputed), the whole UNet keeps
-  ``requires_grad`` (gradients are computed for all of it, only ``up_blocks`` are optimised), plain Adam (no
-  fused or foreach kernels);
-* null-text inversion without early stopping, with the UNet's parameters left requiring gradients (as the
-  reference notebook does), eager attention;
-* denoising recomputes the prompt embeddings at every step and uses the scheduler's own ``step``.
+* attention: only the UNet's cross-attention (`attn2`) layers are replaced by an eager processor, for every
+  stage (models/base_model.py 184-187: set once, at import); self-attention keeps diffusers' default (SDPA);
+* everything in float32 on the subject model (models/base_model.py 13), the context model in float16 on
+  CUDA (models/support_model.py 17-19; float32 on the CPU, where float16 is not a compute type);
+* the mask pass (helper.py 91-127): per photo, the VAE encodes it and the text encoder its caption
+  (`encode_img`, `encode_txt`), then `get_mask` encodes the caption again with the empty prompt
+  (`pipe.encode_prompt(..., do_classifier_free_guidance=True)`) and runs one UNet pass on the guidance batch
+  [empty, caption] (helper.py 56-66): two samples per photo;
+* training (models/base_model.py 23-77): latents and caption embeddings come from the mask pass (precomputed);
+  only `up_blocks` require gradients; Adam with its defaults over two groups, the decoder at 2e-5 and the
+  caption embeddings at 1e-5 (which get no gradient: the batch is sliced under `no_grad`, lines 49-56);
+  `loss.backward(); optimizer.step(); optimizer.zero_grad()`;
+* null-text inversion (null_text_inversion.py): the UNet frozen (models/base_model.py 76), DDIM inversion
+  under the prompt plus the VAE decode of the reconstruction (133-137), then for every one of the 50 steps
+  a fresh Adam, the conditional prediction without gradients, at most 10 inner iterations with the early stop
+  ``loss < 1e-5 + i * 2e-5`` (139-171);
+* denoising (helper.py 150-180): at every step `pipe.encode_prompt` (once with the optimised null embedding
+  given, twice otherwise: 97 text-encoder calls at 50 steps and 3 injected), one UNet pass on the guidance
+  batch, the scheduler's own `step`, then the VAE decode and diffusers' postprocessing.
 
 It deliberately imports nothing from ``stencil_cli``: it is an independent implementation built from diffusers
 components, so that agreement between the two is evidence that both are right.
@@ -35,7 +44,7 @@ from diffusers import DDIMScheduler
 from diffusers.models.attention_processor import AttnProcessor
 from PIL import Image
 
-# -- eager attention everywhere -----------------------------------------------------------------------------
+# -- eager attention on attn2 only (models/base_model.py 84-169, 184-187) ------------------------------------
 
 
 class RecordingAttnProcessor(AttnProcessor):
@@ -53,8 +62,8 @@ class RecordingAttnProcessor(AttnProcessor):
         *args: Any,
         **kwargs: Any,
     ) -> torch.Tensor:
-        """Run the eager attention; probabilities of cross-attention go to the sink."""
-        if encoder_hidden_states is None:
+        """Run the eager attention; its probabilities go to the sink when one is set."""
+        if self.sink is None:
             return super().__call__(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
         original = attn.get_attention_scores
 
@@ -71,15 +80,14 @@ class RecordingAttnProcessor(AttnProcessor):
 
 
 @contextmanager
-def eager_attention(unet: Any, sink: Any = None) -> Iterator[Any]:
-    """Every attention layer of `unet` eager inside the block (recording attn2 into `sink` if given)."""
+def authors_attention(unet: Any, sink: Any = None) -> Iterator[Any]:
+    """The authors' processors inside the block: `attn2` eager (recording into `sink` if given), every other
+    attention layer left as it is (diffusers' SDPA)."""
     original = dict(unet.attn_processors)
-    processors: dict[str, Any] = {}
+    processors: dict[str, Any] = dict(original)
     for key in original:
-        if sink is not None and key.endswith("attn2.processor"):
+        if key.endswith("attn2.processor"):
             processors[key] = RecordingAttnProcessor(key.removesuffix(".processor"), sink)
-        else:
-            processors[key] = AttnProcessor()
     unet.set_attn_processor(processors)
     try:
         yield unet
@@ -143,12 +151,22 @@ def phrase_positions(tokenizer: Any, caption: str, phrase: str) -> list[int]:
     return sorted(set(found))
 
 
-# -- 1. the mask pass ---------------------------------------------------------------------------------------
+# -- 1. the mask pass (helper.py 91-127, get_mask 47-88) --------------------------------------------------
 
 
 def _grid(pixels: int, height: int, width: int) -> tuple[int, int]:
     factor = round((height * width / pixels) ** 0.5)
     return -(-height // factor), -(-width // factor)
+
+
+@dataclass
+class ReferenceData:
+    """What the authors' `prepare_img` returns (latents, caption embeddings, masks), and the maps."""
+
+    latents: torch.Tensor  # (n, c, h, w)
+    embeddings: torch.Tensor  # (n, seq, d)
+    masks: torch.Tensor  # (n, 1, h, w) in {0, 1}
+    maps: torch.Tensor  # (n, hc, wc) normalised
 
 
 @torch.no_grad()
@@ -162,59 +180,79 @@ def reference_masks(
     threshold: float = 0.2,
     timestep: int = 50,
     seed: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Subject masks, one photo at a time: encode, noise to `timestep`, one eager UNet pass, combine.
+    both_halves: bool = False,
+) -> ReferenceData:
+    """The authors' mask pass, one photo at a time: encode the photo and the caption, encode the caption again
+    with the empty prompt, one UNet pass on the guidance batch [empty, caption], combine the maps.
 
-    Returns (masks (n, 1, h, w) in {0, 1}, normalised maps (n, hc, wc)).
+    The maps of the caption half are used (stencil's default, the paper's "conditioned on C"); with
+    `both_halves` both halves are averaged, as the authors' processor does (models/base_model.py 139-140).
     """
     unet = pipe.unet
     device = unet.device
-    latents = torch.cat([encode_pixels(pipe, image_to_pixels(im, resolution)) for im in images])
-    h, w = latents.shape[-2:]
-    noise = torch.randn(latents.shape, generator=torch.Generator("cpu").manual_seed(seed))
-    masks, maps = [], []
-    for k, (caption, latent) in enumerate(zip(captions, latents, strict=True)):
-        tokens = phrase_positions(pipe.tokenizer, caption, phrase)
-        recorded: dict[str, torch.Tensor] = {}
+    side = resolution // pipe.vae_scale_factor
+    shape = (len(images), unet.config.in_channels, side, side)
+    noise_all = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed))  # stencil's protocol
+    latents, embeddings, masks, maps = [], [], [], []
+    with authors_attention(unet):
+        for k, (caption, image) in enumerate(zip(captions, images, strict=True)):
+            latent = encode_pixels(pipe, image_to_pixels(image, resolution))  # encode_img (helper.py 101)
+            embeds = encode_text(pipe, [caption])  # encode_txt (helper.py 105)
+            latents.append(latent)
+            embeddings.append(embeds)
+            tokens = phrase_positions(pipe.tokenizer, caption, phrase)
+            recorded: dict[str, torch.Tensor] = {}
 
-        def sink(
-            name: str,
-            probs: torch.Tensor,
-            heads: int,
-            tokens: list[int] = tokens,
-            recorded: dict[str, torch.Tensor] = recorded,
-        ) -> None:
-            per_head = probs.float().view(-1, heads, *probs.shape[1:])[0]  # one photo: (heads, px, tokens)
-            recorded[name] = per_head.mean(0)[:, tokens].mean(-1)  # (pixels,)
+            def sink(
+                name: str,
+                probs: torch.Tensor,
+                heads: int,
+                tokens: list[int] = tokens,
+                recorded: dict[str, torch.Tensor] = recorded,
+            ) -> None:
+                per_head = probs.float().view(-1, heads, *probs.shape[1:])  # (2, heads, px, tokens)
+                chosen = per_head if both_halves else per_head[1:]
+                recorded[name] = chosen.mean((0, 1))[:, tokens].mean(-1)  # (pixels,)
 
-        t = torch.tensor([timestep], device=device)
-        noisy = pipe.scheduler.add_noise(latent[None], noise[k : k + 1].to(device), t)
-        embeds = encode_text(pipe, [caption])
-        with eager_attention(unet, sink):
-            unet(noisy, t, encoder_hidden_states=embeds)
-        grids = [m.view(1, 1, *_grid(m.numel(), h, w)) for m in recorded.values()]
-        smallest = min(grids, key=lambda g: g.numel()).shape[-2:]
-        common = (max(h // 4, smallest[0], 1), max(w // 4, smallest[1], 1))
-        resized = [
-            g
-            if g.shape[-2:] == common
-            else F.interpolate(
-                g,
-                size=common,
-                mode="bilinear",
-                align_corners=False,
-                antialias=g.shape[-2] > common[0] or g.shape[-1] > common[1],
-            )
-            for g in grids
-        ]
-        combined = torch.stack(resized).mean(0)
-        normalised = (combined - combined.min()) / (combined.max() - combined.min()).clamp_min(1e-12)
-        masks.append(F.interpolate((normalised >= threshold).float(), size=(h, w), mode="nearest"))
-        maps.append(normalised[:, 0])
-    return torch.cat(masks), torch.cat(maps)
+            h, w = latent.shape[-2:]
+            t = torch.tensor([timestep], device=device)
+            noise = noise_all[k : k + 1].to(device)
+            noisy = pipe.scheduler.add_noise(
+                latent, noise, t
+            )  # the noised latent (theirs feeds the clean one)
+            cond, uncond = pipe.encode_prompt(caption, device, 1, True)  # helper.py 56-57
+            for processor in unet.attn_processors.values():
+                if isinstance(processor, RecordingAttnProcessor):
+                    processor.sink = sink
+            try:
+                unet(torch.cat([noisy] * 2), t, encoder_hidden_states=torch.cat([uncond, cond]))
+            finally:
+                for processor in unet.attn_processors.values():
+                    if isinstance(processor, RecordingAttnProcessor):
+                        processor.sink = None
+            grids = [m.view(1, 1, *_grid(m.numel(), h, w)) for m in recorded.values()]
+            smallest = min(grids, key=lambda g: g.numel()).shape[-2:]
+            common = (max(h // 4, smallest[0], 1), max(w // 4, smallest[1], 1))
+            resized = [
+                g
+                if g.shape[-2:] == common
+                else F.interpolate(
+                    g,
+                    size=common,
+                    mode="bilinear",
+                    align_corners=False,
+                    antialias=g.shape[-2] > common[0] or g.shape[-1] > common[1],
+                )
+                for g in grids
+            ]
+            combined = torch.stack(resized).mean(0)
+            normalised = (combined - combined.min()) / (combined.max() - combined.min()).clamp_min(1e-12)
+            masks.append(F.interpolate((normalised >= threshold).float(), size=(h, w), mode="nearest"))
+            maps.append(normalised[:, 0])
+    return ReferenceData(torch.cat(latents), torch.cat(embeddings), torch.cat(masks), torch.cat(maps))
 
 
-# -- 2. training --------------------------------------------------------------------------------------------
+# -- 2. training (models/base_model.py 23-77) ---------------------------------------------------------------
 
 
 @dataclass
@@ -227,69 +265,66 @@ class ReferenceTrainResult:
 
 def reference_train(
     pipe: Any,
-    images: Sequence[Image.Image],
-    captions: Sequence[str],
-    masks: torch.Tensor,
+    data: ReferenceData,
     *,
     steps: int = 100,
     batch_size: int = 6,
     lr: float = 2e-5,
+    embedding_lr: float = 1e-5,
     seed: int = 0,
-    resolution: int = 512,
 ) -> ReferenceTrainResult:
-    """Fine-tune `pipe.unet`'s decoder with the masked loss, VAE and text encoder run inside every step.
+    """Fine-tune `pipe.unet`'s decoder with the masked loss on the precomputed latents and embeddings.
 
-    Random-number protocol (shared with stencil so the results compare): one CPU generator; per step the
-    photo indices (a permutation's first `batch_size` when there are enough photos, else draws with
-    replacement), then the noise, then the timesteps uniform in [0, T).
+    Random-number protocol (shared with stencil so the results compare; theirs draws from torch's global
+    generator): one CPU generator; per step the photo indices (a permutation's first `batch_size` when there
+    are enough photos, else draws with replacement, lines 50-53), then the noise, then the timesteps uniform
+    in [0, T).
     """
     unet, scheduler = pipe.unet, pipe.scheduler
     device = unet.device
-    pixels = torch.cat([image_to_pixels(im, resolution) for im in images])
-    ids = text_ids(pipe.tokenizer, captions)
-    names = [n for n, _ in unet.named_parameters() if n.startswith("up_blocks.")]
-    unet.requires_grad_(True)  # the whole UNet, as in the paper's code; only up_blocks are optimised
-    optimizer = torch.optim.Adam(
-        [p for n, p in unet.named_parameters() if n.startswith("up_blocks.")],
-        lr=lr,
-        weight_decay=0.0,
-        foreach=False,
-        fused=False,
+    latent, latent_mask = data.latents.to(device), data.masks.to(device)
+    emb = data.embeddings.to(device).clone().requires_grad_(True)  # line 29
+    unet.zero_grad(set_to_none=True)  # their process starts without gradients; a benchmark's may not
+    unet.requires_grad_(True)  # lines 28-36: then only up_blocks keep requires_grad
+    for name, param in unet.named_parameters():
+        param.requires_grad = "up_blocks" in name
+    names = [n for n, _ in unet.named_parameters() if "up_blocks" in n]
+    optimizer = torch.optim.Adam(  # lines 38-42: Adam's defaults, two groups
+        [
+            {"params": [p for n, p in unet.named_parameters() if "up_blocks" in n], "lr": lr},
+            {"params": [emb], "lr": embedding_lr},
+        ]
     )
     generator = torch.Generator("cpu").manual_seed(seed)
-    n = len(images)
-    latent_shape = (
-        pipe.unet.config.in_channels,
-        resolution // pipe.vae_scale_factor,
-        resolution // pipe.vae_scale_factor,
-    )
+    n = latent.shape[0]
     losses = []
-    unet.train()
+    unet.train()  # line 44
     try:
-        with eager_attention(unet):
+        with authors_attention(unet):
             for _ in range(steps):
-                if n >= batch_size:
-                    index = torch.randperm(n, generator=generator)[:batch_size]
-                else:
-                    index = torch.randint(0, n, (batch_size,), generator=generator)
-                noise = torch.randn((batch_size, *latent_shape), generator=generator).to(device)
-                timesteps = torch.randint(
-                    0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator
-                ).to(device)
-                with torch.no_grad():  # frozen VAE and text encoder, run every step
-                    latents = encode_pixels(pipe, pixels[index])
-                    embeds = pipe.text_encoder(ids[index].to(device))[0]
-                noisy = scheduler.add_noise(latents, noise, timesteps)
-                prediction = unet(noisy, timesteps, encoder_hidden_states=embeds).sample
-                loss = ((masks[index].to(device) * (noise - prediction)) ** 2).mean()
-                unet.zero_grad(set_to_none=True)
-                loss.backward()
+                with torch.no_grad():  # lines 49-61
+                    if n >= batch_size:
+                        index = torch.randperm(n, generator=generator)[:batch_size]
+                    else:
+                        index = torch.randint(0, n, (batch_size,), generator=generator)
+                    latent_batch = latent[index.to(device)]
+                    latent_mask_batch = latent_mask[index.to(device)]
+                    emb_batch = emb[index.to(device)]
+                    noise = torch.randn(latent_batch.shape, generator=generator).to(device)
+                    timesteps = torch.randint(
+                        0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator
+                    ).to(device)
+                    noisy_latents = scheduler.add_noise(latent_batch, noise, timesteps)
+                pred_noise = unet(noisy_latents, timesteps, emb_batch).sample  # line 63
+                loss = (((pred_noise - noise) * latent_mask_batch) ** 2).mean()  # lines 65-67
+                losses.append(loss.item())  # line 69 (the progress bar's loss)
+                loss.backward()  # lines 70-72
                 optimizer.step()
-                losses.append(loss.item())
+                optimizer.zero_grad()
     finally:
+        unet.eval()  # lines 74-76
         unet.zero_grad(set_to_none=True)
         unet.requires_grad_(False)
-        unet.eval()
     return ReferenceTrainResult(losses, names)
 
 
@@ -310,7 +345,7 @@ def reference_draft(
     ).images[0]
 
 
-# -- 4. null-text inversion (Mokady et al.'s code, without early stopping) -----------------------------------
+# -- 4. null-text inversion (null_text_inversion.py, Mokady et al.'s code) ------------------------------
 
 
 @dataclass
@@ -319,6 +354,7 @@ class ReferenceInversion:
 
     trajectory: list[torch.Tensor]
     null_embeddings: list[torch.Tensor]
+    inner_iterations: list[int]
 
     @property
     def latent(self) -> torch.Tensor:
@@ -362,52 +398,59 @@ def reference_invert(
     guidance: float = 7.5,
     inner_steps: int = 10,
     lr: float = 1e-2,
+    early_stop: bool = True,
+    epsilon: float = 1e-5,
 ) -> ReferenceInversion:
-    """DDIM inversion under the prompt, then null-text optimisation: every inner step runs (no early stop)."""
+    """DDIM inversion under the prompt, then null-text optimisation of every step (null_text_inversion.py).
+
+    The UNet is frozen (models/base_model.py 76: no weight gradients); the VAE decodes the reconstruction as
+    `ddim_inversion` does (line 135, unused afterwards); each step stops early when its loss is below
+    ``epsilon + i * 2e-5`` (line 162) unless `early_stop` is off.
+    """
     unet = pipe.unet
+    unet.requires_grad_(False)
     scheduler = reference_scheduler(pipe, steps)
-    latent = encode_pixels(pipe, image_to_pixels(image, resolution), mode=False)
+    latent = encode_pixels(pipe, image_to_pixels(image, resolution), mode=False)  # image2latent: the mean
+    uncond = encode_text(pipe, [""])  # init_prompt (lines 99-113)
     cond = encode_text(pipe, [prompt])
-    uncond = encode_text(pipe, [""])
-    unet.requires_grad_(True)  # the reference never freezes the UNet: backward fills its .grad too
-    try:
-        with eager_attention(unet):
+    with authors_attention(unet):
+        with torch.no_grad():
+            pipe.vae.decode(latent / pipe.vae.config.scaling_factor)  # latent2image (line 135)
             trajectory = [latent]
+            for t in reversed([int(t) for t in scheduler.timesteps]):  # ddim_loop (lines 117-126)
+                latent = _next_step(scheduler, unet(latent, t, encoder_hidden_states=cond).sample, t, latent)
+                trajectory.append(latent)
+        nulls, iterations = [], []
+        latent = trajectory[-1]
+        for i, t in enumerate(int(t) for t in scheduler.timesteps):  # null_optimization (lines 139-171)
+            uncond = uncond.clone().detach().requires_grad_(True)
+            optimizer = torch.optim.Adam([uncond], lr=lr * (1.0 - i / max(100, steps)))
+            target = trajectory[len(trajectory) - i - 2]
             with torch.no_grad():
-                for t in reversed([int(t) for t in scheduler.timesteps]):
-                    latent = _next_step(
-                        scheduler, unet(latent, t, encoder_hidden_states=cond).sample, t, latent
-                    )
-                    trajectory.append(latent)
-            nulls = []
-            latent = trajectory[-1]
-            for i, t in enumerate(int(t) for t in scheduler.timesteps):
-                uncond = uncond.clone().detach().requires_grad_(True)
-                optimizer = torch.optim.Adam([uncond], lr=lr * (1.0 - i / max(100, steps)))
-                target = trajectory[len(trajectory) - i - 2]
-                with torch.no_grad():
-                    noise_cond = unet(latent, t, encoder_hidden_states=cond).sample
-                for _ in range(inner_steps):
-                    noise_uncond = unet(latent, t, encoder_hidden_states=uncond).sample
-                    noise = noise_uncond + guidance * (noise_cond - noise_uncond)
-                    loss = F.mse_loss(_prev_step(scheduler, noise, t, latent), target)
-                    optimizer.zero_grad()
-                    loss.backward()
-                    optimizer.step()
-                nulls.append(uncond.detach())
-                with torch.no_grad():
-                    both = unet(
-                        torch.cat([latent] * 2), t, encoder_hidden_states=torch.cat([uncond.detach(), cond])
-                    ).sample
-                    noise_u, noise_c = both.chunk(2)
-                    latent = _prev_step(scheduler, noise_u + guidance * (noise_c - noise_u), t, latent)
-    finally:
-        unet.zero_grad(set_to_none=True)
-        unet.requires_grad_(False)
-    return ReferenceInversion(trajectory, nulls)
+                noise_cond = unet(latent, t, encoder_hidden_states=cond).sample
+            done = 0
+            for _ in range(inner_steps):
+                noise_uncond = unet(latent, t, encoder_hidden_states=uncond).sample
+                noise = noise_uncond + guidance * (noise_cond - noise_uncond)
+                loss = F.mse_loss(_prev_step(scheduler, noise, t, latent), target)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                done += 1
+                if early_stop and loss.item() < epsilon + i * 2e-5:
+                    break
+            iterations.append(done)
+            nulls.append(uncond[:1].detach())
+            with torch.no_grad():
+                both = unet(
+                    torch.cat([latent] * 2), t, encoder_hidden_states=torch.cat([uncond.detach(), cond])
+                ).sample
+                noise_u, noise_c = both.chunk(2)
+                latent = _prev_step(scheduler, noise_u + guidance * (noise_c - noise_u), t, latent)
+    return ReferenceInversion(trajectory, nulls, iterations)
 
 
-# -- 5. denoise ---------------------------------------------------------------------------------------------
+# -- 5. denoise (helper.py 129-180) --------------------------------------------------------------------------
 
 
 @torch.no_grad()
@@ -423,14 +466,21 @@ def reference_denoise_latent(
 ) -> torch.Tensor:
     """CFG DDIM from the inverted latent; the first `inject` steps use the optimised null embeddings.
 
-    The prompt embeddings are recomputed at every step, as a per-image script calling the pipeline does.
+    As `inference` (helper.py 150-173): `pipe.encode_prompt` at every step (the prompt alone while a null
+    embedding is given, the prompt and the empty prompt afterwards), one UNet pass on the guidance batch, the
+    scheduler's `step` (helper.py 129-148).
     """
     unet = pipe.unet
+    device = unet.device
     scheduler = reference_scheduler(pipe, steps)
-    with eager_attention(unet):
+    with authors_attention(unet):
         for i, t in enumerate(scheduler.timesteps):
-            cond = encode_text(pipe, [prompt])
-            uncond = null_embeddings[i] if i < inject else encode_text(pipe, [""])
+            if i < inject:
+                cond, uncond = pipe.encode_prompt(
+                    prompt, device, 1, True, negative_prompt_embeds=null_embeddings[i]
+                )
+            else:
+                cond, uncond = pipe.encode_prompt(prompt, device, 1, True)
             both = unet(torch.cat([latent] * 2), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
             noise_u, noise_c = both.chunk(2)
             latent = scheduler.step(noise_u + guidance * (noise_c - noise_u), t, latent, eta=0.0).prev_sample
@@ -439,10 +489,9 @@ def reference_denoise_latent(
 
 @torch.no_grad()
 def reference_decode(pipe: Any, latent: torch.Tensor) -> Image.Image:
-    """Decode a latent with the VAE into a PIL image."""
+    """Decode a latent with the VAE into a PIL image (diffusers' postprocessing, helper.py 177-180)."""
     pixels = pipe.vae.decode(latent / pipe.vae.config.scaling_factor).sample
-    array = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(array)
+    return pipe.image_processor.postprocess(pixels, output_type="pil")[0]
 
 
 def reference_denoise(

@@ -53,6 +53,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 import bench_generate  # noqa: E402
+import plain  # noqa: E402
 import reference as ref  # noqa: E402
 
 from stencil_cli import models  # noqa: E402
@@ -217,6 +218,7 @@ class StageResult:
 
     stencil: list[Run] = field(default_factory=list)
     reference: list[Run] = field(default_factory=list)
+    plain: list[Run] = field(default_factory=list)  # training only: a plain PyTorch loop on the same data
     authors: dict[str, int] = field(default_factory=dict)  # computed, not run (authors_counts)
 
     @staticmethod
@@ -227,7 +229,18 @@ class StageResult:
         """Medians, the ratio reference/stencil, peak memory in MiB and the raw seconds."""
         s, r = self._median(self.stencil, "seconds"), self._median(self.reference, "seconds")
         mib = 2**20
+        plain = {}
+        if self.plain:
+            p = self._median(self.plain, "seconds")
+            plain = {
+                "plain_s": round(p, 4),
+                "plain_ratio": round(p / s, 3) if s > 0 else None,
+                "plain_peak_mb": round(max(x.peak for x in self.plain) / mib, 1),
+                "plain_cpu_s": round(self._median(self.plain, "cpu"), 4),
+                "plain_runs_s": [round(x.seconds, 4) for x in self.plain],
+            }
         return {
+            **plain,
             "stencil_s": round(s, 4),
             "reference_s": round(r, 4),
             "ratio": round(r / s, 3) if s > 0 else None,
@@ -308,14 +321,29 @@ class Workload:
     train_precision: str  # the autocast `stencil train` uses on this device
 
 
-def build_workload(preset: str, device: torch.device, photos: int, no_t5: bool) -> Workload:
-    """Tiny (in memory) or full-size random-weight pipelines on `device`, fp32 (bench_generate's
-    builders), and synthetic photos."""
+def build_workload(
+    preset: str,
+    device: torch.device,
+    photos: int,
+    no_t5: bool,
+    *,
+    resolution: int | None = None,
+    folders: tuple[str, str] | None = None,
+) -> Workload:
+    """Tiny (in memory) or full-size random-weight pipelines on `device`, fp32 (bench_generate's builders, or
+    saved model `folders` (subject, context) loaded as stencil loads them), and synthetic photos at
+    `resolution` (default: the subject model's native size)."""
     torch.manual_seed(0)
     with models.quiet_libraries():
-        subject = bench_generate.build_subject(preset, device, torch.float32)
-        context = bench_generate.build_context(preset, device, torch.float32, no_t5)
-    resolution = models.native_resolution(subject)
+        if folders is not None:
+            subject = models.load_subject_pipeline(folders[0], device=str(device), precision="fp32")
+            context = models.load_context_pipeline(
+                folders[1], device=str(device), precision="fp32", no_t5=no_t5
+            )
+        else:
+            subject = bench_generate.build_subject(preset, device, torch.float32)
+            context = bench_generate.build_context(preset, device, torch.float32, no_t5)
+    resolution = resolution or models.native_resolution(subject)
     gen_dtype = models.resolve_dtype("auto", device)
     precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(gen_dtype, "fp32")
     state = {k: v.detach().to("cpu", copy=True) for k, v in subject.unet.state_dict().items()}
@@ -367,7 +395,7 @@ class Shared:
     """Outputs one stage hands to the next (so every stage has real inputs)."""
 
     data: Any = None  # stencil's TrainingData
-    masks: Any = None  # the reference's masks
+    reference_data: Any = None  # the reference's latents, embeddings and masks
     draft: Image.Image | None = None
     inversion: Any = None
     reference_inversion: Any = None
@@ -375,8 +403,9 @@ class Shared:
 
 def stage_calls(
     stage: str, work: Workload, s: Settings, shared: Shared, *, warmup: bool
-) -> tuple[Callable[[], Any], Callable[[], Any]]:
-    """(stencil's call, the reference's call) for `stage`; `warmup` shrinks them to a few steps."""
+) -> dict[str, Callable[[], Any]]:
+    """Each path's call for `stage` (stencil, the reference; for training also the plain PyTorch loop);
+    `warmup` shrinks them to a few steps."""
     res, pipe = work.resolution, work.subject
     steps = 2 if warmup else s.steps
     ddim = 2 if warmup else s.ddim_steps
@@ -393,7 +422,7 @@ def stage_calls(
             shared.data = training.prepare_training_data(pipe, work.photos, work.captions, PHRASE, config)
 
         def reference() -> Any:
-            shared.masks, _ = ref.reference_masks(
+            shared.reference_data = ref.reference_masks(
                 pipe, work.photos, work.captions, PHRASE, resolution=res, seed=s.seed
             )
 
@@ -411,15 +440,23 @@ def stage_calls(
 
         def reference() -> Any:
             return ref.reference_train(
-                pipe,
-                work.photos,
-                work.captions,
-                shared.masks,
+                pipe, shared.reference_data, steps=steps, batch_size=s.batch_size, seed=s.seed
+            )
+
+        def plain_loop() -> Any:
+            data = shared.data
+            return plain.plain_train(
+                pipe.unet,
+                pipe.scheduler,
+                data.latents,
+                data.embeddings,
+                data.masks,
                 steps=steps,
                 batch_size=s.batch_size,
                 seed=s.seed,
-                resolution=res,
             )
+
+        return {"stencil": stencil, "reference": reference, "plain": plain_loop}
 
     elif stage == "draft":
 
@@ -455,7 +492,7 @@ def stage_calls(
 
     else:
         raise ValueError(f"unknown stage {stage!r}")
-    return stencil, reference
+    return {"stencil": stencil, "reference": reference}
 
 
 def prepare(stage: str, path: str, work: Workload) -> None:
@@ -466,8 +503,9 @@ def prepare(stage: str, path: str, work: Workload) -> None:
         gc.collect()
         torch.cuda.empty_cache()
         (work.context if stage == "draft" else work.subject).to(work.device)
-    if stage == "draft":
-        to_dtype(work.context, work.gen_dtype if path == "stencil" else torch.float32)
+    if stage == "draft":  # the authors' context model is float16 on CUDA (models/support_model.py 17-19)
+        reference_dtype = torch.float16 if work.device.type == "cuda" else torch.float32
+        to_dtype(work.context, work.gen_dtype if path == "stencil" else reference_dtype)
     elif stage in ("inversion", "denoise"):
         restore(work, work.gen_dtype if path == "stencil" else torch.float32)
     else:  # mask pass and training: fp32 weights (training autocasts on CUDA)
@@ -491,21 +529,21 @@ def run_benchmark(
     counter.attach(work.context.transformer, "context")
     wanted = set(stages) | {d for stage in stages for d in DEPENDS.get(stage, ())}
     needed = [stage for stage in STAGES if stage in wanted]
-    paths = ("stencil", "reference")
     if warmup:
         for stage in needed:
-            for path, call in zip(paths, stage_calls(stage, work, s, shared, warmup=True), strict=True):
+            for path, call in stage_calls(stage, work, s, shared, warmup=True).items():
                 prepare(stage, path, work)
                 call()
     for r in range(repeat):
         for stage in needed:
-            calls = dict(zip(paths, stage_calls(stage, work, s, shared, warmup=False), strict=True))
+            calls = stage_calls(stage, work, s, shared, warmup=False)
             if stage not in stages:
                 if r == 0:
-                    for path in paths:
+                    for path in ("stencil", "reference"):
                         prepare(stage, path, work)
                         calls[path]()
                 continue
+            paths = list(calls)
             for path in paths if r % 2 == 0 else paths[::-1]:
                 prepare(stage, path, work)
                 run, _ = timed(calls[path], work.device, counter)
@@ -607,8 +645,8 @@ def seconds(value: float) -> str:
 def table(report: dict[str, Any]) -> str:
     """A Markdown table of the report."""
     cuda = report["device"].startswith("cuda")
-    memory = "peak GPU memory" if cuda else "peak RSS growth"
-    key = "peak_mb" if cuda else "extra_mb"
+    memory = "peak GPU memory" if cuda else "peak RSS (growth)"
+    key = "peak_mb"
     lines = [
         f"| stage | stencil s | reference s | ratio (ref/stencil) | stencil {memory} | reference {memory} "
         "| UNet fwd / bwd: stencil | reference | authors "
@@ -626,7 +664,10 @@ def table(report: dict[str, Any]) -> str:
         equivalents = " / ".join(str(row[p]["unet_pass_equivalents"]) for p in paths)
         context = " / ".join(str(row[p]["context_forward"]) for p in paths)
         memory_cells = (
-            f"{row['stencil_' + key]:.1f} MiB | {row['reference_' + key]:.1f} MiB"
+            " | ".join(
+                f"{row[p + '_' + key]:.0f} MiB" + ("" if cuda else f" (+{row[p + '_extra_mb']:.0f})")
+                for p in ("stencil", "reference")
+            )
             if "stencil_" + key in row
             else "n/a | n/a"
         )
@@ -655,6 +696,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up calls")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--no-t5", action="store_true", help="full preset: SD3 without its T5 encoder")
+    parser.add_argument("--resolution", type=int, default=None, help="image size (default: the model's)")
+    parser.add_argument(
+        "--models",
+        nargs=2,
+        metavar=("SUBJECT", "CONTEXT"),
+        default=None,
+        help="load the two models from saved folders instead of building them (e.g. /work/fullsize/sd15 "
+        "/work/fullsize/sd3-medium-no-t5)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = parser.parse_args(argv)
 
@@ -673,7 +723,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         draft_steps=args.draft_steps,
     )
     started = time.perf_counter()
-    work = build_workload(args.preset, device, args.photos, args.no_t5)
+    if args.resolution is not None and (args.resolution < 64 or args.resolution % 64):
+        parser.error(f"--resolution must be a multiple of 64, at least 64 (got {args.resolution})")
+    work = build_workload(
+        args.preset,
+        device,
+        args.photos,
+        args.no_t5,
+        resolution=args.resolution,
+        folders=tuple(args.models) if args.models else None,
+    )
     load = ""
     with contextlib.suppress(OSError):
         load = " ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -686,6 +745,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "torch": torch.__version__,
         "repeat": max(1, args.repeat),
         "load_average_at_start": load,
+        "load_average_at_end": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "settings": {
             **settings.__dict__,
             "photos": args.photos,
@@ -710,6 +770,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"median of {report['repeat']}, load {load})"
         )
         print(table(report))
+        train = report["stages"].get("train", {})
+        if "plain_s" in train:
+            print(
+                f"\nplain PyTorch training loop: {seconds(train['plain_s'])} s, peak "
+                f"{train['plain_peak_mb']:.0f} MiB; stencil is {train['plain_ratio']:.2f}x its speed"
+            )
         if report["per_image"]:
             image = report["per_image"]
             print(
