@@ -153,7 +153,11 @@ def test_cpu_training_keeps_freed_memory_only_while_it_runs(tiny_subject_pipe, d
     steps: list[list[bool]] = []
     unet = _fresh_unet(tiny_subject_pipe)
     train_unet(
-        unet, tiny_subject_pipe.scheduler, data, _config(steps=2), on_step=lambda *_: steps.append(list(inside))
+        unet,
+        tiny_subject_pipe.scheduler,
+        data,
+        _config(steps=2),
+        on_step=lambda *_: steps.append(list(inside)),
     )
     assert steps == [[True], [True]] and inside == [True, False]
 
@@ -279,8 +283,21 @@ def _add_subject(cli, tmp_path: Path, name: str = "robot", captions: bool = True
 def test_train_command_end_to_end(cli, tiny_preset, tmp_path: Path) -> None:
     """A done run row with params and losses, a weights file with metadata, mask pictures, show --masks."""
     _add_subject(cli, tmp_path)
-    result = cli("train", "robot", "--subject-model", "tiny", "--steps", "5", "--batch-size", "2",
-                 "--lr", "1e-3", "--seed", "3", "--json")
+    result = cli(
+        "train",
+        "robot",
+        "--subject-model",
+        "tiny",
+        "--steps",
+        "5",
+        "--batch-size",
+        "2",
+        "--lr",
+        "1e-3",
+        "--seed",
+        "3",
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     run = json.loads(result.stdout)
     assert run["status"] == "done" and run["step"] == 5 and len(run["losses"]) == 5
@@ -357,8 +374,18 @@ def test_resume_refuses_changed_captions_or_phrase(cli, tiny_preset, tmp_path: P
         raise KeyboardInterrupt
 
     monkeypatch.setattr(weights, "save_trained_weights", crash_before_saving)
-    result = cli("train", "robot", "--subject-model", "tiny", "--steps", "2", "--batch-size", "2",
-                 "--checkpoint-every", "1")
+    result = cli(
+        "train",
+        "robot",
+        "--subject-model",
+        "tiny",
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--checkpoint-every",
+        "1",
+    )
     assert result.exit_code == 130, result.output
     monkeypatch.setattr(weights, "save_trained_weights", real_save)
     store = open_store()
@@ -410,10 +437,29 @@ def test_sigint_leaves_an_interrupted_run_and_resume_finishes_it(
 ) -> None:
     """Ctrl-C in a `python -m stencil_cli train` subprocess: run interrupted, no weights; --resume ends it."""
     _add_subject(cli, tmp_path)
-    command = [sys.executable, "-m", "stencil_cli", "train", "robot", "--subject-model", "tiny",
-               "--steps", "100000", "--batch-size", "2", "--checkpoint-every", "2"]
-    process = subprocess.Popen(command, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, cwd=Path(__file__).resolve().parents[1])
+    command = [
+        sys.executable,
+        "-m",
+        "stencil_cli",
+        "train",
+        "robot",
+        "--subject-model",
+        "tiny",
+        "--steps",
+        "100000",
+        "--batch-size",
+        "2",
+        "--checkpoint-every",
+        "2",
+    ]
+    process = subprocess.Popen(
+        command,
+        env=dict(os.environ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     run_dir = None
     try:
         deadline = time.monotonic() + 90
