@@ -3,16 +3,30 @@
 from __future__ import annotations
 
 import importlib
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from stencil_cli import __version__
 from stencil_cli.base.threads import configure_threads
+from stencil_cli.cli.ending import end_process
 from stencil_cli.cli.kit import StencilGroup
 from stencil_cli.cli.output import settings
 
-app = typer.Typer(
+
+class StencilTyper(typer.Typer):
+    """The `stencil` app: run as a program (not under a test runner), an ML command ends without the
+    interpreter's teardown once its stores are closed and its output flushed (`cli/ending.py`)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except SystemExit as exit:
+            end_process(exit.code)
+            raise
+
+
+app = StencilTyper(
     name="stencil",
     cls=StencilGroup,
     help="Teach an image model your own subject from a few photos, then render it anywhere.",

@@ -10,6 +10,7 @@ import contextlib
 import gc
 import re
 import warnings
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Literal, get_args
@@ -114,17 +115,36 @@ def native_resolution(pipe: Any) -> int:
     return int(pipe.unet.config.sample_size) * factor
 
 
+def settle_heap() -> None:
+    """Move every object alive now (a loaded pipeline's ~400k) out of the garbage collector's scans.
+
+    A full collection over a loaded pipeline takes 0.2-0.9 s on a CPU and finds nothing (modules are freed
+    by reference counting); frozen objects are still freed by reference counting when dropped.
+    """
+    gc.freeze()
+
+
 def free_pipeline(pipe: Any) -> None:
-    """Drop a pipeline's module references, collect garbage and empty the CUDA cache."""
+    """Drop a pipeline's module references and empty the CUDA cache.
+
+    Reference counting frees the models; only when one of them survives (a reference cycle) does a full
+    collection run, with the frozen heap unfrozen for it. `pipe=None` collects what is unreachable.
+    """
     import torch
 
+    survivors: list[weakref.ref[Any]] = []
     if pipe is not None:
         components = getattr(pipe, "components", None)
         if isinstance(components, dict):
-            for name in list(components):
+            survivors = [weakref.ref(m) for m in components.values() if isinstance(m, torch.nn.Module)]
+            del components
+            for name in list(getattr(pipe, "components", {})):
                 with contextlib.suppress(Exception):
                     setattr(pipe, name, None)
-    gc.collect()
+    if pipe is None or any(ref() is not None for ref in survivors):
+        gc.unfreeze()
+        gc.collect()
+        gc.freeze()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 

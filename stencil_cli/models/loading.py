@@ -15,7 +15,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stencil_cli.base.errors import StencilError
-from stencil_cli.models.devices import quiet_libraries, resolve_device, resolve_dtype, subject_dtype
+from stencil_cli.models.devices import (
+    quiet_libraries,
+    resolve_device,
+    resolve_dtype,
+    settle_heap,
+    subject_dtype,
+)
 from stencil_cli.models.hub import (
     cached_eval_model,
     cached_snapshot,
@@ -319,6 +325,7 @@ def load_subject_pipeline(
     pipe.scheduler = sd15_ddim_scheduler(dict(pipe.scheduler.config))
     pipe.to(torch_device)
     pipe.set_progress_bar_config(disable=True)
+    settle_heap()
     return pipe
 
 
@@ -346,6 +353,7 @@ def load_context_pipeline(
     pipe = from_pretrained(DiffusionPipeline, location, **kwargs)
     pipe.to(torch_device)
     pipe.set_progress_bar_config(disable=True)
+    settle_heap()
     return pipe
 
 

@@ -5,6 +5,7 @@ This module never imports torch.
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 
 from stencil_cli.store.config import ConfigQueries
@@ -24,6 +25,21 @@ class Store(RunQueries, GenerationQueries, DraftPromptCache, Upkeep, ConfigQueri
     """
 
 
+_OPEN: weakref.WeakSet[Store] = weakref.WeakSet()  # every store this process opened and still holds
+
+
 def open_store(root: Path | None = None, *, read_only: bool | None = None) -> Store:
     """Open (and migrate) the store at `root` or the default location (see `Store` for `read_only`)."""
-    return Store(root, read_only=read_only)
+    store = Store(root, read_only=read_only)
+    _OPEN.add(store)
+    # a dropped store closes its connection at once (pending statements finalised, the WAL checkpointed)
+    # instead of whenever the connection object happens to be freed
+    weakref.finalize(store, store.db.conn.close)
+    return store
+
+
+def close_open_stores() -> None:
+    """Close the database connection of every store `open_store` opened in this process (before it ends)."""
+    for store in list(_OPEN):
+        store.close()
+        _OPEN.discard(store)
