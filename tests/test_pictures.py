@@ -65,8 +65,8 @@ def test_the_loss_curve_has_titled_axes_gridlines_and_readable_text() -> None:
     figure = loss_curve_figure([1.0 / (step + 1) for step in range(100)], "run 3 of cat")
     FigureCanvasAgg(figure)
     [axes] = figure.axes
-    assert axes.get_xlabel() == "training step" and axes.get_ylabel().startswith("loss")
-    assert axes.get_title() == "run 3 of cat"
+    assert axes.get_xlabel() == "training step" and axes.get_ylabel() == "training loss (MSE)"
+    assert axes.get_title(loc="left") == "run 3 of cat"
     assert all(line.get_visible() for line in axes.get_ygridlines())
     assert len([t for t in axes.get_yticklabels() if t.get_text()]) >= 4  # more than min and max
     height = figure.bbox.height
@@ -82,7 +82,7 @@ def test_the_loss_curve_labels_are_drawn_on_the_picture() -> None:
     [axes] = figure.axes
     axes.set_xlabel("")
     axes.set_ylabel("")
-    axes.set_title("")
+    axes.set_title("", loc="left")
     bare = png(figure_png(figure))
     assert labelled.size == bare.size == (720, 360)
     assert changed_box(labelled, bare) is not None

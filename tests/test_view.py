@@ -12,11 +12,14 @@ from urllib.parse import unquote, urlparse
 
 import pytest
 from photos import add_subject
-from PIL import Image
+from PIL import Image, PngImagePlugin
 from test_history import done_run, fake_image
 
 from stencil_cli.store.db import Store
 from stencil_cli.store.layout import LOSS_CURVE_NAME, MASKS_DIR, SAMPLES_DIR, mask_path
+from stencil_cli.verbs.sheets import Layout
+from stencil_cli.verbs.train import mask_files
+from stencil_cli.verbs.view import mask_panels
 
 HOSTILE = 'a toy robot <script>alert("x")</script> & <marquee>friends</marquee>'
 
@@ -263,19 +266,28 @@ def test_show_masks_writes_a_contact_sheet_of_photos_beside_their_masks(cli: Any
     for image in subject.images:
         mask = mask_path(store.subject_dir("robot") / MASKS_DIR, image)
         mask.parent.mkdir(parents=True, exist_ok=True)
-        Image.new("RGB", (64, 64), (250, 0, 0)).save(mask)
+        text = PngImagePlugin.PngInfo()
+        text.add_text("stencil:caption", f"a toy robot, photo {image['id']}, on a <desk>")
+        text.add_text("stencil:coverage", "0.4")
+        Image.new("RGB", (64, 64), (250, 0, 0)).save(mask, pnginfo=text)
     result = cli("show", "robot", "--masks")
     assert result.exit_code == 0, result.output
     assert len(result.stdout.strip().splitlines()) == 2  # one line per photo, as before
     sheet = store.subject_dir("robot") / MASKS_DIR / "contact-sheet.png"
     assert "contact sheet" in result.stderr and sheet.name in result.stderr
     assert json.loads(cli("show", "robot", "--masks", "--json").stdout)["contact_sheet"] == str(sheet)
+    panels = mask_panels(mask_files(store, subject), 256)
+    first = subject.images[0]["id"]
+    assert [p.label for p in panels[0].pictures] == [f"photo {first}", "mask, 40% of the picture"]
+    assert panels[0].caption == f"caption: a toy robot, photo {first}, on a <desk>"  # what it was asked for
+    layout = Layout(256)
     with Image.open(sheet) as picture:
         pixels = picture.convert("RGB")
         assert picture.width > picture.height  # two pairs side by side
-        cell = picture.height - 18  # one row of pairs with its labels
-        assert pixels.getpixel((cell + cell // 2, cell // 2)) == (250, 0, 0)  # the mask beside photo 1
-        assert pixels.getpixel((cell // 2, cell // 2)) == (20, 90, 160)  # photo 1 itself
+        middle = layout.pad + 128
+        row = [pixels.getpixel((x, middle)) for x in range(pixels.width)]
+        assert row.index((250, 0, 0)) > layout.pad + 200  # the mask to the right of photo 1
+        assert row.index((250, 0, 0)) < layout.pad + 256 + 16
 
 
 # -- the page shows each image beside its draft, grouped by prompt -----------------------------------------

@@ -61,10 +61,11 @@ def loss_curve_figure(losses: list[float], title: str = "training loss") -> Figu
                 linewidth=2,
                 label=f"running mean of {window} step{'s' if window != 1 else ''}",
             )
-            axes.legend(loc="upper right")
-        axes.set_title(title)
+            # above the plot, right of the title: never over the curve
+            axes.legend(loc="lower right", bbox_to_anchor=(1, 1), ncols=2, frameon=False, borderaxespad=0.2)
+        axes.set_title(title, loc="left")
         axes.set_xlabel("training step")
-        axes.set_ylabel("loss (masked MSE)")
+        axes.set_ylabel("training loss (MSE)")
         axes.grid(True, color="#dddddd", linewidth=0.8)
         axes.set_axisbelow(True)
         if steps:
