@@ -233,3 +233,55 @@ def test_grid_labels_each_tile_with_seed_and_tau_and_frames_the_identical_one() 
     )
     box = changed_box(sheet, bare)
     assert box is not None and box[3] > top + cell  # the labels (under the tiles) are drawn
+
+
+# -- the bench pictures -----------------------------------------------------------------------------------
+
+
+def test_the_bench_contact_sheet_labels_each_row_with_its_prompt(tmp_path: Any) -> None:
+    from stencil_cli.store.records import Generation
+    from stencil_cli.verbs.bench import contact_sheet_rows, plot_scores
+
+    rows = []
+    for index, (prompt, seed) in enumerate(
+        [("a dog in the jungle", 0), ("a dog in the jungle", 1), ("a dog on the moon", 0)]
+    ):
+        path = tmp_path / f"{index}.png"
+        solid((index * 60, 100, 100)).save(path)
+        prompt_index = 0 if "jungle" in prompt else 1
+        rows.append(
+            Generation(
+                index + 1,
+                1,
+                1,
+                prompt,
+                None,
+                seed,
+                60.0,
+                {"bench": {"prompt_index": prompt_index}},
+                path,
+                None,
+                {"dino": 0.5 + index / 10},
+                "2026-01-01",
+            )
+        )
+    photos = [solid((200, 200, 0)), solid((0, 200, 200))]
+    sheet_rows = contact_sheet_rows("dog", photos, ["a {0} {1} in the jungle", "a {0} {1} on the moon"], rows)
+    assert [row.heading for row in sheet_rows] == [
+        "dog: reference photos",
+        "p0: a dog in the jungle",
+        "p1: a dog on the moon",
+    ]
+    assert [p.pictures[0].label for p in sheet_rows[1].panels] == ["seed 0 · DINO 0.50", "seed 1 · DINO 0.60"]
+    sheet = draw_sheet(sheet_rows, 160)
+    bare = draw_sheet([SheetRow(row.panels) for row in sheet_rows], 160)
+    assert bare.height < sheet.height and changed_box(sheet, bare) is not None  # the headings are drawn
+    chart = png(
+        plot_scores(
+            {
+                "subjects": [{"subject": "dog", "dino": 0.5, "clip_t": 0.3, "clip_i": 0.7}],
+                "overall": {"dino": 0.5, "clip_t": 0.3, "clip_i": 0.7},
+            }
+        )
+    )
+    assert chart.width >= 500
