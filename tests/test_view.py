@@ -407,11 +407,10 @@ def test_view_run_cards_show_the_settings_as_one_small_table_beside_the_chart(
     page = Page(Path(cli("view", "robot", "--no-open").stdout.strip()))
     [card] = page.section("runs").find_all("article", "run")
     [table] = card.find_all("table", "settings")
-    header, values = table.find_all("tr")
-    keys = [cell.all_text() for cell in header.find_all("th")]
-    cells = [cell.all_text() for cell in values.find_all("td")]
-    assert len(keys) == len(cells) and dict(zip(keys, cells, strict=True))["lr"] == "3e-05"
-    assert dict(zip(keys, cells, strict=True))["base model"] == "tiny"
+    cells = [cell for row in table.find_all("tr") for cell in row.children]
+    assert [cell.tag for cell in cells] == ["th", "td"] * (len(cells) // 2)  # key, value, key, value ...
+    settings = {key.all_text(): value.all_text() for key, value in zip(cells[::2], cells[1::2], strict=True)}
+    assert settings["lr"] == "3e-05" and settings["base model"] == "tiny" and settings["resolution"] == "64"
     [chart] = card.find_all("img", "chart")
     assert page.file(chart.attrs["src"]).name == LOSS_CURVE_NAME
     assert "full" in card.find_all("p", "headline")[0].all_text() and len(store.list_runs("robot")) == 1

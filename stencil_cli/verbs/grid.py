@@ -61,7 +61,7 @@ def _same_pixels(a: Image.Image, b: Image.Image) -> bool:
 
 
 def _tau_text(tau: float | None) -> str:
-    return "no tau (plain)" if tau is None else f"tau {tau:g}"
+    return "plain" if tau is None else f"tau {tau:g}"
 
 
 def grid_sheet(rows: list[GridRow], cell: int | None = None) -> Image.Image:
