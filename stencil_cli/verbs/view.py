@@ -33,7 +33,7 @@ from stencil_cli.verbs.history import run_kind
 from stencil_cli.verbs.sheets import Panel, Picture, SheetRow, draw_sheet
 from stencil_cli.verbs.train import mask_files
 
-TEMPLATE = "view.html.j2"  # in verbs/templates/
+TEMPLATE = "subject.html.j2"  # in verbs/templates/
 PICTURE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif"}
 # run settings worth a line on the page, in this order (the rest stay in `stencil runs --json`)
 RUN_SETTINGS = (
