@@ -94,7 +94,15 @@ def scores_figure(groups: list[tuple[str, dict[str, Any]]]) -> Figure:
             positions = [g + (k - 1) * bar for g in range(len(groups))]
             values = [float(scores.get(key) or 0.0) for _, scores in groups]
             bars = axes.bar(positions, values, bar * 0.95, color=SCORE_COLOURS[key], label=SCORE_NAMES[key])
-            axes.bar_label(bars, fmt="%.2f", padding=2, fontsize=FONT_PT - 2)
+            # on a white box: a dashed paper line through a value never hides it
+            axes.bar_label(
+                bars,
+                fmt="%.2f",
+                padding=2,
+                fontsize=FONT_PT - 1,
+                bbox={"facecolor": "white", "edgecolor": "none", "pad": 0.5},
+                zorder=5,
+            )
         for key, value in PAPER_SCORES.items():
             axes.axhline(
                 value,
