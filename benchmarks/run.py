@@ -329,20 +329,26 @@ def build_workload(
     *,
     resolution: int | None = None,
     folders: tuple[str, str] | None = None,
+    with_context: bool = True,
 ) -> Workload:
     """Tiny (in memory) or full-size random-weight pipelines on `device`, fp32 (bench_generate's builders, or
     saved model `folders` (subject, context) loaded as stencil loads them), and synthetic photos at
-    `resolution` (default: the subject model's native size)."""
+    `resolution` (default: the subject model's native size). Without `with_context` (no image stage is
+    run) the context model is not loaded."""
     torch.manual_seed(0)
     with models.quiet_libraries():
         if folders is not None:
             subject = models.load_subject_pipeline(folders[0], device=str(device), precision="fp32")
-            context = models.load_context_pipeline(
-                folders[1], device=str(device), precision="fp32", no_t5=no_t5
+            context = (
+                models.load_context_pipeline(folders[1], device=str(device), precision="fp32", no_t5=no_t5)
+                if with_context
+                else None
             )
         else:
             subject = bench_generate.build_subject(preset, device, torch.float32)
-            context = bench_generate.build_context(preset, device, torch.float32, no_t5)
+            context = (
+                bench_generate.build_context(preset, device, torch.float32, no_t5) if with_context else None
+            )
     resolution = resolution or models.native_resolution(subject)
     gen_dtype = models.resolve_dtype("auto", device)
     precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(gen_dtype, "fp32")
@@ -498,7 +504,7 @@ def stage_calls(
 def prepare(stage: str, path: str, work: Workload) -> None:
     """Untimed set-up before a call: only the stage's pipeline on the device, weights and dtype as
     `stencil train` / `stencil gen` (or the reference) would have them."""
-    if work.device.type != "cpu":
+    if work.device.type != "cpu" and work.context is not None:
         (work.subject if stage == "draft" else work.context).to("cpu")
         gc.collect()
         torch.cuda.empty_cache()
@@ -526,7 +532,8 @@ def run_benchmark(
     results = {stage: StageResult(authors=authors_counts(stage, s, len(work.photos))) for stage in stages}
     counter = PassCounter()
     counter.attach(work.subject.unet, "unet")
-    counter.attach(work.context.transformer, "context")
+    if work.context is not None:
+        counter.attach(work.context.transformer, "context")
     wanted = set(stages) | {d for stage in stages for d in DEPENDS.get(stage, ())}
     needed = [stage for stage in STAGES if stage in wanted]
     if warmup:
@@ -732,6 +739,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.no_t5,
         resolution=args.resolution,
         folders=tuple(args.models) if args.models else None,
+        with_context=bool({"draft", "inversion", "denoise"} & set(stages)),
     )
     load = ""
     with contextlib.suppress(OSError):

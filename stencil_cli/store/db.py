@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import weakref
 from pathlib import Path
+from typing import Any
 
 from stencil_cli.store.config import ConfigQueries
 from stencil_cli.store.drafts import DraftPromptCache
@@ -25,21 +26,19 @@ class Store(RunQueries, GenerationQueries, DraftPromptCache, Upkeep, ConfigQueri
     """
 
 
-_OPEN: weakref.WeakSet[Store] = weakref.WeakSet()  # every store this process opened and still holds
+# the database handle of every store this process opened, while anything still holds it
+_OPEN: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def open_store(root: Path | None = None, *, read_only: bool | None = None) -> Store:
     """Open (and migrate) the store at `root` or the default location (see `Store` for `read_only`)."""
     store = Store(root, read_only=read_only)
-    _OPEN.add(store)
-    # a dropped store closes its connection at once (pending statements finalised, the WAL checkpointed)
-    # instead of whenever the connection object happens to be freed
-    weakref.finalize(store, store.db.conn.close)
+    _OPEN.add(store.db)
     return store
 
 
 def close_open_stores() -> None:
     """Close the database connection of every store `open_store` opened in this process (before it ends)."""
-    for store in list(_OPEN):
-        store.close()
-        _OPEN.discard(store)
+    for db in list(_OPEN):
+        db.conn.close()  # finalises pending statements; the last connection checkpoints and removes the WAL
+        _OPEN.discard(db)
