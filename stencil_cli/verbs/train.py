@@ -454,6 +454,8 @@ def write_mask_pictures(
         text.add_text("stencil:caption", captions[index])
         text.add_text("stencil:threshold", str(threshold))
         text.add_text("stencil:coverage", f"{coverage:.4f}")
+        if index < len(data.boxes):  # where the trained square lies in the photo (left, top, right, bottom)
+            text.add_text("stencil:crop", ",".join(str(value) for value in data.boxes[index]))
         buffer = io.BytesIO()
         picture.save(buffer, format="PNG", pnginfo=text)
         paths = []
