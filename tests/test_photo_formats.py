@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from photos import make_photo
+from photos import make_photo, make_scene
 from PIL import Image
 
 from stencil_cli.base import formats
@@ -22,8 +22,8 @@ LEVELS = 2  # "the same pixels": every channel of every pixel within 2 levels
 
 
 def _jpeg_source(tmp_path: Path) -> tuple[Path, np.ndarray]:
-    """A photo-like JPEG (smooth gradients and a shape) and its decoded pixels."""
-    path = make_photo(tmp_path / "source.jpg", size=(640, 512), quality=95)
+    """A photo-like JPEG (gradients and soft shapes in muted colours) and its decoded pixels."""
+    path = make_scene(tmp_path / "source.jpg", quality=95)
     with Image.open(path) as image:
         return path, np.asarray(image.convert("RGB"), dtype=np.int16)
 
@@ -82,10 +82,21 @@ def test_heic_and_avif_in_a_folder_are_added_with_the_rest(cli, tmp_path: Path) 
 def test_accepted_suffixes_are_pillows_registry_with_heif() -> None:
     suffixes = formats.photo_suffixes()
     Image.init()
-    openable = {s for s, name in Image.registered_extensions().items() if name in Image.OPEN}
-    assert suffixes == openable
-    assert {".heic", ".heif", ".avif", ".jpg", ".jpeg", ".png", ".webp", ".tif"} <= suffixes
+    registry = Image.registered_extensions()
+    assert suffixes <= set(registry)
+    assert {".heic", ".heif", ".avif", ".jpg", ".jpeg", ".png", ".webp", ".tif", ".tga", ".jp2"} <= suffixes
     assert ".pdf" not in suffixes  # Pillow writes PDF but cannot read it
+    assert not {".mpg", ".mpeg", ".h5", ".grib", ".eps", ".wmf"} & suffixes  # identified, not decoded
+    everything_decodable = {s for s, name in registry.items() if formats.is_photo_format(name)}
+    assert suffixes == everything_decodable
+
+
+def test_a_video_pillow_only_identifies_is_passed_over_in_a_folder(tmp_path: Path) -> None:
+    make_photo(tmp_path / "a.jpg")
+    (tmp_path / "clip.mpg").write_bytes(b"\x00\x00\x01\xb3" + b"\x00" * 200)  # an MPEG sequence header
+    found = find_photos([tmp_path])
+    assert [source.path.name for source in found.sources] == ["a.jpg"]
+    assert found.other == 1 and found.rejected == []
 
 
 def test_a_folder_takes_every_registered_format(tmp_path: Path) -> None:

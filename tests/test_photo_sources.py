@@ -4,7 +4,6 @@ over with a count, and `.zip` files of photos read safely in memory."""
 from __future__ import annotations
 
 import json
-import os
 import stat
 import zipfile
 from pathlib import Path
@@ -258,13 +257,3 @@ def test_a_single_refusal_is_one_line_naming_the_file_and_the_fix(cli, tmp_path:
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
     assert "notes.jpg" in lines[0] and "convert it to JPEG or PNG" in lines[0] and "--skip-bad" in lines[0]
-
-
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
-def test_an_unreadable_file_names_the_fix(tmp_path: Path) -> None:
-    from stencil_cli.base.images import RejectedImage, prepare_image
-
-    photo = make_photo(tmp_path / "locked.jpg")
-    photo.chmod(0)
-    result = prepare_image(photo)
-    assert isinstance(result, RejectedImage) and "cannot be read" in result.reason

@@ -1,8 +1,8 @@
 """Which photo formats stencil reads: Pillow's own registry plus pillow-heif's HEIC/HEIF opener.
 
 The accepted suffixes are asked of the libraries (`PIL.Image.registered_extensions()`), never written out by
-hand: whatever the installed Pillow (and pillow-heif) can open is a photo. `docs/store.md` lists them
-(`python -m stencil_cli.base.formats` prints that list; a test checks it).
+hand: whatever the installed Pillow (and pillow-heif) can decode into pixels is a photo. `docs/store.md`
+lists them (`python -m stencil_cli.base.formats` prints that list; a test checks it).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import sys
 
-from PIL import Image
+from PIL import Image, ImageFile
 
 HEIF_SUFFIXES = frozenset({".heic", ".heif", ".heics", ".heifs", ".hif"})
 HEIF_PACKAGE = "pillow-heif"
@@ -27,13 +27,24 @@ def heif_available() -> bool:
     return True
 
 
+def is_photo_format(name: str) -> bool:
+    """Whether Pillow can decode format `name` into pixels: it opens it (PDF it only writes), it is no stub
+    that needs an outside handler (BUFR, GRIB, HDF5, WMF), and Pillow registers no non-image MIME type for
+    it (MPEG video it only identifies; PostScript needs Ghostscript)."""
+    if name not in Image.OPEN:
+        return False
+    factory = Image.OPEN[name][0]
+    if isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile):
+        return False
+    return Image.MIME.get(name, "image/").startswith("image/")
+
+
 def _openable_formats() -> dict[str, str]:
-    """Suffix -> Pillow format, for the formats Pillow can open (not those it can only write, like PDF)."""
+    """Suffix -> Pillow format, for every photo format (`is_photo_format`) of Pillow's registry."""
     heif_available()
     Image.init()
-    return {
-        suffix.lower(): name for suffix, name in Image.registered_extensions().items() if name in Image.OPEN
-    }
+    registry = Image.registered_extensions()
+    return {suffix.lower(): name for suffix, name in registry.items() if is_photo_format(name)}
 
 
 def photo_suffixes() -> frozenset[str]:

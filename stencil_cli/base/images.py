@@ -30,7 +30,6 @@ __all__ = [
 MIN_SIDE = 256  # shorter side below this is refused
 RECOMMENDED_SIDE = 512  # shorter side below this gets a warning
 MAX_PIXELS = 64_000_000  # decompression-bomb guard (Pillow's own default is ~89 MP)
-LOSSY_PHOTO_FORMATS = frozenset({"JPEG", "MPO", "HEIF", "AVIF"})  # stored as quality-95 JPEG, the rest as PNG
 UNREADABLE_HINT = "convert it to JPEG or PNG, or remove it"
 
 
@@ -154,8 +153,9 @@ def prepare_image(source: Path | PhotoSource) -> PreparedImage | RejectedImage:
             f"{path.name} is {image.width}x{image.height}; {RECOMMENDED_SIDE} px or more trains better"
         )
     buffer = io.BytesIO()
-    # photos stay JPEG (high quality, small); everything else becomes lossless PNG
-    suffix = ".jpg" if source_format in LOSSY_PHOTO_FORMATS else ".png"
+    # JPEG photos stay JPEG (high quality, small); everything else (HEIC and AVIF too: a second lossy
+    # codec would add its losses to theirs) becomes lossless PNG
+    suffix = ".jpg" if source_format == "JPEG" else ".png"
     if suffix == ".jpg":
         image.save(buffer, format="JPEG", quality=95, subsampling=0)
     else:
