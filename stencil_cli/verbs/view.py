@@ -402,11 +402,12 @@ def mask_sheet(store: Store, name: str, cell: int = 256) -> MaskSheet | None:
     for index, (image, mask) in enumerate(pairs):
         x = (index % per_row) * (2 * cell + gap)
         y = (index // per_row) * (cell + label_h + gap)
-        for offset, path, label in (
-            (0, Path(image["file"]), f"photo {image['id']}"),
-            (cell, mask, _mask_label(mask)),
+        box = crop_box(mask)
+        for offset, path, label, crop in (
+            (0, Path(image["file"]), f"photo {image['id']}", box),
+            (cell, mask, _mask_label(mask), None),
         ):
-            tile = _tile(path, cell)
+            tile = _tile(path, cell, crop)
             if tile is None:
                 draw.rectangle([x + offset, y, x + offset + cell - 1, y + cell - 1], fill=(235, 235, 235))
             else:
@@ -419,7 +420,7 @@ def mask_sheet(store: Store, name: str, cell: int = 256) -> MaskSheet | None:
     return MaskSheet(path, len(pairs), sum(1 for _, mask in pairs if mask))
 
 
-def _tile(path: Path | None, cell: int) -> Any:
+def _tile(path: Path | None, cell: int, box: tuple[int, int, int, int] | None = None) -> Any:
 
     if path is None or not path.is_file():
         return None
@@ -428,8 +429,25 @@ def _tile(path: Path | None, cell: int) -> Any:
             picture = opened.convert("RGB")
     except OSError:
         return None
+    if box is not None and box[2] <= picture.width and box[3] <= picture.height:
+        picture = picture.crop(box)  # the square that was trained, as its mask picture shows it
     picture.thumbnail((cell, cell))
     return picture
+
+
+def crop_box(mask: Path | None) -> tuple[int, int, int, int] | None:
+    """Where the trained square lies in the photo, as its mask picture records it (None if it does not)."""
+    if mask is None or not mask.is_file():
+        return None
+    try:
+        with Image.open(mask) as opened:
+            text = opened.info.get("stencil:crop")
+        left, top, right, bottom = (int(value) for value in str(text).split(","))
+    except (OSError, ValueError):
+        return None
+    if not (0 <= left < right and 0 <= top < bottom):
+        return None
+    return left, top, right, bottom
 
 
 def _mask_label(path: Path | None) -> str:
