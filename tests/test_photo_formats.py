@@ -36,12 +36,13 @@ def _stored_pixels(prepared: PreparedImage | RejectedImage) -> np.ndarray:
         return np.asarray(image.convert("RGB"), dtype=np.int16)
 
 
-def _heic(source: np.ndarray, path: Path) -> Path:
+def _heic(source: np.ndarray, path: Path, **options: object) -> Path:
+    """`source` as a lossless HEIC (RGB kept as RGB): the test is of stencil's decoding, not of the codec."""
     import pillow_heif
 
     pillow_heif.from_bytes(
         mode="RGB", size=(source.shape[1], source.shape[0]), data=source.astype(np.uint8).tobytes()
-    ).save(path, quality=-1, chroma=444)  # lossless: the test is of stencil's decode, not of the codec
+    ).save(path, quality=-1, chroma=444, matrix_coefficients=0, **options)
     return path
 
 
@@ -51,6 +52,16 @@ def test_heic_photo_is_stored_as_its_jpeg_sources_pixels(tmp_path: Path) -> None
     stored = _stored_pixels(prepared)
     assert stored.shape == source.shape
     assert int(np.abs(stored - source).max()) <= LEVELS
+
+
+def test_an_iphone_style_display_p3_heic_is_converted_to_srgb(tmp_path: Path) -> None:
+    from iccprofiles import DISPLAY_P3, expected_srgb, matrix_profile
+
+    patch = (200, 120, 60)
+    source = np.zeros((300, 300, 3), dtype=np.int16) + np.array(patch, dtype=np.int16)
+    path = _heic(source, tmp_path / "IMG_0002.HEIC", icc_profile=matrix_profile(DISPLAY_P3))
+    stored = _stored_pixels(prepare_image(path))
+    assert np.abs(stored[150, 150] - expected_srgb(patch, DISPLAY_P3)).max() <= LEVELS
 
 
 def test_avif_photo_is_stored_as_its_jpeg_sources_pixels(tmp_path: Path) -> None:
