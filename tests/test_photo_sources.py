@@ -107,6 +107,14 @@ def test_apple_double_and_hidden_files_are_passed_over_with_a_count(cli, tmp_pat
     assert data["passed_over"] == {"hidden": 4, "other": 1}
 
 
+def test_an_apple_double_file_named_on_the_command_line_is_passed_over(cli, tmp_path: Path) -> None:
+    photo = make_photo(tmp_path / "01.jpg")
+    twin = _apple_double(tmp_path / "._01.jpg")  # as `find . -name '*.jpg' | xargs stencil add` gives it
+    result = cli("add", "mac", photo, twin)
+    assert result.exit_code == 0, result.output
+    assert "added 1 photo(s)" in result.stdout and "passed over 1 hidden file(s)" in result.stdout
+
+
 def test_a_folder_of_only_hidden_files_says_what_it_passed_over(cli, tmp_path: Path) -> None:
     folder = tmp_path / "empty"
     folder.mkdir()

@@ -26,6 +26,7 @@ MAX_ZIP_BYTES = 4 * 1024 * 1024 * 1024  # every member of one zip, uncompressed
 MAX_RATIO = 100  # uncompressed / compressed above this (for members over RATIO_FLOOR) is a zip bomb
 RATIO_FLOOR = 1024 * 1024  # small members may compress well (a flat PNG) without being a threat
 HIDDEN_FOLDERS = frozenset({"__MACOSX"})  # macOS zips keep their AppleDouble files there
+APPLE_DOUBLE_PREFIX = "._"  # macOS's resource-fork twin of a file on a non-Mac disk
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,8 @@ def find_photos(paths: list[Path], *, recursive: bool = False) -> FoundPhotos:
             _walk_folder(path, found, suffixes, recursive)
         elif path.is_file() and path.suffix.lower() == ZIP_SUFFIX:
             _read_zip(path, found, suffixes)
+        elif path.is_file() and path.name.startswith(APPLE_DOUBLE_PREFIX):
+            found.hidden += 1  # a macOS resource file, never a photo, even when named (`find ... | xargs`)
         elif path.is_file():
             found.sources.append(PhotoSource(path))
         else:

@@ -124,7 +124,7 @@ def train(
             "--resolution",
             min=64,
             max=2048,
-            help="Image size, centre crop (default: the model's, 512 for SD1.5).",
+            help="Size of the photos' square crops (default: the model's, 512 for SD1.5).",
         ),
     ] = None,
     train_what: Annotated[

@@ -197,7 +197,7 @@ def prepare_training_data(
     """Encode photos and captions once and compute the subject masks with the frozen UNet.
 
     With masks, each non-square photo's crop is placed on its subject first (`subject_boxes`); the masks
-    are then computed on the crops that are trained. Square photos (and --no-mask) are centre-cropped."""
+    are then computed on the crops that are trained. Square photos (and use_mask off) are centre-cropped."""
     if len(images) != len(captions) or not images:
         raise ValueError("need one caption per photo, and at least one photo")
     weights = token_weights(pipe.tokenizer, captions, phrase or "") if config.use_mask else None
