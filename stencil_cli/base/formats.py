@@ -8,6 +8,7 @@ lists them (`python -m stencil_cli.base.formats` prints that list; a test checks
 from __future__ import annotations
 
 import functools
+import importlib
 import sys
 
 from PIL import Image, ImageFile
@@ -18,13 +19,18 @@ HEIF_PACKAGE = "pillow-heif"
 
 @functools.cache
 def heif_available() -> bool:
-    """Register pillow-heif's HEIC/HEIF opener with Pillow (once); False when pillow-heif is not installed."""
-    try:
-        import pillow_heif
-    except ImportError:
-        return False
-    pillow_heif.register_heif_opener()
-    return True
+    """Register pillow-heif's HEIC/HEIF opener with Pillow (once); False when it is not installed.
+
+    pi-heif, the same project's decode-only build (its wheels leave out the GPL x265 encoder), serves as well
+    where a packager installs it instead."""
+    for module in ("pillow_heif", "pi_heif"):
+        try:
+            plugin = importlib.import_module(module)
+        except ImportError:
+            continue
+        plugin.register_heif_opener()
+        return True
+    return False
 
 
 def is_photo_format(name: str) -> bool:
