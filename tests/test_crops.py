@@ -214,3 +214,38 @@ def test_mask_pictures_and_the_contact_sheet_show_the_trained_crop(
     with Image.open(sheet) as picture:
         photo_tile = picture.convert("RGB").crop((0, 0, 256, 256))
     assert photo_tile.getpixel((128, 200)) == top  # the photo beside its mask is the trained crop
+
+
+def test_centre_crops_can_be_asked_for_and_take_no_extra_pass(
+    tiny_subject_pipe: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    real = training.compute_masks
+    monkeypatch.setattr(training, "compute_masks", lambda *a, **k: calls.append(1) or real(*a, **k))
+    photo = _tall_photo()
+    config = TrainConfig(resolution=64, steps=1, batch_size=1, crop="centre")
+    data = prepare_training_data(tiny_subject_pipe, [photo], [CAPTION], PHRASE, config)
+    assert calls == [1] and data.boxes == [centre_box(320, 640)]
+    assert "crop" in config.to_params()  # recorded with the run and in the weights' metadata
+
+
+def test_a_run_begun_before_subject_crops_resumes_with_its_centre_crops(cli: Any, tmp_path: Path) -> None:
+    from photos import add_subject
+
+    from stencil_cli.verbs.train import TrainRequest, resumed_config
+
+    store = add_subject(cli, tmp_path)
+    old_params = {key: value for key, value in TrainConfig().to_params().items() if key != "crop"}
+    old = store.create_run("robot", old_params, "tiny")
+    config, _ = resumed_config(store, old, TrainRequest("robot", resume=True))
+    assert config.crop == "centre"
+    new = store.create_run("robot", TrainConfig().to_params(), "tiny")
+    assert resumed_config(store, new, TrainRequest("robot", resume=True))[0].crop == "subject"
+
+
+def test_an_unknown_crop_choice_is_refused_by_field() -> None:
+    from stencil_cli.base.errors import FieldError
+
+    with pytest.raises(FieldError) as caught:
+        TrainConfig(crop="middle").validate()  # type: ignore[arg-type]
+    assert caught.value.fields == ("crop",)

@@ -10,10 +10,14 @@ Boxes are (left, top, right, bottom) in the photo's pixels.
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import numpy as np
 from PIL import Image
 
 Box = tuple[int, int, int, int]
+CropChoice = Literal["subject", "centre"]  # a non-square photo's square: on its subject, or its middle
+CROP_CHOICES: tuple[CropChoice, ...] = get_args(CropChoice)
 LETTERBOX_FILL = (127, 127, 127)  # about 0 once scaled to [-1, 1]: no colour for the mask pass to see
 
 

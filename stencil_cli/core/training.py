@@ -25,7 +25,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from stencil_cli.base.crops import Box, box_from_canvas_mask, centre_box, crop_resize, letterbox
+from stencil_cli.base.crops import (
+    CROP_CHOICES,
+    Box,
+    CropChoice,
+    box_from_canvas_mask,
+    centre_box,
+    crop_resize,
+    letterbox,
+)
 from stencil_cli.base.errors import FieldError, StencilError
 from stencil_cli.base.fsutil import atomic_write_with
 from stencil_cli.base.images import center_crop_resize
@@ -71,6 +79,7 @@ class TrainConfig:
     mask_from: MaskFrom = "caption"  # the paper's, or the authors' [empty, caption] batch averaged
     lora_rank: int | None = None  # None: fine-tune the decoder itself (the paper); N: LoRA adapters of rank N
     lora_alpha: float | None = None  # LoRA scale numerator (alpha / rank); None: alpha = rank
+    crop: CropChoice = "subject"  # runs from before subject crops have no "crop" in their params: "centre"
 
     @property
     def kind(self) -> WeightsKind:
@@ -107,6 +116,8 @@ class TrainConfig:
             raise FieldError("mask_from", f"must be one of {', '.join(MASK_FROM)} (got {self.mask_from!r})")
         if not 0 <= self.mask_timestep < 1000:
             raise FieldError("mask_timestep", "must be in [0, 1000)")
+        if self.crop not in CROP_CHOICES:
+            raise FieldError("crop", f"must be one of {', '.join(CROP_CHOICES)} (got {self.crop!r})")
         if self.lora_rank is not None and (isinstance(self.lora_rank, bool) or int(self.lora_rank) < 1):
             raise FieldError("lora_rank", f"must be at least 1 (got {self.lora_rank})")
         if self.lora_alpha is not None and not (self.lora_alpha > 0 and math.isfinite(self.lora_alpha)):
@@ -208,7 +219,7 @@ def prepare_training_data(
         else None
     )
     boxes: list[Box | None] = [None] * len(images)
-    if weights is not None:
+    if weights is not None and config.crop == "subject":
         boxes = subject_boxes(pipe, images, embeddings, weights, config, empty)
     pixels, crops = images_to_tensor(images, config.resolution, boxes)
     latents = encode_latents(pipe.vae, pixels)
