@@ -405,15 +405,15 @@ def mask_panels(pairs: list[tuple[dict[str, Any], Path | None]], cell: int) -> l
         facts = _mask_facts(mask)
         caption = facts.get("caption") or image["caption"]
         pictures = [
-            Picture(_tile(Path(image["file"]), cell), f"photo {image['id']}"),
+            Picture(_tile(Path(image["file"]), cell, crop_box(mask)), f"photo {image['id']}"),
             Picture(_tile(mask, cell), _mask_label(mask, facts)),
         ]
         panels.append(Panel(pictures, caption=f"caption: {caption}" if caption else "no caption yet"))
     return panels
 
 
-def _tile(path: Path | None, cell: int) -> Image.Image | None:
-    """The picture at `path` scaled to fit a `cell` square (None when it is missing or unreadable)."""
+def _tile(path: Path | None, cell: int, box: tuple[int, int, int, int] | None = None) -> Image.Image | None:
+    """The picture at `path` (its `box` when given) scaled into a `cell` square; None when missing."""
     if path is None or not path.is_file():
         return None
     try:
@@ -421,8 +421,25 @@ def _tile(path: Path | None, cell: int) -> Image.Image | None:
             picture = opened.convert("RGB")
     except OSError:
         return None
+    if box is not None and box[2] <= picture.width and box[3] <= picture.height:
+        picture = picture.crop(box)  # the square that was trained, as its mask picture records it
     picture.thumbnail((cell, cell))
     return picture
+
+
+def crop_box(mask: Path | None) -> tuple[int, int, int, int] | None:
+    """Where the trained square lies in the photo, as its mask picture records it (None if it does not)."""
+    if mask is None or not mask.is_file():
+        return None
+    try:
+        with Image.open(mask) as opened:
+            text = opened.info.get("stencil:crop")
+        left, top, right, bottom = (int(value) for value in str(text).split(","))
+    except (OSError, ValueError):
+        return None
+    if not (0 <= left < right and 0 <= top < bottom):
+        return None
+    return left, top, right, bottom
 
 
 def _mask_facts(path: Path | None) -> dict[str, str]:
