@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from stencil_cli.base.errors import FieldError, StencilError
+from stencil_cli.base.errors import DiskFullError, FieldError, StencilError
 from stencil_cli.base.fsutil import atomic_write_with
 from stencil_cli.base.images import center_crop_resize
 from stencil_cli.core.attention import (
@@ -278,8 +278,15 @@ def save_checkpoint(
         "generator": generator.get_state(),
         "scaler": scaler.state_dict() if scaler is not None else None,
     }
-    atomic_write_with(Path(path), lambda tmp: torch.save(state, tmp))
+    atomic_write_with(Path(path), lambda tmp: _save_through_python_file(state, tmp))
     return Path(path)
+
+
+def _save_through_python_file(state: Any, path: Path) -> None:
+    # torch writes a path in C++ and reports a full disk as "[enforce fail at inline_container.cc]" alone;
+    # through a Python file the OSError (ENOSPC, EFBIG) stays attached, so a full disk is recognised.
+    with open(path, "wb") as handle:
+        torch.save(state, handle)
 
 
 def load_checkpoint(path: Path, *, mmap: bool = False) -> dict[str, Any]:
@@ -359,6 +366,7 @@ def train_unet(
     on_step: Callable[[int, float], None] | None = None,
     sample_every: int = 0,
     on_sample: Callable[[int, Any], None] | None = None,
+    on_checkpoint_full: Callable[[int, DiskFullError], None] | None = None,
 ) -> TrainingLoopResult:
     """Fine-tune `unet` in place for `config.steps` steps (continuing a checkpoint if `resume` is given).
 
@@ -368,6 +376,8 @@ def train_unet(
     `checkpoint_path`, a resumable checkpoint is written atomically every N steps. With `sample_every` and
     `on_sample`, ``on_sample(step, unet)`` is called every N steps (after `on_step`) with the UNet in eval
     mode (training resumes afterwards); it may render with the UNet but must not change its weights.
+    A checkpoint that does not fit on the disk calls ``on_checkpoint_full(step, error)`` and training goes on
+    (the previous checkpoint stays); without that hook the DiskFullError propagates.
     """
     config.validate()
     device = next(unet.parameters()).device
@@ -462,7 +472,12 @@ def train_unet(
             losses.append(value)
             if every and step % every == 0:
                 assert checkpoint_path is not None
-                checkpoint_now(checkpoint_path)
+                try:
+                    checkpoint_now(checkpoint_path)
+                except DiskFullError as error:
+                    if on_checkpoint_full is None:
+                        raise
+                    on_checkpoint_full(step, error)
             if on_step is not None:
                 on_step(step, value)
             if on_sample is not None and sample_every > 0 and step % sample_every == 0:

@@ -559,6 +559,9 @@ def train_subject(
             on_step=on_step,
             sample_every=samples.every if samples is not None else 0,
             on_sample=previewer,
+            on_checkpoint_full=lambda at, error: progress(
+                events.Warning(f"{error.message} (the checkpoint of step {at}); training goes on")
+            ),
         )
         weights = run_dir / WEIGHTS_NAME
         try:
@@ -578,7 +581,7 @@ def train_subject(
         raise
     except BaseException as error:
         message = str(error) if isinstance(error, StencilError) else f"{type(error).__name__}: {error}"
-        store.finish_run(run.id, "failed", duration_s=elapsed(), error=message)
+        store.finish_run(run.id, "failed", duration_s=elapsed(), error=message, step=step, losses=losses)
         raise
     store.finish_run(
         run.id, "done", duration_s=elapsed(), weights_file=weights, losses=result.losses, step=result.steps
