@@ -8,11 +8,12 @@ import os
 import re
 import shutil
 import signal
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from stencil_cli.base.errors import DiskFullError
+from stencil_cli.base.errors import BadInputError, DiskFullError
 
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
 
@@ -97,6 +98,7 @@ def atomic_path(target: Path) -> Iterator[Path]:
     file-size limit becomes `DiskFullError(target)`, and the old `target` (if any) is left as it was.
     """
     target = Path(target)
+    _refuse_special(target)
     with disk_full_as_error(target):
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
@@ -112,6 +114,16 @@ def atomic_path(target: Path) -> Iterator[Path]:
             _fsync_dir(target.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _refuse_special(target: Path) -> None:
+    """Never rename a file over a folder, device, FIFO or socket (as root, /dev/null would become a file)."""
+    try:
+        mode = os.lstat(target).st_mode
+    except OSError:
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+        raise BadInputError(f"{target} is not a regular file: stencil will not replace it; pick another path")
 
 
 def atomic_write_bytes(target: Path, data: bytes) -> None:

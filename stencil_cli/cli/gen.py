@@ -168,8 +168,10 @@ def gen(
         int | None, typer.Option("--run", help="Use this training run. [default: the newest done run]")
     ] = None,
     output: Annotated[
-        Path | None,
-        typer.Option("-o", "--output", help="Also copy the images (and drafts, grid) into this folder."),
+        str | None,  # text, not a Path: Click reads an empty path as "." (the current folder)
+        typer.Option(
+            "-o", "--output", metavar="PATH", help="Also copy the images (and drafts, grid) into this folder."
+        ),
     ] = None,
     grid: Annotated[
         bool, typer.Option("--grid", help="Also write a contact sheet: each draft, then each tau.")
