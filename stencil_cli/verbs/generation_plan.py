@@ -335,6 +335,7 @@ def plan_generation(
         _check_rewrite(request)
     if request.batch_size is not None and not 1 <= request.batch_size <= MAX_BATCH:
         raise FieldError("batch_size", f"must be in [1, {MAX_BATCH}] (got {request.batch_size})")
+    store.require_writable(f"store images of {request.name!r}")
     mode: GenerationMode = (
         "plain" if request.no_context else ("edit" if request.draft is not None else "context")
     )

@@ -58,6 +58,7 @@ def remove_run(store: Store, name: str, run_id: int) -> RunRemoval:
     Refused while the subject is being trained (its lock is held); a run still marked running without the
     lock belongs to a process that died, and goes like any other.
     """
+    store.require_writable(f"remove run {run_id} of {name!r}")
     with subject_lock(store, name):
         removal = plan_run_removal(store, name, run_id)
         store.remove_run(name, run_id)
@@ -133,6 +134,8 @@ def prune(store: Store, keep: int = 1, *, dry_run: bool = False, name: str | Non
     if keep < 0:
         raise FieldError("keep", f"must be 0 or more (got {keep})")
     result = PruneResult(keep, dry_run)
+    if not dry_run:
+        store.require_writable("prune it")
     names = [store.get_subject(name).name] if name is not None else store.subject_names()
     for subject in names:
         try:

@@ -143,6 +143,7 @@ def train(store: Store, request: TrainRequest, *, progress: Progress = no_progre
         raise FieldError(("resume", "masks_only"), "{} do not go together")
     check_request(request)
     store.get_subject(request.name)  # a clear NotFoundError when the subject does not exist
+    store.require_writable(f"train {request.name!r}")
     with using_subject(store, request.name), subject_lock(store, request.name):
         mark_stale_runs(store, request.name)
         run = resumable_run(store, request.name) if request.resume else None

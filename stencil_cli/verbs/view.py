@@ -396,6 +396,7 @@ def mask_sheet(store: Store, name: str, cell: int = 256) -> MaskSheet | None:
     from PIL import Image, ImageDraw, ImageOps
 
     subject = store.get_subject(name)
+    store.require_writable(f"write the mask sheet of {name!r}")
     pairs = mask_files(store, subject)
     if not any(mask for _, mask in pairs):
         return None
