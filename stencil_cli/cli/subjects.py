@@ -20,6 +20,7 @@ from stencil_cli.cli.output import (
     shown,
     stdout_console,
     warn,
+    warn_damaged,
 )
 from stencil_cli.cli.stdin import stdin_is_terminal
 from stencil_cli.store.db import Store, open_store
@@ -176,6 +177,7 @@ def show(
     store = open_store()
     subject = store.get_subject(name)
     summary = subject_summary(store, name)
+    warn_damaged(summary.damaged)
     missing = {image["id"] for image in store.missing_files(name)}
     if missing:
         warn(

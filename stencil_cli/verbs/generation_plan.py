@@ -246,6 +246,11 @@ def trained_run(store: Store, name: str, run_id: int | None) -> Run:
         if found is None:
             raise StencilError(f"subject {name!r} is not trained yet: run `stencil train {name}` first")
         run = found
+    if "params" in run.damaged:
+        raise StencilError(
+            f"run {run.id} of {name!r} has damaged settings (its params in the database are not JSON)",
+            hint=f"train again with `stencil train {name}`, or pick another run (`stencil runs {name}`)",
+        )
     if run.weights_file is None or not run.weights_file.is_file():
         raise StencilError(
             f"the weights of run {run.id} of {name!r} are missing",
