@@ -1,4 +1,4 @@
-"""Damaged JSON in a row's `params`, `losses` or `scores` (a hand edit, a bad restore): every command names the
+"""Damaged JSON in a row's `params`, `losses` or `scores` (a hand edit, a bad restore): each command names the
 damaged row and keeps the other rows usable; `gen` with a run whose settings are damaged is one clear line."""
 
 from __future__ import annotations
