@@ -35,10 +35,18 @@ from stencil_cli.core.attention import (
     token_weights,
 )
 from stencil_cli.core.precision import DEFAULT_SAVE_DTYPE, SAVE_DTYPES
-from stencil_cli.core.weights import KIND_FULL, KIND_LORA, WeightsKind, add_lora, trained_state
+from stencil_cli.core.weights import (
+    KIND_FULL,
+    KIND_LORA,
+    WeightsKind,
+    add_lora,
+    largest_lora_rank,
+    trained_state,
+)
 from stencil_cli.models.devices import DtypeName
 
 CHECKPOINT_VERSION = 1
+MAX_LORA_RANK = 1024  # documented in docs/training.md; the model's own layers usually bound it lower
 TrainedPart = Literal["decoder", "all"]  # the decoder (up_blocks), the paper's choice, or the whole UNet
 TRAIN_CHOICES: tuple[TrainedPart, ...] = get_args(TrainedPart)
 AUTOCAST_DTYPES: dict[DtypeName, torch.dtype | None] = {
@@ -106,6 +114,12 @@ class TrainConfig:
             raise FieldError("mask_timestep", "must be in [0, 1000)")
         if self.lora_rank is not None and (isinstance(self.lora_rank, bool) or int(self.lora_rank) < 1):
             raise FieldError("lora_rank", f"must be at least 1 (got {self.lora_rank})")
+        if self.lora_rank is not None and int(self.lora_rank) > MAX_LORA_RANK:
+            raise FieldError(
+                "lora_rank",
+                f"must be at most {MAX_LORA_RANK} (got {self.lora_rank}); the paper's method fine-tunes the "
+                "whole decoder: train without LoRA for the full update",
+            )
         if self.lora_alpha is not None and not (self.lora_alpha > 0 and math.isfinite(self.lora_alpha)):
             raise FieldError("lora_alpha", f"must be a positive number (got {self.lora_alpha})")
 
@@ -353,6 +367,20 @@ def _sample_indices(count: int, batch: int, generator: torch.Generator) -> torch
     if count >= batch:
         return torch.randperm(count, generator=generator)[:batch]
     return torch.randint(0, count, (batch,), generator=generator)  # with replacement
+
+
+def check_lora_rank(unet: Any, rank: int | None, which: str = "decoder") -> None:
+    """Refuse a LoRA rank above what the adapted layers can hold: min(in, out) of the smallest of them (a
+    higher rank adds parameters, not expressiveness)."""
+    if not rank:
+        return
+    largest = largest_lora_rank(unet, which)
+    if largest and int(rank) > largest:
+        raise FieldError(
+            "lora_rank",
+            f"{{}} {rank} is more than this model's adapted layers allow ({largest}: the smallest layer's "
+            "input or output size)",
+        )
 
 
 def train_unet(

@@ -249,6 +249,17 @@ def lora_target_pattern(which: str = "decoder") -> str:
     return rf"{scope}\.(?:{targets})"
 
 
+def largest_lora_rank(unet: Any, which: str = "decoder") -> int:
+    """The highest useful LoRA rank for `unet`: min(in, out) over the layers that LoRA adapts (0 if none)."""
+    pattern = re.compile(lora_target_pattern(which))
+    sizes = [
+        min(module.in_features, module.out_features)
+        for name, module in unet.named_modules()
+        if pattern.fullmatch(name) and hasattr(module, "in_features")
+    ]
+    return min(sizes) if sizes else 0
+
+
 def has_lora(unet: Any) -> bool:
     """Whether peft adapters are injected into `unet`."""
     return any("lora_A" in name for name, _ in unet.named_parameters())

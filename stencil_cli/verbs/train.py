@@ -271,6 +271,10 @@ def _load_model(
     if fresh and request.resolution is None:
         config.resolution = models.native_resolution(pipe)
     config.validate()
+    if fresh:
+        from stencil_cli.core.training import check_lora_rank
+
+        check_lora_rank(pipe.unet, config.lora_rank, config.train)
     return pipe
 
 
