@@ -5,8 +5,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -64,3 +66,22 @@ def test_stdout_into_a_pipe_closed_by_its_reader_exits_0_quietly(robot: Path, ar
         os.close(write_end)
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
+
+
+def test_ctrl_c_while_the_interpreter_shuts_down_exits_130_without_exception_noise(robot: Path) -> None:
+    # a slow atexit callback stands for what a long command leaves to the shutdown (bench's thread pools,
+    # torch's and tqdm's callbacks): Ctrl-C there used to print "Exception ignored in atexit callback"
+    code = (
+        "import atexit, sys, time\natexit.register(time.sleep, 30)\n"
+        "sys.argv = ['stencil', 'store', 'path']\nfrom stencil_cli.cli import app\napp(prog_name='stencil')\n"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=PACKAGE_ROOT, env={**os.environ, "PYTHONPATH": str(PACKAGE_ROOT)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    assert child.stdout is not None and child.stdout.readline().strip() == str(robot)
+    time.sleep(1.0)  # the command has returned; the interpreter is in its atexit callbacks
+    child.send_signal(signal.SIGINT)
+    _, stderr = child.communicate(timeout=20)
+    assert child.returncode == 130, stderr
+    assert "Exception ignored" not in stderr and "KeyboardInterrupt" not in stderr

@@ -6,6 +6,7 @@ import contextlib
 import errno
 import functools
 import os
+import signal
 import sqlite3
 import sys
 import traceback
@@ -135,6 +136,19 @@ def quiet_broken_pipe() -> None:
     raise typer.Exit(0)
 
 
+def quiet_interrupts_at_shutdown() -> None:
+    """From here on (the command has finished; the interpreter joins threads and runs atexit callbacks),
+    Ctrl-C ends the process at once with 130 instead of "Exception ignored ... KeyboardInterrupt"."""
+
+    def interrupted(signum: int, frame: Any) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.flush()
+        os._exit(130)
+
+    with contextlib.suppress(ValueError):  # only the main thread may set a handler
+        signal.signal(signal.SIGINT, interrupted)
+
+
 def usage_error_line(error: click.ClickException) -> str:
     """A Click usage error (bad option value, missing argument, unknown command) as one line."""
     message = " ".join(error.format_message().split())
@@ -258,6 +272,14 @@ class StencilGroup(TyperGroup):
         """Run the command; with `standalone_mode`, print usage errors as one line and exit."""
         if not standalone_mode:
             return super().main(*args, standalone_mode=False, **kwargs)
+        whole_process = not args and kwargs.get("args") is None  # argv: the process's command, not a test's
+        try:
+            self._run_standalone(*args, **kwargs)
+        finally:
+            if whole_process:
+                quiet_interrupts_at_shutdown()
+
+    def _run_standalone(self, *args: Any, **kwargs: Any) -> None:
         try:
             result = super().main(*args, standalone_mode=False, **kwargs)
             sys.stdout.flush()  # now, where a full device can be reported, not at the interpreter's exit
