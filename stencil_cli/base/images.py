@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,15 +68,26 @@ def load_rgb(path: Path) -> Image.Image:
     return _decode(path)[0]
 
 
-def _decode(path: Path) -> tuple[Image.Image, str | None]:
-    with Image.open(path) as opened:
-        source_format = opened.format
-        opened.seek(0)  # animated images: first frame
-        opened.load()
-        image = ImageOps.exif_transpose(opened) or opened
-        image = to_rgb(image)
-        image.load()
-        return image.copy(), source_format
+def _decode(path: Path) -> tuple[Image.Image, str | None, str | None]:
+    """The picture as RGB, its format, and a note when its EXIF data is damaged (Pillow's warnings about it,
+    which name its own source files, are caught here and become that one note)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)  # a DecompressionBombWarning keeps the caller's filter
+        with Image.open(path) as opened:
+            source_format = opened.format
+            opened.seek(0)  # animated images: first frame
+            opened.load()
+            try:
+                image = ImageOps.exif_transpose(opened) or opened
+            except (SyntaxError, ValueError, TypeError, struct.error, KeyError) as error:
+                warnings.warn(f"unreadable EXIF ({error})", UserWarning, stacklevel=1)
+                image = opened  # the orientation cannot be read: keep the picture as stored
+            image = to_rgb(image)
+            image.load()
+            image = image.copy()
+    notes = [str(item.message) for item in caught if issubclass(item.category, UserWarning)]
+    note = f"{path.name}: its EXIF data is damaged ({notes[0]}); read what could be read" if notes else None
+    return image, source_format, note
 
 
 def prepare_image(path: Path) -> PreparedImage | RejectedImage:
@@ -87,7 +99,7 @@ def prepare_image(path: Path) -> PreparedImage | RejectedImage:
             saved_limit = Image.MAX_IMAGE_PIXELS
             Image.MAX_IMAGE_PIXELS = MAX_PIXELS
             try:
-                image, source_format = _decode(path)
+                image, source_format, exif_note = _decode(path)
             finally:
                 Image.MAX_IMAGE_PIXELS = saved_limit
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -102,9 +114,10 @@ def prepare_image(path: Path) -> PreparedImage | RejectedImage:
         return RejectedImage(
             path, f"too small ({image.width}x{image.height}; the shorter side must be at least {MIN_SIDE} px)"
         )
-    warning = None
+    warning = exif_note
     if shorter < RECOMMENDED_SIDE:
-        warning = f"{path.name} is {image.width}x{image.height}; {RECOMMENDED_SIDE} px or more trains better"
+        small = f"{path.name} is {image.width}x{image.height}; {RECOMMENDED_SIDE} px or more trains better"
+        warning = f"{warning}; {small}" if warning else small
     buffer = io.BytesIO()
     # photos stay JPEG (high quality, small); everything else becomes lossless PNG
     suffix = ".jpg" if source_format == "JPEG" else ".png"
