@@ -359,3 +359,30 @@ def test_the_verb_and_the_core_agree_on_the_formats() -> None:
     assert export_verb.FORMATS == export_core.FORMATS
     assert export_verb.LORA_FORMATS == export_core.LORA_FORMATS
     assert tuple(export_core.SAVE_DTYPES) == export_verb.SAVE_DTYPES
+
+
+@pytest.mark.parametrize("fmt", ["lora", "kohya", "diffusers", "single-file"])
+def test_a_file_size_limit_during_an_export_says_disk_full_and_leaves_nothing(
+    trained: dict[str, Any], tmp_path: Path, fmt: str
+) -> None:
+    import resource
+    import subprocess
+    import sys
+
+    def limit() -> None:  # ``ulimit -f 16``: every export writes a tensor file larger than 16 KiB
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    out = tmp_path / "out"
+    out.mkdir()
+    target = out / ("robot" if fmt == "diffusers" else "robot.safetensors")
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-m", "stencil_cli", "export", "robot", "--run", str(trained["full"]["id"]),
+         "-f", fmt, "-o", str(target)],
+        cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True, timeout=300,
+        preexec_fn=limit,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    [line] = _errors(result.stderr)
+    assert line.startswith(f"error: disk full at {target}"), result.stderr
+    assert "unexpected" not in result.stderr and list(out.iterdir()) == []
