@@ -10,8 +10,9 @@ import pytest
 from photos import add_subject
 from storecheck import check_store
 
-MAX_LORA_RANK = 1024  # stencil_cli.core.training.MAX_LORA_RANK, as docs/training.md documents it
 from stencil_cli.store.db import open_store
+
+MAX_LORA_RANK = 1024  # stencil_cli.core.training.MAX_LORA_RANK, as docs/training.md documents it
 
 
 @pytest.fixture
