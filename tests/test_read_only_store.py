@@ -135,3 +135,11 @@ def test_a_read_only_store_with_a_committed_wal_shows_the_committed_data(
     result = _read_only_stencil(trained.root, "show", "robot", "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["description"] == "a small red robot"
+
+
+def test_reading_commands_still_work_on_a_read_only_store(trained: Store) -> None:
+    for args in (["store", "prune", "--dry-run", "--json"], ["ls", "--json"], ["runs", "robot", "--json"]):
+        result = _read_only_stencil(trained.root, *args)
+        assert result.returncode == 0, result.stderr
+        assert result.stderr == "" and json.loads(result.stdout) is not None
+    assert check_store(trained.root) == []

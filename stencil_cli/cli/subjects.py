@@ -425,7 +425,7 @@ def store_prune(
     """Delete the weights and checkpoints of older runs (rows, masks and images stay)."""
     result = prune(open_store(), keep, dry_run=dry_run, name=name)
     for subject in result.skipped:
-        warn(f"skipped {subject}: it is being trained right now")
+        warn(f"skipped {subject}: another stencil command (train, gen, caption or eval) is using it now")
     if json_output:
         print_json(result.to_dict())
         return

@@ -142,8 +142,12 @@ def prune(store: Store, keep: int = 1, *, dry_run: bool = False, name: str | Non
     names = [store.get_subject(name).name] if name is not None else store.subject_names()
     for subject in names:
         try:
-            holding = removing_subject(store, subject, 0.0) if not dry_run else contextlib.nullcontext()
-            with holding, subject_lock(store, subject):  # skipped while a gen, train, caption or eval runs
+            if store.read_only:  # only a dry run gets here: nothing to lock, nothing is deleted
+                holding, training = contextlib.nullcontext(), contextlib.nullcontext()
+            else:  # skipped while a gen, train, caption or eval runs
+                holding = removing_subject(store, subject, 0.0) if not dry_run else contextlib.nullcontext()
+                training = subject_lock(store, subject)
+            with holding, training:
                 candidates = _prunable(store, subject, keep)
                 if not dry_run:
                     for run in candidates:
