@@ -23,6 +23,7 @@ from stencil_cli.cli.options import (
 )
 from stencil_cli.cli.output import err_console, escape, info, print_json_line, shown, warn
 from stencil_cli.cli.progress import add_task, progress_bar
+from stencil_cli.cli.stdin import read_stdin_text, stdin_is_terminal
 from stencil_cli.store.db import open_store
 from stencil_cli.verbs.generate import GenerateResult, SavedImage, generate
 from stencil_cli.verbs.generation_plan import (
@@ -168,8 +169,10 @@ def gen(
         int | None, typer.Option("--run", help="Use this training run. [default: the newest done run]")
     ] = None,
     output: Annotated[
-        Path | None,
-        typer.Option("-o", "--output", help="Also copy the images (and drafts, grid) into this folder."),
+        str | None,  # text, not a Path: Click reads an empty path as "." (the current folder)
+        typer.Option(
+            "-o", "--output", metavar="PATH", help="Also copy the images (and drafts, grid) into this folder."
+        ),
     ] = None,
     grid: Annotated[
         bool, typer.Option("--grid", help="Also write a contact sheet: each draft, then each tau.")
@@ -311,12 +314,11 @@ def _prompts(prompt: str | None, prompts_file: Path | None) -> list[str]:
     if prompt is None:
         raise BadInputError("say what to render: a prompt, '-' to read prompts from stdin, or --prompts-file")
     if prompt == "-":
-        stream = typer.get_text_stream("stdin")
-        if stream.isatty():
+        if stdin_is_terminal():
             raise BadInputError(
                 "the prompt '-' reads prompts from stdin, but stdin is a terminal: pipe them in"
             )
-        return prompt_lines(stream.read(), "stdin")
+        return prompt_lines(read_stdin_text("the prompt '-'", "--prompts-file"), "stdin")
     return [prompt]
 
 

@@ -22,7 +22,9 @@ from stencil_cli.cli.output import (
     shown,
     stdout_console,
     warn,
+    warn_damaged,
 )
+from stencil_cli.cli.stdin import stdin_is_terminal
 from stencil_cli.store.db import Store, open_store
 from stencil_cli.store.records import Subject
 from stencil_cli.verbs.history import SubjectSummary, subject_summary
@@ -215,6 +217,7 @@ def show(
     store = open_store()
     subject = store.get_subject(name)
     summary = subject_summary(store, name)
+    warn_damaged(summary.damaged)
     missing = {image["id"] for image in store.missing_files(name)}
     if missing:
         warn(
@@ -314,7 +317,9 @@ def rm(
     if image is not None and run_id is not None:
         raise BadInputError("--image and --run do not go together: remove one thing at a time")
     if image is not None:
-        removed = remove_photo(store, name, image)
+        what = f"photo {image} of {name!r}"
+        _confirm(yes, f"Remove {what} (its file and caption)?", what)
+        removed = remove_photo(store, name, image, wait_s=wait)
         if json_output:
             print_json({"subject": name, "removed": "photo", "photo": _image_row(removed)})
             return
@@ -328,7 +333,7 @@ def rm(
             f"{len(planned.images)} image(s))?",
             f"run {run_id} of {name!r}",
         )
-        removal = remove_run(store, name, run_id)
+        removal = remove_run(store, name, run_id, wait_s=wait)
         if json_output:
             print_json({"removed": "run", **removal.to_dict()})
             return
@@ -351,7 +356,7 @@ def _confirm(yes: bool, question: str, what: str) -> None:
     """Ask `question` on a terminal; without one, refuse to remove `what` unless --yes."""
     if yes:
         return
-    if not typer.get_text_stream("stdin").isatty():
+    if not stdin_is_terminal():
         raise BadInputError(f"refusing to remove {what} without confirmation: pass --yes")
     typer.confirm(question, abort=True)
 
@@ -393,7 +398,7 @@ def store_clean(
     store = open_store()
     named = sorted(set(remove_unindexed or []))
     if named and not yes:
-        if not typer.get_text_stream("stdin").isatty():
+        if not stdin_is_terminal():
             raise BadInputError(
                 f"refusing to remove the folder(s) {', '.join(named)} without confirmation: pass --yes"
             )
@@ -460,7 +465,7 @@ def store_prune(
     """Delete the weights and checkpoints of older runs (rows, masks and images stay)."""
     result = prune(open_store(), keep, dry_run=dry_run, name=name)
     for subject in result.skipped:
-        warn(f"skipped {subject}: it is being trained right now")
+        warn(f"skipped {subject}: another stencil command (train, gen, caption or eval) is using it now")
     if json_output:
         print_json(result.to_dict())
         return

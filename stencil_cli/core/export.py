@@ -41,7 +41,7 @@ import torch
 
 from stencil_cli import __version__
 from stencil_cli.base.errors import BadInputError, StencilError
-from stencil_cli.base.fsutil import atomic_write_with, folder_mode
+from stencil_cli.base.fsutil import atomic_write_with, disk_full_as_error, folder_mode
 from stencil_cli.core.precision import SAVE_DTYPES
 from stencil_cli.core.weights import (
     KIND_LORA,
@@ -419,11 +419,13 @@ def _write_file(target: Path, tensors: dict[str, torch.Tensor], metadata: Mappin
 
 def _write_folder(target: Path, build: Callable[[Path], None]) -> None:
     """Build a folder in a temp folder beside `target`, then rename it into place (any old one removed)."""
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    with disk_full_as_error(target):
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     old: Path | None = None
     try:
         os.chmod(staging, folder_mode())  # mkdtemp makes 0700: the export should honour the umask
-        build(staging)
+        with disk_full_as_error(target):
+            build(staging)
         if target.exists() or target.is_symlink():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
             os.replace(target, old / "folder")

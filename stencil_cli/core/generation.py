@@ -27,6 +27,7 @@ from typing import Any, Literal
 import torch
 from PIL import Image
 
+from stencil_cli.base.errors import StencilError
 from stencil_cli.base.events import Progress, Step, no_progress
 from stencil_cli.base.images import center_crop_resize
 from stencil_cli.core.inversion import (
@@ -143,7 +144,15 @@ def encode_image(pipe: Any, image: Image.Image, resolution: int) -> torch.Tensor
 
 @torch.no_grad()
 def decode_latent(pipe: Any, latent: torch.Tensor) -> Image.Image:
-    """Decode a latent with the pipeline's VAE into a PIL image."""
+    """Decode a latent with the pipeline's VAE into a PIL image; a non-finite latent is refused (it would
+    decode to a black or noise image that looks like a result)."""
+    if not bool(torch.isfinite(latent).all()):
+        raise StencilError(
+            "rendering produced non-finite values (NaN or infinity), so no image was saved",
+            hint="the inversion or the fine-tuned weights diverged: try a lower {null_lr}, "
+            "{inversion=npi}, or train again",
+            fields=("null_lr", "inversion"),
+        )
     vae = pipe.vae
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     pixels = vae.decode((latent / vae.config.scaling_factor + shift).to(vae.dtype)).sample

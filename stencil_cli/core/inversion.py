@@ -24,6 +24,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F  # noqa: N812 - the usual name
 
+from stencil_cli.base.errors import StencilError
 from stencil_cli.base.events import NullTextIteration, Progress, Step, no_progress
 
 # null-text optimisation (the paper), negative-prompt inversion, or plain DDIM inversion (uncond as is)
@@ -273,6 +274,12 @@ def null_text_optimization(
                     if not active.any():
                         break
             current_uncond = null.detach()
+            if not bool(torch.isfinite(current_uncond).all()):
+                raise StencilError(
+                    f"null-text inversion diverged at step {i + 1} (non-finite embeddings)",
+                    hint="try a lower {null_lr}, or {inversion=npi}",
+                    fields=("null_lr", "inversion"),
+                )
             null_embeddings.append(current_uncond)
             iterations.append(done)
             losses.append(loss_values)

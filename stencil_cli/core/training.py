@@ -34,7 +34,7 @@ from stencil_cli.base.crops import (
     crop_resize,
     letterbox,
 )
-from stencil_cli.base.errors import FieldError, StencilError
+from stencil_cli.base.errors import DiskFullError, FieldError, StencilError
 from stencil_cli.base.fsutil import atomic_write_with
 from stencil_cli.base.images import center_crop_resize
 from stencil_cli.core.attention import (
@@ -46,10 +46,18 @@ from stencil_cli.core.attention import (
     token_weights,
 )
 from stencil_cli.core.precision import DEFAULT_SAVE_DTYPE, SAVE_DTYPES
-from stencil_cli.core.weights import KIND_FULL, KIND_LORA, WeightsKind, add_lora, trained_state
+from stencil_cli.core.weights import (
+    KIND_FULL,
+    KIND_LORA,
+    WeightsKind,
+    add_lora,
+    largest_lora_rank,
+    trained_state,
+)
 from stencil_cli.models.devices import DtypeName
 
 CHECKPOINT_VERSION = 1
+MAX_LORA_RANK = 1024  # documented in docs/training.md; the model's own layers usually bound it lower
 TrainedPart = Literal["decoder", "all"]  # the decoder (up_blocks), the paper's choice, or the whole UNet
 TRAIN_CHOICES: tuple[TrainedPart, ...] = get_args(TrainedPart)
 AUTOCAST_DTYPES: dict[DtypeName, torch.dtype | None] = {
@@ -120,6 +128,12 @@ class TrainConfig:
             raise FieldError("crop", f"must be one of {', '.join(CROP_CHOICES)} (got {self.crop!r})")
         if self.lora_rank is not None and (isinstance(self.lora_rank, bool) or int(self.lora_rank) < 1):
             raise FieldError("lora_rank", f"must be at least 1 (got {self.lora_rank})")
+        if self.lora_rank is not None and int(self.lora_rank) > MAX_LORA_RANK:
+            raise FieldError(
+                "lora_rank",
+                f"must be at most {MAX_LORA_RANK} (got {self.lora_rank}); the paper's method fine-tunes the "
+                "whole decoder: train without LoRA for the full update",
+            )
         if self.lora_alpha is not None and not (self.lora_alpha > 0 and math.isfinite(self.lora_alpha)):
             raise FieldError("lora_alpha", f"must be a positive number (got {self.lora_alpha})")
 
@@ -352,8 +366,15 @@ def save_checkpoint(
         "generator": generator.get_state(),
         "scaler": scaler.state_dict() if scaler is not None else None,
     }
-    atomic_write_with(Path(path), lambda tmp: torch.save(state, tmp))
+    atomic_write_with(Path(path), lambda tmp: _save_through_python_file(state, tmp))
     return Path(path)
+
+
+def _save_through_python_file(state: Any, path: Path) -> None:
+    # torch writes a path in C++ and reports a full disk as "[enforce fail at inline_container.cc]" alone;
+    # through a Python file the OSError (ENOSPC, EFBIG) stays attached, so a full disk is recognised.
+    with open(path, "wb") as handle:
+        torch.save(state, handle)
 
 
 def load_checkpoint(path: Path, *, mmap: bool = False) -> dict[str, Any]:
@@ -422,6 +443,20 @@ def _sample_indices(count: int, batch: int, generator: torch.Generator) -> torch
     return torch.randint(0, count, (batch,), generator=generator)  # with replacement
 
 
+def check_lora_rank(unet: Any, rank: int | None, which: str = "decoder") -> None:
+    """Refuse a LoRA rank above what the adapted layers can hold: min(in, out) of the smallest of them (a
+    higher rank adds parameters, not expressiveness)."""
+    if not rank:
+        return
+    largest = largest_lora_rank(unet, which)
+    if largest and int(rank) > largest:
+        raise FieldError(
+            "lora_rank",
+            f"{{}} {rank} is more than this model's adapted layers allow ({largest}: the smallest layer's "
+            "input or output size)",
+        )
+
+
 def train_unet(
     unet: Any,
     scheduler: Any,
@@ -433,6 +468,7 @@ def train_unet(
     on_step: Callable[[int, float], None] | None = None,
     sample_every: int = 0,
     on_sample: Callable[[int, Any], None] | None = None,
+    on_checkpoint_full: Callable[[int, DiskFullError], None] | None = None,
 ) -> TrainingLoopResult:
     """Fine-tune `unet` in place for `config.steps` steps (continuing a checkpoint if `resume` is given).
 
@@ -442,6 +478,8 @@ def train_unet(
     `checkpoint_path`, a resumable checkpoint is written atomically every N steps. With `sample_every` and
     `on_sample`, ``on_sample(step, unet)`` is called every N steps (after `on_step`) with the UNet in eval
     mode (training resumes afterwards); it may render with the UNet but must not change its weights.
+    A checkpoint that does not fit on the disk calls ``on_checkpoint_full(step, error)`` and training goes on
+    (the previous checkpoint stays); without that hook the DiskFullError propagates.
     """
     config.validate()
     device = next(unet.parameters()).device
@@ -536,7 +574,12 @@ def train_unet(
             losses.append(value)
             if every and step % every == 0:
                 assert checkpoint_path is not None
-                checkpoint_now(checkpoint_path)
+                try:
+                    checkpoint_now(checkpoint_path)
+                except DiskFullError as error:
+                    if on_checkpoint_full is None:
+                        raise
+                    on_checkpoint_full(step, error)
             if on_step is not None:
                 on_step(step, value)
             if on_sample is not None and sample_every > 0 and step % sample_every == 0:

@@ -8,7 +8,6 @@ to `verbs.generate.generate`, which draws, inverts and denoises.
 from __future__ import annotations
 
 import math
-import os
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from stencil_cli import captioning
 from stencil_cli.base.errors import FieldError, StencilError, Wording
 from stencil_cli.base.events import Stage
 from stencil_cli.base.images import load_rgb
+from stencil_cli.base.targets import probe_writable_folder, refuse_inside_store, refuse_special_file
 from stencil_cli.core.prompts import build_prompts
 from stencil_cli.models.devices import Precision
 from stencil_cli.store.db import Store
@@ -69,7 +69,7 @@ class GenerateRequest:
     draft: Path | None = None  # subject editing: this picture is the draft
     no_context: bool = False  # plain generation
     run_id: int | None = None
-    output: Path | None = None  # also copy every file here
+    output: Path | str | None = None  # also copy every file here
     grid: bool = False
     subject_model: str | None = None
     context_model: str | None = None
@@ -246,6 +246,11 @@ def trained_run(store: Store, name: str, run_id: int | None) -> Run:
         if found is None:
             raise StencilError(f"subject {name!r} is not trained yet: run `stencil train {name}` first")
         run = found
+    if "params" in run.damaged:
+        raise StencilError(
+            f"run {run.id} of {name!r} has damaged settings (its params in the database are not JSON)",
+            hint=f"train again with `stencil train {name}`, or pick another run (`stencil runs {name}`)",
+        )
     if run.weights_file is None or not run.weights_file.is_file():
         raise StencilError(
             f"the weights of run {run.id} of {name!r} are missing",
@@ -335,6 +340,7 @@ def plan_generation(
         _check_rewrite(request)
     if request.batch_size is not None and not 1 <= request.batch_size <= MAX_BATCH:
         raise FieldError("batch_size", f"must be in [1, {MAX_BATCH}] (got {request.batch_size})")
+    store.require_writable(f"store images of {request.name!r}")
     mode: GenerationMode = (
         "plain" if request.no_context else ("edit" if request.draft is not None else "context")
     )
@@ -404,7 +410,7 @@ def plan_generation(
         warnings.append(
             f"run {run.id} was trained on {trained_on}; generating with {request.subject_model} as asked"
         )
-    output = _prepare_output(request.output)
+    output = _prepare_output(request.output, store.root)
     return GenerationPlan(
         subject=subject,
         run=run,
@@ -516,24 +522,27 @@ def _tau_notes(taus: list[float], steps: int) -> list[str]:
     return notes
 
 
-def _prepare_output(output: Path | None) -> Path | None:
-    """Create the copy folder up front (a bad -o fails before any model loads)."""
+def _prepare_output(output: Path | str | None, store_root: Path | None = None) -> Path | None:
+    """Create the copy folder up front (a bad -o fails before any model loads): not empty, not inside the
+    store, not a file or device, and a folder this process can really write in."""
     if output is None:
         return None
     if not str(output).strip():
         raise FieldError("output", "is empty: give a folder")
     output = Path(output).expanduser()
+    if store_root is not None:
+        refuse_inside_store(output, store_root, "output")
+    refuse_special_file(output, "output")
     if output.exists() and not output.is_dir():
         raise FieldError("output", f"{{}} {output} is a file: give a folder")
     try:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise FieldError("output", f"{{}} {output}: cannot create the folder ({error.strerror})") from None
-    if not os.access(output, os.W_OK | os.X_OK):
-        raise FieldError("output", f"{{}} {output}: the folder is not writable")
+    probe_writable_folder(output, "output")
     return output
 
 
-def prepare_output(output: Path | None) -> Path | None:
+def prepare_output(output: Path | str | None, store_root: Path | None = None) -> Path | None:
     """Check (and create) a copy folder up front: a command that renders later fails now, not after."""
-    return _prepare_output(output)
+    return _prepare_output(output, store_root)

@@ -126,6 +126,9 @@ def remove_subject(store: Store, name: str, *, wait_s: float = RM_WAIT_S) -> Sub
         return store.remove_subject(name)
 
 
-def remove_photo(store: Store, name: str, image_ref: str) -> dict[str, Any]:
-    """Remove one photo of a subject (by id or sha256 prefix)."""
-    return store.remove_image(name, image_ref)
+def remove_photo(store: Store, name: str, image_ref: str, *, wait_s: float = RM_WAIT_S) -> dict[str, Any]:
+    """Remove one photo of a subject (by id or sha256 prefix), once no command uses the subject (a training
+    reading its photos, say): waits up to `wait_s` seconds, like `remove_subject`."""
+    store.get_subject(name)
+    with removing_subject(store, name, wait_s):
+        return store.remove_image(name, image_ref)

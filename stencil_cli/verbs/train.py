@@ -146,6 +146,7 @@ def train(store: Store, request: TrainRequest, *, progress: Progress = no_progre
         raise FieldError(("resume", "masks_only"), "{} do not go together")
     check_request(request)
     store.get_subject(request.name)  # a clear NotFoundError when the subject does not exist
+    store.require_writable(f"train {request.name!r}")
     with using_subject(store, request.name), subject_lock(store, request.name):
         mark_stale_runs(store, request.name)
         run = resumable_run(store, request.name) if request.resume else None
@@ -276,6 +277,10 @@ def _load_model(
     if fresh and request.resolution is None:
         config.resolution = models.native_resolution(pipe)
     config.validate()
+    if fresh:
+        from stencil_cli.core.training import check_lora_rank
+
+        check_lora_rank(pipe.unet, config.lora_rank, config.train)
     return pipe
 
 
@@ -567,6 +572,9 @@ def train_subject(
             on_step=on_step,
             sample_every=samples.every if samples is not None else 0,
             on_sample=previewer,
+            on_checkpoint_full=lambda at, error: progress(
+                events.Warning(f"{error.message} (the checkpoint of step {at}); training goes on")
+            ),
         )
         weights = run_dir / WEIGHTS_NAME
         try:
@@ -586,7 +594,7 @@ def train_subject(
         raise
     except BaseException as error:
         message = str(error) if isinstance(error, StencilError) else f"{type(error).__name__}: {error}"
-        store.finish_run(run.id, "failed", duration_s=elapsed(), error=message)
+        store.finish_run(run.id, "failed", duration_s=elapsed(), error=message, step=step, losses=losses)
         raise
     store.finish_run(
         run.id, "done", duration_s=elapsed(), weights_file=weights, losses=result.losses, step=result.steps

@@ -26,6 +26,7 @@ from PIL import Image
 
 from stencil_cli.base.errors import FieldError, ShowMention, StencilError, fill, plain_mention
 from stencil_cli.base.fsutil import atomic_write_bytes
+from stencil_cli.base.targets import refuse_inside_store
 from stencil_cli.store.db import Store
 from stencil_cli.store.layout import CONTACT_SHEET_NAME, LOSS_CURVE_NAME, MASKS_DIR, PAGE_NAME, SAMPLES_DIR
 from stencil_cli.store.records import Generation, Run, Subject
@@ -56,7 +57,7 @@ class ViewRequest:
     name a setting (the CLI: as its flag)."""
 
     name: str
-    out: Path | None = None
+    out: Path | str | None = None
     show_setting: ShowMention = plain_mention
 
 
@@ -80,8 +81,11 @@ class ViewResult:
 def page_path(store: Store, request: ViewRequest) -> Path:
     """Where the page goes: `out` (a folder, or a name without a suffix, gets `NAME.html` inside), else the
     subject's `view.html`."""
+    default = store.subject_dir(request.name) / PAGE_NAME
     if request.out is None:
-        return store.subject_dir(request.name) / PAGE_NAME
+        return default
+    if not str(request.out).strip():
+        raise FieldError("out", "{} is empty: give a file or a folder for the page")
     out = Path(request.out).expanduser()
     if out.is_dir() or (not out.exists() and not out.suffix):
         out = out / f"{request.name}.html"
@@ -90,6 +94,8 @@ def page_path(store: Store, request: ViewRequest) -> Path:
     blocker = next((parent for parent in out.parents if parent.exists()), None)
     if blocker is not None and not blocker.is_dir():
         raise FieldError("out", f"{{}} {out}: {blocker} is a file, not a folder")
+    if out.absolute() != default.absolute():
+        refuse_inside_store(out.absolute(), store.root, "out")
     return out
 
 
@@ -384,6 +390,7 @@ def mask_sheet(store: Store, name: str, cell: int = 256) -> MaskSheet | None:
     """Draw each photo beside its latest mask picture, labelled, with the caption the mask was made from,
     into `masks/contact-sheet.png`; None if no masks yet."""
     subject = store.get_subject(name)
+    store.require_writable(f"write the mask sheet of {name!r}")
     pairs = mask_files(store, subject)
     if not any(mask for _, mask in pairs):
         return None
