@@ -25,6 +25,7 @@ SUBJECT: ModelRole = "subject"
 CONTEXT: ModelRole = "context"
 EVAL: ModelRole = "eval"  # transformers models that score images (evaluation.py), not diffusion pipelines
 TINY = "tiny"
+TINY_SDXL = "tiny-sdxl"
 
 DEFAULT_DINO = "facebook/dino-vits16"
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
@@ -52,7 +53,16 @@ PRESETS: dict[str, Preset] = {
         gated=True,
         description="Stable Diffusion 3 Medium (gated: accept its licence on the Hub, then log in)",
     ),
+    "sdxl": Preset(
+        "sdxl",
+        SUBJECT,
+        "stabilityai/stable-diffusion-xl-base-1.0",
+        description="Stable Diffusion XL base 1.0 (1024 px subject model; CreativeML Open RAIL++-M)",
+    ),
     TINY: Preset(TINY, "both", None, description="tiny random-weight models built locally"),
+    TINY_SDXL: Preset(
+        TINY_SDXL, SUBJECT, None, description="a tiny random-weight SDXL-shaped subject model built locally"
+    ),
     # the default evaluation models (DEFAULT_DINO / DEFAULT_CLIP); transformers layout
     "dino": Preset("dino", EVAL, DEFAULT_DINO, description="DINO ViT-S/16 (DINO score)"),
     "clip": Preset("clip", EVAL, DEFAULT_CLIP, description="CLIP ViT-B/32 (CLIP-I and CLIP-T scores)"),
@@ -90,6 +100,11 @@ def models_root(store_root: Path) -> Path:
 def tiny_dir(store_root: Path | None = None) -> Path:
     """Where the tiny preset lives: ``<store root>/models/tiny`` with ``subject/`` and ``context/``."""
     return models_root(store_root if store_root is not None else default_root()) / "tiny"
+
+
+def local_preset_dir(name: str, store_root: Path | None = None) -> Path:
+    """Where a locally built preset (``tiny``, ``tiny-sdxl``) lives: ``<store root>/models/<name>``."""
+    return models_root(store_root if store_root is not None else default_root()) / name
 
 
 def tiny_eval_dir(store_root: Path | None = None) -> Path:
@@ -135,8 +150,9 @@ def resolve_ref(ref: str, role: ModelRole = SUBJECT, *, store_root: Path | None 
                 f"{ref} is an evaluation model ({preset.repo_id}), not a diffusion model: use sd15, "
                 "sd3-medium, tiny, a Hub id or a folder"
             )
-        if preset.repo_id is None:
-            return ModelSource(ref, "preset", None, tiny_dir(store_root) / role, role=role)
+        if preset.repo_id is None:  # built locally; a subject-only preset serves as a draft model too
+            folder = SUBJECT if preset.role == SUBJECT else role
+            return ModelSource(ref, "preset", None, local_preset_dir(ref, store_root) / folder, role=role)
         return ModelSource(ref, "preset", preset.repo_id, None, gated=preset.gated, role=role)
     path = Path(ref).expanduser()
     if path.is_dir():
@@ -151,8 +167,8 @@ def resolve_ref(ref: str, role: ModelRole = SUBJECT, *, store_root: Path | None 
     close = difflib.get_close_matches(ref, list(PRESETS), n=1, cutoff=0.5)
     hint = f"did you mean {close[0]!r}? " if close else ""
     raise BadInputError(
-        f"unknown model {ref!r}: {hint}use a preset (sd15, sd3-medium, tiny), a Hub id like owner/name, "
-        "or a local diffusers folder"
+        f"unknown model {ref!r}: {hint}use a preset (sd15, sdxl, sd3-medium, tiny, tiny-sdxl), a Hub id like "
+        "owner/name, or a local diffusers folder"
     )
 
 

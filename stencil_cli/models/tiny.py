@@ -17,11 +17,20 @@ from typing import Any
 
 from stencil_cli.base.fsutil import build_folder_once, folder_has_version
 from stencil_cli.models.devices import quiet_libraries
-from stencil_cli.models.refs import CONTEXT, SUBJECT, tiny_dir, tiny_eval_dir
+from stencil_cli.models.refs import (
+    CONTEXT,
+    SUBJECT,
+    TINY,
+    TINY_SDXL,
+    local_preset_dir,
+    tiny_dir,
+    tiny_eval_dir,
+)
 from stencil_cli.models.scheduler import sd15_ddim_scheduler
 
 TINY_SEED = 0
 TINY_VERSION = "1"  # bump when the tiny architecture changes; old folders are rebuilt
+TINY_SDXL_VERSION = "1"  # the same for the tiny SDXL subject model
 TINY_EVAL_VERSION = "1"  # the same for the tiny eval models
 TINY_EVAL_SEED = 0
 TINY_EVAL_IMAGE_SIZE = 32
@@ -181,6 +190,82 @@ def build_tiny_context_pipeline() -> Any:
         text_encoder_3=None,
         tokenizer_3=None,
     )
+
+
+def build_tiny_sdxl_pipeline() -> Any:
+    """An SDXL-shaped pipeline with tiny fixed-seed random weights (64x64 images, 8x8 latents).
+
+    Like SDXL base: two CLIP encoders (the second projecting, its pooled output feeds the UNet), a UNet with
+    ``text_time`` added conditioning, cross-attention at two resolutions and a block with two transformer
+    layers, ``force_zeros_for_empty_prompt``.
+    """
+    import torch
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(TINY_SEED + 2)
+    tokenizer = byte_level_clip_tokenizer()
+    tokenizer_2 = byte_level_clip_tokenizer(pad_token="!")
+    text_encoder = CLIPTextModel(_tiny_clip_config(len(tokenizer), with_projection=False))
+    text_encoder_2 = CLIPTextModelWithProjection(_tiny_clip_config(len(tokenizer_2), with_projection=True))
+    time_dim = 8
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(16, 32, 32),
+        layers_per_block=1,
+        transformer_layers_per_block=(1, 1, 2),
+        attention_head_dim=(2, 4, 4),
+        use_linear_projection=True,
+        cross_attention_dim=64,  # the two encoders' hidden states side by side (32 + 32)
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=32 + 6 * time_dim,  # pooled (32) + six time ids
+        norm_num_groups=8,
+    )
+    vae = _tiny_vae(latent_channels=4, scaling_factor=0.13025)
+    with quiet_libraries():
+        return StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2,
+            unet=unet,
+            scheduler=sd15_ddim_scheduler(),
+            force_zeros_for_empty_prompt=True,
+        )
+
+
+def build_tiny_sdxl(target: Path) -> Path:
+    """Build the tiny SDXL preset into `target` (``subject/``) with save_pretrained."""
+    target = Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    with quiet_libraries():
+        build_tiny_sdxl_pipeline().save_pretrained(target / SUBJECT, safe_serialization=True)
+    return target
+
+
+def ensure_tiny_sdxl(folder: Path | None = None) -> Path:
+    """Build the tiny SDXL preset at `folder` (default: the default store's) unless it is there."""
+    target = Path(folder) if folder is not None else local_preset_dir(TINY_SDXL)
+    return build_folder_once(target, TINY_SDXL_VERSION, build_tiny_sdxl)
+
+
+LOCAL_PRESET_VERSIONS = {TINY: TINY_VERSION, TINY_SDXL: TINY_SDXL_VERSION}
+
+
+def ensure_local_preset(name: str, folder: Path) -> Path:
+    """Build the locally built preset `name` (``tiny``, ``tiny-sdxl``) at `folder` unless it is there."""
+    return ensure_tiny_sdxl(folder) if name == TINY_SDXL else ensure_tiny(folder)
+
+
+def local_preset_ready(name: str, folder: Path) -> bool:
+    """Whether `folder` holds the locally built preset `name` at its current version."""
+    return folder_has_version(folder, LOCAL_PRESET_VERSIONS.get(name, TINY_VERSION))
 
 
 def build_tiny(target: Path) -> Path:
