@@ -232,3 +232,44 @@ def test_ddim_inversion_runs_under_the_conditional_prompt(method: str) -> None:
     for t in [int(t) for t in scheduler.timesteps.flip(0)]:
         z_empty = ddim_inverse_step(scheduler, unet.scale.detach() * z_empty - 2.0, t, z_empty)
     assert not torch.allclose(result.latent, z_empty, atol=1e-2)
+
+
+# -- null-text early stopping ------------------------------------------------------------------------------
+
+
+def test_null_text_settings_default_to_the_reference_settings() -> None:
+    from stencil_cli.core.inversion import NullTextSettings
+
+    assert NullTextSettings() == NullTextSettings(
+        guidance=7.5, inner_steps=10, lr=1e-2, early_stop=1e-5, early_stop_slope=2e-5
+    )
+
+
+def test_null_text_early_stop_uses_its_slope(family_pipe) -> None:
+    """Step i stops once its loss is below early_stop + i * slope: with early_stop 0 and a huge slope the
+    first step (threshold 0) runs every inner iteration and every later step stops after one."""
+    from stencil_cli.core.inversion import (
+        NullTextSettings,
+        ddim_inversion,
+        encode_prompt,
+        encode_unconditional,
+    )
+    from stencil_cli.core.inversion import null_text_optimization as optimise
+
+    pipe = family_pipe
+    scheduler = sd15_ddim_scheduler()
+    scheduler.set_timesteps(4)
+    cond, empty = encode_prompt(pipe, "a toy robot", "cpu"), encode_unconditional(pipe, "", "cpu")
+    trajectory = ddim_inversion(pipe.unet, scheduler, _latents(1), cond)
+    settings = NullTextSettings(inner_steps=3, early_stop=0.0, early_stop_slope=1e9)
+    (result,) = optimise(pipe.unet, scheduler, trajectory, cond, empty, settings)
+    assert result.inner_iterations == [3, 1, 1, 1]
+    (flat,) = optimise(
+        pipe.unet,
+        scheduler,
+        trajectory,
+        cond,
+        empty,
+        NullTextSettings(inner_steps=3, early_stop=0.0, early_stop_slope=0.0),
+    )
+    assert flat.inner_iterations == [3, 3, 3, 3]  # without the slope nothing stops early

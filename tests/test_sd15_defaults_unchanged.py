@@ -46,8 +46,22 @@ def test_sd15_train_and_gen_with_the_sd3_draft_are_bit_identical_to_before(
     assert trained.exit_code == 0, trained.output
     weights = Path(json.loads(trained.stdout)["weights_file"])
     generated = cli(
-        "gen", "robot", "on the moon", "--subject-model", "tiny", "--context-model", "tiny",
-        "--steps", "3", "--inner-steps", "2", "--draft-steps", "2", "--seed", "7", "--json",
+        "gen",
+        "robot",
+        "on the moon",
+        "--subject-model",
+        "tiny",
+        "--context-model",
+        "tiny",
+        "--steps",
+        "3",
+        "--inner-steps",
+        "2",
+        "--draft-steps",
+        "2",
+        "--seed",
+        "7",
+        "--json",
     )
     assert generated.exit_code == 0, generated.output
     record = json.loads(generated.stdout.splitlines()[0])
