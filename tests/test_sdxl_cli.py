@@ -116,3 +116,18 @@ def test_sdxl_subject_through_every_command(
     assert scored.exit_code == 0, scored.output
     scores = json.loads(scored.stdout)["generations"][0]["scores"]
     assert all(-1.0 <= scores[key] <= 1.0 for key in ("dino", "clip_i", "clip_t"))
+
+
+def test_the_dreambench_runner_runs_with_an_sdxl_subject_model(
+    cli: Any, tiny_preset: Path, tiny_sdxl_preset: Path, tiny_eval: Path, tmp_path: Path
+) -> None:
+    from test_evaluation import TINY_RUN, make_fake_dreambench
+
+    dataset = make_fake_dreambench(tmp_path / "dreambench")
+    args = list(TINY_RUN)
+    args[args.index("--subject-model") + 1] = "tiny-sdxl"
+    out = tmp_path / "bench"
+    result = cli("bench", "dreambench", dataset, "--out", out, "--subjects", "dog", *args, "--json")
+    assert result.exit_code == 0, result.output
+    images = list(out.rglob("*.png"))
+    assert images, "the runner wrote no images"
