@@ -74,14 +74,14 @@ def byte_level_clip_tokenizer(pad_token: str = "<|endoftext|>") -> Any:
 # -- the tiny diffusion pipelines -------------------------------------------------------------------------
 
 
-def _tiny_clip_config(vocab_size: int, with_projection: bool) -> Any:
+def _tiny_clip_config(vocab_size: int, with_projection: bool, layers: int = 2, width: int = 32) -> Any:
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
         vocab_size=vocab_size,
-        hidden_size=32,
+        hidden_size=width,
         intermediate_size=64,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         max_position_embeddings=77,
         projection_dim=32 if with_projection else 32,
@@ -206,8 +206,12 @@ def build_tiny_sdxl_pipeline() -> Any:
     torch.manual_seed(TINY_SEED + 2)
     tokenizer = byte_level_clip_tokenizer()
     tokenizer_2 = byte_level_clip_tokenizer(pad_token="!")
-    text_encoder = CLIPTextModel(_tiny_clip_config(len(tokenizer), with_projection=False))
-    text_encoder_2 = CLIPTextModelWithProjection(_tiny_clip_config(len(tokenizer_2), with_projection=True))
+    # narrower than the second encoder, as in SDXL (768 / 1280): from_single_file tells them apart by width
+    text_encoder = CLIPTextModel(_tiny_clip_config(len(tokenizer), with_projection=False, width=16))
+    # ten layers, tiny ones: diffusers' from_single_file tells an SDXL checkpoint by its OpenCLIP layer 9
+    text_encoder_2 = CLIPTextModelWithProjection(
+        _tiny_clip_config(len(tokenizer_2), with_projection=True, layers=10)
+    )
     time_dim = 8
     unet = UNet2DConditionModel(
         sample_size=8,
@@ -220,7 +224,7 @@ def build_tiny_sdxl_pipeline() -> Any:
         transformer_layers_per_block=(1, 1, 2),
         attention_head_dim=(2, 4, 4),
         use_linear_projection=True,
-        cross_attention_dim=64,  # the two encoders' hidden states side by side (32 + 32)
+        cross_attention_dim=48,  # the two encoders' hidden states side by side (16 + 32)
         addition_embed_type="text_time",
         addition_time_embed_dim=time_dim,
         projection_class_embeddings_input_dim=32 + 6 * time_dim,  # pooled (32) + six time ids
