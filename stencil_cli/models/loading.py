@@ -30,11 +30,13 @@ from stencil_cli.models.refs import (
     EvalModelRefs,
     ModelRole,
     ModelSource,
+    preset_for,
     pull_command,
     resolve_ref,
+    t5_required_error,
 )
 from stencil_cli.models.scheduler import sd15_ddim_scheduler
-from stencil_cli.models.tiny import ensure_tiny, ensure_tiny_eval
+from stencil_cli.models.tiny import ensure_local_preset, ensure_tiny_eval
 
 if TYPE_CHECKING:
     import torch
@@ -76,7 +78,7 @@ def locate(source: ModelSource) -> Location:
         raise gated
     if source.kind == "preset" and source.repo_id is None:
         assert source.path is not None
-        ensure_tiny(source.path.parent)
+        ensure_local_preset(source.ref, source.path)
         return Location(source, str(source.path), False, _check_local_folder(source.path, source.ref))
     if source.kind == "local":
         assert source.path is not None
@@ -225,6 +227,14 @@ def load_subject_pipeline(
     return pipe
 
 
+def reads_prompt_through_t5_only(index: dict[str, Any]) -> bool:
+    """Whether a pipeline index is FLUX-shaped: its only sequence text encoder is T5 (CLIP gives a pooled
+    vector), so it cannot run without T5."""
+    name = str(index.get("_class_name", ""))
+    encoder = index.get("text_encoder_2")
+    return name.startswith("Flux") and isinstance(encoder, list) and "T5" in str(encoder[-1])
+
+
 def load_context_pipeline(
     ref: str,
     *,
@@ -239,8 +249,14 @@ def load_context_pipeline(
 
     torch_device = resolve_device(device)
     dtype = resolve_dtype(precision, torch_device)
-    location = locate(resolve_ref(ref, CONTEXT, store_root=store_root))
+    source = resolve_ref(ref, CONTEXT, store_root=store_root)
+    preset = preset_for(ref)
+    if no_t5 and preset is not None and preset.draft is not None and preset.draft.t5 == "required":
+        raise t5_required_error(source.label)
+    location = locate(source)
     index = location.index
+    if no_t5 and reads_prompt_through_t5_only(index):
+        raise t5_required_error(source.label)
     kwargs: dict[str, Any] = {"dtype": dtype, **_absent_components(index)}
     if no_t5 and (not index or "text_encoder_3" in index):
         kwargs.update(text_encoder_3=None, tokenizer_3=None)
