@@ -333,3 +333,20 @@ def test_models_pull_builds_the_tiny_draft_presets(cli: Any, stencil_home: Path)
         assert row["layout"] == "tiny"
         assert (Path(row["path"]) / "model_index.json").is_file()
         assert Path(row["path"]).parent == stencil_home / "models"
+
+
+def test_the_draft_presets_full_size_configs_have_their_published_sizes(monkeypatch: Any) -> None:
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import draft_memory
+    import fullsize
+
+    sizes = {preset: draft_memory.component_sizes(preset) for preset in draft_memory.DRAFT_PRESETS}
+    published = {"sd35-medium": 2.5e9, "sd35-large-turbo": 8.1e9, "flux-schnell": 11.9e9}  # model cards
+    for preset, count in published.items():
+        assert abs(sizes[preset]["transformer"] - count) / count < 0.015, preset
+    assert sizes["flux-schnell"]["text_encoder_2"] == sizes["sd3-medium"]["text_encoder_3"]  # T5-XXL
+    medium = fullsize.build_full_size_component("sd35-medium", "transformer", device="meta")
+    assert medium.config.qk_norm == "rms_norm"
+    assert list(medium.config.dual_attention_layers) == list(range(13))  # MMDiT-X
+    assert draft_memory.t5_component("flux-schnell") == "text_encoder_2"
+    assert "needs T5" in draft_memory.table()
