@@ -116,7 +116,9 @@ def test_bad_draft_guidance_is_one_line_naming_the_flag(cli: Any, trained: str) 
     assert not list(open_store().generation_dir(trained).glob("*/*.png"))  # nothing half-written
 
 
-def test_no_t5_is_refused_for_flux_presets_and_flux_folders(cli: Any, trained: str, tmp_path: Path) -> None:
+def test_no_t5_is_refused_for_flux_presets_and_flux_folders(
+    cli: Any, trained: str, tmp_path: Path, tiny_drafts_dir: Path
+) -> None:
     for ref in ("flux-schnell", "tiny-flux"):
         result = cli("gen", trained, "on the moon", "--context-model", ref, "--no-t5", *FAST)
         assert result.exit_code == 2, result.output
@@ -124,7 +126,7 @@ def test_no_t5_is_refused_for_flux_presets_and_flux_folders(cli: Any, trained: s
         assert len(result.output.strip().splitlines()) <= 2  # one line (and its hint, if any)
     # a FLUX pipeline folder that no preset names: refused when its index is read, before any draft
     folder = tmp_path / "my-flux"
-    shutil.copytree(models.local_preset_dir("tiny-flux", "context"), folder)
+    shutil.copytree(tiny_drafts_dir / "tiny-flux" / "context", folder)
     result = cli("gen", trained, "on the moon", "--context-model", folder, "--no-t5", *FAST)
     assert result.exit_code == 2, result.output
     assert "--no-t5 does not apply to" in result.output
@@ -293,7 +295,7 @@ def test_models_pull_fetches_the_draft_presets_diffusers_files_only_and_they_loa
 ) -> None:
     from tests import fakehub
 
-    flux, sd35 = tiny_drafts_dir / "tiny-flux", tiny_drafts_dir / "tiny-sd35"
+    flux, sd35 = tiny_drafts_dir / "tiny-flux" / "context", tiny_drafts_dir / "tiny-sd35" / "context"
     hub = fakehub.install(
         monkeypatch,
         tmp_path / "hf-cache",
@@ -331,8 +333,8 @@ def test_models_pull_builds_the_tiny_draft_presets(cli: Any, stencil_home: Path)
     assert result.exit_code == 0, result.output
     for row in json.loads(result.stdout):
         assert row["layout"] == "tiny"
-        assert (Path(row["path"]) / "model_index.json").is_file()
-        assert Path(row["path"]).parent == stencil_home / "models"
+        assert Path(row["path"]) == stencil_home / "models" / row["ref"]
+        assert (Path(row["path"]) / "context" / "model_index.json").is_file()
 
 
 def test_the_draft_presets_full_size_configs_have_their_published_sizes(monkeypatch: Any) -> None:

@@ -21,21 +21,15 @@ from stencil_cli.models.refs import (
     HUB_ID_PATTERN,
     PRESETS,
     SUBJECT,
-    TINY,
     ModelRole,
     ModelSource,
     is_gated_repo,
+    local_preset_dir,
     pull_command,
     resolve_ref,
     split_revision,
-    tiny_dir,
 )
-from stencil_cli.models.tiny import (
-    TINY_EVAL_VERSION,
-    ensure_local_preset,
-    ensure_tiny,
-    local_preset_ready,
-)
+from stencil_cli.models.tiny import TINY_EVAL_VERSION, ensure_local_preset, local_preset_ready
 
 ModelLayout = Literal["diffusers", "transformers", "tiny"]  # how a pulled model's folder is laid out
 
@@ -307,7 +301,8 @@ def model_status(
             folder = source.path
             ready = folder_has_version(folder, TINY_EVAL_VERSION)
         else:
-            ready, folder = local_preset_ready(ref, store_root)
+            folder = local_preset_dir(ref, store_root)
+            ready = local_preset_ready(ref, folder)
         row.update(present=ready, path=str(folder))
         if row["present"]:
             row["size_bytes"] = folder_size(folder)
@@ -363,10 +358,7 @@ def pull(
         return _pull_transformers(ref, repo_id, revision, progress=progress)
     source = resolve_ref(ref, role, store_root=store_root)
     if source.kind == "preset" and source.repo_id is None:
-        if ref == TINY:
-            return PulledModel(ref, ensure_tiny(tiny_dir(store_root)), layout="tiny")
-        assert source.path is not None
-        return PulledModel(ref, ensure_local_preset(ref, source.path), layout="tiny")
+        return PulledModel(ref, ensure_local_preset(ref, local_preset_dir(ref, store_root)), layout="tiny")
     if source.kind == "local":
         raise BadInputError(f"{ref} is a local folder: there is nothing to download")
     assert source.repo_id is not None

@@ -78,7 +78,7 @@ def locate(source: ModelSource) -> Location:
         raise gated
     if source.kind == "preset" and source.repo_id is None:
         assert source.path is not None
-        ensure_local_preset(source.ref, source.path)
+        ensure_local_preset(source.ref, source.path.parent)
         return Location(source, str(source.path), False, _check_local_folder(source.path, source.ref))
     if source.kind == "local":
         assert source.path is not None

@@ -160,10 +160,9 @@ def tiny_dir(store_root: Path | None = None) -> Path:
     return models_root(store_root if store_root is not None else default_root()) / "tiny"
 
 
-def local_preset_dir(name: str, role: ModelRole, store_root: Path | None = None) -> Path:
-    """Where a locally built preset's pipeline lives: ``tiny/<role>``, else ``<store root>/models/<name>``."""
-    if name == TINY:
-        return tiny_dir(store_root) / role
+def local_preset_dir(name: str, store_root: Path | None = None) -> Path:
+    """Where a locally built preset (``tiny``, ``tiny-sd35``, ``tiny-flux``) lives:
+    ``<store root>/models/<name>`` (its pipelines in ``subject/`` and ``context/``)."""
     return models_root(store_root if store_root is not None else default_root()) / name
 
 
@@ -210,8 +209,9 @@ def resolve_ref(ref: str, role: ModelRole = SUBJECT, *, store_root: Path | None 
                 f"{ref} is an evaluation model ({preset.repo_id}), not a diffusion model: use sd15, "
                 "sd3-medium, tiny, a Hub id or a folder"
             )
-        if preset.repo_id is None:
-            return ModelSource(ref, "preset", None, local_preset_dir(ref, role, store_root), role=role)
+        if preset.repo_id is None:  # built locally: a one-role preset has only that role's pipeline
+            folder = preset.role if preset.role in (SUBJECT, CONTEXT) else role
+            return ModelSource(ref, "preset", None, local_preset_dir(ref, store_root) / folder, role=role)
         return ModelSource(ref, "preset", preset.repo_id, None, gated=preset.gated, role=role)
     path = Path(ref).expanduser()
     if path.is_dir():

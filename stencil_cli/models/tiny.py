@@ -26,7 +26,6 @@ from stencil_cli.models.refs import (
     TINY,
     TINY_FLUX,
     TINY_SD35,
-    local_preset_dir,
     tiny_dir,
     tiny_eval_dir,
 )
@@ -334,38 +333,34 @@ def ensure_tiny(folder: Path | None = None) -> Path:
 
 
 def _draft_builder(name: str) -> Any:
-    """A function that builds draft preset `name` into a folder with save_pretrained."""
+    """A function that builds draft preset `name` into a folder's ``context/`` with save_pretrained."""
 
     def build(target: Path) -> Path:
         with quiet_libraries():
-            DRAFT_BUILDERS[name]().save_pretrained(Path(target), safe_serialization=True)
+            DRAFT_BUILDERS[name]().save_pretrained(Path(target) / CONTEXT, safe_serialization=True)
         return Path(target)
 
     return build
 
 
+LOCAL_PRESET_VERSIONS = {TINY: TINY_VERSION, TINY_SD35: TINY_DRAFT_VERSION, TINY_FLUX: TINY_DRAFT_VERSION}
+
+
 def is_local_preset(name: str) -> bool:
     """Whether `name` is a preset built on this machine (``tiny``, ``tiny-sd35``, ``tiny-flux``)."""
-    return name == TINY or name in DRAFT_BUILDERS
+    return name in LOCAL_PRESET_VERSIONS
 
 
 def ensure_local_preset(name: str, folder: Path) -> Path:
-    """Build locally built preset `name` unless it is there; `folder` is its pipeline folder (tiny:
-    ``tiny/subject`` or ``tiny/context``, built together); returns `folder`."""
-    folder = Path(folder)
-    if name == TINY:
-        ensure_tiny(folder.parent)
-        return folder
-    return build_folder_once(folder, TINY_DRAFT_VERSION, _draft_builder(name))
+    """Build the locally built preset `name` at `folder` (``<store root>/models/<name>``) unless it is in."""
+    if name in DRAFT_BUILDERS:
+        return build_folder_once(Path(folder), TINY_DRAFT_VERSION, _draft_builder(name))
+    return ensure_tiny(folder)
 
 
-def local_preset_ready(name: str, store_root: Path | None = None) -> tuple[bool, Path]:
-    """Whether locally built preset `name` is built (current version), and its folder."""
-    if name == TINY:
-        folder = tiny_dir(store_root)
-        return tiny_ready(folder), folder
-    folder = local_preset_dir(name, CONTEXT, store_root)
-    return folder_has_version(folder, TINY_DRAFT_VERSION), folder
+def local_preset_ready(name: str, folder: Path) -> bool:
+    """Whether `folder` holds the locally built preset `name` at its current version."""
+    return folder_has_version(Path(folder), LOCAL_PRESET_VERSIONS[name])
 
 
 # -- the tiny evaluation models ---------------------------------------------------------------------------
