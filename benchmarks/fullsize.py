@@ -22,7 +22,7 @@ from stencil_cli.models import (
     sd15_ddim_scheduler,
 )
 
-FULL_SIZE_PRESETS = ("sd15", "sdxl", "sd3-medium")
+FULL_SIZE_PRESETS = ("sd15", "sdxl", "sd3-medium", "sd35-medium", "sd35-large-turbo", "flux-schnell")
 
 
 def full_size_config(preset: str) -> dict[str, Any]:
@@ -101,7 +101,7 @@ def build_full_size_pipeline(
     dtype: torch.dtype = torch.float32,
     no_t5: bool = False,
 ) -> Any:
-    """A full-size SD1.5, SDXL or SD3 Medium pipeline, random weights, byte-level tokenizers (benchmarks)."""
+    """A full-size SD1.5, SDXL or SD3 / SD3.5 pipeline, random weights, byte-level tokenizers (benchmarks)."""
     with quiet_libraries():
         from diffusers import (
             FlowMatchEulerDiscreteScheduler,
@@ -138,6 +138,8 @@ def build_full_size_pipeline(
                 force_zeros_for_empty_prompt=True,
             )
     config = full_size_config(preset)
+    if config["pipeline"] != "StableDiffusion3Pipeline":  # flux-schnell: configs for parameter counts only
+        raise BadInputError(f"no full-size pipeline build for {preset}: its configs give parameter counts")
     scheduler_config = {k: v for k, v in config["scheduler"].items() if not k.startswith("_")}
     with quiet_libraries():
         return StableDiffusion3Pipeline(

@@ -109,3 +109,26 @@ def tiny_sdxl_preset(tiny_sdxl_models_dir: Path, stencil_home: Path) -> Path:
     if not target.exists():
         target.symlink_to(tiny_sdxl_models_dir, target_is_directory=True)
     return target
+
+
+@pytest.fixture(scope="session")
+def tiny_drafts_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Session-wide builds of the tiny draft presets: ``tiny-sd35/`` and ``tiny-flux/`` pipeline folders."""
+    from stencil_cli.models import TINY_FLUX, TINY_SD35, ensure_local_preset
+
+    root = tmp_path_factory.mktemp("tiny-drafts")
+    for name in (TINY_SD35, TINY_FLUX):
+        ensure_local_preset(name, root / name)
+    return root
+
+
+@pytest.fixture
+def tiny_draft_presets(tiny_drafts_dir: Path, stencil_home: Path) -> Path:
+    """Make `tiny-sd35` and `tiny-flux` available in this STENCIL_HOME (links to the session builds)."""
+    models_dir = stencil_home / "models"
+    models_dir.mkdir(parents=True, exist_ok=True)
+    for build in tiny_drafts_dir.iterdir():
+        target = models_dir / build.name
+        if not target.exists():
+            target.symlink_to(build, target_is_directory=True)
+    return models_dir

@@ -55,6 +55,7 @@ class GenerationSettings:
     null_text: NullTextSettings = field(default_factory=NullTextSettings)
     draft_steps: int = 50
     draft_guidance: float = 7.5
+    draft_max_sequence_length: int | None = None  # the draft's T5 window (None: its pipeline's default)
     # replaces the empty uncond embedding after the injected steps (and in plain generation); "" = none
     negative: str = ""
 
@@ -187,9 +188,11 @@ def render_drafts(
     batch_size: int | None = None,
     progress: Progress = no_progress,
     negative: str = "",
+    max_sequence_length: int | None = None,
 ) -> list[Image.Image]:
     """Render one draft per seed with the context model (any diffusers text-to-image pipeline) at
     `resolution`, as batches of at most `batch_size` (None: all) in one pipeline call each.
+    `max_sequence_length` goes to a pipeline that takes it (the T5 window, e.g. 256 for FLUX.1-schnell).
 
     Each sample draws its starting noise from its own CPU generator seeded with its seed, so a draft is the
     one a batch of that seed alone gives (within float tolerance of the batched model call). The progress
@@ -197,7 +200,8 @@ def render_drafts(
     images: list[Image.Image] = []
     if hasattr(context_pipe, "set_progress_bar_config"):
         context_pipe.set_progress_bar_config(disable=True)
-    takes_callback = "callback_on_step_end" in inspect.signature(context_pipe.__call__).parameters
+    parameters = inspect.signature(context_pipe.__call__).parameters
+    takes_callback = "callback_on_step_end" in parameters
     for batch in chunks(seeds, batch_size):
         kwargs: dict[str, Any] = {
             "prompt": prompt,
@@ -211,6 +215,8 @@ def render_drafts(
         }
         if negative:
             kwargs["negative_prompt"] = negative
+        if max_sequence_length is not None and "max_sequence_length" in parameters:
+            kwargs["max_sequence_length"] = max_sequence_length
         if takes_callback:
 
             def on_step(

@@ -36,7 +36,8 @@ ModelLayout = Literal["diffusers", "transformers", "tiny"]  # how a pulled model
 # -- what to download -----------------------------------------------------------------------------------
 
 # Files `models pull` fetches: configs, tokenizers and safetensors weights of the components, no pickles,
-# no single-file checkpoints, no half-precision variants, no safety checker.
+# no single-file checkpoints, no half-precision variants, no safety checker, and not the SD3.5 repos'
+# `text_encoders/` (single-file copies of CLIP-L/G and T5 for ComfyUI, ~15 GB that diffusers never reads).
 PULL_ALLOW_PATTERNS = ["model_index.json", "*/*.json", "*/*.txt", "*/*.model", "*/*.safetensors"]
 PULL_IGNORE_PATTERNS = [
     "*.fp16.*",
@@ -49,6 +50,7 @@ PULL_IGNORE_PATTERNS = [
     "*.onnx*",
     "safety_checker/*",
     "*.emaonly.*",
+    "text_encoders/*",
 ]
 
 # Files `models pull` fetches for a transformers (eval) model: top-level configs, tokenizer/processor files

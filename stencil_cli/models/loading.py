@@ -30,8 +30,10 @@ from stencil_cli.models.refs import (
     EvalModelRefs,
     ModelRole,
     ModelSource,
+    preset_for,
     pull_command,
     resolve_ref,
+    t5_required_error,
 )
 from stencil_cli.models.scheduler import sd15_ddim_scheduler
 from stencil_cli.models.tiny import ensure_local_preset, ensure_tiny_eval
@@ -228,6 +230,14 @@ def load_subject_pipeline(
     return pipe
 
 
+def reads_prompt_through_t5_only(index: dict[str, Any]) -> bool:
+    """Whether a pipeline index is FLUX-shaped: its only sequence text encoder is T5 (CLIP gives a pooled
+    vector), so it cannot run without T5."""
+    name = str(index.get("_class_name", ""))
+    encoder = index.get("text_encoder_2")
+    return name.startswith("Flux") and isinstance(encoder, list) and "T5" in str(encoder[-1])
+
+
 def load_context_pipeline(
     ref: str,
     *,
@@ -242,8 +252,14 @@ def load_context_pipeline(
 
     torch_device = resolve_device(device)
     dtype = resolve_dtype(precision, torch_device)
-    location = locate(resolve_ref(ref, CONTEXT, store_root=store_root))
+    source = resolve_ref(ref, CONTEXT, store_root=store_root)
+    preset = preset_for(ref)
+    if no_t5 and preset is not None and preset.draft is not None and preset.draft.t5 == "required":
+        raise t5_required_error(source.label)
+    location = locate(source)
     index = location.index
+    if no_t5 and reads_prompt_through_t5_only(index):
+        raise t5_required_error(source.label)
     kwargs: dict[str, Any] = {"dtype": dtype, **_absent_components(index)}
     if no_t5 and (not index or "text_encoder_3" in index):
         kwargs.update(text_encoder_3=None, tokenizer_3=None)
