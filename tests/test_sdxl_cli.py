@@ -90,7 +90,12 @@ def test_the_subject_model_inverts_and_denoises_the_subject_prompt_never_the_dra
 
 
 def test_sdxl_subject_through_every_command(
-    cli: Any, tiny_preset: Path, tiny_sdxl_preset: Path, tiny_eval: Path, tmp_path: Path
+    cli: Any,
+    tiny_preset: Path,
+    tiny_sdxl_preset: Path,
+    tiny_draft_presets: Path,
+    tiny_eval: Path,
+    tmp_path: Path,
 ) -> None:
     _added_and_captioned(cli, tmp_path)
     run = _trained(cli, "tiny-sdxl", "--lora", "4")
@@ -101,6 +106,11 @@ def test_sdxl_subject_through_every_command(
     assert generated.exit_code == 0, generated.output
     record = json.loads(generated.stdout.splitlines()[0])
     assert Path(record["image_file"]).is_file()
+    for draft in ("tiny-flux", "tiny-sd35"):  # today's draft models, as their tiny presets
+        drafted = cli("gen", "robot", PROMPT, "--subject-model", "tiny-sdxl", "--context-model", draft,
+                      *FAST_GEN, "--json")  # fmt: skip
+        assert drafted.exit_code == 0, drafted.output
+        assert Path(json.loads(drafted.stdout.splitlines()[0])["image_file"]).is_file()
     for extra in (("--no-context",), ("--inversion", "npi")):
         again = cli("gen", "robot", PROMPT, "--subject-model", "tiny-sdxl", "--context-model", "tiny",
                     *FAST_GEN, *extra)  # fmt: skip
