@@ -141,3 +141,43 @@ def test_the_dreambench_runner_runs_with_an_sdxl_subject_model(
     assert result.exit_code == 0, result.output
     images = list(out.rglob("*.png"))
     assert images, "the runner wrote no images"
+
+
+# the SDXL base repo's extras `models pull` must leave: single-file checkpoints, fp16 variants, other formats
+SDXL_REPO = "stabilityai/stable-diffusion-xl-base-1.0"
+SDXL_EXTRAS = [
+    "sd_xl_base_1.0.safetensors",
+    "sd_xl_offset_example-lora_1.0.safetensors",
+    "unet/diffusion_pytorch_model.fp16.safetensors",
+    "unet/openvino_model.bin",
+    "text_encoder/model.fp16.safetensors",
+]
+
+
+def test_models_pull_sdxl_fetches_its_diffusers_files_and_it_trains_offline(
+    cli: Any, tiny_sdxl_models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests import fakehub
+
+    source = tiny_sdxl_models_dir / "subject"
+    files = sorted(str(p.relative_to(source)) for p in source.rglob("*") if p.is_file())
+    hub = fakehub.install(
+        monkeypatch,
+        tmp_path / "hf-cache",
+        {
+            "stabilityai/stable-diffusion-xl-base-1.0": fakehub.FakeRepo(
+                {"main": files + SDXL_EXTRAS}, source=source
+            )
+        },
+    )
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    pulled = cli("models", "pull", "sdxl", "--json")
+    assert pulled.exit_code == 0, pulled.output
+    kept = {d["repo_id"]: d["files"] for d in hub.downloads}
+    assert kept[SDXL_REPO] == [f for f in files if f != "VERSION"]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rows = {row["name"]: row for row in json.loads(cli("models", "ls", "--json").stdout)}
+    assert rows["sdxl"]["present"] and rows["sdxl"]["role"] == "subject"
+    _added_and_captioned(cli, tmp_path)
+    run = _trained(cli, "sdxl")
+    assert run["status"] == "done" and run["base_model"] == "sdxl"
