@@ -25,6 +25,8 @@ from typing import Any, Literal, Union
 
 import torch
 
+from stencil_cli.models.scheduler import SD15_DDIM_SETTINGS
+
 FamilyName = Literal["sd15", "sdxl"]
 DECODER_PREFIX = "up_blocks."  # the UNet decoder in both families (METHOD.md: only the decoder is trained)
 
@@ -134,6 +136,8 @@ class SD15Family:
 
     name: FamilyName = "sd15"
     native_resolution = 512
+    decoder_prefix = DECODER_PREFIX
+    ddim_settings = SD15_DDIM_SETTINGS  # METHOD.md's DDIM
 
     @torch.no_grad()
     def encode(self, pipe: Any, prompts: Sequence[str], resolution: int) -> torch.Tensor:
@@ -165,6 +169,8 @@ class SDXLFamily:
 
     name: FamilyName = "sdxl"
     native_resolution = 1024
+    decoder_prefix = DECODER_PREFIX
+    ddim_settings = SD15_DDIM_SETTINGS  # SDXL's published betas are SD1.5's: the method's DDIM as it is
 
     @staticmethod
     def time_ids(resolution: int, batch: int, device: torch.device) -> torch.Tensor:
