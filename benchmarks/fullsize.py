@@ -1,4 +1,4 @@
-"""Full-size SD1.5 and SD3 Medium architectures with random weights: real shapes, no download.
+"""Full-size SD1.5, SDXL base and SD3 Medium architectures with random weights: real shapes, no download.
 
 For the benchmarks (time and memory at the real sizes) and the tests that check the shipped configs. The
 architectures come from ``stencil_cli/models/configs/<preset>.json`` (the diffusers / transformers configs of
@@ -22,7 +22,7 @@ from stencil_cli.models import (
     sd15_ddim_scheduler,
 )
 
-FULL_SIZE_PRESETS = ("sd15", "sd3-medium")
+FULL_SIZE_PRESETS = ("sd15", "sdxl", "sd3-medium", "sd35-medium", "sd35-large-turbo", "flux-schnell")
 
 
 def full_size_config(preset: str) -> dict[str, Any]:
@@ -101,12 +101,13 @@ def build_full_size_pipeline(
     dtype: torch.dtype = torch.float32,
     no_t5: bool = False,
 ) -> Any:
-    """A full-size SD1.5 or SD3 Medium pipeline, random weights, byte-level tokenizers (benchmarks)."""
+    """A full-size SD1.5, SDXL or SD3 / SD3.5 pipeline, random weights, byte-level tokenizers (benchmarks)."""
     with quiet_libraries():
         from diffusers import (
             FlowMatchEulerDiscreteScheduler,
             StableDiffusion3Pipeline,
             StableDiffusionPipeline,
+            StableDiffusionXLPipeline,
         )
 
     def part(name: str) -> torch.nn.Module:
@@ -124,7 +125,21 @@ def build_full_size_pipeline(
                 feature_extractor=None,
                 requires_safety_checker=False,
             )
+    if preset == "sdxl":  # the method's DDIM (its betas are SDXL's published ones), as loading sets it
+        with quiet_libraries():
+            return StableDiffusionXLPipeline(
+                vae=part("vae"),
+                text_encoder=part("text_encoder"),
+                text_encoder_2=part("text_encoder_2"),
+                tokenizer=byte_level_clip_tokenizer(),
+                tokenizer_2=byte_level_clip_tokenizer(pad_token="!"),
+                unet=part("unet"),
+                scheduler=sd15_ddim_scheduler(),
+                force_zeros_for_empty_prompt=True,
+            )
     config = full_size_config(preset)
+    if config["pipeline"] != "StableDiffusion3Pipeline":  # flux-schnell: configs for parameter counts only
+        raise BadInputError(f"no full-size pipeline build for {preset}: its configs give parameter counts")
     scheduler_config = {k: v for k, v in config["scheduler"].items() if not k.startswith("_")}
     with quiet_libraries():
         return StableDiffusion3Pipeline(

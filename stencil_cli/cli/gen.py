@@ -163,8 +163,24 @@ def gen(
         ),
     ] = False,
     draft_steps: Annotated[
-        int, typer.Option("--draft-steps", help="Context-model steps for the draft.", min=1)
-    ] = 50,
+        int | None,
+        typer.Option(
+            "--draft-steps",
+            help="Draft-model steps. [default: the draft model's preset (e.g. flux-schnell 4, sd35-medium "
+            "40), else 50]",
+            min=1,
+            show_default=False,
+        ),
+    ] = None,
+    draft_guidance: Annotated[
+        float | None,
+        typer.Option(
+            "--draft-guidance",
+            help="Draft-model guidance scale. [default: the draft model's preset (e.g. flux-schnell and "
+            "sd35-large-turbo 0), else 7.5]",
+            show_default=False,
+        ),
+    ] = None,
     run_id: Annotated[
         int | None, typer.Option("--run", help="Use this training run. [default: the newest done run]")
     ] = None,
@@ -247,6 +263,7 @@ def gen(
         null_lr=null_lr,
         inversion=inversion,
         draft_steps=draft_steps,
+        draft_guidance=draft_guidance,
         draft=draft,
         no_context=no_context,
         run_id=run_id,

@@ -45,6 +45,7 @@ from stencil_cli.core.attention import (
     compute_masks,
     token_weights,
 )
+from stencil_cli.core.families import DECODER_PREFIX, Embedding, family_of, unet_inputs
 from stencil_cli.core.precision import DEFAULT_SAVE_DTYPE, SAVE_DTYPES
 from stencil_cli.core.weights import (
     KIND_FULL,
@@ -156,7 +157,7 @@ class TrainingData:
     """Everything the loop needs, precomputed once: latents, caption embeddings, masks."""
 
     latents: torch.Tensor  # (n, c, h, w) scaled VAE latents, fp32
-    embeddings: torch.Tensor  # (n, seq, d) caption embeddings, fp32
+    embeddings: Embedding  # (n, seq, d) caption embeddings (SDXL: with pooled and time ids), fp32
     masks: torch.Tensor  # (n, 1, h, w) in {0, 1}; all ones with --no-mask
     maps: torch.Tensor | None  # (n, hc, wc) normalised attention maps, None with --no-mask
     crops: list[Image.Image] = field(default_factory=list)  # the square crops that are trained
@@ -198,20 +199,6 @@ def encode_latents(vae: Any, pixels: torch.Tensor, *, batch_size: int = 4) -> to
     return torch.cat(out)
 
 
-@torch.no_grad()
-def encode_captions(tokenizer: Any, text_encoder: Any, captions: Sequence[str]) -> torch.Tensor:
-    """Text-encoder hidden states of the captions (padded to the tokenizer's length), as fp32."""
-    device = next(text_encoder.parameters()).device
-    ids = tokenizer(
-        list(captions),
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids.to(device)
-    return text_encoder(ids)[0].float()
-
-
 def prepare_training_data(
     pipe: Any,
     images: Sequence[Image.Image],
@@ -226,9 +213,10 @@ def prepare_training_data(
     if len(images) != len(captions) or not images:
         raise ValueError("need one caption per photo, and at least one photo")
     weights = token_weights(pipe.tokenizer, captions, phrase or "") if config.use_mask else None
-    embeddings = encode_captions(pipe.tokenizer, pipe.text_encoder, captions)
+    family = family_of(pipe)
+    embeddings = family.encode(pipe, captions, config.resolution)
     empty = (
-        encode_captions(pipe.tokenizer, pipe.text_encoder, [""])
+        family.encode(pipe, [""], config.resolution)
         if weights is not None and config.mask_from == "both"
         else None
     )
@@ -248,10 +236,10 @@ def prepare_training_data(
 def _mask_pass(
     pipe: Any,
     latents: torch.Tensor,
-    embeddings: torch.Tensor,
+    embeddings: Embedding,
     weights: torch.Tensor,
     config: TrainConfig,
-    empty: torch.Tensor | None,
+    empty: Embedding | None,
 ) -> Any:
     """The frozen UNet's subject masks of `latents` with the config's mask settings."""
     return compute_masks(
@@ -272,10 +260,10 @@ def _mask_pass(
 def subject_boxes(
     pipe: Any,
     images: Sequence[Image.Image],
-    embeddings: torch.Tensor,
+    embeddings: Embedding,
     weights: torch.Tensor,
     config: TrainConfig,
-    empty: torch.Tensor | None = None,
+    empty: Embedding | None = None,
 ) -> list[Box | None]:
     """Each non-square photo's square crop, placed on its subject by one mask pass on the whole photo
     letterboxed to the resolution (`base.crops`); None for square photos (the centre crop, as before)."""
@@ -317,7 +305,7 @@ def trainable_names(unet: Any, which: TrainedPart = "decoder") -> list[str]:
     if which not in TRAIN_CHOICES:
         raise FieldError("train", f"must be one of {', '.join(TRAIN_CHOICES)} (got {which!r})")
     names = [name for name, _ in unet.named_parameters()]
-    return names if which == "all" else [name for name in names if name.startswith("up_blocks.")]
+    return names if which == "all" else [name for name in names if name.startswith(DECODER_PREFIX)]
 
 
 def freeze_except(unet: Any, names: Sequence[str]) -> list[torch.nn.Parameter]:
@@ -547,7 +535,7 @@ def train_unet(
             else:
                 target = noise
             with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=use_autocast):
-                prediction = unet(noisy, timesteps, encoder_hidden_states=embeddings[index]).sample
+                prediction = unet(noisy, timesteps, **unet_inputs(embeddings[index])).sample
             loss = masked_mse(prediction, target, masks[index])
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:

@@ -24,19 +24,20 @@ from stencil_cli.models.refs import (
     ModelRole,
     ModelSource,
     is_gated_repo,
+    local_preset_dir,
     pull_command,
     resolve_ref,
     split_revision,
-    tiny_dir,
 )
-from stencil_cli.models.tiny import TINY_EVAL_VERSION, ensure_tiny, tiny_ready
+from stencil_cli.models.tiny import TINY_EVAL_VERSION, ensure_local_preset, local_preset_ready
 
 ModelLayout = Literal["diffusers", "transformers", "tiny"]  # how a pulled model's folder is laid out
 
 # -- what to download -----------------------------------------------------------------------------------
 
 # Files `models pull` fetches: configs, tokenizers and safetensors weights of the components, no pickles,
-# no single-file checkpoints, no half-precision variants, no safety checker.
+# no single-file checkpoints, no half-precision variants, no safety checker, and not the SD3.5 repos'
+# `text_encoders/` (single-file copies of CLIP-L/G and T5 for ComfyUI, ~15 GB that diffusers never reads).
 PULL_ALLOW_PATTERNS = ["model_index.json", "*/*.json", "*/*.txt", "*/*.model", "*/*.safetensors"]
 PULL_IGNORE_PATTERNS = [
     "*.fp16.*",
@@ -49,6 +50,7 @@ PULL_IGNORE_PATTERNS = [
     "*.onnx*",
     "safety_checker/*",
     "*.emaonly.*",
+    "text_encoders/*",
 ]
 
 # Files `models pull` fetches for a transformers (eval) model: top-level configs, tokenizer/processor files
@@ -295,8 +297,12 @@ def model_status(
         "size_bytes": None,
     }
     if source.kind == "preset" and source.repo_id is None:
-        folder = source.path if role == EVAL and source.path is not None else tiny_dir(store_root)
-        ready = folder_has_version(folder, TINY_EVAL_VERSION) if role == EVAL else tiny_ready(folder)
+        if role == EVAL and source.path is not None:
+            folder = source.path
+            ready = folder_has_version(folder, TINY_EVAL_VERSION)
+        else:
+            folder = local_preset_dir(ref, store_root)
+            ready = local_preset_ready(ref, folder)
         row.update(present=ready, path=str(folder))
         if row["present"]:
             row["size_bytes"] = folder_size(folder)
@@ -352,7 +358,7 @@ def pull(
         return _pull_transformers(ref, repo_id, revision, progress=progress)
     source = resolve_ref(ref, role, store_root=store_root)
     if source.kind == "preset" and source.repo_id is None:
-        return PulledModel(ref, ensure_tiny(tiny_dir(store_root)), layout="tiny")
+        return PulledModel(ref, ensure_local_preset(ref, local_preset_dir(ref, store_root)), layout="tiny")
     if source.kind == "local":
         raise BadInputError(f"{ref} is a local folder: there is nothing to download")
     assert source.repo_id is not None

@@ -20,6 +20,7 @@ from stencil_cli.base.images import load_rgb
 from stencil_cli.base.targets import probe_writable_folder, refuse_inside_store, refuse_special_file
 from stencil_cli.core.prompts import build_prompts
 from stencil_cli.models.devices import Precision
+from stencil_cli.models.refs import PAPER_DRAFT, DraftDefaults, draft_defaults, t5_required_error
 from stencil_cli.store.db import Store
 from stencil_cli.store.drafts import description_hash
 from stencil_cli.store.layout import batch_name
@@ -65,7 +66,8 @@ class GenerateRequest:
     guidance: float = 7.5
     null_lr: float = 1e-2
     inversion: InversionMode = "nti"
-    draft_steps: int = 50
+    draft_steps: int | None = None  # None: the draft model's preset (e.g. 4 for flux-schnell), else 50
+    draft_guidance: float | None = None  # None: the draft model's preset (e.g. 0 for flux-schnell), else 7.5
     draft: Path | None = None  # subject editing: this picture is the draft
     no_context: bool = False  # plain generation
     run_id: int | None = None
@@ -201,11 +203,16 @@ def prompt_lines(text: str, field_name: str = "prompts_file") -> list[str]:
     return prompts
 
 
-def generation_settings(request: GenerateRequest) -> Any:
-    """The ML core's generation settings from the request, or a FieldError naming the bad one."""
+def generation_settings(request: GenerateRequest, draft: DraftDefaults = PAPER_DRAFT) -> Any:
+    """The ML core's generation settings from the request (draft settings it leaves out: `draft`, the draft
+    model's defaults), or a FieldError naming the bad one."""
     from stencil_cli.core.generation import GenerationSettings
     from stencil_cli.core.inversion import NullTextSettings
 
+    draft_steps = request.draft_steps if request.draft_steps is not None else draft.steps
+    draft_guidance = request.draft_guidance if request.draft_guidance is not None else draft.guidance
+    if not (draft_guidance >= 0 and math.isfinite(draft_guidance)):
+        raise FieldError("draft_guidance", f"must be 0 or more (got {draft_guidance})")
     inversion = request.inversion.strip().lower()
     if inversion not in INVERSION_MODES:
         raise FieldError("inversion", f"must be nti or npi (got {request.inversion!r})")
@@ -216,7 +223,7 @@ def generation_settings(request: GenerateRequest) -> Any:
     for name, value, most in (
         ("steps", request.steps, MAX_TAU),
         ("inner_steps", request.inner_steps, None),
-        ("draft_steps", request.draft_steps, None),
+        ("draft_steps", draft_steps, None),
     ):
         if value < 1 or (most is not None and value > most):
             raise FieldError(
@@ -227,7 +234,9 @@ def generation_settings(request: GenerateRequest) -> Any:
         guidance=request.guidance,
         inversion=inversion,
         null_text=NullTextSettings(lr=request.null_lr, inner_steps=request.inner_steps),
-        draft_steps=request.draft_steps,
+        draft_steps=draft_steps,
+        draft_guidance=draft_guidance,
+        draft_max_sequence_length=draft.max_sequence_length,
         negative=" ".join((request.negative or "").split()),
     )
 
@@ -355,7 +364,13 @@ def plan_generation(
     for tau in taus:
         if not 0 <= tau <= MAX_TAU:
             raise FieldError("tau", f"must be in [0, {MAX_TAU}] (got {tau})")
-    settings = generation_settings(request)
+    context_model = (
+        resolve_setting(store, "context_model", request.context_model) if mode == "context" else None
+    )
+    draft = draft_defaults(context_model)
+    if request.no_t5 and mode == "context" and draft.t5 == "required":
+        raise t5_required_error(str(context_model))
+    settings = generation_settings(request, draft)
     subject = store.get_subject(request.name)
     run = trained_run(store, request.name, request.run_id)
     phrase = subject.phrase or subject.class_word
@@ -419,9 +434,7 @@ def plan_generation(
         taus=taus,
         settings=settings,
         subject_model=subject_ref,
-        context_model=resolve_setting(store, "context_model", request.context_model)
-        if mode == "context"
-        else None,
+        context_model=context_model,
         device=resolve_setting(store, "device", request.device),
         precision=resolve_setting(store, "precision", request.precision),
         no_t5=request.no_t5,
