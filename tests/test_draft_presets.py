@@ -352,3 +352,17 @@ def test_the_draft_presets_full_size_configs_have_their_published_sizes(monkeypa
     assert list(medium.config.dual_attention_layers) == list(range(13))  # MMDiT-X
     assert draft_memory.t5_component("flux-schnell") == "text_encoder_2"
     assert "needs T5" in draft_memory.table()
+
+
+def test_bench_takes_the_draft_presets_steps_and_refuses_no_t5_for_flux_up_front(tmp_path: Path) -> None:
+    from stencil_cli.base.errors import BadInputError
+    from stencil_cli.verbs.bench import BenchConfig
+
+    def config(**settings: Any) -> BenchConfig:
+        return BenchConfig(dataset=tmp_path, out=tmp_path / "out", subjects=["dog"], **settings)
+
+    assert config().draft_steps == 50  # sd3-medium: the paper's, and the fingerprint of earlier runs
+    assert config(context_model="flux-schnell").draft_steps == 4
+    assert config(context_model="flux-schnell", draft_steps=9).draft_steps == 9
+    with pytest.raises(BadInputError, match="no_t5 does not apply to flux-schnell"):
+        config(context_model="flux-schnell", no_t5=True, captioner="template").validate()
