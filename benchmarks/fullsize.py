@@ -17,7 +17,7 @@ import torch
 from stencil_cli.base.errors import BadInputError
 from stencil_cli.models import (
     byte_level_clip_tokenizer,
-    bytes_to_unicode,
+    byte_level_t5_tokenizer,
     quiet_libraries,
     sd15_ddim_scheduler,
 )
@@ -83,15 +83,6 @@ def full_size_parameter_counts(preset: str) -> dict[str, int]:
         name: sum(p.numel() for p in build_full_size_component(preset, name, device="meta").parameters())
         for name in full_size_config(preset)["components"]
     }
-
-
-def byte_level_t5_tokenizer() -> Any:
-    """A T5 tokenizer over single characters (a Unigram vocabulary), for random-weight full-size SD3 runs."""
-    from transformers import T5TokenizerFast
-
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
-    pieces += [(char, -2.0) for char in bytes_to_unicode().values()]
-    return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=512)
 
 
 def build_full_size_pipeline(
