@@ -92,7 +92,7 @@ def build_full_size_pipeline(
     dtype: torch.dtype = torch.float32,
     no_t5: bool = False,
 ) -> Any:
-    """A full-size SD1.5 or SD3 / SD3.5 pipeline, random weights, byte-level tokenizers (benchmarks)."""
+    """A full-size SD1.5, SD3 / SD3.5 or FLUX.1-schnell pipeline, random weights, byte-level tokenizers."""
     with quiet_libraries():
         from diffusers import (
             FlowMatchEulerDiscreteScheduler,
@@ -116,9 +116,22 @@ def build_full_size_pipeline(
                 requires_safety_checker=False,
             )
     config = full_size_config(preset)
-    if config["pipeline"] != "StableDiffusion3Pipeline":  # flux-schnell: configs for parameter counts only
-        raise BadInputError(f"no full-size pipeline build for {preset}: its configs give parameter counts")
     scheduler_config = {k: v for k, v in config["scheduler"].items() if not k.startswith("_")}
+    if config["pipeline"] == "FluxPipeline":
+        if no_t5:
+            raise BadInputError(f"{preset} reads the prompt through T5 only: it cannot run without T5")
+        from diffusers import FluxPipeline
+
+        with quiet_libraries():
+            return FluxPipeline(
+                scheduler=FlowMatchEulerDiscreteScheduler(**scheduler_config),
+                vae=part("vae"),
+                text_encoder=part("text_encoder"),
+                tokenizer=byte_level_clip_tokenizer(),
+                text_encoder_2=part("text_encoder_2"),
+                tokenizer_2=byte_level_t5_tokenizer(),
+                transformer=part("transformer"),
+            )
     with quiet_libraries():
         return StableDiffusion3Pipeline(
             transformer=part("transformer"),
