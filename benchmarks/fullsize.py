@@ -1,4 +1,4 @@
-"""Full-size SD1.5 and SD3 Medium architectures with random weights: real shapes, no download.
+"""Full-size SD1.5, SDXL base and SD3 Medium architectures with random weights: real shapes, no download.
 
 For the benchmarks (time and memory at the real sizes) and the tests that check the shipped configs. The
 architectures come from ``stencil_cli/models/configs/<preset>.json`` (the diffusers / transformers configs of
@@ -22,7 +22,7 @@ from stencil_cli.models import (
     sd15_ddim_scheduler,
 )
 
-FULL_SIZE_PRESETS = ("sd15", "sd3-medium", "sd35-medium", "sd35-large-turbo", "flux-schnell")
+FULL_SIZE_PRESETS = ("sd15", "sdxl", "sd3-medium", "sd35-medium", "sd35-large-turbo", "flux-schnell")
 
 
 def full_size_config(preset: str) -> dict[str, Any]:
@@ -92,12 +92,13 @@ def build_full_size_pipeline(
     dtype: torch.dtype = torch.float32,
     no_t5: bool = False,
 ) -> Any:
-    """A full-size SD1.5, SD3 / SD3.5 or FLUX.1-schnell pipeline, random weights, byte-level tokenizers."""
+    """A full-size SD1.5, SDXL, SD3 / SD3.5 or FLUX.1-schnell pipeline, random weights (benchmarks)."""
     with quiet_libraries():
         from diffusers import (
             FlowMatchEulerDiscreteScheduler,
             StableDiffusion3Pipeline,
             StableDiffusionPipeline,
+            StableDiffusionXLPipeline,
         )
 
     def part(name: str) -> torch.nn.Module:
@@ -114,6 +115,18 @@ def build_full_size_pipeline(
                 safety_checker=None,
                 feature_extractor=None,
                 requires_safety_checker=False,
+            )
+    if preset == "sdxl":  # the method's DDIM (its betas are SDXL's published ones), as loading sets it
+        with quiet_libraries():
+            return StableDiffusionXLPipeline(
+                vae=part("vae"),
+                text_encoder=part("text_encoder"),
+                text_encoder_2=part("text_encoder_2"),
+                tokenizer=byte_level_clip_tokenizer(),
+                tokenizer_2=byte_level_clip_tokenizer(pad_token="!"),
+                unet=part("unet"),
+                scheduler=sd15_ddim_scheduler(),
+                force_zeros_for_empty_prompt=True,
             )
     config = full_size_config(preset)
     scheduler_config = {k: v for k, v in config["scheduler"].items() if not k.startswith("_")}

@@ -149,8 +149,8 @@ def models_pull(
     refs: Annotated[
         list[str] | None,
         typer.Argument(
-            help="sd15, sd3-medium, sd35-medium, sd35-large-turbo, flux-schnell, tiny, tiny-sd35, tiny-flux, "
-            "dino, clip (the eval models), a Hub id (owner/name, or "
+            help="sd15, sdxl, sd3-medium, sd35-medium, sd35-large-turbo, flux-schnell, tiny, tiny-sdxl, "
+            "tiny-sd35, tiny-flux, dino, clip (the eval models), a Hub id (owner/name, or "
             "owner/name@revision for a transformers model) [default: the configured subject and context "
             "models]"
         ),

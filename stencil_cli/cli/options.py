@@ -11,7 +11,7 @@ SubjectModelOption = Annotated[
     typer.Option(
         "--subject-model",
         envvar="STENCIL_SUBJECT_MODEL",
-        help="Subject model: preset (sd15, tiny), Hub id or local folder. Default: sd15.",
+        help="Subject model: preset (sd15, sdxl, tiny, tiny-sdxl), Hub id or local folder. Default: sd15.",
         show_default=False,
     ),
 ]

@@ -29,11 +29,13 @@ from PIL import Image, ImageDraw
 
 from stencil_cli.base.events import Progress, Step, no_progress
 from stencil_cli.base.images import center_crop_resize
+from stencil_cli.core.families import Embedding, cat, rows
 from stencil_cli.core.inversion import (
     InversionResult,
     NullTextSettings,
     ddim_step,
     encode_prompt,
+    encode_unconditional,
     guided_noise,
     invert,
 )
@@ -252,8 +254,8 @@ def invert_images(
     scheduler = ddim_scheduler(pipe, settings.steps)
     latents = torch.cat([encode_image(pipe, image, resolution) for image in images])
     device = pipe_device(pipe)
-    cond = encode_prompt(pipe, prompt, device).float()
-    empty = encode_prompt(pipe, "", device).float()
+    cond = encode_prompt(pipe, prompt, device, resolution).float()
+    empty = encode_unconditional(pipe, "", device, resolution).float()
     null_text = NullTextSettings(
         guidance=settings.guidance,
         inner_steps=settings.null_text.inner_steps,
@@ -281,11 +283,11 @@ def denoise(
     unet: Any,
     scheduler: Any,
     latent: torch.Tensor,
-    cond: torch.Tensor,
-    uncond: torch.Tensor,
+    cond: Embedding,
+    uncond: Embedding,
     *,
     guidance: float = 7.5,
-    null_embeddings: list[torch.Tensor] | None = None,
+    null_embeddings: list[Embedding] | None = None,
     inject: int = 0,
     progress: Progress = no_progress,
 ) -> torch.Tensor:
@@ -319,11 +321,13 @@ def guided_images(
     scheduler = ddim_scheduler(pipe, settings.steps)
     device = pipe_device(pipe)
     n = len(inversions)
-    cond = encode_prompt(pipe, prompt, device)
-    empty = encode_prompt(pipe, settings.negative, device)  # the optimised null embeddings win while injected
-    if n > 1:
-        cond, empty = cond.expand(n, *cond.shape[1:]), empty.expand(n, *empty.shape[1:])
     latents = torch.cat([inv.latent for inv in inversions]).to(device)
+    resolution = latents.shape[-1] * int(pipe.vae_scale_factor)
+    cond = encode_prompt(pipe, prompt, device, resolution)
+    # the optimised null embeddings win while injected
+    empty = encode_unconditional(pipe, settings.negative, device, resolution)
+    if n > 1:
+        cond, empty = rows(cond, n), rows(empty, n)
     images: list[list[Image.Image]] = [[] for _ in inversions]
     for tau in taus:
         inject = injected_steps(tau, settings.steps)
@@ -333,7 +337,7 @@ def guided_images(
                 f"tau {tau:g} injects {inject} steps but the inversion has null embeddings for {available}: "
                 "invert with this tau among its taus"
             )
-        nulls = [torch.cat([inv.null_embeddings[i] for inv in inversions]).to(device) for i in range(inject)]
+        nulls = [cat([inv.null_embeddings[i] for inv in inversions]).to(device) for i in range(inject)]
         latent = denoise(
             pipe.unet,
             scheduler,
@@ -423,13 +427,14 @@ def plain_generate(
     """Plain text-to-image with the fine-tuned subject model (no draft, no inversion)."""
     scheduler = ddim_scheduler(pipe, settings.steps)
     device = pipe_device(pipe)
+    resolution = resolution or native_resolution(pipe)
     latent = initial_noise(pipe, seed, resolution) * scheduler.init_noise_sigma
     latent = denoise(
         pipe.unet,
         scheduler,
         latent,
-        encode_prompt(pipe, prompt, device),
-        encode_prompt(pipe, settings.negative, device),
+        encode_prompt(pipe, prompt, device, resolution),
+        encode_unconditional(pipe, settings.negative, device, resolution),
         guidance=settings.guidance,
         progress=progress,
     )

@@ -34,6 +34,7 @@ from stencil_cli.core.attention import (
     compute_masks,
     token_weights,
 )
+from stencil_cli.core.families import DECODER_PREFIX, Embedding, family_of, unet_inputs
 from stencil_cli.core.precision import DEFAULT_SAVE_DTYPE, SAVE_DTYPES
 from stencil_cli.core.weights import KIND_FULL, KIND_LORA, WeightsKind, add_lora, trained_state
 from stencil_cli.models.devices import DtypeName
@@ -128,7 +129,7 @@ class TrainingData:
     """Everything the loop needs, precomputed once: latents, caption embeddings, masks."""
 
     latents: torch.Tensor  # (n, c, h, w) scaled VAE latents, fp32
-    embeddings: torch.Tensor  # (n, seq, d) caption embeddings, fp32
+    embeddings: Embedding  # (n, seq, d) caption embeddings (SDXL: with pooled and time ids), fp32
     masks: torch.Tensor  # (n, 1, h, w) in {0, 1}; all ones with --no-mask
     maps: torch.Tensor | None  # (n, hc, wc) normalised attention maps, None with --no-mask
     crops: list[Image.Image] = field(default_factory=list)  # the centre-cropped photos
@@ -155,20 +156,6 @@ def encode_latents(vae: Any, pixels: torch.Tensor, *, batch_size: int = 4) -> to
     return torch.cat(out)
 
 
-@torch.no_grad()
-def encode_captions(tokenizer: Any, text_encoder: Any, captions: Sequence[str]) -> torch.Tensor:
-    """Text-encoder hidden states of the captions (padded to the tokenizer's length), as fp32."""
-    device = next(text_encoder.parameters()).device
-    ids = tokenizer(
-        list(captions),
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids.to(device)
-    return text_encoder(ids)[0].float()
-
-
 def prepare_training_data(
     pipe: Any,
     images: Sequence[Image.Image],
@@ -182,7 +169,8 @@ def prepare_training_data(
     weights = token_weights(pipe.tokenizer, captions, phrase or "") if config.use_mask else None
     pixels, crops = images_to_tensor(images, config.resolution)
     latents = encode_latents(pipe.vae, pixels)
-    embeddings = encode_captions(pipe.tokenizer, pipe.text_encoder, captions)
+    family = family_of(pipe)
+    embeddings = family.encode(pipe, captions, config.resolution)
     if weights is None:
         masks = torch.ones(latents.shape[0], 1, *latents.shape[-2:], device=latents.device)
         return TrainingData(latents, embeddings, masks, None, crops)
@@ -197,9 +185,7 @@ def prepare_training_data(
         seed=config.seed,
         batch_size=config.batch_size,  # photos per frozen pass; the training step holds more than this
         mask_from=config.mask_from,
-        empty_embedding=encode_captions(pipe.tokenizer, pipe.text_encoder, [""])
-        if config.mask_from == "both"
-        else None,
+        empty_embedding=family.encode(pipe, [""], config.resolution) if config.mask_from == "both" else None,
     )
     return TrainingData(latents, embeddings, result.masks.to(latents.device), result.maps, crops)
 
@@ -229,7 +215,7 @@ def trainable_names(unet: Any, which: TrainedPart = "decoder") -> list[str]:
     if which not in TRAIN_CHOICES:
         raise FieldError("train", f"must be one of {', '.join(TRAIN_CHOICES)} (got {which!r})")
     names = [name for name, _ in unet.named_parameters()]
-    return names if which == "all" else [name for name in names if name.startswith("up_blocks.")]
+    return names if which == "all" else [name for name in names if name.startswith(DECODER_PREFIX)]
 
 
 def freeze_except(unet: Any, names: Sequence[str]) -> list[torch.nn.Parameter]:
@@ -435,7 +421,7 @@ def train_unet(
             else:
                 target = noise
             with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=use_autocast):
-                prediction = unet(noisy, timesteps, encoder_hidden_states=embeddings[index]).sample
+                prediction = unet(noisy, timesteps, **unet_inputs(embeddings[index])).sample
             loss = masked_mse(prediction, target, masks[index])
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:

@@ -1,4 +1,4 @@
-"""Load models: the subject (SD1.5-shaped) and context (draft) pipelines, and the DINO / CLIP eval models.
+"""Load models: the subject (SD1.5/SDXL) and context (draft) pipelines, and the DINO / CLIP eval models.
 
 Every source (preset, Hub id, local folder, the tiny preset) loads through one ``from_pretrained`` call with
 safetensors only, the stencil-wide Hugging Face cache and offline mode; errors become one clear line. The tiny
@@ -195,32 +195,35 @@ def _absent_components(index: dict[str, Any]) -> dict[str, None]:
     }
 
 
+SUBJECT_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")  # the subject-model families
+
+
 def load_subject_pipeline(
     ref: str, *, device: str = "auto", precision: str = "auto", store_root: Path | None = None
 ) -> Any:
-    """Load an SD1.5-shaped StableDiffusionPipeline (SD1.5 DDIM, no safety checker) on device/dtype."""
+    """Load an SD1.5- or SDXL-shaped subject pipeline (the method's DDIM, no safety checker)."""
     with quiet_libraries():
-        from diffusers import StableDiffusionPipeline
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     torch_device = resolve_device(device)
     dtype = subject_dtype(precision, torch_device)
     location = locate(resolve_ref(ref, SUBJECT, store_root=store_root))
     index = location.index
-    if index and index.get("_class_name") != "StableDiffusionPipeline" and "unet" not in index:
+    kind = index.get("_class_name") if index else None
+    if kind not in SUBJECT_PIPELINES and (index and "unet" not in index):
         raise StencilError(
-            f"model {location.source.label} is a {index.get('_class_name')}, not a Stable Diffusion (UNet) "
-            "model",
-            hint="the subject model must be SD1.5-shaped, e.g. {subject_model=sd15}",
+            f"model {location.source.label} is a {kind}, not a Stable Diffusion (UNet) model",
+            hint="the subject model must be SD1.5- or SDXL-shaped, e.g. {subject_model=sd15} or "
+            "{subject_model=sdxl}",
             fields=("subject_model",),
         )
-    pipe = from_pretrained(
-        StableDiffusionPipeline,
-        location,
-        dtype=dtype,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    sdxl = kind == "StableDiffusionXLPipeline" or "text_encoder_2" in index
+    if sdxl:
+        kwargs: dict[str, Any] = {}
+    else:
+        kwargs = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    pipeline = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+    pipe = from_pretrained(pipeline, location, dtype=dtype, **kwargs)
     pipe.scheduler = sd15_ddim_scheduler(dict(pipe.scheduler.config))
     pipe.to(torch_device)
     pipe.set_progress_bar_config(disable=True)

@@ -25,6 +25,7 @@ SUBJECT: ModelRole = "subject"
 CONTEXT: ModelRole = "context"
 EVAL: ModelRole = "eval"  # transformers models that score images (evaluation.py), not diffusion pipelines
 TINY = "tiny"
+TINY_SDXL = "tiny-sdxl"
 TINY_FLUX = "tiny-flux"
 TINY_SD35 = "tiny-sd35"
 T5Need = Literal["optional", "required"]  # whether a draft model can run without its T5 encoder (--no-t5)
@@ -121,6 +122,16 @@ PRESETS: dict[str, Preset] = {
         description="tiny random-weight FLUX-shaped draft model built locally (as flux-schnell)",
         draft=DraftDefaults(steps=4, guidance=0.0, t5="required", max_sequence_length=256),
     ),
+    "sdxl": Preset(
+        "sdxl",
+        SUBJECT,
+        "stabilityai/stable-diffusion-xl-base-1.0",
+        description="Stable Diffusion XL base 1.0 (a 1024 px subject model)",
+        licence="CreativeML Open RAIL++-M",
+    ),
+    TINY_SDXL: Preset(
+        TINY_SDXL, SUBJECT, None, description="tiny random-weight SDXL-shaped subject model built locally"
+    ),
     # the default evaluation models (DEFAULT_DINO / DEFAULT_CLIP); transformers layout
     "dino": Preset("dino", EVAL, DEFAULT_DINO, description="DINO ViT-S/16 (DINO score)"),
     "clip": Preset("clip", EVAL, DEFAULT_CLIP, description="CLIP ViT-B/32 (CLIP-I and CLIP-T scores)"),
@@ -161,7 +172,7 @@ def tiny_dir(store_root: Path | None = None) -> Path:
 
 
 def local_preset_dir(name: str, store_root: Path | None = None) -> Path:
-    """Where a locally built preset (``tiny``, ``tiny-sd35``, ``tiny-flux``) lives:
+    """Where a locally built preset (``tiny``, ``tiny-sdxl``, ``tiny-sd35``, ``tiny-flux``) lives:
     ``<store root>/models/<name>`` (its pipelines in ``subject/`` and ``context/``)."""
     return models_root(store_root if store_root is not None else default_root()) / name
 
@@ -226,8 +237,8 @@ def resolve_ref(ref: str, role: ModelRole = SUBJECT, *, store_root: Path | None 
     close = difflib.get_close_matches(ref, list(PRESETS), n=1, cutoff=0.5)
     hint = f"did you mean {close[0]!r}? " if close else ""
     raise BadInputError(
-        f"unknown model {ref!r}: {hint}use a preset (sd15, sd3-medium, tiny), a Hub id like owner/name, "
-        "or a local diffusers folder"
+        f"unknown model {ref!r}: {hint}use a preset (sd15, sdxl, sd3-medium, tiny, tiny-sdxl), a Hub id like "
+        "owner/name, or a local diffusers folder"
     )
 
 

@@ -26,6 +26,8 @@ from stencil_cli.models.refs import (
     TINY,
     TINY_FLUX,
     TINY_SD35,
+    TINY_SDXL,
+    local_preset_dir,
     tiny_dir,
     tiny_eval_dir,
 )
@@ -36,6 +38,7 @@ TINY_VERSION = "1"  # bump when the tiny architecture changes; old folders are r
 TINY_EVAL_VERSION = "1"  # the same for the tiny eval models
 TINY_EVAL_SEED = 0
 TINY_DRAFT_VERSION = "1"  # the same for tiny-sd35 and tiny-flux
+TINY_SDXL_VERSION = "1"  # the same for the tiny SDXL subject model
 T5_WINDOW = 512  # the T5 tokenizer's model_max_length in SD3's and FLUX's repos
 TINY_EVAL_IMAGE_SIZE = 32
 
@@ -107,14 +110,14 @@ def _tiny_t5_encoder(vocab_size: int, width: int) -> Any:
 # -- the tiny diffusion pipelines -------------------------------------------------------------------------
 
 
-def _tiny_clip_config(vocab_size: int, with_projection: bool) -> Any:
+def _tiny_clip_config(vocab_size: int, with_projection: bool, layers: int = 2, width: int = 32) -> Any:
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
         vocab_size=vocab_size,
-        hidden_size=32,
+        hidden_size=width,
         intermediate_size=64,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         max_position_embeddings=77,
         projection_dim=32 if with_projection else 32,
@@ -312,6 +315,73 @@ def build_tiny_flux_pipeline() -> Any:
 DRAFT_BUILDERS = {TINY_SD35: build_tiny_sd35_pipeline, TINY_FLUX: build_tiny_flux_pipeline}
 
 
+def build_tiny_sdxl_pipeline() -> Any:
+    """An SDXL-shaped pipeline with tiny fixed-seed random weights (64x64 images, 8x8 latents).
+
+    Like SDXL base: two CLIP encoders (the second projecting, its pooled output feeds the UNet), a UNet with
+    ``text_time`` added conditioning, cross-attention at two resolutions and a block with two transformer
+    layers, ``force_zeros_for_empty_prompt``.
+    """
+    import torch
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(TINY_SEED + 2)
+    tokenizer = byte_level_clip_tokenizer()
+    tokenizer_2 = byte_level_clip_tokenizer(pad_token="!")
+    # narrower than the second encoder, as in SDXL (768 / 1280): from_single_file tells them apart by width
+    text_encoder = CLIPTextModel(_tiny_clip_config(len(tokenizer), with_projection=False, width=16))
+    # ten layers, tiny ones: diffusers' from_single_file tells an SDXL checkpoint by its OpenCLIP layer 9
+    text_encoder_2 = CLIPTextModelWithProjection(
+        _tiny_clip_config(len(tokenizer_2), with_projection=True, layers=10)
+    )
+    time_dim = 8
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(16, 32, 32),
+        layers_per_block=1,
+        transformer_layers_per_block=(1, 1, 2),
+        attention_head_dim=(2, 4, 4),
+        use_linear_projection=True,
+        cross_attention_dim=48,  # the two encoders' hidden states side by side (16 + 32)
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=32 + 6 * time_dim,  # pooled (32) + six time ids
+        norm_num_groups=8,
+    )
+    vae = _tiny_vae(latent_channels=4, scaling_factor=0.13025)
+    with quiet_libraries():
+        return StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2,
+            unet=unet,
+            scheduler=sd15_ddim_scheduler(),
+            force_zeros_for_empty_prompt=True,
+        )
+
+
+def build_tiny_sdxl(target: Path) -> Path:
+    """Build the tiny SDXL preset into `target` (``subject/``) with save_pretrained."""
+    target = Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    with quiet_libraries():
+        build_tiny_sdxl_pipeline().save_pretrained(target / SUBJECT, safe_serialization=True)
+    return target
+
+
+def ensure_tiny_sdxl(folder: Path | None = None) -> Path:
+    """Build the tiny SDXL preset at `folder` (default: the default store's) unless it is there."""
+    target = Path(folder) if folder is not None else local_preset_dir(TINY_SDXL)
+    return build_folder_once(target, TINY_SDXL_VERSION, build_tiny_sdxl)
+
+
 def build_tiny(target: Path) -> Path:
     """Build the tiny preset into `target` (``subject/`` and ``context/``) with save_pretrained."""
     target = Path(target)
@@ -343,13 +413,20 @@ def _draft_builder(name: str) -> Any:
     return build
 
 
-LOCAL_PRESET_VERSIONS = {TINY: TINY_VERSION, TINY_SD35: TINY_DRAFT_VERSION, TINY_FLUX: TINY_DRAFT_VERSION}
+LOCAL_PRESET_VERSIONS = {
+    TINY: TINY_VERSION,
+    TINY_SDXL: TINY_SDXL_VERSION,
+    TINY_SD35: TINY_DRAFT_VERSION,
+    TINY_FLUX: TINY_DRAFT_VERSION,
+}
 
 
 def ensure_local_preset(name: str, folder: Path) -> Path:
     """Build the locally built preset `name` at `folder` (``<store root>/models/<name>``) unless it is in."""
     if name in DRAFT_BUILDERS:
         return build_folder_once(Path(folder), TINY_DRAFT_VERSION, _draft_builder(name))
+    if name == TINY_SDXL:
+        return ensure_tiny_sdxl(folder)
     return ensure_tiny(folder)
 
 
