@@ -17,7 +17,7 @@ import torch
 from stencil_cli.base.errors import BadInputError
 from stencil_cli.models import (
     byte_level_clip_tokenizer,
-    bytes_to_unicode,
+    byte_level_t5_tokenizer,
     quiet_libraries,
     sd15_ddim_scheduler,
 )
@@ -85,15 +85,6 @@ def full_size_parameter_counts(preset: str) -> dict[str, int]:
     }
 
 
-def byte_level_t5_tokenizer() -> Any:
-    """A T5 tokenizer over single characters (a Unigram vocabulary), for random-weight full-size SD3 runs."""
-    from transformers import T5TokenizerFast
-
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
-    pieces += [(char, -2.0) for char in bytes_to_unicode().values()]
-    return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=512)
-
-
 def build_full_size_pipeline(
     preset: str,
     *,
@@ -101,7 +92,7 @@ def build_full_size_pipeline(
     dtype: torch.dtype = torch.float32,
     no_t5: bool = False,
 ) -> Any:
-    """A full-size SD1.5, SDXL or SD3 / SD3.5 pipeline, random weights, byte-level tokenizers (benchmarks)."""
+    """A full-size SD1.5, SDXL, SD3 / SD3.5 or FLUX.1-schnell pipeline, random weights (benchmarks)."""
     with quiet_libraries():
         from diffusers import (
             FlowMatchEulerDiscreteScheduler,
@@ -138,9 +129,22 @@ def build_full_size_pipeline(
                 force_zeros_for_empty_prompt=True,
             )
     config = full_size_config(preset)
-    if config["pipeline"] != "StableDiffusion3Pipeline":  # flux-schnell: configs for parameter counts only
-        raise BadInputError(f"no full-size pipeline build for {preset}: its configs give parameter counts")
     scheduler_config = {k: v for k, v in config["scheduler"].items() if not k.startswith("_")}
+    if config["pipeline"] == "FluxPipeline":
+        if no_t5:
+            raise BadInputError(f"{preset} reads the prompt through T5 only: it cannot run without T5")
+        from diffusers import FluxPipeline
+
+        with quiet_libraries():
+            return FluxPipeline(
+                scheduler=FlowMatchEulerDiscreteScheduler(**scheduler_config),
+                vae=part("vae"),
+                text_encoder=part("text_encoder"),
+                tokenizer=byte_level_clip_tokenizer(),
+                text_encoder_2=part("text_encoder_2"),
+                tokenizer_2=byte_level_t5_tokenizer(),
+                transformer=part("transformer"),
+            )
     with quiet_libraries():
         return StableDiffusion3Pipeline(
             transformer=part("transformer"),

@@ -352,3 +352,46 @@ def test_the_draft_presets_full_size_configs_have_their_published_sizes(monkeypa
     assert list(medium.config.dual_attention_layers) == list(range(13))  # MMDiT-X
     assert draft_memory.t5_component("flux-schnell") == "text_encoder_2"
     assert "needs T5" in draft_memory.table()
+
+
+def test_bench_takes_the_draft_presets_steps_and_refuses_no_t5_for_flux_up_front(tmp_path: Path) -> None:
+    from stencil_cli.base.errors import BadInputError
+    from stencil_cli.verbs.bench import BenchConfig
+
+    def config(**settings: Any) -> BenchConfig:
+        return BenchConfig(dataset=tmp_path, out=tmp_path / "out", subjects=["dog"], **settings)
+
+    assert config().draft_steps == 50  # sd3-medium: the paper's, and the fingerprint of earlier runs
+    assert config(context_model="flux-schnell").draft_steps == 4
+    assert config(context_model="flux-schnell", draft_steps=9).draft_steps == 9
+    with pytest.raises(BadInputError, match="no_t5 does not apply to flux-schnell"):
+        config(context_model="flux-schnell", no_t5=True, captioner="template").validate()
+
+
+def test_models_pull_no_t5_leaves_out_sd35s_t5_and_is_refused_for_flux(
+    cli: Any, tiny_drafts_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests import fakehub
+
+    sd35 = tiny_drafts_dir / "tiny-sd35" / "context"
+    repo = fakehub.FakeRepo({"main": _listing(sd35) + SD35_EXTRAS}, source=sd35)
+    repos = {"stabilityai/stable-diffusion-3.5-medium": repo}
+    hub = fakehub.install(monkeypatch, tmp_path / "hf-cache", repos)
+    monkeypatch.setenv("HF_TOKEN", "hf_fake")
+    refused = cli("models", "pull", "flux-schnell", "--no-t5")
+    assert refused.exit_code == 2 and "--no-t5 does not apply to flux-schnell" in refused.output
+    result = cli("models", "pull", "sd35-medium", "--no-t5", "--json")
+    assert result.exit_code == 0, result.output
+    (download,) = hub.downloads
+    t5_files = [name for name in download["files"] if name.startswith(("text_encoder_3/", "tokenizer_3/"))]
+    assert download["files"] and not t5_files
+    assert "text_encoder_2/config.json" in download["files"]
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    checked = cli("models", "check", "sd35-medium", "--no-t5", "--json")
+    assert checked.exit_code == 0, checked.output
+    assert "text_encoder_3" not in json.loads(checked.stdout)["components"]
+    with_t5 = cli("models", "check", "sd35-medium")  # T5 was never downloaded: one clear line
+    assert with_t5.exit_code == 1, with_t5.output
+    assert "downloaded without its T5 encoder" in with_t5.output and "--no-t5" in with_t5.output
+    assert "stencil models pull sd35-medium" in with_t5.output and "Traceback" not in with_t5.output

@@ -155,6 +155,14 @@ def models_pull(
             "models]"
         ),
     ] = None,
+    no_t5: Annotated[
+        bool,
+        typer.Option(
+            "--no-t5",
+            help="Leave out the T5 encoder of SD3 / SD3.5 models (9.5 GB less; then run them with --no-t5). "
+            "FLUX needs its T5.",
+        ),
+    ] = False,
     json_output: JsonOption = False,
 ) -> None:
     """Download models into the Hugging Face cache (safetensors only) so they work offline."""
@@ -164,7 +172,7 @@ def models_pull(
     results = []
     for ref in refs:
         info(f"pulling {escape(ref)} ...")
-        pulled = m.pull(ref, progress=not settings.quiet and not json_output)
+        pulled = m.pull(ref, progress=not settings.quiet and not json_output, no_t5=no_t5)
         results.append(
             {
                 "ref": ref,

@@ -25,9 +25,11 @@ from stencil_cli.models.refs import (
     ModelSource,
     is_gated_repo,
     local_preset_dir,
+    preset_for,
     pull_command,
     resolve_ref,
     split_revision,
+    t5_required_error,
 )
 from stencil_cli.models.tiny import TINY_EVAL_VERSION, ensure_local_preset, local_preset_ready
 
@@ -52,6 +54,9 @@ PULL_IGNORE_PATTERNS = [
     "*.emaonly.*",
     "text_encoders/*",
 ]
+
+# What `models pull --no-t5` leaves out: the SD3 family's T5-XXL encoder (9.5 GB) and its tokenizer.
+T5_PATTERNS = ["text_encoder_3/*", "tokenizer_3/*"]
 
 # Files `models pull` fetches for a transformers (eval) model: top-level configs, tokenizer/processor files
 # and safetensors weights; no pickles (.bin, .h5, .msgpack), no subfolders (onnx/ ...), no fp16 variants.
@@ -339,13 +344,22 @@ class PulledModel:
 
 
 def pull(
-    ref: str, role: ModelRole = SUBJECT, *, progress: bool = True, store_root: Path | None = None
+    ref: str,
+    role: ModelRole = SUBJECT,
+    *,
+    progress: bool = True,
+    store_root: Path | None = None,
+    no_t5: bool = False,
 ) -> PulledModel:
     """Download a diffusers or transformers (eval) model into the HF cache, safetensors only; tiny: build it.
 
     ``dino`` / ``clip`` and ``owner/name@revision`` are transformers models; another Hub id is a transformers
     model when its repo has ``config.json`` but no ``model_index.json``, else a diffusers pipeline.
+    `no_t5`: leave out an SD3-family pipeline's T5 (``text_encoder_3``, ``tokenizer_3``); refused for FLUX.
     """
+    preset = preset_for(ref)
+    if no_t5 and preset is not None and preset.draft is not None and preset.draft.t5 == "required":
+        raise t5_required_error(ref.strip())
     ref = (ref or "").strip()
     preset = PRESETS.get(ref)
     if preset is not None and preset.role == EVAL:
@@ -367,7 +381,8 @@ def pull(
         files = _hub_call(source, lambda api: api.list_repo_files(source.repo_id))
         if "model_index.json" not in files and "config.json" in files:
             return _pull_transformers(ref, source.repo_id, None, progress=progress, main_files=files)
-    folder = _snapshot(source, None, PULL_ALLOW_PATTERNS, PULL_IGNORE_PATTERNS, progress=progress)
+    ignore = PULL_IGNORE_PATTERNS + (T5_PATTERNS if no_t5 else [])
+    folder = _snapshot(source, None, PULL_ALLOW_PATTERNS, ignore, progress=progress)
     if not (folder / "model_index.json").is_file():
         raise StencilError(
             f"{source.label} is not a diffusers model (no model_index.json)",

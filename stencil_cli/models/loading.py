@@ -230,6 +230,39 @@ def load_subject_pipeline(
     return pipe
 
 
+T5_COMPONENTS = ("text_encoder_3", "tokenizer_3")  # the SD3 family's T5, which `pull --no-t5` leaves out
+
+
+def _check_cached_components(location: Location, wanted: list[str]) -> None:
+    """Refuse a cached Hub pipeline whose wanted components were never downloaded (`pull --no-t5`), in one
+    line that says how to get them or to do without."""
+    if not location.hub or location.source.repo_id is None:
+        return
+    snapshot = cached_snapshot(location.source.repo_id)
+    if snapshot is None:
+        return
+    index = location.index
+    missing = [
+        name
+        for name in wanted
+        if not name.startswith("_") and isinstance(index.get(name), list) and any(index[name])
+        and not (snapshot / name).is_dir()
+    ]  # fmt: skip
+    if not missing:
+        return
+    label = location.source.label
+    if set(missing) <= set(T5_COMPONENTS):
+        raise StencilError(
+            f"model {label} was downloaded without its T5 encoder ({', '.join(missing)})",
+            hint=f"run it with {{no_t5}}, or fetch T5 with `{pull_command(location.source)}`",
+            fields=("no_t5",),
+        )
+    raise StencilError(
+        f"model {label} is not completely in the Hugging Face cache (no {', '.join(missing)})",
+        hint=f"run `{pull_command(location.source)}` while online",
+    )
+
+
 def reads_prompt_through_t5_only(index: dict[str, Any]) -> bool:
     """Whether a pipeline index is FLUX-shaped: its only sequence text encoder is T5 (CLIP gives a pooled
     vector), so it cannot run without T5."""
@@ -246,7 +279,7 @@ def load_context_pipeline(
     no_t5: bool = False,
     store_root: Path | None = None,
 ) -> Any:
-    """Load the context (draft) text-to-image pipeline; SD3-shaped for tiny / sd3-medium; --no-t5 drops T5."""
+    """Load the context (draft) text-to-image pipeline; `no_t5` drops an SD3-family T5 (refused for FLUX)."""
     with quiet_libraries():
         from diffusers import DiffusionPipeline
 
@@ -265,6 +298,7 @@ def load_context_pipeline(
         kwargs.update(text_encoder_3=None, tokenizer_3=None)
     if index and "safety_checker" in index:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
+    _check_cached_components(location, [name for name in index if name not in kwargs])
     pipe = from_pretrained(DiffusionPipeline, location, **kwargs)
     pipe.to(torch_device)
     pipe.set_progress_bar_config(disable=True)

@@ -78,12 +78,12 @@ def byte_level_clip_tokenizer(pad_token: str = "<|endoftext|>") -> Any:
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77, pad_token=pad_token)
 
 
-def char_level_t5_tokenizer() -> Any:
-    """A T5 (unigram) tokenizer over printable ASCII characters, one token each: offline-safe."""
+def byte_level_t5_tokenizer() -> Any:
+    """A T5 (unigram) tokenizer over the 256 byte characters, one token each, no merges: offline-safe."""
     from transformers import T5TokenizerFast
 
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
-    pieces += [(chr(code), -2.0) for code in range(ord("!"), ord("~") + 1)]
+    pieces += [(char, -2.0) for char in bytes_to_unicode().values()]
     return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=T5_WINDOW)
 
 
@@ -238,7 +238,7 @@ def build_tiny_sd35_pipeline() -> Any:
     torch.manual_seed(TINY_SEED + 2)
     tokenizer = byte_level_clip_tokenizer()
     tokenizer_2 = byte_level_clip_tokenizer(pad_token="!")
-    tokenizer_3 = char_level_t5_tokenizer()
+    tokenizer_3 = byte_level_t5_tokenizer()
     transformer = SD3Transformer2DModel(
         sample_size=8,
         patch_size=2,
@@ -282,7 +282,7 @@ def build_tiny_flux_pipeline() -> Any:
 
     torch.manual_seed(TINY_SEED + 3)
     tokenizer = byte_level_clip_tokenizer()
-    tokenizer_2 = char_level_t5_tokenizer()
+    tokenizer_2 = byte_level_t5_tokenizer()
     transformer = FluxTransformer2DModel(
         patch_size=1,
         in_channels=64,  # 16 latent channels packed 2x2
@@ -419,11 +419,6 @@ LOCAL_PRESET_VERSIONS = {
     TINY_SD35: TINY_DRAFT_VERSION,
     TINY_FLUX: TINY_DRAFT_VERSION,
 }
-
-
-def is_local_preset(name: str) -> bool:
-    """Whether `name` is a preset built on this machine (tiny, tiny-sdxl, tiny-sd35, tiny-flux)."""
-    return name in LOCAL_PRESET_VERSIONS
 
 
 def ensure_local_preset(name: str, folder: Path) -> Path:

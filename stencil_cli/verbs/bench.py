@@ -42,7 +42,7 @@ from stencil_cli.base.errors import EXIT_FAILURE, FieldError, StencilError
 from stencil_cli.base.events import Event, Note, Progress, no_progress
 from stencil_cli.base.fsutil import atomic_write_bytes
 from stencil_cli.base.images import center_crop_resize, load_rgb
-from stencil_cli.models import EvalModelRefs, draft_defaults, parse_eval_models
+from stencil_cli.models import EvalModelRefs, draft_defaults, parse_eval_models, t5_required_error
 from stencil_cli.models.devices import Precision
 from stencil_cli.store.db import Store
 from stencil_cli.store.layout import BENCH_BATCH, CONTACT_SHEET_NAME
@@ -158,6 +158,8 @@ class BenchConfig:
             raise FieldError("inversion", f"must be nti or npi (got {self.inversion!r})")
         if self.captioner not in ("template", "openai"):
             raise FieldError("captioner", f"must be template or openai (got {self.captioner!r})")
+        if self.no_t5 and draft_defaults(self.context_model).t5 == "required":
+            raise t5_required_error(self.context_model)  # before any subject trains
         counts = {
             "steps": (self.steps, 1000),
             "inner_steps": (self.inner_steps, None),
