@@ -1,4 +1,4 @@
-"""Full-size SD1.5 and SD3 Medium architectures with random weights: real shapes, no download.
+"""Full-size SD1.5, SDXL base and SD3 Medium architectures with random weights: real shapes, no download.
 
 For the benchmarks (time and memory at the real sizes) and the tests that check the shipped configs. The
 architectures come from ``stencil_cli/models/configs/<preset>.json`` (the diffusers / transformers configs of
@@ -17,12 +17,12 @@ import torch
 from stencil_cli.base.errors import BadInputError
 from stencil_cli.models import (
     byte_level_clip_tokenizer,
-    bytes_to_unicode,
+    byte_level_t5_tokenizer,
     quiet_libraries,
     sd15_ddim_scheduler,
 )
 
-FULL_SIZE_PRESETS = ("sd15", "sd3-medium")
+FULL_SIZE_PRESETS = ("sd15", "sdxl", "sd3-medium", "sd35-medium", "sd35-large-turbo", "flux-schnell")
 
 
 def full_size_config(preset: str) -> dict[str, Any]:
@@ -85,15 +85,6 @@ def full_size_parameter_counts(preset: str) -> dict[str, int]:
     }
 
 
-def byte_level_t5_tokenizer() -> Any:
-    """A T5 tokenizer over single characters (a Unigram vocabulary), for random-weight full-size SD3 runs."""
-    from transformers import T5TokenizerFast
-
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
-    pieces += [(char, -2.0) for char in bytes_to_unicode().values()]
-    return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=512)
-
-
 def build_full_size_pipeline(
     preset: str,
     *,
@@ -101,12 +92,13 @@ def build_full_size_pipeline(
     dtype: torch.dtype = torch.float32,
     no_t5: bool = False,
 ) -> Any:
-    """A full-size SD1.5 or SD3 Medium pipeline, random weights, byte-level tokenizers (benchmarks)."""
+    """A full-size SD1.5, SDXL, SD3 / SD3.5 or FLUX.1-schnell pipeline, random weights (benchmarks)."""
     with quiet_libraries():
         from diffusers import (
             FlowMatchEulerDiscreteScheduler,
             StableDiffusion3Pipeline,
             StableDiffusionPipeline,
+            StableDiffusionXLPipeline,
         )
 
     def part(name: str) -> torch.nn.Module:
@@ -124,8 +116,35 @@ def build_full_size_pipeline(
                 feature_extractor=None,
                 requires_safety_checker=False,
             )
+    if preset == "sdxl":  # the method's DDIM (its betas are SDXL's published ones), as loading sets it
+        with quiet_libraries():
+            return StableDiffusionXLPipeline(
+                vae=part("vae"),
+                text_encoder=part("text_encoder"),
+                text_encoder_2=part("text_encoder_2"),
+                tokenizer=byte_level_clip_tokenizer(),
+                tokenizer_2=byte_level_clip_tokenizer(pad_token="!"),
+                unet=part("unet"),
+                scheduler=sd15_ddim_scheduler(),
+                force_zeros_for_empty_prompt=True,
+            )
     config = full_size_config(preset)
     scheduler_config = {k: v for k, v in config["scheduler"].items() if not k.startswith("_")}
+    if config["pipeline"] == "FluxPipeline":
+        if no_t5:
+            raise BadInputError(f"{preset} reads the prompt through T5 only: it cannot run without T5")
+        from diffusers import FluxPipeline
+
+        with quiet_libraries():
+            return FluxPipeline(
+                scheduler=FlowMatchEulerDiscreteScheduler(**scheduler_config),
+                vae=part("vae"),
+                text_encoder=part("text_encoder"),
+                tokenizer=byte_level_clip_tokenizer(),
+                text_encoder_2=part("text_encoder_2"),
+                tokenizer_2=byte_level_t5_tokenizer(),
+                transformer=part("transformer"),
+            )
     with quiet_libraries():
         return StableDiffusion3Pipeline(
             transformer=part("transformer"),

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from stencil_cli.core.families import unet_inputs
 from stencil_cli.core.training import masked_mse
 from stencil_cli.store.db import Store
 from stencil_cli.store.layout import CHECKPOINT_NAME
@@ -21,7 +22,7 @@ def eval_loss(unet: Any, pipe: Any, data: Any) -> float:
             noise = torch.randn(data.latents.shape, generator=generator)
             steps = torch.full((data.latents.shape[0],), t)
             noisy = pipe.scheduler.add_noise(data.latents, noise, steps)
-            prediction = unet(noisy, steps, encoder_hidden_states=data.embeddings).sample
+            prediction = unet(noisy, steps, **unet_inputs(data.embeddings)).sample
             total += masked_mse(prediction, noise, data.masks).item()
     return total / 3
 

@@ -18,6 +18,8 @@ from stencil_cli.core.attention import (
     recorded_layer_maps,
     token_weights,
 )
+from stencil_cli.core.families import family_of, unet_inputs
+from stencil_cli.models import native_resolution
 
 
 def _tokens(pipe, caption: str, positions: list[int]) -> str:
@@ -64,20 +66,22 @@ def test_token_weights_average_the_phrase_tokens(tiny_subject_pipe) -> None:
     assert (weights[0] > 0).sum() == 3 and (weights[1] > 0).sum() == 6
 
 
-def test_only_attn2_layers_record_and_everything_is_restored(tiny_subject_pipe) -> None:
-    """attn1 keeps its SDPA processor, attn2 records; the output is unchanged; processors come back."""
-    unet = tiny_subject_pipe.unet
+def test_only_attn2_layers_record_and_everything_is_restored(family_pipe) -> None:
+    """attn1 keeps its SDPA processor, attn2 records (every transformer layer of every block, SDXL's
+    many-layer blocks included); the output is unchanged; processors come back."""
+    unet = family_pipe.unet
     before = dict(unet.attn_processors)
     keys = cross_attention_keys(unet)
     assert keys and all(key.endswith("attn2.processor") for key in keys)
+    assert len(keys) == sum(1 for name, _ in unet.named_modules() if name.endswith(".attn2"))
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    text = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(1))
+    text = family_of(family_pipe).encode(family_pipe, ["a toy robot"], native_resolution(family_pipe))
     with torch.no_grad():
-        plain = unet(latents, 10, encoder_hidden_states=text).sample
+        plain = unet(latents, 10, **unet_inputs(text)).sample
     recorder = AttentionRecorder(torch.full((1, 77), 1 / 77))
     with record_cross_attention(unet, recorder), torch.no_grad():
         during = dict(unet.attn_processors)
-        recorded = unet(latents, 10, encoder_hidden_states=text).sample
+        recorded = unet(latents, 10, **unet_inputs(text)).sample
     for key, processor in during.items():
         if key.endswith("attn2.processor"):
             assert isinstance(processor, RecordingCrossAttnProcessor)
@@ -88,14 +92,12 @@ def test_only_attn2_layers_record_and_everything_is_restored(tiny_subject_pipe) 
     assert all(unet.attn_processors[key] is before[key] for key in before)
 
 
-def test_mask_shape_and_range(tiny_subject_pipe) -> None:
-    """Masks are latent-sized and binary; the normalised maps span [0, 1]."""
-    pipe = tiny_subject_pipe
+def test_mask_shape_and_range(family_pipe) -> None:
+    """Masks are latent-sized and binary; the normalised maps span [0, 1] (both families)."""
+    pipe = family_pipe
     latents = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(2))
     captions = ["a toy robot", "the toy robot on grass", "toy robot and toy robot"]
-    embeddings = pipe.text_encoder(
-        pipe.tokenizer(captions, padding="max_length", max_length=77, return_tensors="pt").input_ids
-    )[0].detach()
+    embeddings = family_of(pipe).encode(pipe, captions, native_resolution(pipe))
     weights = token_weights(pipe.tokenizer, captions, "toy robot")
     result = compute_masks(pipe.unet, pipe.scheduler, latents, embeddings, weights, threshold=0.2, seed=0)
     assert result.masks.shape == (3, 1, 8, 8)

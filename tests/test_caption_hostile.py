@@ -165,6 +165,17 @@ def test_a_200_html_page_is_one_clear_line_and_not_retried(server: Server, photo
     assert server.requests == 1
 
 
+@pytest.mark.parametrize("kind", ["application/json", "application/json; charset=utf-8", "text/plain"])
+def test_a_200_html_page_labelled_as_json_is_one_clear_line(server: Server, photos, kind: str) -> None:
+    page = b"<!DOCTYPE html><html><body>Proxy login</body></html>"
+    server.script = lambda h, body: send(h, page, kind=kind)
+    with pytest.raises(StencilError) as caught:
+        captioner(server).caption(CaptionJob(photos=photos))
+    message = str(caught.value)
+    assert "answered with a web page (HTML), not a chat completion" in message and "\n" not in message
+    assert server.requests == 1
+
+
 def test_a_deeply_nested_body_is_a_clear_error_not_a_recursion_error(server: Server, photos) -> None:
     server.script = lambda h, body: send(h, b"[" * 200_000 + b"]" * 200_000)
     with pytest.raises(StencilError, match="nested too deeply"):

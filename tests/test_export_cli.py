@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import warnings
 from pathlib import Path
 from typing import Any
@@ -281,7 +282,20 @@ def refusing(cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[
     (out / "folder").mkdir()
     (out / "folder" / "keep.txt").write_text("mine")
     (out / "card.README.md").write_text("mine")
-    return {"store": store, "full": full.id, "lora": lora.id, "stopped": stopped.id, "out": out}
+    (out / "pipeline").mkdir()  # a diffusers folder that another tool wrote
+    (out / "pipeline" / "model_index.json").write_text("{}")
+    os.mkfifo(out / "fifo")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(out / "socket"))
+    return {
+        "store": store.root,
+        "full": full.id,
+        "lora": lora.id,
+        "stopped": stopped.id,
+        "out": out,
+        "weights": full.weights_file,
+        "socket": listener,
+    }
 
 
 A = "{out}/a.safetensors"
@@ -297,7 +311,15 @@ REFUSALS = [
     (["-f", "lora", "-o", "{out}/taken.safetensors"], "{out}/taken.safetensors already exists"),
     (["-f", "lora", "-o", "{out}/card.safetensors"], "{out}/card.README.md already exists"),
     (["-f", "lora", "-o", "{out}/folder", "--force"], "{out}/folder is a folder; the lora export is one"),
-    (["-f", "diffusers", "-o", "{out}/folder", "--force"], "is a folder but not a diffusers pipeline"),
+    (["-f", "diffusers", "-o", "{out}/folder", "--force"], "is a folder that stencil did not write"),
+    (["-f", "diffusers", "-o", "{out}/pipeline", "--force"], "is a folder that stencil did not write"),
+    (["-f", "single-file", "-o", "{weights}", "--force"], "-o {weights} is inside the store {store}"),
+    (["-f", "lora", "-o", "{store}/subjects/robot/x.safetensors"], "is inside the store"),
+    (["-f", "lora", "-o", "/dev/null", "--force"], "-o /dev/null is a character device"),
+    (["-f", "lora", "-o", "{out}/fifo", "--force"], "-o {out}/fifo is a FIFO (named pipe)"),
+    (["-f", "lora", "-o", "{out}/socket", "--force"], "-o {out}/socket is a socket"),
+    (["-f", "kohya", "-o", "/proc/robot.safetensors"], "/proc/robot.safetensors: cannot write in the folder"),
+    (["-f", "diffusers", "-o", "/sys/kernel/robot"], "-o /sys/kernel/robot: cannot write in the folder"),
     (["-f", "diffusers", "-o", "{out}/taken.safetensors", "--force"], "is a file; a diffusers export is"),
     (["-f", "lora", "--save-dtype", "fp64", "-o", A], "--save-dtype must be one of"),
 ]
@@ -309,13 +331,17 @@ def test_bad_export_requests_are_refused_with_one_line_and_write_nothing(
 ) -> None:
     out = refusing["out"]
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
-    values = {key: refusing[key] for key in ("out", "full", "lora", "stopped")}
+    values = {key: refusing[key] for key in ("out", "full", "lora", "stopped", "store", "weights")}
+    weights = refusing["weights"].read_bytes()
+    null_device = os.stat("/dev/null")
     result = cli("export", "robot", *[arg.format(**values) for arg in args])
     assert result.exit_code == 2, result.output
     [line] = _errors(result.output)
     assert message.format(**values) in line
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
     assert (out / "taken.safetensors").read_bytes() == b"mine"
+    assert refusing["weights"].read_bytes() == weights and os.stat("/dev/null") == null_device
+    assert not Path("/dev/null.README.md").exists()
 
 
 def test_a_subject_without_a_finished_run_is_refused(cli: Any, tmp_path: Path, monkeypatch: Any) -> None:
@@ -333,3 +359,30 @@ def test_the_verb_and_the_core_agree_on_the_formats() -> None:
     assert export_verb.FORMATS == export_core.FORMATS
     assert export_verb.LORA_FORMATS == export_core.LORA_FORMATS
     assert tuple(export_core.SAVE_DTYPES) == export_verb.SAVE_DTYPES
+
+
+@pytest.mark.parametrize("fmt", ["lora", "kohya", "diffusers", "single-file"])
+def test_a_file_size_limit_during_an_export_says_disk_full_and_leaves_nothing(
+    trained: dict[str, Any], tmp_path: Path, fmt: str
+) -> None:
+    import resource
+    import subprocess
+    import sys
+
+    def limit() -> None:  # ``ulimit -f 16``: every export writes a tensor file larger than 16 KiB
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    out = tmp_path / "out"
+    out.mkdir()
+    target = out / ("robot" if fmt == "diffusers" else "robot.safetensors")
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-m", "stencil_cli", "export", "robot", "--run", str(trained["full"]["id"]),
+         "-f", fmt, "-o", str(target)],
+        cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True, timeout=300,
+        preexec_fn=limit,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    [line] = _errors(result.stderr)
+    assert line.startswith(f"error: disk full at {target}"), result.stderr
+    assert "unexpected" not in result.stderr and list(out.iterdir()) == []

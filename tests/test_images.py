@@ -108,8 +108,8 @@ def test_small_truncated_and_fake_files_are_rejected(tmp_path: Path) -> None:
 def test_low_resolution_warns(tmp_path: Path) -> None:
     prepared = prepare_image(make_photo(tmp_path / "a.png", size=(300, 400)))
     assert isinstance(prepared, PreparedImage)
-    assert prepared.warning and "512" in prepared.warning
-    assert prepare_image(make_photo(tmp_path / "b.png", size=(512, 600))).warning is None  # type: ignore[union-attr]
+    assert len(prepared.warnings) == 1 and "512" in prepared.warnings[0]
+    assert prepare_image(make_photo(tmp_path / "b.png", size=(512, 600))).warnings == ()  # type: ignore[union-attr]
 
 
 def test_decompression_bomb_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -124,10 +124,40 @@ def test_expand_paths_reads_folders_and_reports_missing(tmp_path: Path) -> None:
     make_photo(tmp_path / "dir" / "a.jpg")
     (tmp_path / "dir" / "readme.txt").write_text("hi")
     files, missing = expand_paths([tmp_path / "dir", tmp_path / "nope.jpg"])
-    assert [f.name for f in files] == ["a.jpg", "b.png"]
+    assert [f.path.name for f in files] == ["a.jpg", "b.png"]
     assert [m.source.name for m in missing] == ["nope.jpg"]
 
 
 def test_center_crop_resize_makes_a_square() -> None:
     image = Image.new("RGB", (800, 600))
     assert center_crop_resize(image, 512).size == (512, 512)
+
+
+def _jpeg_with_damaged_exif(path: Path) -> Path:
+    """A JPEG whose EXIF says "rotate 90°" (orientation 6) but whose description tag points past the end."""
+    import io
+    import struct
+
+    entries = struct.pack(">HHII", 0x0112, 3, 1, 6 << 16) + struct.pack(">HHII", 0x010E, 2, 1000, 38)
+    exif = b"MM\x00\x2a\x00\x00\x00\x08" + struct.pack(">H", 2) + entries + struct.pack(">I", 0) + b"abc"
+    buffer = io.BytesIO()
+    Image.new("RGB", (640, 600), (10, 100, 200)).save(buffer, "JPEG", exif=b"Exif\x00\x00" + exif)
+    path.write_bytes(buffer.getvalue())
+    return path
+
+
+def test_damaged_exif_is_one_warning_line_not_pillows_warnings(cli, tmp_path: Path) -> None:
+    import warnings
+
+    (tmp_path / "photos").mkdir()
+    photo = _jpeg_with_damaged_exif(tmp_path / "photos" / "odd.jpg")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning Pillow lets through fails the test
+        prepared = prepare_image(photo)
+    assert isinstance(prepared, PreparedImage)
+    assert (prepared.width, prepared.height) == (600, 640)  # the readable orientation is still applied
+    assert any("odd.jpg: its EXIF data is damaged" in note for note in prepared.warnings)
+    result = cli("add", "robot", tmp_path / "photos")
+    assert result.exit_code == 0, result.output
+    assert "UserWarning" not in result.stderr and "site-packages" not in result.stderr
+    assert "its EXIF data is damaged" in " ".join(result.stderr.split())

@@ -22,19 +22,20 @@ from stencil_cli.core.attention import (
     recorded_layer_maps,
     token_weights,
 )
+from stencil_cli.core.families import Embedding, family_of, rows, unet_inputs
 from stencil_cli.core.generation import denoise, injected_steps, tau_groups
 from stencil_cli.core.inversion import ddim_inverse_step, invert
 from stencil_cli.core.training import TrainConfig, TrainingData, train_unet
-from stencil_cli.models import sd15_ddim_scheduler
+from stencil_cli.models import native_resolution, sd15_ddim_scheduler
 
 CAPTIONS = ["a toy robot on a wooden table", "the toy robot in tall green grass"]
 PHRASE = "toy robot"
+SUBJECT_PROMPT = "a toy robot on the moon"
 
 
-def _embed(pipe: Any, texts: list[str]) -> torch.Tensor:
-    ids = pipe.tokenizer(texts, padding="max_length", max_length=77, return_tensors="pt").input_ids
-    with torch.no_grad():
-        return pipe.text_encoder(ids)[0]
+def _embed(pipe: Any, texts: list[str]) -> Embedding:
+    """The family's caption embeddings (SD1.5: hidden states; SDXL: with pooled and time ids)."""
+    return family_of(pipe).encode(pipe, texts, native_resolution(pipe))
 
 
 def _latents(n: int, seed: int = 3) -> torch.Tensor:
@@ -44,9 +45,9 @@ def _latents(n: int, seed: int = 3) -> torch.Tensor:
 # -- the mask pass --------------------------------------------------------------------------------------
 
 
-def test_the_mask_pass_sees_the_latent_noised_to_the_mask_timestep(tiny_subject_pipe) -> None:
+def test_the_mask_pass_sees_the_latent_noised_to_the_mask_timestep(family_pipe) -> None:
     """The UNet gets add_noise(latent, seeded noise, t=50), not the clean latent (the authors' slip)."""
-    pipe = tiny_subject_pipe
+    pipe = family_pipe
     latents = _latents(2)
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
     hook = pipe.unet.register_forward_pre_hook(
@@ -68,10 +69,10 @@ def test_the_mask_pass_sees_the_latent_noised_to_the_mask_timestep(tiny_subject_
     assert not torch.allclose(sample, latents, atol=1e-2)
 
 
-def test_a_batch_of_photos_gives_each_photo_its_own_map(tiny_subject_pipe) -> None:
-    """Recording with batch 2 and 4 heads, at two resolutions (8x8 and the 4x4 mid block), gives each
-    photo exactly the map it gets alone: batch and head axes are not mixed up."""
-    pipe = tiny_subject_pipe
+def test_a_batch_of_photos_gives_each_photo_its_own_map(family_pipe) -> None:
+    """Recording with batch 2 and several heads, at two resolutions, gives each photo exactly the map it
+    gets alone: batch and head axes are not mixed up (both families)."""
+    pipe = family_pipe
     heads = {m.heads for n, m in pipe.unet.named_modules() if n.endswith("attn2")}
     assert heads and min(heads) > 1
     latents = _latents(2)
@@ -79,9 +80,9 @@ def test_a_batch_of_photos_gives_each_photo_its_own_map(tiny_subject_pipe) -> No
     weights = token_weights(pipe.tokenizer, CAPTIONS, PHRASE)
     recorder = AttentionRecorder(weights)
     with record_cross_attention(pipe.unet, recorder), torch.no_grad():
-        pipe.unet(latents, 50, encoder_hidden_states=embeddings)
+        pipe.unet(latents, 50, **unet_inputs(embeddings))
     sizes = {m[0].shape[-1] for m in recorder.maps.values()}
-    assert sizes == {64, 16}  # two resolutions are combined
+    assert len(sizes) == 2  # two resolutions are combined (SD1.5: 8x8 and 4x4; tiny SDXL: 4x4 and 2x2)
     together = compute_masks(pipe.unet, pipe.scheduler, latents, embeddings, weights, batch_size=2)
     alone = compute_masks(pipe.unet, pipe.scheduler, latents, embeddings, weights, batch_size=1)
     assert torch.allclose(together.maps, alone.maps, atol=1e-5)
@@ -89,14 +90,14 @@ def test_a_batch_of_photos_gives_each_photo_its_own_map(tiny_subject_pipe) -> No
     for layer, (batched,) in recorder.maps.items():
         single = AttentionRecorder(weights[1:])
         with record_cross_attention(pipe.unet, single), torch.no_grad():
-            pipe.unet(latents[1:], 50, encoder_hidden_states=embeddings[1:])
+            pipe.unet(latents[1:], 50, **unet_inputs(embeddings[1:]))
         assert torch.allclose(batched[1:], single.maps[layer][0], atol=1e-5)
         break
 
 
-def test_mask_from_both_averages_the_empty_and_caption_halves(tiny_subject_pipe) -> None:
+def test_mask_from_both_averages_the_empty_and_caption_halves(family_pipe) -> None:
     """mask_from='both' is the authors' [empty, caption] batch, maps averaged over both halves."""
-    pipe = tiny_subject_pipe
+    pipe = family_pipe
     latents = _latents(2)
     embeddings = _embed(pipe, CAPTIONS)
     empty = _embed(pipe, [""])
@@ -108,10 +109,10 @@ def test_mask_from_both_averages_the_empty_and_caption_halves(tiny_subject_pipe)
     noise = torch.randn(latents.shape, generator=torch.Generator("cpu").manual_seed(4))
     noisy = pipe.scheduler.add_noise(latents, noise, torch.tensor([50, 50]))
     halves = []
-    for context in (empty.expand(2, -1, -1), embeddings):
+    for context in (rows(empty, 2), embeddings):
         recorder = AttentionRecorder(weights)
         with record_cross_attention(pipe.unet, recorder), torch.no_grad():
-            pipe.unet(noisy, torch.tensor([50, 50]), encoder_hidden_states=context)
+            pipe.unet(noisy, torch.tensor([50, 50]), **unet_inputs(context))
         halves.append(recorded_layer_maps(recorder, (8, 8)))
     averaged = [(a + b) / 2 for a, b in zip(*halves, strict=True)]
     masks, maps = combine_maps(averaged, (8, 8))
@@ -124,16 +125,16 @@ def test_mask_from_both_averages_the_empty_and_caption_halves(tiny_subject_pipe)
         TrainConfig(mask_from="empty").validate()
 
 
-def test_training_prepares_masks_from_both_halves_when_asked(tiny_subject_pipe) -> None:
+def test_training_prepares_masks_from_both_halves_when_asked(family_pipe) -> None:
     from PIL import Image
 
     from stencil_cli.core.training import prepare_training_data
 
     photos = [Image.new("RGB", (64, 64), (40 * i, 90, 200)) for i in range(2)]
     config = TrainConfig(resolution=64, batch_size=2)
-    caption = prepare_training_data(tiny_subject_pipe, photos, CAPTIONS, PHRASE, config)
+    caption = prepare_training_data(family_pipe, photos, CAPTIONS, PHRASE, config)
     config.mask_from = "both"
-    both = prepare_training_data(tiny_subject_pipe, photos, CAPTIONS, PHRASE, config)
+    both = prepare_training_data(family_pipe, photos, CAPTIONS, PHRASE, config)
     assert caption.maps is not None and both.maps is not None
     assert not torch.allclose(caption.maps, both.maps, atol=1e-3)
 
@@ -141,25 +142,25 @@ def test_training_prepares_masks_from_both_halves_when_asked(tiny_subject_pipe) 
 # -- the loss --------------------------------------------------------------------------------------------
 
 
-def test_training_with_an_empty_mask_learns_nothing(tiny_subject_pipe) -> None:
+def test_training_with_an_empty_mask_learns_nothing(family_pipe) -> None:
     """The loop minimises the masked loss: with a mask of zeros every loss is 0 and no weight moves
     (plain MSE would move the decoder)."""
-    unet = copy.deepcopy(tiny_subject_pipe.unet)
+    unet = copy.deepcopy(family_pipe.unet)
     before = {n: p.detach().clone() for n, p in unet.named_parameters()}
     data = TrainingData(
         latents=_latents(2),
-        embeddings=_embed(tiny_subject_pipe, CAPTIONS),
+        embeddings=_embed(family_pipe, CAPTIONS),
         masks=torch.zeros(2, 1, 8, 8),
         maps=None,
     )
-    result = train_unet(unet, tiny_subject_pipe.scheduler, data, TrainConfig(steps=2, batch_size=2, lr=1e-2))
+    result = train_unet(unet, family_pipe.scheduler, data, TrainConfig(steps=2, batch_size=2, lr=1e-2))
     assert result.losses == [0.0, 0.0]
     assert all(torch.equal(before[n], p) for n, p in unet.named_parameters())
     # and a half mask trains exactly like the loss on those pixels alone
     half = torch.zeros(2, 1, 8, 8)
     half[..., :4] = 1.0
     data.masks = half
-    result = train_unet(unet, tiny_subject_pipe.scheduler, data, TrainConfig(steps=1, batch_size=2, lr=1e-2))
+    result = train_unet(unet, family_pipe.scheduler, data, TrainConfig(steps=1, batch_size=2, lr=1e-2))
     assert result.losses[0] > 0
     assert any(not torch.equal(before[n], p) for n, p in unet.named_parameters())
 
@@ -232,3 +233,72 @@ def test_ddim_inversion_runs_under_the_conditional_prompt(method: str) -> None:
     for t in [int(t) for t in scheduler.timesteps.flip(0)]:
         z_empty = ddim_inverse_step(scheduler, unet.scale.detach() * z_empty - 2.0, t, z_empty)
     assert not torch.allclose(result.latent, z_empty, atol=1e-2)
+
+
+# -- null-text early stopping ------------------------------------------------------------------------------
+
+
+def test_null_text_settings_default_to_the_reference_settings() -> None:
+    from stencil_cli.core.inversion import NullTextSettings
+
+    assert NullTextSettings() == NullTextSettings(
+        guidance=7.5, inner_steps=10, lr=1e-2, early_stop=1e-5, early_stop_slope=2e-5
+    )
+
+
+def test_null_text_early_stop_uses_its_slope(family_pipe) -> None:
+    """Step i stops once its loss is below early_stop + i * slope: with early_stop 0 and a huge slope the
+    first step (threshold 0) runs every inner iteration and every later step stops after one."""
+    from stencil_cli.core.inversion import (
+        NullTextSettings,
+        ddim_inversion,
+        encode_prompt,
+        encode_unconditional,
+    )
+    from stencil_cli.core.inversion import null_text_optimization as optimise
+
+    pipe = family_pipe
+    scheduler = sd15_ddim_scheduler()
+    scheduler.set_timesteps(4)
+    cond, empty = encode_prompt(pipe, "a toy robot", "cpu"), encode_unconditional(pipe, "", "cpu")
+    trajectory = ddim_inversion(pipe.unet, scheduler, _latents(1), cond)
+    settings = NullTextSettings(inner_steps=3, early_stop=0.0, early_stop_slope=1e9)
+    (result,) = optimise(pipe.unet, scheduler, trajectory, cond, empty, settings)
+    assert result.inner_iterations == [3, 1, 1, 1]
+    (flat,) = optimise(
+        pipe.unet,
+        scheduler,
+        trajectory,
+        cond,
+        empty,
+        NullTextSettings(inner_steps=3, early_stop=0.0, early_stop_slope=0.0),
+    )
+    assert flat.inner_iterations == [3, 3, 3, 3]  # without the slope nothing stops early
+
+
+def test_a_batch_of_drafts_inverts_and_denoises_as_each_one_alone(family_pipe) -> None:
+    """Batched null-text optimisation (each sample its own nulls and early stop) and the batched denoise give
+    each draft what it gets alone, for both families (SDXL's pooled embeddings and time ids included)."""
+    from PIL import Image
+
+    from stencil_cli.core.families import optimisable
+    from stencil_cli.core.generation import GenerationSettings, guided_images, invert_images
+    from stencil_cli.core.inversion import NullTextSettings
+
+    drafts = [Image.new("RGB", (64, 64), (30 + 90 * i, 120, 200 - 60 * i)) for i in range(2)]
+    settings = GenerationSettings(steps=3, null_text=NullTextSettings(lr=0.1, inner_steps=3, early_stop=1e-3))
+    together = invert_images(family_pipe, drafts, SUBJECT_PROMPT, settings)
+    alone = [invert_images(family_pipe, [d], SUBJECT_PROMPT, settings)[0] for d in drafts]
+    for batched, single in zip(together, alone, strict=True):
+        assert torch.allclose(batched.latent, single.latent, atol=1e-4)
+        assert batched.inner_iterations == single.inner_iterations
+        for a, b in zip(batched.null_embeddings, single.null_embeddings, strict=True):
+            for part_a, part_b in zip(optimisable(a), optimisable(b), strict=True):
+                assert torch.allclose(part_a, part_b, atol=2e-3)  # Adam magnifies float noise
+    images = guided_images(family_pipe, together, SUBJECT_PROMPT, [60.0], settings)
+    singles = [guided_images(family_pipe, [inv], SUBJECT_PROMPT, [60.0], settings)[0] for inv in alone]
+    import numpy as np
+
+    for row, single in zip(images, singles, strict=True):
+        diff = np.abs(np.asarray(row[0], dtype=np.int16) - np.asarray(single[0], dtype=np.int16))
+        assert diff.max() <= 2

@@ -357,8 +357,14 @@ def test_full_size_configs_have_the_real_shapes(monkeypatch: pytest.MonkeyPatch)
     unet = fullsize.build_full_size_component("sd15", "unet", device="meta")
     assert unet.config.cross_attention_dim == 768
     assert list(unet.config.block_out_channels) == [320, 640, 1280, 1280]
+    sdxl = fullsize.full_size_parameter_counts("sdxl")  # SDXL base 1.0's published sizes
+    assert sdxl["unet"] == 2_567_463_684
+    assert sdxl["text_encoder"] == 123_060_480 and sdxl["text_encoder_2"] == 694_659_840
+    xl_unet = fullsize.build_full_size_component("sdxl", "unet", device="meta")
+    assert xl_unet.config.cross_attention_dim == 2048 and xl_unet.config.addition_embed_type == "text_time"
+    assert list(xl_unet.config.transformer_layers_per_block) == [1, 2, 10]
     with pytest.raises(BadInputError):
-        fullsize.full_size_config("sdxl")
+        fullsize.full_size_config("sd2")
 
 
 def test_configs_ship_as_package_data() -> None:
@@ -368,7 +374,7 @@ def test_configs_ship_as_package_data() -> None:
 
     package = Path(stencil_cli.__file__).parent
     shipped = {p.name for p in (package / "models" / "configs").glob("*.json")}
-    assert shipped >= {"sd15.json", "sd3-medium.json"}
+    assert shipped >= {"sd15.json", "sd3-medium.json", "sdxl.json"}
     project = tomllib.loads((package.parent / "pyproject.toml").read_text())
     assert "stencil_cli" in project["tool"]["hatch"]["build"]["targets"]["wheel"]["packages"]
 

@@ -108,7 +108,7 @@ def test_store_commands_and_rm_speak_json(cli: Any, tmp_path: Path, stencil_home
     add_subject(cli, tmp_path)
     assert json.loads(cli("store", "path", "--json").stdout) == {"path": str(stencil_home)}
     assert json.loads(cli("store", "clean", "--json").stdout) == {"removed": []}
-    photo = json.loads(cli("rm", "robot", "--image", "1", "--json").stdout)
+    photo = json.loads(cli("rm", "robot", "--image", "1", "--json", "--yes").stdout)
     assert photo["removed"] == "photo" and photo["photo"]["id"] == 1
     removed = json.loads(cli("rm", "robot", "--yes", "--json").stdout)
     assert removed == {"subject": "robot", "removed": "subject"}

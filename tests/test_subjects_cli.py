@@ -132,13 +132,13 @@ def test_rm_subject_and_image(cli, tmp_path: Path, stencil_home: Path) -> None:
     cli("add", "dog", tmp_path / "d")
     subject = open_store().get_subject("dog")
     first = subject.images[0]
-    result = cli("rm", "dog", "--image", str(first["id"]))
+    result = cli("rm", "dog", "--image", str(first["id"]), "--yes")
     assert result.exit_code == 0, result.output
     assert not Path(first["file"]).exists()
     assert len(open_store().get_subject("dog").images) == 2
-    by_hash = cli("rm", "dog", "--image", subject.images[1]["sha256"][:10])
+    by_hash = cli("rm", "dog", "--image", subject.images[1]["sha256"][:10], "--yes")
     assert by_hash.exit_code == 0
-    assert cli("rm", "dog", "--image", "999").exit_code == 1
+    assert cli("rm", "dog", "--image", "999", "--yes").exit_code == 1
     # no --yes on a non-interactive stdin: refused, nothing removed
     refused = cli("rm", "dog")
     assert refused.exit_code == 2 and "--yes" in refused.stderr

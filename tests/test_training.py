@@ -20,6 +20,7 @@ from safetensors import safe_open
 
 from stencil_cli import __version__
 from stencil_cli.base.errors import BadInputError, StencilError
+from stencil_cli.core.families import unet_inputs
 from stencil_cli.core.training import (
     TrainConfig,
     load_checkpoint,
@@ -64,6 +65,13 @@ def data(tiny_subject_pipe, photos):
     return prepare_training_data(tiny_subject_pipe, photos, CAPTIONS, PHRASE, _config())
 
 
+@pytest.fixture(scope="module", params=["sd15", "sdxl"])
+def family_data(request, photos):
+    """(pipe, training data) of each subject-model family's tiny pipeline, computed once per family."""
+    pipe = request.getfixturevalue("tiny_subject_pipe" if request.param == "sd15" else "tiny_sdxl_pipe")
+    return pipe, prepare_training_data(pipe, photos, CAPTIONS, PHRASE, _config())
+
+
 def _fresh_unet(pipe):
     return copy.deepcopy(pipe.unet)
 
@@ -71,8 +79,9 @@ def _fresh_unet(pipe):
 # -- the loss --------------------------------------------------------------------------------------
 
 
-def test_pixel_outside_the_mask_changes_neither_loss_nor_gradient(tiny_subject_pipe, data) -> None:
+def test_pixel_outside_the_mask_changes_neither_loss_nor_gradient(family_data) -> None:
     """Perturbing the target where the mask is 0 leaves the loss and every gradient bit-identical."""
+    tiny_subject_pipe, data = family_data
     unet = _fresh_unet(tiny_subject_pipe)
     mask = data.masks[:1].clone()
     mask[..., 0, 0] = 0.0  # make sure there is an outside pixel
@@ -82,7 +91,7 @@ def test_pixel_outside_the_mask_changes_neither_loss_nor_gradient(tiny_subject_p
 
     def loss_and_grads(target: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         unet.zero_grad(set_to_none=True)
-        prediction = unet(noisy, 500, encoder_hidden_states=data.embeddings[:1]).sample
+        prediction = unet(noisy, 500, **unet_inputs(data.embeddings[:1])).sample
         loss = masked_mse(prediction, target, mask)
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in unet.up_blocks.parameters()]
@@ -111,8 +120,9 @@ def test_masked_loss_is_the_mean_of_the_squared_masked_error() -> None:
 # -- the loop --------------------------------------------------------------------------------------
 
 
-def test_only_up_blocks_change_and_the_rest_is_bit_identical(tiny_subject_pipe, data) -> None:
+def test_only_up_blocks_change_and_the_rest_is_bit_identical(family_data) -> None:
     """Decoder-only training (the default) moves up_blocks and nothing else; --train all moves the encoder."""
+    tiny_subject_pipe, data = family_data
     base = {k: v.clone() for k, v in tiny_subject_pipe.unet.state_dict().items()}
     unet = _fresh_unet(tiny_subject_pipe)
     result = train_unet(unet, tiny_subject_pipe.scheduler, data, _config(steps=2))
@@ -128,8 +138,9 @@ def test_only_up_blocks_change_and_the_rest_is_bit_identical(tiny_subject_pipe, 
     assert any(k.startswith("down_blocks.") for k in moved)
 
 
-def test_loss_falls_over_a_short_run(tiny_subject_pipe, data) -> None:
+def test_loss_falls_over_a_short_run(family_data) -> None:
     """A few dozen steps lower the masked loss on a fixed evaluation set."""
+    tiny_subject_pipe, data = family_data
     unet = _fresh_unet(tiny_subject_pipe)
     before = eval_loss(unet, tiny_subject_pipe, data)
     result = train_unet(unet, tiny_subject_pipe.scheduler, data, _config(steps=30, batch_size=3))
@@ -138,8 +149,9 @@ def test_loss_falls_over_a_short_run(tiny_subject_pipe, data) -> None:
     assert after < 0.8 * before
 
 
-def test_same_seed_gives_the_same_weights(tiny_subject_pipe, data) -> None:
+def test_same_seed_gives_the_same_weights(family_data) -> None:
     """Two runs with one seed are bit-identical; another seed differs."""
+    tiny_subject_pipe, data = family_data
     runs = []
     for seed in (7, 7, 8):
         unet = _fresh_unet(tiny_subject_pipe)

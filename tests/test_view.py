@@ -258,6 +258,19 @@ def test_view_bad_input_is_one_line(cli: Any, tmp_path: Path) -> None:
     assert not list(tmp_path.rglob("*.html"))
 
 
+def test_view_out_is_refused_empty_or_inside_the_store(cli: Any, tmp_path: Path, monkeypatch: Any) -> None:
+    store = add_subject(cli, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    empty = cli("view", "robot", "--out", "", "--no-open")
+    assert empty.exit_code == 2 and "--out is empty" in " ".join(empty.stderr.split())
+    photo = Path(store.get_subject("robot").images[0]["file"])
+    before = photo.read_bytes()
+    inside = cli("view", "robot", "--out", photo, "--no-open")
+    assert inside.exit_code == 2 and "is inside the store" in " ".join(inside.stderr.split())
+    assert photo.read_bytes() == before and not list(tmp_path.glob("*.html"))
+    assert cli("view", "robot", "--no-open").exit_code == 0  # the subject's own page is the store's to write
+
+
 def test_show_masks_writes_a_contact_sheet_of_photos_beside_their_masks(cli: Any, tmp_path: Path) -> None:
     store = add_subject(cli, tmp_path)
     none_yet = cli("show", "robot", "--masks", "--json")

@@ -5,13 +5,15 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import shutil
 import signal
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from stencil_cli.base.errors import DiskFullError
+from stencil_cli.base.errors import BadInputError, DiskFullError
 
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
 
@@ -33,17 +35,47 @@ def folder_mode() -> int:
     return 0o777 & ~current_umask()
 
 
+# How a full disk reads where a library reports it in its own exception: Rust's io::Error (safetensors:
+# "I/O error: No space left on device (os error 28)") and the strerror texts of the errnos above.
+_ERRNO_ALTERNATIVES = "|".join(str(number) for number in sorted(DISK_FULL_ERRNOS))
+_DISK_FULL_TEXT = re.compile(
+    rf"\(os error (?:{_ERRNO_ALTERNATIVES})\)|No space left on device|File too large|Disk quota exceeded"
+)
+
+
+def _chain(error: BaseException) -> Iterator[BaseException]:
+    """`error` and the exceptions it was raised from or while handling (each once)."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
 def is_disk_full(error: BaseException) -> bool:
-    """True for the OSErrors a full disk, a quota or a file-size limit (``ulimit -f``) raise."""
-    return isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS
+    """True when a full disk, a quota or a file-size limit (``ulimit -f``) caused `error`.
+
+    Besides the OSErrors (ENOSPC, EFBIG, EDQUOT), this recognises the shapes other libraries give them:
+    safetensors' ``SafetensorError("... (os error 28)")``, and torch's ``RuntimeError("[enforce fail at
+    inline_container.cc ...]")`` raised while handling the OSError of a Python file it was writing to.
+    """
+    for link in _chain(error):
+        if isinstance(link, OSError) and link.errno in DISK_FULL_ERRNOS:
+            return True
+        if not isinstance(link, OSError) and _DISK_FULL_TEXT.search(str(link)):
+            return True
+    return False
 
 
 @contextlib.contextmanager
 def disk_full_as_error(path: Path | str) -> Iterator[None]:
-    """Turn a disk-full OSError (ENOSPC, EFBIG, EDQUOT) raised inside into `DiskFullError(path)`."""
+    """Turn an error that a full disk caused (see `is_disk_full`) raised inside into `DiskFullError(path)`."""
     try:
         yield
-    except OSError as error:
+    except DiskFullError:
+        raise
+    except Exception as error:
         if is_disk_full(error):
             raise DiskFullError(path) from error
         raise
@@ -66,6 +98,7 @@ def atomic_path(target: Path) -> Iterator[Path]:
     file-size limit becomes `DiskFullError(target)`, and the old `target` (if any) is left as it was.
     """
     target = Path(target)
+    _refuse_special(target)
     with disk_full_as_error(target):
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
@@ -81,6 +114,16 @@ def atomic_path(target: Path) -> Iterator[Path]:
             _fsync_dir(target.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _refuse_special(target: Path) -> None:
+    """Never rename a file over a folder, device, FIFO or socket (as root, /dev/null would become a file)."""
+    try:
+        mode = os.lstat(target).st_mode
+    except OSError:
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+        raise BadInputError(f"{target} is not a regular file: stencil will not replace it; pick another path")
 
 
 def atomic_write_bytes(target: Path, data: bytes) -> None:
@@ -128,11 +171,13 @@ def build_folder_once(folder: Path, version: str, build: Callable[[Path], object
     folder = Path(folder)
     if folder_has_version(folder, version):
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-build-", dir=folder.parent))
+    with disk_full_as_error(folder):
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-build-", dir=folder.parent))
     try:
         os.chmod(staging, folder_mode())  # mkdtemp makes 0700: the built folder should honour the umask
-        build(staging)
+        with disk_full_as_error(folder):
+            build(staging)
         (staging / "VERSION").write_text(version + "\n", encoding="utf-8")
         if folder.is_symlink() or folder.exists():
             if folder_has_version(folder, version):  # another process finished first

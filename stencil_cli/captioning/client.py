@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import io
+import json
 import os
 import random
 import threading
@@ -321,15 +322,10 @@ class OpenAICaptioner:
                 raise StencilError(
                     f"{self.host} answered HTTP {error.status_code}: {self._message(error)}"
                 ) from None
+            except json.JSONDecodeError as error:  # a body labelled JSON that is not (a proxy's login page)
+                raise self._not_a_completion(error.doc) from None
         if isinstance(response, (str, bytes)):  # the client hands over a non-JSON body as it came
-            body = response.decode("utf-8", "replace") if isinstance(response, bytes) else response
-            what = "a web page (HTML)" if "<html" in body[:2000].lower() else "something that is not JSON"
-            raise StencilError(
-                f"{self.host} answered with {what}, not a chat completion: is {BASE_URL_ENV} the API's URL "
-                "(ending in /v1), and not a proxy's or login page?",
-                hint=f"check {BASE_URL_ENV}, or caption offline with `{{captioner=template}}`",
-                fields=("captioner",),
-            )
+            raise self._not_a_completion(response)
         choices = getattr(response, "choices", None) or []
         if not choices:
             return ""
@@ -345,6 +341,17 @@ class OpenAICaptioner:
                 fields=("model", "captioner"),
             )
         return self._scrub(text)
+
+    def _not_a_completion(self, body: str | bytes) -> StencilError:
+        """The error for a 200 answer whose body is not a chat completion (a web page, plain text)."""
+        text = body.decode("utf-8", "replace") if isinstance(body, bytes) else str(body)
+        what = "a web page (HTML)" if "<html" in text[:2000].lower() else "something that is not JSON"
+        return StencilError(
+            f"{self.host} answered with {what}, not a chat completion: is {BASE_URL_ENV} the API's URL "
+            "(ending in /v1), and not a proxy's or login page?",
+            hint=f"check {BASE_URL_ENV}, or caption offline with `{{captioner=template}}`",
+            fields=("captioner",),
+        )
 
     def _message(self, error: Exception) -> str:
         body = getattr(error, "body", None)

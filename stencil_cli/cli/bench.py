@@ -188,8 +188,14 @@ def dreambench(
         str, typer.Option("--inversion", help="nti (null-text, the paper) or npi (negative-prompt, faster).")
     ] = "nti",
     draft_steps: Annotated[
-        int, typer.Option("--draft-steps", help="Context-model steps per draft.", min=1)
-    ] = 50,
+        int | None,
+        typer.Option(
+            "--draft-steps",
+            help="Draft-model steps per draft. [default: the draft model's preset, else 50]",
+            min=1,
+            show_default=False,
+        ),
+    ] = None,
     tau: Annotated[float, typer.Option("--tau", help="Guidance strength in [0, 1000].")] = 60.0,
     seed: Annotated[
         int,

@@ -23,6 +23,7 @@ from stencil_cli.cli.options import (
 )
 from stencil_cli.cli.output import err_console, escape, info, print_json_line, shown, warn
 from stencil_cli.cli.progress import add_task, progress_bar
+from stencil_cli.cli.stdin import read_stdin_text, stdin_is_terminal
 from stencil_cli.store.db import open_store
 from stencil_cli.verbs.generate import GenerateResult, SavedImage, generate
 from stencil_cli.verbs.generation_plan import (
@@ -162,14 +163,32 @@ def gen(
         ),
     ] = False,
     draft_steps: Annotated[
-        int, typer.Option("--draft-steps", help="Context-model steps for the draft.", min=1)
-    ] = 50,
+        int | None,
+        typer.Option(
+            "--draft-steps",
+            help="Draft-model steps. [default: the draft model's preset (e.g. flux-schnell 4, sd35-medium "
+            "40), else 50]",
+            min=1,
+            show_default=False,
+        ),
+    ] = None,
+    draft_guidance: Annotated[
+        float | None,
+        typer.Option(
+            "--draft-guidance",
+            help="Draft-model guidance scale. [default: the draft model's preset (e.g. flux-schnell and "
+            "sd35-large-turbo 0), else 7.5]",
+            show_default=False,
+        ),
+    ] = None,
     run_id: Annotated[
         int | None, typer.Option("--run", help="Use this training run. [default: the newest done run]")
     ] = None,
     output: Annotated[
-        Path | None,
-        typer.Option("-o", "--output", help="Also copy the images (and drafts, grid) into this folder."),
+        str | None,  # text, not a Path: Click reads an empty path as "." (the current folder)
+        typer.Option(
+            "-o", "--output", metavar="PATH", help="Also copy the images (and drafts, grid) into this folder."
+        ),
     ] = None,
     grid: Annotated[
         bool, typer.Option("--grid", help="Also write a contact sheet: each draft, then each tau.")
@@ -244,6 +263,7 @@ def gen(
         null_lr=null_lr,
         inversion=inversion,
         draft_steps=draft_steps,
+        draft_guidance=draft_guidance,
         draft=draft,
         no_context=no_context,
         run_id=run_id,
@@ -311,12 +331,11 @@ def _prompts(prompt: str | None, prompts_file: Path | None) -> list[str]:
     if prompt is None:
         raise BadInputError("say what to render: a prompt, '-' to read prompts from stdin, or --prompts-file")
     if prompt == "-":
-        stream = typer.get_text_stream("stdin")
-        if stream.isatty():
+        if stdin_is_terminal():
             raise BadInputError(
                 "the prompt '-' reads prompts from stdin, but stdin is a terminal: pipe them in"
             )
-        return prompt_lines(stream.read(), "stdin")
+        return prompt_lines(read_stdin_text("the prompt '-'", "--prompts-file"), "stdin")
     return [prompt]
 
 

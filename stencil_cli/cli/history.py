@@ -8,9 +8,9 @@ import typer
 from rich.table import Table
 
 from stencil_cli.cli.kit import JsonOption, handle_errors
-from stencil_cli.cli.output import escape, human_bytes, info, print_json, stdout_console
+from stencil_cli.cli.output import escape, human_bytes, info, print_json, stdout_console, warn_damaged
 from stencil_cli.store.db import open_store
-from stencil_cli.verbs.history import ImagesQuery, list_images, list_runs
+from stencil_cli.verbs.history import ImagesQuery, damaged_rows, list_images, list_runs
 
 FLAGS = {"limit": "-n", "run_id": "--run"}
 
@@ -34,6 +34,7 @@ def runs(
 ) -> None:
     """List training runs, newest first: id, status, kind, steps, final loss, duration, size, started."""
     found = list_runs(open_store(), name)
+    warn_damaged(damaged_rows(item.run for item in found))
     if json_output:
         print_json([run.to_dict() for run in found])
         return
@@ -94,6 +95,7 @@ def images(
 ) -> None:
     """List generated images, newest first: id, run, prompt, tau, seed, mode, file, created."""
     found = list_images(open_store(), ImagesQuery(name, run_id, prompt, limit))
+    warn_damaged(damaged_rows(item.generation for item in found))
     if json_output:
         print_json([image.to_dict() for image in found])
         return

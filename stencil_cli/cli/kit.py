@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import os
+import signal
 import sqlite3
 import sys
 import traceback
@@ -11,6 +14,7 @@ from collections.abc import Callable, Mapping
 from typing import Annotated, Any, TypeVar
 
 import typer
+from rich.console import Console
 from typer import _click as click  # typer vendors Click: its commands raise these exception classes
 from typer.core import TyperArgument, TyperGroup, TyperOption
 
@@ -75,6 +79,8 @@ def handle_errors(func: F | None = None, *, flags: Mapping[str, str] | None = No
         except sqlite3.Error as error:  # Store methods translate their own; this catches a raw query
             fail(StencilError(f"the store database failed: {error}"), flags)
         except Exception as error:  # noqa: BLE001 - the last line of defence for a CLI
+            if is_output_error(error):
+                output_failed(error)
             if settings.debug:
                 raise
             message = f"unexpected {type(error).__name__}: {error}"
@@ -86,16 +92,61 @@ def handle_errors(func: F | None = None, *, flags: Mapping[str, str] | None = No
     return wrapper  # type: ignore[return-value]
 
 
-def quiet_broken_pipe() -> None:
-    """The reader of stdout went away (`stencil show x --json | head -1`): exit 0 quietly, like `cat`.
+OUTPUT_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EIO})
 
-    stdout is pointed at /dev/null first, or the interpreter's final flush would raise again."""
+
+def is_output_error(error: BaseException) -> bool:
+    """Whether `error` is stdout failing (`> /dev/full`): files stencil writes fail as DiskFullError with
+    their path, so a bare OSError without a file name here is the output itself."""
+    return isinstance(error, OSError) and error.errno in OUTPUT_ERRNOS and error.filename is None
+
+
+def output_failed(error: OSError) -> None:
+    """stdout cannot be written (a full device): one line on stderr, exit 1."""
+    with contextlib.suppress(OSError, ValueError):
+        err_console.print(f"[red]error:[/red] cannot write the output to stdout ({error.strerror or error})")
+    _stdout_to_devnull()  # or the interpreter's final flush fails again ("Exception ignored ...")
+    raise typer.Exit(EXIT_FAILURE)
+
+
+def _stdout_to_devnull() -> None:
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
     except (OSError, ValueError, AttributeError):  # no real file descriptor (e.g. a test runner's buffer)
         pass
+
+
+def _exit_quietly_on_broken_pipe(self: Console) -> None:
+    """rich's hook for a closed pipe (its default exits with 1): exit 0 quietly, like `cat` or `head`."""
+    _stdout_to_devnull()
+    raise SystemExit(0)
+
+
+# rich's documented hook for a reader that went away (`stencil --help | head -1`); typer builds its own
+# consoles for the help, so the hook is set on the class.
+Console.on_broken_pipe = _exit_quietly_on_broken_pipe  # type: ignore[method-assign]
+
+
+def quiet_broken_pipe() -> None:
+    """The reader of stdout went away (`stencil show x --json | head -1`): exit 0 quietly, like `cat`.
+
+    stdout is pointed at /dev/null first, or the interpreter's final flush would raise again."""
+    _stdout_to_devnull()
     raise typer.Exit(0)
+
+
+def quiet_interrupts_at_shutdown() -> None:
+    """From here on (the command has finished; the interpreter joins threads and runs atexit callbacks),
+    Ctrl-C ends the process at once with 130 instead of "Exception ignored ... KeyboardInterrupt"."""
+
+    def interrupted(signum: int, frame: Any) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.flush()
+        os._exit(130)
+
+    with contextlib.suppress(ValueError):  # only the main thread may set a handler
+        signal.signal(signal.SIGINT, interrupted)
 
 
 def usage_error_line(error: click.ClickException) -> str:
@@ -221,8 +272,17 @@ class StencilGroup(TyperGroup):
         """Run the command; with `standalone_mode`, print usage errors as one line and exit."""
         if not standalone_mode:
             return super().main(*args, standalone_mode=False, **kwargs)
+        whole_process = not args and kwargs.get("args") is None  # argv: the process's command, not a test's
+        try:
+            self._run_standalone(*args, **kwargs)
+        finally:
+            if whole_process:
+                quiet_interrupts_at_shutdown()
+
+    def _run_standalone(self, *args: Any, **kwargs: Any) -> None:
         try:
             result = super().main(*args, standalone_mode=False, **kwargs)
+            sys.stdout.flush()  # now, where a full device can be reported, not at the interpreter's exit
         except click.exceptions.NoArgsIsHelpError as error:
             error.show()
             sys.exit(error.exit_code)
@@ -237,5 +297,12 @@ class StencilGroup(TyperGroup):
                 quiet_broken_pipe()
             except typer.Exit:
                 sys.exit(0)
+        except OSError as error:
+            if not is_output_error(error):
+                raise
+            try:
+                output_failed(error)
+            except typer.Exit:
+                sys.exit(EXIT_FAILURE)
         # without standalone mode, Click returns an Exit's code (or the command's own return value)
         sys.exit(result if isinstance(result, int) else 0)

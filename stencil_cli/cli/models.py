@@ -63,6 +63,7 @@ def model_rows() -> list[dict[str, Any]]:
     for preset in m.PRESETS.values():
         status = m.model_status(preset.name, m.SUBJECT if preset.role == "both" else preset.role, cache)
         preset_repos.add(preset.repo_id)
+        draft = preset.draft
         rows.append(
             {
                 "name": preset.name,
@@ -70,6 +71,10 @@ def model_rows() -> list[dict[str, Any]]:
                 "role": preset.role,
                 "source": preset.repo_id or "built locally",
                 "gated": preset.gated,
+                "licence": preset.licence or None,
+                "draft_steps": draft.steps if draft else None,
+                "draft_guidance": draft.guidance if draft else None,
+                "t5": draft.t5 if draft else None,
                 "present": status["present"],
                 "path": status["path"],
                 "size_bytes": status["size_bytes"],
@@ -85,12 +90,24 @@ def model_rows() -> list[dict[str, Any]]:
                 "role": None,
                 "source": repo_id,
                 "gated": False,
+                "licence": None,
+                "draft_steps": None,
+                "draft_guidance": None,
+                "t5": None,
                 "present": True,
                 "path": entry["path"],
                 "size_bytes": entry["size_bytes"],
             }
         )
     return rows
+
+
+def _draft_cell(row: dict[str, Any]) -> str:
+    """A draft preset's default steps and guidance, and its T5 need (e.g. '4 steps, cfg 0, needs T5')."""
+    if row["draft_steps"] is None:
+        return "-"
+    t5 = ", needs T5" if row["t5"] == "required" else ""
+    return f"{row['draft_steps']} steps, cfg {row['draft_guidance']:g}{t5}"
 
 
 @handle_errors
@@ -100,13 +117,21 @@ def models_ls(json_output: JsonOption = False) -> None:
     if json_output:
         print_json(rows)
         return
-    table = Table("name", "role", "source", "present", "size", box=None)
+    table = Table(box=None)
+    table.add_column("name", no_wrap=True)  # names are what a user types: never shortened
+    table.add_column("role", no_wrap=True)
+    for column in ("source", "licence", "draft"):
+        table.add_column(column, overflow="fold")
+    table.add_column("present", no_wrap=True)
+    table.add_column("size", no_wrap=True)
     for row in rows:
         source = row["source"] + (" (gated)" if row["gated"] else "")
         table.add_row(
             escape(row["name"]),
             row["role"] or "-",
             escape(source),
+            escape((row["licence"] or "-").removesuffix(" License")),
+            _draft_cell(row),
             "yes" if row["present"] else "no",
             human_size(row["size_bytes"]),
         )
@@ -114,8 +139,8 @@ def models_ls(json_output: JsonOption = False) -> None:
     info(f"[dim]Hugging Face cache: {escape(str(m.hub_cache_dir()))}[/dim]")
     if any(not row["present"] and row["preset"] and row["source"] != "built locally" for row in rows):
         info(
-            "[dim]download a preset with `stencil models pull sd15` (or sd3-medium; `dino clip` for "
-            "`stencil eval`)[/dim]"
+            "[dim]download a preset with `stencil models pull sd15` (or sd3-medium, flux-schnell, ...; "
+            "`dino clip` for `stencil eval`)[/dim]"
         )
 
 
@@ -124,11 +149,20 @@ def models_pull(
     refs: Annotated[
         list[str] | None,
         typer.Argument(
-            help="sd15, sd3-medium, tiny, dino, clip (the eval models), a Hub id (owner/name, or "
+            help="sd15, sdxl, sd3-medium, sd35-medium, sd35-large-turbo, flux-schnell, tiny, tiny-sdxl, "
+            "tiny-sd35, tiny-flux, dino, clip (the eval models), a Hub id (owner/name, or "
             "owner/name@revision for a transformers model) [default: the configured subject and context "
             "models]"
         ),
     ] = None,
+    no_t5: Annotated[
+        bool,
+        typer.Option(
+            "--no-t5",
+            help="Leave out the T5 encoder of SD3 / SD3.5 models (9.5 GB less; then run them with --no-t5). "
+            "FLUX needs its T5.",
+        ),
+    ] = False,
     json_output: JsonOption = False,
 ) -> None:
     """Download models into the Hugging Face cache (safetensors only) so they work offline."""
@@ -138,7 +172,7 @@ def models_pull(
     results = []
     for ref in refs:
         info(f"pulling {escape(ref)} ...")
-        pulled = m.pull(ref, progress=not settings.quiet and not json_output)
+        pulled = m.pull(ref, progress=not settings.quiet and not json_output, no_t5=no_t5)
         results.append(
             {
                 "ref": ref,

@@ -11,7 +11,7 @@ SubjectModelOption = Annotated[
     typer.Option(
         "--subject-model",
         envvar="STENCIL_SUBJECT_MODEL",
-        help="Subject model: preset (sd15, tiny), Hub id or local folder. Default: sd15.",
+        help="Subject model: preset (sd15, sdxl, tiny, tiny-sdxl), Hub id or local folder. Default: sd15.",
         show_default=False,
     ),
 ]
@@ -20,7 +20,8 @@ ContextModelOption = Annotated[
     typer.Option(
         "--context-model",
         envvar="STENCIL_CONTEXT_MODEL",
-        help="Draft model: preset (sd3-medium, tiny), Hub id or local folder. Default: sd3-medium.",
+        help="Draft model: preset (sd3-medium, sd35-medium, sd35-large-turbo, flux-schnell, tiny, tiny-sd35, "
+        "tiny-flux), Hub id or local folder. Default: sd3-medium.",
         show_default=False,
     ),
 ]
@@ -44,7 +45,11 @@ PrecisionOption = Annotated[
 ]
 NoT5Option = Annotated[
     bool,
-    typer.Option("--no-t5", envvar="STENCIL_NO_T5", help="Run SD3 without its T5 encoder (less GPU memory)."),
+    typer.Option(
+        "--no-t5",
+        envvar="STENCIL_NO_T5",
+        help="Run an SD3 / SD3.5 draft model without its T5 encoder (less GPU memory); FLUX needs its T5.",
+    ),
 ]
 
 EvalModelsOption = Annotated[

@@ -27,6 +27,7 @@ __all__ = [
     "info",
     "stdout_console",
     "warn",
+    "warn_damaged",
 ]
 
 
@@ -96,3 +97,13 @@ def plain(text: object) -> str:
 def shown(text: object) -> str:
     """`text` for rich markup: `plain`, then escaped (a prompt like "[Superman]" is not markup)."""
     return escape(plain(text))
+
+
+def warn_damaged(rows: list[str]) -> None:
+    """Warn once about rows whose JSON columns are damaged (they are shown with those columns empty)."""
+    if rows:
+        listed = ", ".join(rows[:5]) + (f" and {len(rows) - 5} more" if len(rows) > 5 else "")
+        warn(
+            f"damaged data in the store database (shown empty): {listed}; `stencil rm NAME --run ID` "
+            "removes a damaged run"
+        )

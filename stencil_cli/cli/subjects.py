@@ -8,7 +8,9 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from stencil_cli.base.errors import BadInputError
+from stencil_cli.base.errors import BadInputError, render_text
+from stencil_cli.base.images import RejectedImage
+from stencil_cli.cli.flags import show_as_flag
 from stencil_cli.cli.kit import JsonOption, handle_errors
 from stencil_cli.cli.output import (
     err_console,
@@ -20,7 +22,9 @@ from stencil_cli.cli.output import (
     shown,
     stdout_console,
     warn,
+    warn_damaged,
 )
+from stencil_cli.cli.stdin import stdin_is_terminal
 from stencil_cli.store.db import Store, open_store
 from stencil_cli.store.records import Subject
 from stencil_cli.verbs.history import SubjectSummary, subject_summary
@@ -80,7 +84,14 @@ def warn_unindexed(store: Store) -> list[str]:
 @handle_errors
 def add(
     name: Annotated[str, typer.Argument(help="Subject name: lowercase letters, digits, '-' and '_'.")],
-    paths: Annotated[list[Path], typer.Argument(help="Photo files or folders of photos.")],
+    paths: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Photo files, folders of photos and .zip files of photos. Accepted: JPEG, PNG, HEIC/HEIF, "
+            "AVIF, WebP, TIFF, BMP, GIF and every other format Pillow (with pillow-heif) reads, listed in "
+            "docs/store.md; hidden files (macOS ._* and .DS_Store) are passed over.",
+        ),
+    ],
     phrase: Annotated[
         str | None, typer.Option("--phrase", help="Words the subject is bound to, e.g. 'cat' or 'toy robot'.")
     ] = None,
@@ -90,15 +101,32 @@ def add(
     skip_bad: Annotated[
         bool, typer.Option("--skip-bad", help="Add the good photos even if some files are bad.")
     ] = False,
+    recursive: Annotated[
+        bool,
+        typer.Option(
+            "--recursive",
+            "-r",
+            help="Also add the photos in sub-folders of the given folders (without it, a folder whose "
+            "sub-folders hold photos is refused).",
+        ),
+    ] = False,
     json_output: JsonOption = False,
 ) -> None:
-    """Create a subject from photos, or add photos to an existing one."""
-    request = AddRequest(name, paths, phrase=phrase, class_word=class_word, skip_bad=skip_bad)
+    """Create a subject from photos, or add photos to an existing one.
+
+    Each photo is stored upright (EXIF orientation), converted from its colour profile to sRGB, as 8-bit
+    RGB; a zip is read in memory (nothing is unpacked to disk). All or nothing: a bad file stops the add
+    unless --skip-bad.
+    """
+    request = AddRequest(
+        name, paths, phrase=phrase, class_word=class_word, skip_bad=skip_bad, recursive=recursive
+    )
     try:
         outcome = add_photos(open_store(), request)
     except BadPhotosError as error:
-        for rejected in error.rejected:
-            err_console.print(f"  [red]bad:[/red] {escape(str(rejected.source))}: {escape(rejected.reason)}")
+        if len(error.rejected) > 1:  # one bad file: the error line names it
+            for rejected in error.rejected:
+                err_console.print(f"  [red]bad:[/red] {escape(str(rejected.source))}: {_reason(rejected)}")
         raise
     for message in outcome.warnings:
         warn(message)
@@ -110,24 +138,38 @@ def add(
                 "added": [_image_row(image) for image in outcome.added],
                 "duplicates": [str(path) for path in outcome.duplicates],
                 "restored": [_image_row(image) for image in outcome.restored],
-                "skipped": [{"file": str(r.source), "reason": r.reason} for r in outcome.skipped],
+                "skipped": [
+                    {"file": str(r.source), "reason": _reason(r, markup=False)} for r in outcome.skipped
+                ],
+                "passed_over": {"hidden": outcome.hidden, "other": outcome.other},
             }
         )
         return
     for rejected in outcome.skipped:
-        warn(f"skipped {rejected.source}: {rejected.reason}")
+        warn(f"skipped {rejected.source}: {_reason(rejected, markup=False)}")
     if outcome.restored:
         ids = ", ".join(str(image["id"]) for image in outcome.restored)
         info(f"restored {len(outcome.restored)} missing photo file(s) (photo(s) {ids})")
     if settings.quiet:  # -q: nothing but errors and warnings
         return
     verb = "created" if outcome.created else "updated"
+    passed = [
+        f"{count} {kind} file(s)"
+        for count, kind in ((outcome.hidden, "hidden"), (outcome.other, "non-photo"))
+        if count
+    ]
     typer.echo(
         f"{verb} {name}: added {len(outcome.added)} photo(s), {len(outcome.duplicates)} already there, "
-        f"{len(outcome.subject.images)} in all"
+        f"{len(outcome.subject.images)} in all" + (f"; passed over {' and '.join(passed)}" if passed else "")
     )
     if outcome.subject.phrase is None:
         info("[dim]tip: set the words the subject is bound to with --phrase (e.g. --phrase 'cat')[/dim]")
+
+
+def _reason(rejected: RejectedImage, *, markup: bool = True) -> str:
+    """Why a file was refused, with the settings it mentions shown as flags (rich-escaped with `markup`)."""
+    text = render_text(rejected.reason, show_as_flag())
+    return escape(text) if markup else text
 
 
 @handle_errors
@@ -175,6 +217,7 @@ def show(
     store = open_store()
     subject = store.get_subject(name)
     summary = subject_summary(store, name)
+    warn_damaged(summary.damaged)
     missing = {image["id"] for image in store.missing_files(name)}
     if missing:
         warn(
@@ -274,7 +317,9 @@ def rm(
     if image is not None and run_id is not None:
         raise BadInputError("--image and --run do not go together: remove one thing at a time")
     if image is not None:
-        removed = remove_photo(store, name, image)
+        what = f"photo {image} of {name!r}"
+        _confirm(yes, f"Remove {what} (its file and caption)?", what)
+        removed = remove_photo(store, name, image, wait_s=wait)
         if json_output:
             print_json({"subject": name, "removed": "photo", "photo": _image_row(removed)})
             return
@@ -288,7 +333,7 @@ def rm(
             f"{len(planned.images)} image(s))?",
             f"run {run_id} of {name!r}",
         )
-        removal = remove_run(store, name, run_id)
+        removal = remove_run(store, name, run_id, wait_s=wait)
         if json_output:
             print_json({"removed": "run", **removal.to_dict()})
             return
@@ -311,7 +356,7 @@ def _confirm(yes: bool, question: str, what: str) -> None:
     """Ask `question` on a terminal; without one, refuse to remove `what` unless --yes."""
     if yes:
         return
-    if not typer.get_text_stream("stdin").isatty():
+    if not stdin_is_terminal():
         raise BadInputError(f"refusing to remove {what} without confirmation: pass --yes")
     typer.confirm(question, abort=True)
 
@@ -353,7 +398,7 @@ def store_clean(
     store = open_store()
     named = sorted(set(remove_unindexed or []))
     if named and not yes:
-        if not typer.get_text_stream("stdin").isatty():
+        if not stdin_is_terminal():
             raise BadInputError(
                 f"refusing to remove the folder(s) {', '.join(named)} without confirmation: pass --yes"
             )
@@ -420,7 +465,7 @@ def store_prune(
     """Delete the weights and checkpoints of older runs (rows, masks and images stay)."""
     result = prune(open_store(), keep, dry_run=dry_run, name=name)
     for subject in result.skipped:
-        warn(f"skipped {subject}: it is being trained right now")
+        warn(f"skipped {subject}: another stencil command (train, gen, caption or eval) is using it now")
     if json_output:
         print_json(result.to_dict())
         return

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import webbrowser
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -19,9 +18,10 @@ from stencil_cli.verbs.view import ViewRequest, write_view
 def view(
     name: Annotated[str, typer.Argument(help="Subject name.")],
     out: Annotated[
-        Path | None,
+        str | None,  # text, not a Path: Click reads an empty path as "." (the current folder)
         typer.Option(
             "--out",
+            metavar="PATH",
             help="Write the page here (a folder, or a name without a suffix, gets NAME.html inside). "
             "[default: the subject's folder, view.html]",
             show_default=False,

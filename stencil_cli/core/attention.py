@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from stencil_cli.base.errors import BadInputError
+from stencil_cli.core.families import Embedding, cat, rows, unet_inputs
 
 DEFAULT_THRESHOLD = 0.2  # p_t in the paper
 DEFAULT_MASK_TIMESTEP = 50  # the small timestep the reference code noises the latent to
@@ -293,7 +294,7 @@ def compute_masks(
     unet: Any,
     scheduler: Any,
     latents: torch.Tensor,
-    embeddings: torch.Tensor,
+    embeddings: Embedding,
     weights: torch.Tensor,
     *,
     threshold: float = DEFAULT_THRESHOLD,
@@ -301,7 +302,7 @@ def compute_masks(
     seed: int = 0,
     batch_size: int = 1,
     mask_from: MaskFrom = "caption",
-    empty_embedding: torch.Tensor | None = None,
+    empty_embedding: Embedding | None = None,
 ) -> MaskResult:
     """Subject masks from one frozen UNet pass per photo on its latent noised to `timestep`.
 
@@ -333,10 +334,10 @@ def compute_masks(
         context = embeddings[start:stop].to(device, dtype)
         if mask_from == "both":
             assert empty_embedding is not None
-            empty = empty_embedding.to(device, dtype).expand(stop - start, -1, -1)
-            noisy, t, context = torch.cat([noisy, noisy]), torch.cat([t, t]), torch.cat([empty, context])
+            empty = rows(empty_embedding.to(device, dtype), stop - start)
+            noisy, t, context = torch.cat([noisy, noisy]), torch.cat([t, t]), cat([empty, context])
         with record_cross_attention(unet, recorder):
-            unet(noisy.to(dtype), t, encoder_hidden_states=context)
+            unet(noisy.to(dtype), t, **unet_inputs(context))
         if mask_from == "both":
             average_halves(recorder)
         mask, soft = combine_maps(recorded_layer_maps(recorder, latent_hw), latent_hw, threshold=threshold)

@@ -41,7 +41,7 @@ import torch
 
 from stencil_cli import __version__
 from stencil_cli.base.errors import BadInputError, StencilError
-from stencil_cli.base.fsutil import atomic_write_with, folder_mode
+from stencil_cli.base.fsutil import atomic_write_with, disk_full_as_error, folder_mode
 from stencil_cli.core.precision import SAVE_DTYPES
 from stencil_cli.core.weights import (
     KIND_LORA,
@@ -226,12 +226,39 @@ def diffusers_lora_state(
     return state
 
 
-def kohya_lora_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The diffusers LoRA state in kohya naming (``lora_unet_...lora_down.weight`` + ``.alpha`` = rank)."""
+def kohya_lora_state(
+    state: Mapping[str, torch.Tensor], unet: Any | None = None
+) -> dict[str, torch.Tensor]:
+    """The diffusers LoRA state in kohya naming (``lora_unet_...lora_down.weight`` + ``.alpha`` = rank).
+
+    For an SDXL UNet (`unet` given and SDXL-shaped) the module names are sd-scripts' SDXL ones, the original
+    (SGM) layout: ``lora_unet_output_blocks_0_1_transformer_blocks_0_attn1_to_q``; SD1.5 keeps the
+    diffusers module names that sd-scripts uses for SD1.5."""
     from diffusers.utils import convert_state_dict_to_kohya
 
+    if unet is not None and getattr(unet.config, "addition_embed_type", None) == "text_time":
+        state = sgm_module_state(state, unet)
     converted = convert_state_dict_to_kohya(dict(state))
     return {key: value.contiguous() if value.dim() else value.float() for key, value in converted.items()}
+
+
+def sgm_module_state(state: Mapping[str, torch.Tensor], unet: Any) -> dict[str, torch.Tensor]:
+    """A diffusers LoRA state with each UNet module renamed to its original (SGM) checkpoint name, found
+    by inverting diffusers' own single-file converter (`_unet_original_names`)."""
+    from diffusers.loaders import single_file_utils as sfu
+
+    originals = {
+        name.removesuffix(".weight"): original.removeprefix(sfu.LDM_UNET_KEY).removesuffix(".weight")
+        for name, (original, _) in _unet_original_names(unet).items()
+        if name.endswith(".weight")
+    }
+    renamed = {}
+    for key, tensor in state.items():
+        match = re.match(r"^unet\.(.+)\.(lora_[AB]\.weight)$", key)
+        if match is None or match[1] not in originals:
+            raise StencilError(f"no original SDXL name for the LoRA layer {key!r}: cannot export")
+        renamed[f"unet.{originals[match[1]]}.{match[2]}"] = tensor
+    return renamed
 
 
 # -- the original single-file layout -------------------------------------------------------------------------
@@ -302,6 +329,8 @@ def _unet_original_names(unet: Any) -> dict[str, tuple[str, bool]]:
         match = group.match(name)
         if match:  # the converter renames inside resnets only; attention names keep their spelling
             tails |= _suffixes(match[2], renames) if match[1] == "resnets" else {match[2]}
+    if config.get("addition_embed_type") == "text_time":  # SDXL's pooled-text + time-ids embedding
+        inverse_top |= dict(sfu.DIFFUSERS_TO_LDM_MAPPING["unet"]["addition_embed_type"])
     candidates = {inverse_top[n] for n in names if n in inverse_top}
     for i in range(slots):
         for j in (0, 1):
@@ -367,10 +396,10 @@ def _vae_original_names(vae: Any) -> dict[str, tuple[str, bool]]:
     return {d: (prefix + o, s) for d, (o, s) in _invert(convert, names, candidates).items()}
 
 
-def _text_original_names(text_encoder: Any) -> dict[str, tuple[str, bool]]:
+def _text_original_names(text_encoder: Any, prefix: str | None = None) -> dict[str, tuple[str, bool]]:
     from diffusers.loaders import single_file_utils as sfu
 
-    prefix = sfu.LDM_CLIP_PREFIX_TO_REMOVE[0]  # "cond_stage_model.transformer."
+    prefix = prefix or sfu.LDM_CLIP_PREFIX_TO_REMOVE[0]  # "cond_stage_model.transformer."
     out = {}
     for name in text_encoder.state_dict():
         if name.endswith("position_ids"):
@@ -380,21 +409,60 @@ def _text_original_names(text_encoder: Any) -> dict[str, tuple[str, bool]]:
     return out
 
 
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."  # SDXL's CLIP ViT-L in the original checkpoint
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."  # SDXL's OpenCLIP ViT-bigG
+
+
+def open_clip_state(text_encoder: Any, dtype: torch.dtype, prefix: str = SDXL_OPEN_CLIP_PREFIX) -> dict:
+    """A projecting CLIP text encoder in OpenCLIP layout: the inverse of diffusers'
+    ``convert_open_clip_checkpoint`` (its own name tables; q/k/v fused into ``in_proj``, the projection
+    transposed)."""
+    from diffusers.loaders import single_file_utils as sfu
+
+    tables = sfu.DIFFUSERS_TO_LDM_MAPPING["openclip"]
+    tensors = {
+        (k if k.startswith(("text_model.", "text_projection")) else f"text_model.{k}"): v
+        for k, v in text_encoder.state_dict().items()
+        if not k.endswith("position_ids")
+    }
+    state: dict[str, torch.Tensor] = {}
+    for diffusers_key, original in tables["layers"].items():
+        tensor = tensors.pop(diffusers_key).detach().to("cpu", dtype)
+        state[prefix + original] = (tensor.T if original == "text_projection" else tensor).contiguous()
+    renames = [(new, old) for new, old in tables["transformer"].items() if not new.startswith("transformer.")]
+    fused: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in tensors.items():
+        original = name
+        for new, old in renames:
+            original = original.replace(new, old)
+        match = re.match(r"^(.*)\.(q|k|v)_proj\.(weight|bias)$", original)
+        if match:
+            fused.setdefault(f"{match[1]}.in_proj_{match[3]}", {})[match[2]] = tensor
+        else:
+            state[prefix + "transformer." + original] = tensor.detach().to("cpu", dtype).contiguous()
+    for original, parts in fused.items():
+        qkv = torch.cat([parts["q"], parts["k"], parts["v"]]).detach().to("cpu", dtype)
+        state[prefix + "transformer." + original] = qkv.contiguous()
+    return state
+
+
 def original_layout_names(pipe: Any) -> dict[str, dict[str, tuple[str, bool]]]:
-    """``{component: {diffusers name: (original name, sliced)}}`` for the UNet, VAE and text encoder.
+    """``{component: {diffusers name: (original name, sliced)}}`` for the UNet, VAE and (CLIP-L) text encoder.
 
     `sliced` marks weights the converter reshapes (the VAE's 1x1-conv attention projections become Linear
-    weights in diffusers); they are written back with their 1x1 kernel dims.
+    weights in diffusers); they are written back with their 1x1 kernel dims. SDXL's CLIP-L sits under
+    ``conditioner.embedders.0``; its OpenCLIP encoder is written by `open_clip_state`.
     """
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
     return {
         "unet": _unet_original_names(pipe.unet),
         "vae": _vae_original_names(pipe.vae),
-        "text_encoder": _text_original_names(pipe.text_encoder),
+        "text_encoder": _text_original_names(pipe.text_encoder, SDXL_CLIP_PREFIX if sdxl else None),
     }
 
 
 def original_layout_state(pipe: Any, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The pipeline's weights under original Stable Diffusion names, as one flat state dict."""
+    """The pipeline's weights under original Stable Diffusion (SDXL: SGM) names, as one flat state dict."""
     state: dict[str, torch.Tensor] = {}
     for component, mapping in original_layout_names(pipe).items():
         tensors = getattr(pipe, component).state_dict()
@@ -403,6 +471,8 @@ def original_layout_state(pipe: Any, dtype: torch.dtype) -> dict[str, torch.Tens
             if sliced and tensor.dim() == 2:
                 tensor = tensor[:, :, None, None]
             state[original] = tensor.contiguous()
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        state.update(open_clip_state(pipe.text_encoder_2, dtype))
     return state
 
 
@@ -419,11 +489,13 @@ def _write_file(target: Path, tensors: dict[str, torch.Tensor], metadata: Mappin
 
 def _write_folder(target: Path, build: Callable[[Path], None]) -> None:
     """Build a folder in a temp folder beside `target`, then rename it into place (any old one removed)."""
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    with disk_full_as_error(target):
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     old: Path | None = None
     try:
         os.chmod(staging, folder_mode())  # mkdtemp makes 0700: the export should honour the umask
-        build(staging)
+        with disk_full_as_error(target):
+            build(staging)
         if target.exists() or target.is_symlink():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
             os.replace(target, old / "folder")
@@ -591,7 +663,7 @@ def export_run(
             scale = 1.0
         state = diffusers_lora_state(pairs, scale, dtype)
         if fmt == "kohya":
-            state = kohya_lora_state(state)
+            state = kohya_lora_state(state, pipe.unet)
         header.update(lora_rank=str(used_rank), lora_alpha=str(used_rank), lora_layers=str(len(pairs)))
         header["lora_targets"] = ",".join(LORA_TARGET_MODULES) if kind == KIND_LORA else "Linear+Conv2d"
         if error is not None:

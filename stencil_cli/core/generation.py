@@ -27,13 +27,16 @@ from typing import Any, Literal
 import torch
 from PIL import Image
 
+from stencil_cli.base.errors import StencilError
 from stencil_cli.base.events import Progress, Step, no_progress
 from stencil_cli.base.images import center_crop_resize
+from stencil_cli.core.families import Embedding, cat, rows
 from stencil_cli.core.inversion import (
     InversionResult,
     NullTextSettings,
     ddim_step,
     encode_prompt,
+    encode_unconditional,
     guided_noise,
     invert,
 )
@@ -53,6 +56,7 @@ class GenerationSettings:
     null_text: NullTextSettings = field(default_factory=NullTextSettings)
     draft_steps: int = 50
     draft_guidance: float = 7.5
+    draft_max_sequence_length: int | None = None  # the draft's T5 window (None: its pipeline's default)
     # replaces the empty uncond embedding after the injected steps (and in plain generation); "" = none
     negative: str = ""
 
@@ -143,7 +147,15 @@ def encode_image(pipe: Any, image: Image.Image, resolution: int) -> torch.Tensor
 
 @torch.no_grad()
 def decode_latent(pipe: Any, latent: torch.Tensor) -> Image.Image:
-    """Decode a latent with the pipeline's VAE into a PIL image."""
+    """Decode a latent with the pipeline's VAE into a PIL image; a non-finite latent is refused (it would
+    decode to a black or noise image that looks like a result)."""
+    if not bool(torch.isfinite(latent).all()):
+        raise StencilError(
+            "rendering produced non-finite values (NaN or infinity), so no image was saved",
+            hint="the inversion or the fine-tuned weights diverged: try a lower {null_lr}, "
+            "{inversion=npi}, or train again",
+            fields=("null_lr", "inversion"),
+        )
     vae = pipe.vae
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     pixels = vae.decode((latent / vae.config.scaling_factor + shift).to(vae.dtype)).sample
@@ -185,9 +197,11 @@ def render_drafts(
     batch_size: int | None = None,
     progress: Progress = no_progress,
     negative: str = "",
+    max_sequence_length: int | None = None,
 ) -> list[Image.Image]:
     """Render one draft per seed with the context model (any diffusers text-to-image pipeline) at
     `resolution`, as batches of at most `batch_size` (None: all) in one pipeline call each.
+    `max_sequence_length` goes to a pipeline that takes it (the T5 window, e.g. 256 for FLUX.1-schnell).
 
     Each sample draws its starting noise from its own CPU generator seeded with its seed, so a draft is the
     one a batch of that seed alone gives (within float tolerance of the batched model call). The progress
@@ -195,7 +209,8 @@ def render_drafts(
     images: list[Image.Image] = []
     if hasattr(context_pipe, "set_progress_bar_config"):
         context_pipe.set_progress_bar_config(disable=True)
-    takes_callback = "callback_on_step_end" in inspect.signature(context_pipe.__call__).parameters
+    parameters = inspect.signature(context_pipe.__call__).parameters
+    takes_callback = "callback_on_step_end" in parameters
     for batch in chunks(seeds, batch_size):
         kwargs: dict[str, Any] = {
             "prompt": prompt,
@@ -209,6 +224,8 @@ def render_drafts(
         }
         if negative:
             kwargs["negative_prompt"] = negative
+        if max_sequence_length is not None and "max_sequence_length" in parameters:
+            kwargs["max_sequence_length"] = max_sequence_length
         if takes_callback:
 
             def on_step(
@@ -246,8 +263,8 @@ def invert_images(
     scheduler = ddim_scheduler(pipe, settings.steps)
     latents = torch.cat([encode_image(pipe, image, resolution) for image in images])
     device = pipe_device(pipe)
-    cond = encode_prompt(pipe, prompt, device).float()
-    empty = encode_prompt(pipe, "", device).float()
+    cond = encode_prompt(pipe, prompt, device, resolution).float()
+    empty = encode_unconditional(pipe, "", device, resolution).float()
     null_text = NullTextSettings(
         guidance=settings.guidance,
         inner_steps=settings.null_text.inner_steps,
@@ -275,11 +292,11 @@ def denoise(
     unet: Any,
     scheduler: Any,
     latent: torch.Tensor,
-    cond: torch.Tensor,
-    uncond: torch.Tensor,
+    cond: Embedding,
+    uncond: Embedding,
     *,
     guidance: float = 7.5,
-    null_embeddings: list[torch.Tensor] | None = None,
+    null_embeddings: list[Embedding] | None = None,
     inject: int = 0,
     progress: Progress = no_progress,
 ) -> torch.Tensor:
@@ -313,11 +330,13 @@ def guided_images(
     scheduler = ddim_scheduler(pipe, settings.steps)
     device = pipe_device(pipe)
     n = len(inversions)
-    cond = encode_prompt(pipe, prompt, device)
-    empty = encode_prompt(pipe, settings.negative, device)  # the optimised null embeddings win while injected
-    if n > 1:
-        cond, empty = cond.expand(n, *cond.shape[1:]), empty.expand(n, *empty.shape[1:])
     latents = torch.cat([inv.latent for inv in inversions]).to(device)
+    resolution = latents.shape[-1] * int(pipe.vae_scale_factor)
+    cond = encode_prompt(pipe, prompt, device, resolution)
+    # the optimised null embeddings win while injected
+    empty = encode_unconditional(pipe, settings.negative, device, resolution)
+    if n > 1:
+        cond, empty = rows(cond, n), rows(empty, n)
     images: list[list[Image.Image]] = [[] for _ in inversions]
     for tau in taus:
         inject = injected_steps(tau, settings.steps)
@@ -327,7 +346,7 @@ def guided_images(
                 f"tau {tau:g} injects {inject} steps but the inversion has null embeddings for {available}: "
                 "invert with this tau among its taus"
             )
-        nulls = [torch.cat([inv.null_embeddings[i] for inv in inversions]).to(device) for i in range(inject)]
+        nulls = [cat([inv.null_embeddings[i] for inv in inversions]).to(device) for i in range(inject)]
         latent = denoise(
             pipe.unet,
             scheduler,
@@ -417,13 +436,14 @@ def plain_generate(
     """Plain text-to-image with the fine-tuned subject model (no draft, no inversion)."""
     scheduler = ddim_scheduler(pipe, settings.steps)
     device = pipe_device(pipe)
+    resolution = resolution or native_resolution(pipe)
     latent = initial_noise(pipe, seed, resolution) * scheduler.init_noise_sigma
     latent = denoise(
         pipe.unet,
         scheduler,
         latent,
-        encode_prompt(pipe, prompt, device),
-        encode_prompt(pipe, settings.negative, device),
+        encode_prompt(pipe, prompt, device, resolution),
+        encode_unconditional(pipe, settings.negative, device, resolution),
         guidance=settings.guidance,
         progress=progress,
     )

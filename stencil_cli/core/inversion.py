@@ -24,7 +24,10 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F  # noqa: N812 - the usual name
 
+from stencil_cli.base.errors import StencilError
 from stencil_cli.base.events import NullTextIteration, Progress, Step, no_progress
+from stencil_cli.core.families import Embedding, cat, family_of, optimisable, rows, unet_inputs
+from stencil_cli.models import native_resolution
 
 # null-text optimisation (the paper), negative-prompt inversion, or plain DDIM inversion (uncond as is)
 InversionMethod = Literal["nti", "npi", "ddim"]
@@ -46,7 +49,7 @@ class InversionResult:
     """What inverting one latent produced."""
 
     trajectory: list[torch.Tensor]  # [z_clean, ..., z_noisiest], float32
-    null_embeddings: list[torch.Tensor]  # one per usable injected step, noisiest first, float32
+    null_embeddings: list[Embedding]  # one per usable injected step, noisiest first, float32
     method: InversionMethod
     inner_iterations: list[int] = field(default_factory=list)  # per optimised step (nti)
     losses: list[float] = field(default_factory=list)  # last loss per optimised step (nti)
@@ -61,12 +64,23 @@ class InversionResult:
 # -- prompt embeddings ------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def encode_prompt(pipe: Any, prompt: str, device: torch.device | str | None = None) -> torch.Tensor:
-    """Text-encoder hidden states of `prompt` (shape [1, tokens, dim]) for an SD1.5-style pipeline."""
+def encode_prompt(
+    pipe: Any, prompt: str, device: torch.device | str | None = None, resolution: int | None = None
+) -> Embedding:
+    """The subject model's conditioning of `prompt` (batch 1): SD1.5 hidden states, or SDXL's `Conditioning`
+    (at `resolution`, default the native one)."""
     device = torch.device(device) if device is not None else pipe.unet.device
-    embeds, _ = pipe.encode_prompt(prompt, device, 1, False)
-    return embeds
+    family = family_of(pipe)
+    return family.encode_prompt(pipe, prompt, device, resolution or native_resolution(pipe))
+
+
+def encode_unconditional(
+    pipe: Any, negative: str, device: torch.device | str | None = None, resolution: int | None = None
+) -> Embedding:
+    """The unconditional embedding (the null text, or a negative prompt) of the subject model (batch 1)."""
+    device = torch.device(device) if device is not None else pipe.unet.device
+    family = family_of(pipe)
+    return family.unconditional(pipe, negative, device, resolution or native_resolution(pipe))
 
 
 # -- DDIM arithmetic ----------------------------------------------------------------------------------
@@ -112,10 +126,10 @@ def ddim_inverse_step(
     return alpha_t.sqrt() * clean + (1 - alpha_t).sqrt() * noise
 
 
-def _unet(unet: Any, latent: torch.Tensor, timestep: int, embeds: torch.Tensor) -> torch.Tensor:
+def _unet(unet: Any, latent: torch.Tensor, timestep: int, embeds: Embedding) -> torch.Tensor:
     # not `unet.dtype`: diffusers computes that by walking every submodule, ~1 ms per call on the tiny UNet
     dtype = next(unet.parameters()).dtype
-    out = unet(latent.to(dtype), timestep, encoder_hidden_states=embeds.to(dtype)).sample
+    out = unet(latent.to(dtype), timestep, **unet_inputs(embeds, dtype)).sample
     return out.to(latent.dtype)
 
 
@@ -123,14 +137,14 @@ def guided_noise(
     unet: Any,
     latent: torch.Tensor,
     timestep: int,
-    cond: torch.Tensor,
-    uncond: torch.Tensor,
+    cond: Embedding,
+    uncond: Embedding,
     guidance: float,
 ) -> torch.Tensor:
     """Classifier-free guided noise prediction (one batched UNet call for uncond + cond)."""
     if guidance == 1.0:
         return _unet(unet, latent, timestep, cond)
-    both = _unet(unet, torch.cat([latent, latent]), timestep, torch.cat([uncond, cond]))
+    both = _unet(unet, torch.cat([latent, latent]), timestep, cat([uncond, cond]))
     noise_uncond, noise_cond = both.chunk(2)
     return noise_uncond + guidance * (noise_cond - noise_uncond)
 
@@ -143,7 +157,7 @@ def ddim_inversion(
     unet: Any,
     scheduler: Any,
     latent: torch.Tensor,
-    cond: torch.Tensor,
+    cond: Embedding,
     *,
     progress: Progress = no_progress,
 ) -> list[torch.Tensor]:
@@ -164,21 +178,17 @@ def ddim_inversion(
     return trajectory
 
 
-def _rows(tensor: torch.Tensor, n: int) -> torch.Tensor:
-    """`tensor` with batch `n` (a batch of one is repeated; a batch of `n` is kept)."""
-    if tensor.shape[0] == n:
-        return tensor
-    if tensor.shape[0] != 1:
-        raise ValueError(f"expected a batch of 1 or {n}, got {tensor.shape[0]}")
-    return tensor.expand(n, *tensor.shape[1:])
+def _rows(embedding: Embedding, n: int) -> Embedding:
+    """`embedding` with batch `n` (a batch of one is repeated; a batch of `n` is kept)."""
+    return rows(embedding, n)
 
 
 def null_text_optimization(
     unet: Any,
     scheduler: Any,
     trajectory: list[torch.Tensor],
-    cond: torch.Tensor,
-    uncond: torch.Tensor,
+    cond: Embedding,
+    uncond: Embedding,
     settings: NullTextSettings = NullTextSettings(),
     *,
     optimize_steps: int | None = None,
@@ -214,7 +224,7 @@ def null_text_optimization(
     n = latent.shape[0]
     cond = _rows(cond.detach().float(), n)
     current_uncond = _rows(uncond.detach().float(), n).clone()
-    null_embeddings: list[torch.Tensor] = []  # batched, one per optimised step
+    null_embeddings: list[Embedding] = []  # batched, one per optimised step
     iterations: list[list[int]] = []  # per step, per sample
     losses: list[list[float]] = []
     # the reference decays over 100 steps; with more steps decay over all of them (lr stays positive)
@@ -227,7 +237,7 @@ def null_text_optimization(
         for i, t in enumerate(timesteps[:optimize]):
             target = trajectory[steps - i - 1].detach().float()
             null = current_uncond.clone().requires_grad_(True)
-            optimizer = torch.optim.Adam([null], lr=settings.lr * (1.0 - i / decay_over))
+            optimizer = torch.optim.Adam(optimisable(null), lr=settings.lr * (1.0 - i / decay_over))
             with torch.no_grad():
                 noise_cond = _unet(unet, latent, t, cond)
             threshold = settings.early_stop + i * settings.early_stop_slope
@@ -273,6 +283,12 @@ def null_text_optimization(
                     if not active.any():
                         break
             current_uncond = null.detach()
+            if not bool(torch.isfinite(current_uncond).all()):
+                raise StencilError(
+                    f"null-text inversion diverged at step {i + 1} (non-finite embeddings)",
+                    hint="try a lower {null_lr}, or {inversion=npi}",
+                    fields=("null_lr", "inversion"),
+                )
             null_embeddings.append(current_uncond)
             iterations.append(done)
             losses.append(loss_values)
@@ -300,7 +316,7 @@ def null_text_optimization(
     ]
 
 
-def negative_prompt_inversion(trajectory: list[torch.Tensor], cond: torch.Tensor) -> InversionResult:
+def negative_prompt_inversion(trajectory: list[torch.Tensor], cond: Embedding) -> InversionResult:
     """Negative-prompt inversion (Miyake et al.): every step's null embedding is the prompt embedding."""
     steps = len(trajectory) - 1
     null = cond.detach().float()
@@ -316,8 +332,8 @@ def invert(
     unet: Any,
     scheduler: Any,
     latents: torch.Tensor,
-    cond: torch.Tensor,
-    uncond: torch.Tensor,
+    cond: Embedding,
+    uncond: Embedding,
     *,
     method: InversionMethod = "nti",
     settings: NullTextSettings = NullTextSettings(),

@@ -1,7 +1,9 @@
 """Fine-tuning with the Cross-Attention Guided Loss (METHOD.md, section 2): the loop and its checkpoints.
 
-The loop is written out step by step: photos are centre-cropped and encoded to latents once, captions to
-embeddings once, and the subject masks are computed once (`attention.compute_masks`) with the frozen model.
+The loop is written out step by step: photos are cropped to squares that keep the subject (a non-square
+photo: one mask pass on the whole photo, letterboxed, places its crop; `base.crops`) and encoded to latents
+once, captions to embeddings once, and the subject masks are computed once (`attention.compute_masks`) with
+the frozen model, on the crops that are trained.
 Each step samples references (with replacement when there are fewer than the batch), a timestep uniform in
 [0, 1000) and Gaussian noise, all from one CPU generator, and minimises ``mean((mask * (eps - eps_hat))^2)``.
 
@@ -23,7 +25,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from stencil_cli.base.errors import FieldError, StencilError
+from stencil_cli.base.crops import (
+    CROP_CHOICES,
+    Box,
+    CropChoice,
+    box_from_canvas_mask,
+    centre_box,
+    crop_resize,
+    letterbox,
+)
+from stencil_cli.base.errors import DiskFullError, FieldError, StencilError
 from stencil_cli.base.fsutil import atomic_write_with
 from stencil_cli.base.images import center_crop_resize
 from stencil_cli.core.attention import (
@@ -34,11 +45,20 @@ from stencil_cli.core.attention import (
     compute_masks,
     token_weights,
 )
+from stencil_cli.core.families import DECODER_PREFIX, Embedding, family_of, unet_inputs
 from stencil_cli.core.precision import DEFAULT_SAVE_DTYPE, SAVE_DTYPES
-from stencil_cli.core.weights import KIND_FULL, KIND_LORA, WeightsKind, add_lora, trained_state
+from stencil_cli.core.weights import (
+    KIND_FULL,
+    KIND_LORA,
+    WeightsKind,
+    add_lora,
+    largest_lora_rank,
+    trained_state,
+)
 from stencil_cli.models.devices import DtypeName
 
 CHECKPOINT_VERSION = 1
+MAX_LORA_RANK = 1024  # documented in docs/training.md; the model's own layers usually bound it lower
 TrainedPart = Literal["decoder", "all"]  # the decoder (up_blocks), the paper's choice, or the whole UNet
 TRAIN_CHOICES: tuple[TrainedPart, ...] = get_args(TrainedPart)
 AUTOCAST_DTYPES: dict[DtypeName, torch.dtype | None] = {
@@ -68,6 +88,7 @@ class TrainConfig:
     mask_from: MaskFrom = "caption"  # the paper's, or the authors' [empty, caption] batch averaged
     lora_rank: int | None = None  # None: fine-tune the decoder itself (the paper); N: LoRA adapters of rank N
     lora_alpha: float | None = None  # LoRA scale numerator (alpha / rank); None: alpha = rank
+    crop: CropChoice = "subject"  # runs from before subject crops have no "crop" in their params: "centre"
 
     @property
     def kind(self) -> WeightsKind:
@@ -104,8 +125,16 @@ class TrainConfig:
             raise FieldError("mask_from", f"must be one of {', '.join(MASK_FROM)} (got {self.mask_from!r})")
         if not 0 <= self.mask_timestep < 1000:
             raise FieldError("mask_timestep", "must be in [0, 1000)")
+        if self.crop not in CROP_CHOICES:
+            raise FieldError("crop", f"must be one of {', '.join(CROP_CHOICES)} (got {self.crop!r})")
         if self.lora_rank is not None and (isinstance(self.lora_rank, bool) or int(self.lora_rank) < 1):
             raise FieldError("lora_rank", f"must be at least 1 (got {self.lora_rank})")
+        if self.lora_rank is not None and int(self.lora_rank) > MAX_LORA_RANK:
+            raise FieldError(
+                "lora_rank",
+                f"must be at most {MAX_LORA_RANK} (got {self.lora_rank}); the paper's method fine-tunes the "
+                "whole decoder: train without LoRA for the full update",
+            )
         if self.lora_alpha is not None and not (self.lora_alpha > 0 and math.isfinite(self.lora_alpha)):
             raise FieldError("lora_alpha", f"must be a positive number (got {self.lora_alpha})")
 
@@ -128,19 +157,34 @@ class TrainingData:
     """Everything the loop needs, precomputed once: latents, caption embeddings, masks."""
 
     latents: torch.Tensor  # (n, c, h, w) scaled VAE latents, fp32
-    embeddings: torch.Tensor  # (n, seq, d) caption embeddings, fp32
+    embeddings: Embedding  # (n, seq, d) caption embeddings (SDXL: with pooled and time ids), fp32
     masks: torch.Tensor  # (n, 1, h, w) in {0, 1}; all ones with --no-mask
     maps: torch.Tensor | None  # (n, hc, wc) normalised attention maps, None with --no-mask
-    crops: list[Image.Image] = field(default_factory=list)  # the centre-cropped photos
+    crops: list[Image.Image] = field(default_factory=list)  # the square crops that are trained
+    boxes: list[Box] = field(default_factory=list)  # where each crop lies in its photo (pixels)
+
+
+def square_crop(image: Image.Image, box: Box | None, resolution: int) -> Image.Image:
+    """The photo's square `box` at `resolution`; None (or a square photo): the centre crop."""
+    if box is None or image.width == image.height:
+        return center_crop_resize(image, resolution)
+    return crop_resize(image, box, resolution)
 
 
 def images_to_tensor(
-    images: Sequence[Image.Image], resolution: int
+    images: Sequence[Image.Image], resolution: int, boxes: Sequence[Box | None] | None = None
 ) -> tuple[torch.Tensor, list[Image.Image]]:
-    """Centre-crop each photo to `resolution` and scale to [-1, 1]: (n, 3, R, R) and the crops."""
-    crops = [center_crop_resize(image.convert("RGB"), resolution) for image in images]
-    arrays = np.stack([np.asarray(crop, dtype=np.float32) / 127.5 - 1.0 for crop in crops])
-    return torch.from_numpy(arrays).permute(0, 3, 1, 2).contiguous(), crops
+    """Crop each photo to its square (`boxes`; the centre by default) at `resolution` and scale to [-1, 1]:
+    (n, 3, R, R) and the crops."""
+    boxes = list(boxes) if boxes is not None else [None] * len(images)
+    pairs = zip(images, boxes, strict=True)
+    crops = [square_crop(image.convert("RGB"), box, resolution) for image, box in pairs]
+    return _to_unit_range(crops), crops
+
+
+def _to_unit_range(images: Sequence[Image.Image]) -> torch.Tensor:
+    arrays = np.stack([np.asarray(image, dtype=np.float32) / 127.5 - 1.0 for image in images])
+    return torch.from_numpy(arrays).permute(0, 3, 1, 2).contiguous()
 
 
 @torch.no_grad()
@@ -155,20 +199,6 @@ def encode_latents(vae: Any, pixels: torch.Tensor, *, batch_size: int = 4) -> to
     return torch.cat(out)
 
 
-@torch.no_grad()
-def encode_captions(tokenizer: Any, text_encoder: Any, captions: Sequence[str]) -> torch.Tensor:
-    """Text-encoder hidden states of the captions (padded to the tokenizer's length), as fp32."""
-    device = next(text_encoder.parameters()).device
-    ids = tokenizer(
-        list(captions),
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids.to(device)
-    return text_encoder(ids)[0].float()
-
-
 def prepare_training_data(
     pipe: Any,
     images: Sequence[Image.Image],
@@ -176,17 +206,43 @@ def prepare_training_data(
     phrase: str | None,
     config: TrainConfig,
 ) -> TrainingData:
-    """Encode photos and captions once and compute the subject masks with the frozen UNet."""
+    """Encode photos and captions once and compute the subject masks with the frozen UNet.
+
+    With masks, each non-square photo's crop is placed on its subject first (`subject_boxes`); the masks
+    are then computed on the crops that are trained. Square photos (and use_mask off) are centre-cropped."""
     if len(images) != len(captions) or not images:
         raise ValueError("need one caption per photo, and at least one photo")
     weights = token_weights(pipe.tokenizer, captions, phrase or "") if config.use_mask else None
-    pixels, crops = images_to_tensor(images, config.resolution)
+    family = family_of(pipe)
+    embeddings = family.encode(pipe, captions, config.resolution)
+    empty = (
+        family.encode(pipe, [""], config.resolution)
+        if weights is not None and config.mask_from == "both"
+        else None
+    )
+    boxes: list[Box | None] = [None] * len(images)
+    if weights is not None and config.crop == "subject":
+        boxes = subject_boxes(pipe, images, embeddings, weights, config, empty)
+    pixels, crops = images_to_tensor(images, config.resolution, boxes)
     latents = encode_latents(pipe.vae, pixels)
-    embeddings = encode_captions(pipe.tokenizer, pipe.text_encoder, captions)
+    chosen = [box or centre_box(*image.size) for image, box in zip(images, boxes, strict=True)]
     if weights is None:
         masks = torch.ones(latents.shape[0], 1, *latents.shape[-2:], device=latents.device)
-        return TrainingData(latents, embeddings, masks, None, crops)
-    result = compute_masks(
+        return TrainingData(latents, embeddings, masks, None, crops, chosen)
+    result = _mask_pass(pipe, latents, embeddings, weights, config, empty)
+    return TrainingData(latents, embeddings, result.masks.to(latents.device), result.maps, crops, chosen)
+
+
+def _mask_pass(
+    pipe: Any,
+    latents: torch.Tensor,
+    embeddings: Embedding,
+    weights: torch.Tensor,
+    config: TrainConfig,
+    empty: Embedding | None,
+) -> Any:
+    """The frozen UNet's subject masks of `latents` with the config's mask settings."""
+    return compute_masks(
         pipe.unet,
         pipe.scheduler,
         latents,
@@ -197,11 +253,31 @@ def prepare_training_data(
         seed=config.seed,
         batch_size=config.batch_size,  # photos per frozen pass; the training step holds more than this
         mask_from=config.mask_from,
-        empty_embedding=encode_captions(pipe.tokenizer, pipe.text_encoder, [""])
-        if config.mask_from == "both"
-        else None,
+        empty_embedding=empty,
     )
-    return TrainingData(latents, embeddings, result.masks.to(latents.device), result.maps, crops)
+
+
+def subject_boxes(
+    pipe: Any,
+    images: Sequence[Image.Image],
+    embeddings: Embedding,
+    weights: torch.Tensor,
+    config: TrainConfig,
+    empty: Embedding | None = None,
+) -> list[Box | None]:
+    """Each non-square photo's square crop, placed on its subject by one mask pass on the whole photo
+    letterboxed to the resolution (`base.crops`); None for square photos (the centre crop, as before)."""
+    boxes: list[Box | None] = [None] * len(images)
+    todo = [index for index, image in enumerate(images) if image.width != image.height]
+    if not todo:
+        return boxes
+    placed = [letterbox(images[index], config.resolution) for index in todo]
+    latents = encode_latents(pipe.vae, _to_unit_range([canvas for canvas, _ in placed]))
+    masks = _mask_pass(pipe, latents, embeddings[todo], weights[todo], config, empty).masks
+    for row, (index, (_, where)) in enumerate(zip(todo, placed, strict=True)):
+        grid = masks[row].detach().float().cpu().squeeze(0).numpy()
+        boxes[index] = box_from_canvas_mask(images[index].size, grid, where, config.resolution)
+    return boxes
 
 
 def overlay_mask(crop: Image.Image, mask: torch.Tensor, *, size: int = 256) -> Image.Image:
@@ -229,7 +305,7 @@ def trainable_names(unet: Any, which: TrainedPart = "decoder") -> list[str]:
     if which not in TRAIN_CHOICES:
         raise FieldError("train", f"must be one of {', '.join(TRAIN_CHOICES)} (got {which!r})")
     names = [name for name, _ in unet.named_parameters()]
-    return names if which == "all" else [name for name in names if name.startswith("up_blocks.")]
+    return names if which == "all" else [name for name in names if name.startswith(DECODER_PREFIX)]
 
 
 def freeze_except(unet: Any, names: Sequence[str]) -> list[torch.nn.Parameter]:
@@ -278,8 +354,15 @@ def save_checkpoint(
         "generator": generator.get_state(),
         "scaler": scaler.state_dict() if scaler is not None else None,
     }
-    atomic_write_with(Path(path), lambda tmp: torch.save(state, tmp))
+    atomic_write_with(Path(path), lambda tmp: _save_through_python_file(state, tmp))
     return Path(path)
+
+
+def _save_through_python_file(state: Any, path: Path) -> None:
+    # torch writes a path in C++ and reports a full disk as "[enforce fail at inline_container.cc]" alone;
+    # through a Python file the OSError (ENOSPC, EFBIG) stays attached, so a full disk is recognised.
+    with open(path, "wb") as handle:
+        torch.save(state, handle)
 
 
 def load_checkpoint(path: Path, *, mmap: bool = False) -> dict[str, Any]:
@@ -348,6 +431,20 @@ def _sample_indices(count: int, batch: int, generator: torch.Generator) -> torch
     return torch.randint(0, count, (batch,), generator=generator)  # with replacement
 
 
+def check_lora_rank(unet: Any, rank: int | None, which: str = "decoder") -> None:
+    """Refuse a LoRA rank above what the adapted layers can hold: min(in, out) of the smallest of them (a
+    higher rank adds parameters, not expressiveness)."""
+    if not rank:
+        return
+    largest = largest_lora_rank(unet, which)
+    if largest and int(rank) > largest:
+        raise FieldError(
+            "lora_rank",
+            f"{{}} {rank} is more than this model's adapted layers allow ({largest}: the smallest layer's "
+            "input or output size)",
+        )
+
+
 def train_unet(
     unet: Any,
     scheduler: Any,
@@ -359,6 +456,7 @@ def train_unet(
     on_step: Callable[[int, float], None] | None = None,
     sample_every: int = 0,
     on_sample: Callable[[int, Any], None] | None = None,
+    on_checkpoint_full: Callable[[int, DiskFullError], None] | None = None,
 ) -> TrainingLoopResult:
     """Fine-tune `unet` in place for `config.steps` steps (continuing a checkpoint if `resume` is given).
 
@@ -368,6 +466,8 @@ def train_unet(
     `checkpoint_path`, a resumable checkpoint is written atomically every N steps. With `sample_every` and
     `on_sample`, ``on_sample(step, unet)`` is called every N steps (after `on_step`) with the UNet in eval
     mode (training resumes afterwards); it may render with the UNet but must not change its weights.
+    A checkpoint that does not fit on the disk calls ``on_checkpoint_full(step, error)`` and training goes on
+    (the previous checkpoint stays); without that hook the DiskFullError propagates.
     """
     config.validate()
     device = next(unet.parameters()).device
@@ -435,7 +535,7 @@ def train_unet(
             else:
                 target = noise
             with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=use_autocast):
-                prediction = unet(noisy, timesteps, encoder_hidden_states=embeddings[index]).sample
+                prediction = unet(noisy, timesteps, **unet_inputs(embeddings[index])).sample
             loss = masked_mse(prediction, target, masks[index])
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
@@ -462,7 +562,12 @@ def train_unet(
             losses.append(value)
             if every and step % every == 0:
                 assert checkpoint_path is not None
-                checkpoint_now(checkpoint_path)
+                try:
+                    checkpoint_now(checkpoint_path)
+                except DiskFullError as error:
+                    if on_checkpoint_full is None:
+                        raise
+                    on_checkpoint_full(step, error)
             if on_step is not None:
                 on_step(step, value)
             if on_sample is not None and sample_every > 0 and step % sample_every == 0:

@@ -161,11 +161,23 @@ def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 
 
 def read_tensors(path: Any) -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors file (CPU)."""
+    """All tensors of a safetensors file (CPU); a tensor holding NaN or infinity is refused."""
     try:
-        return safetensors.torch.load_file(str(path))
+        tensors = safetensors.torch.load_file(str(path))
     except Exception as error:  # noqa: BLE001 - safetensors raises several types for a damaged file
         raise StencilError(f"cannot read trained weights {path}: {error}") from error
+    for name, tensor in tensors.items():
+        refuse_non_finite(path, name, tensor)
+    return tensors
+
+
+def refuse_non_finite(path: Any, name: str, tensor: torch.Tensor) -> None:
+    """Refuse a weights tensor holding NaN or infinity (a diverged training): it renders NaN images."""
+    if tensor.is_floating_point() and tensor.numel() and not bool(torch.isfinite(tensor).all()):
+        raise StencilError(
+            f"trained weights file {path} holds non-finite values (NaN or infinity) in {name}",
+            hint="the training diverged: train again (a lower learning rate, or fp32, keeps it finite)",
+        )
 
 
 def weights_kind(metadata: Mapping[str, str]) -> WeightsKind:
@@ -217,7 +229,11 @@ def load_trained_weights(unet: Any, path: Path) -> dict[str, str]:
         with safe_open(str(path), framework="pt") as handle, torch.no_grad():
             for name in shapes:
                 target = params[name]
-                target.copy_(handle.get_tensor(name).to(device=target.device, dtype=target.dtype))
+                tensor = handle.get_tensor(name)
+                refuse_non_finite(path, name, tensor)
+                target.copy_(tensor.to(device=target.device, dtype=target.dtype))
+    except StencilError:
+        raise
     except Exception as error:  # noqa: BLE001 - safetensors raises several types for a damaged file
         raise StencilError(f"cannot read trained weights {path}: {error}") from error
     return metadata
@@ -231,6 +247,17 @@ def lora_target_pattern(which: str = "decoder") -> str:
     targets = "|".join(re.escape(name) for name in LORA_TARGET_MODULES)
     scope = r"up_blocks\..*" if which == "decoder" else r".*"
     return rf"{scope}\.(?:{targets})"
+
+
+def largest_lora_rank(unet: Any, which: str = "decoder") -> int:
+    """The highest useful LoRA rank for `unet`: min(in, out) over the layers that LoRA adapts (0 if none)."""
+    pattern = re.compile(lora_target_pattern(which))
+    sizes = [
+        min(module.in_features, module.out_features)
+        for name, module in unet.named_modules()
+        if pattern.fullmatch(name) and hasattr(module, "in_features")
+    ]
+    return min(sizes) if sizes else 0
 
 
 def has_lora(unet: Any) -> bool:

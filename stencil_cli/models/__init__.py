@@ -1,9 +1,10 @@
 """Where models come from: references and presets, devices, loading, the tiny preset, the Hub cache.
 
-A model reference is a preset name (``sd15``, ``sd3-medium``, ``tiny``; ``dino`` / ``clip`` for scoring), a
-Hub id (``owner/name``) or a local folder saved with ``save_pretrained``. The modules, by concern:
+A model reference is a preset name (``sd15``, ``sd3-medium``, the draft presets ``sd35-medium``,
+``sd35-large-turbo``, ``flux-schnell``, ``tiny``, ``tiny-sd35``, ``tiny-flux``; ``dino`` / ``clip`` for
+scoring), a Hub id (``owner/name``) or a local folder saved with ``save_pretrained``. The modules, by concern:
 
-* `refs`      presets, `ModelSource`, `resolve_ref`, ``id@revision``, the eval model choice, store paths
+* `refs`      presets (draft defaults), `ModelSource`, `resolve_ref`, ``id@revision``, eval models, paths
 * `devices`   `resolve_device`, `resolve_dtype`, `free_pipeline`, `quiet_libraries`, `native_resolution`
 * `scheduler` the SD1.5 DDIM settings of the method
 * `loading`   `load_subject_pipeline`, `load_context_pipeline`, `load_eval_models`, one `from_pretrained`
@@ -61,6 +62,7 @@ from stencil_cli.models.loading import (
     load_subject_pipeline,
     locate,
     locate_eval,
+    reads_prompt_through_t5_only,
 )
 from stencil_cli.models.refs import (
     CONTEXT,
@@ -68,18 +70,27 @@ from stencil_cli.models.refs import (
     DEFAULT_DINO,
     EVAL,
     HUB_ID_PATTERN,
+    PAPER_DRAFT,
     PRESETS,
     SUBJECT,
     TINY,
+    TINY_FLUX,
+    TINY_SD35,
+    TINY_SDXL,
+    DraftDefaults,
     EvalModelRefs,
     ModelSource,
     Preset,
+    draft_defaults,
     is_gated_repo,
+    local_preset_dir,
     models_root,
     parse_eval_models,
+    preset_for,
     pull_command,
     resolve_ref,
     split_revision,
+    t5_required_error,
     tiny_dir,
     tiny_eval_dir,
 )
@@ -91,11 +102,16 @@ from stencil_cli.models.tiny import (
     build_tiny,
     build_tiny_context_pipeline,
     build_tiny_eval,
+    build_tiny_flux_pipeline,
+    build_tiny_sd35_pipeline,
     build_tiny_subject_pipeline,
     byte_level_clip_tokenizer,
+    byte_level_t5_tokenizer,
     bytes_to_unicode,
+    ensure_local_preset,
     ensure_tiny,
     ensure_tiny_eval,
+    local_preset_ready,
     tiny_ready,
 )
 
@@ -107,6 +123,7 @@ __all__ = [
     "DEVICE_PATTERN",
     "EVAL",
     "HUB_ID_PATTERN",
+    "PAPER_DRAFT",
     "PRECISIONS",
     "PRESETS",
     "PULL_ALLOW_PATTERNS",
@@ -116,11 +133,15 @@ __all__ = [
     "SUBJECT",
     "TINY",
     "TINY_EVAL_VERSION",
+    "TINY_FLUX",
+    "TINY_SDXL",
+    "TINY_SD35",
     "TINY_SEED",
     "TINY_VERSION",
     "TRANSFORMERS_ALLOW_PATTERNS",
     "TRANSFORMERS_IGNORE_PATTERNS",
     "CachedModel",
+    "DraftDefaults",
     "EvalModelRefs",
     "EvalModels",
     "Location",
@@ -130,11 +151,16 @@ __all__ = [
     "build_tiny",
     "build_tiny_context_pipeline",
     "build_tiny_eval",
+    "build_tiny_flux_pipeline",
+    "build_tiny_sd35_pipeline",
     "build_tiny_subject_pipeline",
     "byte_level_clip_tokenizer",
+    "byte_level_t5_tokenizer",
     "bytes_to_unicode",
     "cached_eval_model",
     "cached_repos",
+    "draft_defaults",
+    "ensure_local_preset",
     "cached_snapshot",
     "ensure_tiny",
     "ensure_tiny_eval",
@@ -149,6 +175,11 @@ __all__ = [
     "hub_error",
     "inspect_ref",
     "is_gated_repo",
+    "local_preset_dir",
+    "local_preset_ready",
+    "preset_for",
+    "reads_prompt_through_t5_only",
+    "t5_required_error",
     "is_offline",
     "load_context_pipeline",
     "load_eval_models",

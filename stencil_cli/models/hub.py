@@ -24,19 +24,22 @@ from stencil_cli.models.refs import (
     ModelRole,
     ModelSource,
     is_gated_repo,
+    local_preset_dir,
+    preset_for,
     pull_command,
     resolve_ref,
     split_revision,
-    tiny_dir,
+    t5_required_error,
 )
-from stencil_cli.models.tiny import TINY_EVAL_VERSION, ensure_tiny, tiny_ready
+from stencil_cli.models.tiny import TINY_EVAL_VERSION, ensure_local_preset, local_preset_ready
 
 ModelLayout = Literal["diffusers", "transformers", "tiny"]  # how a pulled model's folder is laid out
 
 # -- what to download -----------------------------------------------------------------------------------
 
 # Files `models pull` fetches: configs, tokenizers and safetensors weights of the components, no pickles,
-# no single-file checkpoints, no half-precision variants, no safety checker.
+# no single-file checkpoints, no half-precision variants, no safety checker, and not the SD3.5 repos'
+# `text_encoders/` (single-file copies of CLIP-L/G and T5 for ComfyUI, ~15 GB that diffusers never reads).
 PULL_ALLOW_PATTERNS = ["model_index.json", "*/*.json", "*/*.txt", "*/*.model", "*/*.safetensors"]
 PULL_IGNORE_PATTERNS = [
     "*.fp16.*",
@@ -49,7 +52,11 @@ PULL_IGNORE_PATTERNS = [
     "*.onnx*",
     "safety_checker/*",
     "*.emaonly.*",
+    "text_encoders/*",
 ]
+
+# What `models pull --no-t5` leaves out: the SD3 family's T5-XXL encoder (9.5 GB) and its tokenizer.
+T5_PATTERNS = ["text_encoder_3/*", "tokenizer_3/*"]
 
 # Files `models pull` fetches for a transformers (eval) model: top-level configs, tokenizer/processor files
 # and safetensors weights; no pickles (.bin, .h5, .msgpack), no subfolders (onnx/ ...), no fp16 variants.
@@ -295,8 +302,12 @@ def model_status(
         "size_bytes": None,
     }
     if source.kind == "preset" and source.repo_id is None:
-        folder = source.path if role == EVAL and source.path is not None else tiny_dir(store_root)
-        ready = folder_has_version(folder, TINY_EVAL_VERSION) if role == EVAL else tiny_ready(folder)
+        if role == EVAL and source.path is not None:
+            folder = source.path
+            ready = folder_has_version(folder, TINY_EVAL_VERSION)
+        else:
+            folder = local_preset_dir(ref, store_root)
+            ready = local_preset_ready(ref, folder)
         row.update(present=ready, path=str(folder))
         if row["present"]:
             row["size_bytes"] = folder_size(folder)
@@ -333,13 +344,22 @@ class PulledModel:
 
 
 def pull(
-    ref: str, role: ModelRole = SUBJECT, *, progress: bool = True, store_root: Path | None = None
+    ref: str,
+    role: ModelRole = SUBJECT,
+    *,
+    progress: bool = True,
+    store_root: Path | None = None,
+    no_t5: bool = False,
 ) -> PulledModel:
     """Download a diffusers or transformers (eval) model into the HF cache, safetensors only; tiny: build it.
 
     ``dino`` / ``clip`` and ``owner/name@revision`` are transformers models; another Hub id is a transformers
     model when its repo has ``config.json`` but no ``model_index.json``, else a diffusers pipeline.
+    `no_t5`: leave out an SD3-family pipeline's T5 (``text_encoder_3``, ``tokenizer_3``); refused for FLUX.
     """
+    preset = preset_for(ref)
+    if no_t5 and preset is not None and preset.draft is not None and preset.draft.t5 == "required":
+        raise t5_required_error(ref.strip())
     ref = (ref or "").strip()
     preset = PRESETS.get(ref)
     if preset is not None and preset.role == EVAL:
@@ -352,7 +372,7 @@ def pull(
         return _pull_transformers(ref, repo_id, revision, progress=progress)
     source = resolve_ref(ref, role, store_root=store_root)
     if source.kind == "preset" and source.repo_id is None:
-        return PulledModel(ref, ensure_tiny(tiny_dir(store_root)), layout="tiny")
+        return PulledModel(ref, ensure_local_preset(ref, local_preset_dir(ref, store_root)), layout="tiny")
     if source.kind == "local":
         raise BadInputError(f"{ref} is a local folder: there is nothing to download")
     assert source.repo_id is not None
@@ -361,7 +381,8 @@ def pull(
         files = _hub_call(source, lambda api: api.list_repo_files(source.repo_id))
         if "model_index.json" not in files and "config.json" in files:
             return _pull_transformers(ref, source.repo_id, None, progress=progress, main_files=files)
-    folder = _snapshot(source, None, PULL_ALLOW_PATTERNS, PULL_IGNORE_PATTERNS, progress=progress)
+    ignore = PULL_IGNORE_PATTERNS + (T5_PATTERNS if no_t5 else [])
+    folder = _snapshot(source, None, PULL_ALLOW_PATTERNS, ignore, progress=progress)
     if not (folder / "model_index.json").is_file():
         raise StencilError(
             f"{source.label} is not a diffusers model (no model_index.json)",

@@ -1,4 +1,4 @@
-"""Load models: the subject (SD1.5-shaped) and context (draft) pipelines, and the DINO / CLIP eval models.
+"""Load models: the subject (SD1.5/SDXL) and context (draft) pipelines, and the DINO / CLIP eval models.
 
 Every source (preset, Hub id, local folder, the tiny preset) loads through one ``from_pretrained`` call with
 safetensors only, the stencil-wide Hugging Face cache and offline mode; errors become one clear line. The tiny
@@ -30,11 +30,13 @@ from stencil_cli.models.refs import (
     EvalModelRefs,
     ModelRole,
     ModelSource,
+    preset_for,
     pull_command,
     resolve_ref,
+    t5_required_error,
 )
 from stencil_cli.models.scheduler import sd15_ddim_scheduler
-from stencil_cli.models.tiny import ensure_tiny, ensure_tiny_eval
+from stencil_cli.models.tiny import ensure_local_preset, ensure_tiny_eval
 
 if TYPE_CHECKING:
     import torch
@@ -76,7 +78,7 @@ def locate(source: ModelSource) -> Location:
         raise gated
     if source.kind == "preset" and source.repo_id is None:
         assert source.path is not None
-        ensure_tiny(source.path.parent)
+        ensure_local_preset(source.ref, source.path.parent)
         return Location(source, str(source.path), False, _check_local_folder(source.path, source.ref))
     if source.kind == "local":
         assert source.path is not None
@@ -193,36 +195,80 @@ def _absent_components(index: dict[str, Any]) -> dict[str, None]:
     }
 
 
+SUBJECT_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")  # the subject-model families
+
+
 def load_subject_pipeline(
     ref: str, *, device: str = "auto", precision: str = "auto", store_root: Path | None = None
 ) -> Any:
-    """Load an SD1.5-shaped StableDiffusionPipeline (SD1.5 DDIM, no safety checker) on device/dtype."""
+    """Load an SD1.5- or SDXL-shaped subject pipeline (the method's DDIM, no safety checker)."""
     with quiet_libraries():
-        from diffusers import StableDiffusionPipeline
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     torch_device = resolve_device(device)
     dtype = subject_dtype(precision, torch_device)
     location = locate(resolve_ref(ref, SUBJECT, store_root=store_root))
     index = location.index
-    if index and index.get("_class_name") != "StableDiffusionPipeline" and "unet" not in index:
+    kind = index.get("_class_name") if index else None
+    if kind not in SUBJECT_PIPELINES and (index and "unet" not in index):
         raise StencilError(
-            f"model {location.source.label} is a {index.get('_class_name')}, not a Stable Diffusion (UNet) "
-            "model",
-            hint="the subject model must be SD1.5-shaped, e.g. {subject_model=sd15}",
+            f"model {location.source.label} is a {kind}, not a Stable Diffusion (UNet) model",
+            hint="the subject model must be SD1.5- or SDXL-shaped, e.g. {subject_model=sd15} or "
+            "{subject_model=sdxl}",
             fields=("subject_model",),
         )
-    pipe = from_pretrained(
-        StableDiffusionPipeline,
-        location,
-        dtype=dtype,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    sdxl = kind == "StableDiffusionXLPipeline" or "text_encoder_2" in index
+    if sdxl:
+        kwargs: dict[str, Any] = {}
+    else:
+        kwargs = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    pipeline = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+    pipe = from_pretrained(pipeline, location, dtype=dtype, **kwargs)
     pipe.scheduler = sd15_ddim_scheduler(dict(pipe.scheduler.config))
     pipe.to(torch_device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+T5_COMPONENTS = ("text_encoder_3", "tokenizer_3")  # the SD3 family's T5, which `pull --no-t5` leaves out
+
+
+def _check_cached_components(location: Location, wanted: list[str]) -> None:
+    """Refuse a cached Hub pipeline whose wanted components were never downloaded (`pull --no-t5`), in one
+    line that says how to get them or to do without."""
+    if not location.hub or location.source.repo_id is None:
+        return
+    snapshot = cached_snapshot(location.source.repo_id)
+    if snapshot is None:
+        return
+    index = location.index
+    missing = [
+        name
+        for name in wanted
+        if not name.startswith("_") and isinstance(index.get(name), list) and any(index[name])
+        and not (snapshot / name).is_dir()
+    ]  # fmt: skip
+    if not missing:
+        return
+    label = location.source.label
+    if set(missing) <= set(T5_COMPONENTS):
+        raise StencilError(
+            f"model {label} was downloaded without its T5 encoder ({', '.join(missing)})",
+            hint=f"run it with {{no_t5}}, or fetch T5 with `{pull_command(location.source)}`",
+            fields=("no_t5",),
+        )
+    raise StencilError(
+        f"model {label} is not completely in the Hugging Face cache (no {', '.join(missing)})",
+        hint=f"run `{pull_command(location.source)}` while online",
+    )
+
+
+def reads_prompt_through_t5_only(index: dict[str, Any]) -> bool:
+    """Whether a pipeline index is FLUX-shaped: its only sequence text encoder is T5 (CLIP gives a pooled
+    vector), so it cannot run without T5."""
+    name = str(index.get("_class_name", ""))
+    encoder = index.get("text_encoder_2")
+    return name.startswith("Flux") and isinstance(encoder, list) and "T5" in str(encoder[-1])
 
 
 def load_context_pipeline(
@@ -233,19 +279,26 @@ def load_context_pipeline(
     no_t5: bool = False,
     store_root: Path | None = None,
 ) -> Any:
-    """Load the context (draft) text-to-image pipeline; SD3-shaped for tiny / sd3-medium; --no-t5 drops T5."""
+    """Load the context (draft) text-to-image pipeline; `no_t5` drops an SD3-family T5 (refused for FLUX)."""
     with quiet_libraries():
         from diffusers import DiffusionPipeline
 
     torch_device = resolve_device(device)
     dtype = resolve_dtype(precision, torch_device)
-    location = locate(resolve_ref(ref, CONTEXT, store_root=store_root))
+    source = resolve_ref(ref, CONTEXT, store_root=store_root)
+    preset = preset_for(ref)
+    if no_t5 and preset is not None and preset.draft is not None and preset.draft.t5 == "required":
+        raise t5_required_error(source.label)
+    location = locate(source)
     index = location.index
+    if no_t5 and reads_prompt_through_t5_only(index):
+        raise t5_required_error(source.label)
     kwargs: dict[str, Any] = {"dtype": dtype, **_absent_components(index)}
     if no_t5 and (not index or "text_encoder_3" in index):
         kwargs.update(text_encoder_3=None, tokenizer_3=None)
     if index and "safety_checker" in index:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
+    _check_cached_components(location, [name for name in index if name not in kwargs])
     pipe = from_pretrained(DiffusionPipeline, location, **kwargs)
     pipe.to(torch_device)
     pipe.set_progress_bar_config(disable=True)

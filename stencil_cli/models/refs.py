@@ -25,9 +25,29 @@ SUBJECT: ModelRole = "subject"
 CONTEXT: ModelRole = "context"
 EVAL: ModelRole = "eval"  # transformers models that score images (evaluation.py), not diffusion pipelines
 TINY = "tiny"
+TINY_SDXL = "tiny-sdxl"
+TINY_FLUX = "tiny-flux"
+TINY_SD35 = "tiny-sd35"
+T5Need = Literal["optional", "required"]  # whether a draft model can run without its T5 encoder (--no-t5)
 
 DEFAULT_DINO = "facebook/dino-vits16"
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
+
+
+@dataclass(frozen=True)
+class DraftDefaults:
+    """How a draft (context) model renders by default: its model card's steps and guidance, and its T5."""
+
+    steps: int
+    guidance: float
+    t5: T5Need = "optional"
+    max_sequence_length: int | None = None  # the T5 window its card uses (None: the pipeline's default)
+
+
+# The paper's draft: SD3 Medium as the reference code runs it (METHOD.md: 50 steps, guidance 7.5). A draft
+# model that is not a preset (a Hub id or folder no preset names) renders with these too.
+PAPER_DRAFT = DraftDefaults(steps=50, guidance=7.5)
+STABILITY_LICENCE = "Stability AI Community License"
 
 
 @dataclass(frozen=True)
@@ -39,6 +59,8 @@ class Preset:
     repo_id: str | None  # Hub id, None for locally built presets
     gated: bool = False
     description: str = ""
+    licence: str = ""
+    draft: DraftDefaults | None = None  # draft (context) presets: how they render by default
 
 
 PRESETS: dict[str, Preset] = {
@@ -51,8 +73,65 @@ PRESETS: dict[str, Preset] = {
         "stabilityai/stable-diffusion-3-medium-diffusers",
         gated=True,
         description="Stable Diffusion 3 Medium (gated: accept its licence on the Hub, then log in)",
+        licence=STABILITY_LICENCE,
+        draft=PAPER_DRAFT,
     ),
-    TINY: Preset(TINY, "both", None, description="tiny random-weight models built locally"),
+    # model cards: 40 steps / guidance 4.5 (medium), 4 steps / guidance 0 (turbo, adversarially distilled)
+    "sd35-medium": Preset(
+        "sd35-medium",
+        CONTEXT,
+        "stabilityai/stable-diffusion-3.5-medium",
+        gated=True,
+        description="Stable Diffusion 3.5 Medium (gated: accept its licence on the Hub, then log in)",
+        licence=STABILITY_LICENCE,
+        draft=DraftDefaults(steps=40, guidance=4.5),
+    ),
+    "sd35-large-turbo": Preset(
+        "sd35-large-turbo",
+        CONTEXT,
+        "stabilityai/stable-diffusion-3.5-large-turbo",
+        gated=True,
+        description="Stable Diffusion 3.5 Large Turbo, 4 steps (gated: accept its licence, then log in)",
+        licence=STABILITY_LICENCE,
+        draft=DraftDefaults(steps=4, guidance=0.0),
+    ),
+    # model card and diffusers' FLUX page: 4 steps, guidance 0, max_sequence_length at most 256; FLUX reads
+    # the prompt's sequence through T5 only (CLIP gives the pooled vector), so T5 cannot be left out
+    "flux-schnell": Preset(
+        "flux-schnell",
+        CONTEXT,
+        "black-forest-labs/FLUX.1-schnell",
+        description="FLUX.1 [schnell], 4 steps (Apache-2.0, not gated)",
+        licence="Apache-2.0",
+        draft=DraftDefaults(steps=4, guidance=0.0, t5="required", max_sequence_length=256),
+    ),
+    TINY: Preset(
+        TINY, "both", None, description="tiny random-weight models built locally", draft=PAPER_DRAFT
+    ),
+    TINY_SD35: Preset(
+        TINY_SD35,
+        CONTEXT,
+        None,
+        description="tiny random-weight SD3.5-shaped draft model built locally (as sd35-medium)",
+        draft=DraftDefaults(steps=40, guidance=4.5),
+    ),
+    TINY_FLUX: Preset(
+        TINY_FLUX,
+        CONTEXT,
+        None,
+        description="tiny random-weight FLUX-shaped draft model built locally (as flux-schnell)",
+        draft=DraftDefaults(steps=4, guidance=0.0, t5="required", max_sequence_length=256),
+    ),
+    "sdxl": Preset(
+        "sdxl",
+        SUBJECT,
+        "stabilityai/stable-diffusion-xl-base-1.0",
+        description="Stable Diffusion XL base 1.0 (a 1024 px subject model)",
+        licence="CreativeML Open RAIL++-M",
+    ),
+    TINY_SDXL: Preset(
+        TINY_SDXL, SUBJECT, None, description="tiny random-weight SDXL-shaped subject model built locally"
+    ),
     # the default evaluation models (DEFAULT_DINO / DEFAULT_CLIP); transformers layout
     "dino": Preset("dino", EVAL, DEFAULT_DINO, description="DINO ViT-S/16 (DINO score)"),
     "clip": Preset("clip", EVAL, DEFAULT_CLIP, description="CLIP ViT-B/32 (CLIP-I and CLIP-T scores)"),
@@ -90,6 +169,12 @@ def models_root(store_root: Path) -> Path:
 def tiny_dir(store_root: Path | None = None) -> Path:
     """Where the tiny preset lives: ``<store root>/models/tiny`` with ``subject/`` and ``context/``."""
     return models_root(store_root if store_root is not None else default_root()) / "tiny"
+
+
+def local_preset_dir(name: str, store_root: Path | None = None) -> Path:
+    """Where a locally built preset (``tiny``, ``tiny-sdxl``, ``tiny-sd35``, ``tiny-flux``) lives:
+    ``<store root>/models/<name>`` (its pipelines in ``subject/`` and ``context/``)."""
+    return models_root(store_root if store_root is not None else default_root()) / name
 
 
 def tiny_eval_dir(store_root: Path | None = None) -> Path:
@@ -135,8 +220,9 @@ def resolve_ref(ref: str, role: ModelRole = SUBJECT, *, store_root: Path | None 
                 f"{ref} is an evaluation model ({preset.repo_id}), not a diffusion model: use sd15, "
                 "sd3-medium, tiny, a Hub id or a folder"
             )
-        if preset.repo_id is None:
-            return ModelSource(ref, "preset", None, tiny_dir(store_root) / role, role=role)
+        if preset.repo_id is None:  # built locally: a one-role preset has only that role's pipeline
+            folder = preset.role if preset.role in (SUBJECT, CONTEXT) else role
+            return ModelSource(ref, "preset", None, local_preset_dir(ref, store_root) / folder, role=role)
         return ModelSource(ref, "preset", preset.repo_id, None, gated=preset.gated, role=role)
     path = Path(ref).expanduser()
     if path.is_dir():
@@ -151,8 +237,8 @@ def resolve_ref(ref: str, role: ModelRole = SUBJECT, *, store_root: Path | None 
     close = difflib.get_close_matches(ref, list(PRESETS), n=1, cutoff=0.5)
     hint = f"did you mean {close[0]!r}? " if close else ""
     raise BadInputError(
-        f"unknown model {ref!r}: {hint}use a preset (sd15, sd3-medium, tiny), a Hub id like owner/name, "
-        "or a local diffusers folder"
+        f"unknown model {ref!r}: {hint}use a preset (sd15, sdxl, sd3-medium, tiny, tiny-sdxl), a Hub id like "
+        "owner/name, or a local diffusers folder"
     )
 
 
@@ -174,6 +260,29 @@ def _resolve_eval_ref(ref: str, store_root: Path | None) -> ModelSource:
             "or 'tiny'"
         )
     return ModelSource(ref, "hub", repo_id, None, gated=is_gated_repo(repo_id), revision=revision, role=EVAL)
+
+
+def preset_for(ref: str) -> Preset | None:
+    """The preset a diffusion model reference names: by preset name or by its Hub id (None: no preset)."""
+    ref = (ref or "").strip()
+    if ref in PRESETS:
+        return PRESETS[ref]
+    return next((p for p in PRESETS.values() if p.repo_id is not None and p.repo_id == ref), None)
+
+
+def draft_defaults(ref: str | None) -> DraftDefaults:
+    """How draft model `ref` renders by default: its preset's card settings, else the paper's 50 / 7.5."""
+    preset = preset_for(ref or "")
+    return preset.draft if preset is not None and preset.draft is not None else PAPER_DRAFT
+
+
+def t5_required_error(label: str) -> BadInputError:
+    """The refusal of {no_t5} for a draft model that reads the prompt only through T5 (FLUX)."""
+    return BadInputError(
+        f"{{no_t5}} does not apply to {label}: FLUX reads the prompt through its T5 encoder only (CLIP gives "
+        "just a pooled vector), so T5 cannot be left out; drop {no_t5} or pick an SD3-family draft model",
+        fields=("no_t5",),
+    )
 
 
 def pull_command(source: ModelSource) -> str:

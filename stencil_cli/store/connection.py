@@ -12,7 +12,9 @@ import functools
 import os
 import shutil
 import sqlite3
+import tempfile
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -102,8 +104,8 @@ class Connection:
             except sqlite3.OperationalError as error:
                 if "locked" in str(error):
                     raise
-                # a WAL database in a folder nobody may write: no -shm can be made; read the file as it is
-                conn = sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True)
+                # a WAL database in a folder nobody may write: no -shm can be made beside it
+                conn = self._open_committed_copy() or sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True)
                 conn.execute("select count(*) from sqlite_master").fetchone()
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             self.db = Database(conn)
@@ -115,6 +117,23 @@ class Connection:
                 )
         except sqlite3.Error as error:
             raise self.db_error(error) from error
+
+    def _open_committed_copy(self) -> sqlite3.Connection | None:
+        """A read-only connection to a private copy of the database and its WAL (None without a WAL).
+
+        `immutable=1` would read the main file alone and miss what the WAL holds (committed, not yet
+        checkpointed); a copy in a temp folder can make its own -shm and shows every committed change,
+        and the store itself is never written."""
+        wal = Path(f"{self.db_path}-wal")
+        if not wal.is_file() or wal.stat().st_size == 0:
+            return None
+        folder = Path(tempfile.mkdtemp(prefix="stencil-read-only-"))
+        weakref.finalize(self, shutil.rmtree, folder, ignore_errors=True)
+        copy = folder / layout.DB_NAME
+        shutil.copyfile(self.db_path, copy)
+        shutil.copyfile(wal, f"{copy}-wal")
+        conn = sqlite3.connect(f"file:{quote(str(copy))}?mode=ro", uri=True)
+        return conn
 
     def _enable_wal(self) -> None:
         # Switching a new database to WAL needs an exclusive lock, and SQLite may answer "database is locked"
@@ -161,15 +180,20 @@ class Connection:
             )
         return StencilError(f"the store database {self.db_path} failed: {error}")
 
-    def _read_only_error(self) -> StoreReadOnlyError:
+    def _read_only_error(self, doing: str = "change it") -> StoreReadOnlyError:
         return StoreReadOnlyError(
-            f"the store {self.root} is read-only: cannot change it",
+            f"the store {self.root} is read-only: cannot {doing}",
             hint="commands that only read (ls, show, doctor) work; make the folder writable to change it",
         )
 
     def _require_writable(self) -> None:
         if self.read_only:
             raise self._read_only_error()
+
+    def require_writable(self, doing: str = "change it") -> None:
+        """Refuse up front, before any work, a command that would write to a read-only store."""
+        if self.read_only:
+            raise self._read_only_error(doing)
 
     # -- transactions -------------------------------------------------------------------------
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from stencil_cli.base.errors import NotFoundError
 from stencil_cli.store import layout
 from stencil_cli.store.connection import translate_errors
-from stencil_cli.store.records import Generation, Subject, dumps, now
+from stencil_cli.store.records import Generation, Subject, decode_json_column, dumps, now
 from stencil_cli.store.subjects import SubjectChangedError, SubjectQueries
 
 
@@ -80,8 +79,10 @@ class GenerationQueries(SubjectQueries):
 
     def _generation_view(self, row: dict[str, Any]) -> Generation:
         values = dict(row)
-        values["params"] = json.loads(row["params"] or "{}")
-        values["scores"] = json.loads(row["scores"]) if row["scores"] else None
+        values["params"], params_ok = decode_json_column(row["params"], {}, dict)
+        values["scores"], scores_ok = decode_json_column(row["scores"], None, dict)
+        checks = (("params", params_ok), ("scores", scores_ok))
+        values["damaged"] = tuple(name for name, ok in checks if not ok)
         for key in ("image_file", "draft_file"):
             values[key] = self.absolute(row[key]) if row[key] else None
         return Generation(**values)

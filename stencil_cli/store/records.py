@@ -85,6 +85,7 @@ class Run:
     duration_s: float | None = None
     weights_file: Path | None = None
     error: str | None = None
+    damaged: tuple[str, ...] = ()  # JSON columns that could not be read (shown empty): "params", "losses"
 
     @property
     def final_loss(self) -> float | None:
@@ -101,6 +102,7 @@ class Run:
         data = dataclasses.asdict(self)
         data["weights_file"] = str(self.weights_file) if self.weights_file else None
         data["kind"] = self.kind
+        data["damaged"] = list(self.damaged)
         return data
 
 
@@ -120,12 +122,14 @@ class Generation:
     draft_file: Path | None
     scores: dict[str, Any] | None
     created: str
+    damaged: tuple[str, ...] = ()  # JSON columns that could not be read (shown empty): "params", "scores"
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready view of the generation."""
         data = dataclasses.asdict(self)
         for key in ("image_file", "draft_file"):
             data[key] = str(data[key]) if data[key] else None
+        data["damaged"] = list(self.damaged)
         return data
 
 
@@ -139,3 +143,17 @@ class AddResult:
     duplicates: list[PreparedImage]
     # known photos whose file had gone missing and was written again
     restored: list[dict[str, Any]] = field(default_factory=list)
+
+
+def decode_json_column(text: str | None, default: Any, expected: type) -> tuple[Any, bool]:
+    """A JSON column's value (`default` when empty), and whether it was readable: damaged JSON, or JSON of
+    another type than `expected`, gives `default` and False (one damaged row never hides the others)."""
+    if not text:
+        return default, True
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        return default, False
+    if not isinstance(value, expected):
+        return default, False
+    return value, True

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +9,7 @@ from stencil_cli.base.errors import NotFoundError
 from stencil_cli.base.fsutil import is_within
 from stencil_cli.store import layout
 from stencil_cli.store.connection import translate_errors
-from stencil_cli.store.records import RUN_STATUSES, Run, dumps, now
+from stencil_cli.store.records import RUN_STATUSES, Run, decode_json_column, dumps, now
 from stencil_cli.store.subjects import SubjectChangedError, SubjectQueries
 
 
@@ -139,8 +138,14 @@ class RunQueries(SubjectQueries):
 
     def _run_view(self, row: dict[str, Any]) -> Run:
         values = dict(row)
-        values["params"] = json.loads(row["params"] or "{}")
-        values["losses"] = [float(x) for x in json.loads(row["losses"] or "[]")]
+        values["params"], params_ok = decode_json_column(row["params"], {}, dict)
+        losses, losses_ok = decode_json_column(row["losses"], [], list)
+        try:
+            values["losses"] = [float(x) for x in losses]
+        except (TypeError, ValueError):
+            values["losses"], losses_ok = [], False
+        checks = (("params", params_ok), ("losses", losses_ok))
+        values["damaged"] = tuple(name for name, ok in checks if not ok)
         values["step"] = int(row["step"] or 0)
         values["weights_file"] = self.absolute(row["weights_file"]) if row["weights_file"] else None
         return Run(**values)

@@ -15,6 +15,7 @@ from typing import Any
 
 from PIL import Image
 
+from stencil_cli.base import locks
 from stencil_cli.base.errors import BadInputError, NotFoundError
 from stencil_cli.store import layout
 from stencil_cli.store.connection import translate_errors
@@ -74,7 +75,8 @@ class Upkeep(SubjectQueries):
         inside folders of subjects that have a row. A subject folder WITHOUT a row is never removed unless
         its name is in `remove_unindexed` (the user named it): a lost or emptied database must not cost the
         photos, weights and images (see `unindexed_folders` and `repair`). Anything modified in the last
-        `min_age_s` seconds is left alone: it may belong to a command still running in another process.
+        `min_age_s` seconds is left alone: it may belong to a command still running in another process, and
+        so is every subject that a command (gen, train, caption, eval) holds now.
         Symbolic links are removed as links, never followed.
         """
         self._require_writable()
@@ -94,9 +96,14 @@ class Upkeep(SubjectQueries):
                 continue
             if folder.is_symlink() or not folder.is_dir():
                 continue
-            for path in self._leftovers(folder, referenced):
-                if _stale(path, cutoff):
-                    self._remove_leftover(path, removed)
+            try:
+                # a running gen writes its drafts before their rows: a subject in use keeps its new files
+                with locks.subject_in_use(self.root, folder.name, exclusive=True):
+                    for path in self._leftovers(folder, referenced):
+                        if _stale(path, cutoff):
+                            self._remove_leftover(path, removed)
+            except locks.SubjectInUseError:
+                continue
         return removed
 
     def _check_named_unindexed(self, named: set[str], unindexed: set[str]) -> None:

@@ -42,7 +42,7 @@ from stencil_cli.base.errors import EXIT_FAILURE, FieldError, StencilError
 from stencil_cli.base.events import Event, Note, Progress, no_progress
 from stencil_cli.base.fsutil import atomic_write_bytes
 from stencil_cli.base.images import center_crop_resize, load_rgb
-from stencil_cli.models import EvalModelRefs, parse_eval_models
+from stencil_cli.models import EvalModelRefs, draft_defaults, parse_eval_models, t5_required_error
 from stencil_cli.models.devices import Precision
 from stencil_cli.store.db import Store
 from stencil_cli.store.layout import BENCH_BATCH, CONTACT_SHEET_NAME
@@ -121,7 +121,7 @@ class BenchConfig:
     steps: int = setting(50, numbers=True)
     inner_steps: int = setting(10, numbers=True)
     inversion: InversionMode = setting("nti", numbers=True)
-    draft_steps: int = setting(50, numbers=True)
+    draft_steps: int | None = setting(None, numbers=True)  # None: the context model's preset, else 50
     tau: float = setting(60.0, numbers=True)
     seed: int = setting(0, numbers=True, trains=True)
     captioner: CaptionerName = setting("openai", numbers=True, trains=True)  # as `stencil caption`
@@ -135,6 +135,10 @@ class BenchConfig:
     eval_clip: str = setting("openai/clip-vit-base-patch32", numbers=True)
     # the user's store: built presets (tiny) live there, not in --out
     models_root: Path | None = setting(None, numbers=False)
+
+    def __post_init__(self) -> None:
+        if self.draft_steps is None:  # settled here, so the fingerprint holds the number the drafts use
+            self.draft_steps = draft_defaults(self.context_model).steps
 
     def fingerprint(self) -> dict[str, Any]:
         """The settings that change the numbers (a resumed run must match them)."""
@@ -154,6 +158,8 @@ class BenchConfig:
             raise FieldError("inversion", f"must be nti or npi (got {self.inversion!r})")
         if self.captioner not in ("template", "openai"):
             raise FieldError("captioner", f"must be template or openai (got {self.captioner!r})")
+        if self.no_t5 and draft_defaults(self.context_model).t5 == "required":
+            raise t5_required_error(self.context_model)  # before any subject trains
         counts = {
             "steps": (self.steps, 1000),
             "inner_steps": (self.inner_steps, None),

@@ -32,6 +32,7 @@ def synced_clock(device: Any) -> float:
 @contextlib.contextmanager
 def subject_lock(store: Store, name: str) -> Iterator[None]:
     """Hold an exclusive lock on the subject's training (released by the OS if the process dies)."""
+    store.require_writable(f"lock {name!r}")
     path = store.subject_dir(name) / TRAIN_LOCK_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
     handle: IO[str] = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held for the whole block
@@ -76,8 +77,7 @@ def using_subject(store: Store, name: str) -> contextlib.AbstractContextManager[
     """Hold subject `name` shared for a command that reads or adds to it (gen, caption, eval, train):
     `rm` waits for (or refuses while) any such command runs."""
     store.subject_dir(name)  # a valid name, and not a symbolic link, before a lock file is named after it
-    if store.read_only:  # no lock file can be made, and no one can remove the subject meanwhile
-        return contextlib.nullcontext()
+    store.require_writable(f"change {name!r}")  # every user of a subject stores what it makes
     return locks.subject_in_use(store.root, name)
 
 

@@ -119,7 +119,7 @@ def run_demo(store: Store, request: DemoRequest, *, progress: Progress = no_prog
         raise FieldError("photos", f"{{}} {request.photos} is not a folder of photos")
     if request.train_steps < 1 or request.steps < 1:
         raise FieldError(("train_steps", "steps"), "{} must be at least 1")
-    prepare_output(request.output)  # an unusable -o fails now, not after add, caption and train
+    prepare_output(request.output, store.root)  # an unusable -o fails now, not after add, caption and train
     name = free_name(request.name, store.subject_names())
     try:
         with tempfile.TemporaryDirectory(prefix="stencil-demo-") as scratch:

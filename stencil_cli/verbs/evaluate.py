@@ -114,6 +114,7 @@ def evaluate(store: Store, request: EvalRequest, *, progress: Progress = no_prog
     """
     refs = models.parse_eval_models(request.eval_models)
     subject = store.get_subject(request.name)
+    store.require_writable(f"store the scores of {subject.name!r}")
     with using_subject(store, subject.name):  # `stencil rm` waits for the scores to be stored
         refuse_missing_photos(store, subject.name)  # DINO and CLIP-I compare with the photos
         return _evaluate(store, request, subject, refs, progress)

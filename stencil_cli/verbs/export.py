@@ -16,6 +16,12 @@ from typing import TYPE_CHECKING, Any
 from stencil_cli import models
 from stencil_cli.base.errors import BadInputError, FieldError
 from stencil_cli.base.events import Exporting, Loading, Progress, no_progress
+from stencil_cli.base.targets import (
+    check_replaceable,
+    probe_writable_folder,
+    refuse_inside_store,
+    refuse_special_file,
+)
 from stencil_cli.models.devices import DtypeName
 from stencil_cli.store.db import Store
 from stencil_cli.store.records import Run
@@ -30,6 +36,7 @@ if TYPE_CHECKING:  # the ML core loads torch: the verb imports it when it runs, 
 FORMATS: tuple[ExportFormat, ...] = ("lora", "kohya", "diffusers", "single-file")
 LORA_FORMATS: tuple[ExportFormat, ...] = ("lora", "kohya")
 SAVE_DTYPES: tuple[DtypeName, ...] = ("fp16", "bf16", "fp32")
+EXPORT_MARKER = "stencil_export.json"  # marks a diffusers folder as an earlier export (core.export writes it)
 
 
 @dataclass
@@ -97,7 +104,7 @@ def export(store: Store, request: ExportRequest, *, progress: Progress = no_prog
     run = finished_run(store, request.name, request.run_id)
     check_rank(run, request.format, request.rank)
     target = Path(request.path).expanduser().absolute()
-    check_target(request.format, target, request.force)
+    check_target(request.format, target, request.force, store.root)
     export_core.check_request(request.format, target, rank=request.rank, force=request.force, kind=run.kind)
 
     model_ref = run.params.get("subject_model") or run.base_model or ""
@@ -198,27 +205,33 @@ def largest_rank(run: Run) -> int:
     return max_extraction_rank(shape for shape in shapes if len(shape) >= 2)
 
 
-def check_target(fmt: str, target: Path, force: bool) -> None:
-    """Refuse a target in a missing folder, or one (or its model card) that exists, unless forced."""
+def check_target(fmt: str, target: Path, force: bool, store_root: Path) -> None:
+    """Refuse a target that is empty, inside the store, in a missing or unwritable folder, a device, FIFO or
+    socket, a folder stencil did not export, or one (or its model card) that exists unless forced."""
     from stencil_cli.core.export import card_path
 
     if not str(target).strip() or not target.name:
         raise FieldError("path", "{} is empty: give the file (or, for diffusers, the folder) to write")
+    refuse_inside_store(target, store_root, "path")
     if not target.parent.is_dir():
         raise FieldError(
             "path",
             f"{{}} {target}: the folder {target.parent} does not exist; create it first or pick another path",
         )
-    if fmt == "diffusers" and target.is_dir() and force and not (target / "model_index.json").is_file():
-        raise FieldError(
-            ("path", "force"),
-            f"{{0}} {target} is a folder but not a diffusers pipeline: {{1}} replaces only an earlier export "
-            "(the whole folder goes); pick another path",
-        )
+    refuse_special_file(target, "path")
+    if fmt == "diffusers" and target.exists() and not target.is_dir():
+        raise FieldError("path", f"{{}} {target} is a file; a diffusers export is a folder")
+    if fmt != "diffusers" and target.is_dir():
+        raise FieldError("path", f"{{}} {target} is a folder; the {fmt} export is one file")
     existing = [target] + ([card_path(fmt, target)] if fmt != "diffusers" else [])
     for path in existing:
-        if (path.exists() or path.is_symlink()) and not force:
-            raise FieldError("force", f"{path} already exists: pick another path, or replace it with {{}}")
+        check_replaceable(path, force=force, field="path", ours=_stencil_export)
+    probe_writable_folder(target.parent, "path", target)
+
+
+def _stencil_export(folder: Path) -> bool:
+    """Whether `folder` is a diffusers folder that `stencil export` wrote (it carries stencil_export.json)."""
+    return (folder / EXPORT_MARKER).is_file() and (folder / "model_index.json").is_file()
 
 
 def base_model_id(model_ref: str, store_root: Path) -> str:

@@ -26,7 +26,7 @@ from stencil_cli.base.events import Note, Progress, Reused, no_progress
 from stencil_cli.base.fsutil import atomic_write_bytes
 from stencil_cli.base.images import center_crop_resize
 from stencil_cli.base.pngmeta import png_bytes, read_png_parameters, read_rgb
-from stencil_cli.core.prompts import build_prompts, clip_token_counter, words_past_limit
+from stencil_cli.core.prompts import build_prompts, words_past_limit
 from stencil_cli.store.db import Store
 from stencil_cli.store.layout import GRID_NAME, draft_name, image_name
 from stencil_cli.store.records import Generation, Run
@@ -122,6 +122,7 @@ def image_metadata(
         "inner_steps": settings.null_text.inner_steps if nti else None,
         "null_lr": settings.null_text.lr if nti else None,
         "draft_steps": settings.draft_steps if plan.mode == "context" else None,
+        "draft_guidance": settings.draft_guidance if plan.mode == "context" else None,
         "negative_prompt": settings.negative or None,
         "mode": plan.mode,
         "subject": plan.subject.name,
@@ -151,6 +152,8 @@ def draft_metadata(plan: GenerationPlan, item: PlannedItem, seconds: float | Non
         "negative_prompt": plan.settings.negative or None,
         "seed": item.seed,
         "context_model": plan.context_model,
+        "draft_steps": plan.settings.draft_steps if plan.mode == "context" else None,
+        "draft_guidance": plan.settings.draft_guidance if plan.mode == "context" else None,
         "subject": plan.subject.name,
         "draft_source": plan.draft_source,
         "render_seconds": round(seconds, 4) if seconds is not None else None,
@@ -411,8 +414,8 @@ def _generate(store: Store, plan: GenerationPlan, progress: Progress) -> Iterato
 def _render_drafts(writer: _Writer, progress: Progress, batch: int) -> Iterator[SavedDraft]:
     """Render and save every item's draft with the context model (freed afterwards), reusing kept drafts.
 
-    With the context model's tokenizer at hand, each draft prompt is checked against its 77-token window
-    (the description is shortened first; what still does not fit is reported)."""
+    With the context model's tokenizers at hand, each draft prompt is checked against its prompt window
+    (`core.prompt_window`; the description is shortened first; what still does not fit is reported)."""
     plan = writer.plan
     assert plan.context_model is not None
     steps = plan.settings.draft_steps
@@ -435,7 +438,7 @@ def _render_drafts(writer: _Writer, progress: Progress, batch: int) -> Iterator[
         "store_root": plan.models_root,
     }
     with context_pipeline(plan.context_model, **options) as pipe:
-        _fit_draft_prompts(plan, wanted, getattr(pipe, "tokenizer", None), progress)
+        _fit_draft_prompts(plan, wanted, pipe, progress)
         for group in _groups(wanted):
             for chunk in generation.chunks(group, batch):
                 started = time.perf_counter()
@@ -448,6 +451,7 @@ def _render_drafts(writer: _Writer, progress: Progress, batch: int) -> Iterator[
                     guidance=plan.settings.draft_guidance,
                     progress=progress,
                     negative=plan.settings.negative,
+                    max_sequence_length=plan.settings.draft_max_sequence_length,
                 )
                 seconds = (time.perf_counter() - started) / len(chunk)
                 for item, image in zip(chunk, images, strict=True):
@@ -455,32 +459,43 @@ def _render_drafts(writer: _Writer, progress: Progress, batch: int) -> Iterator[
 
 
 def _fit_draft_prompts(
-    plan: GenerationPlan, items: list[PlannedItem], tokenizer: Any, progress: Progress
+    plan: GenerationPlan, items: list[PlannedItem], context_pipe: Any, progress: Progress
 ) -> None:
-    """Rebuild the draft prompts with the context model's token counter; report shortening and cuts once.
+    """Rebuild the draft prompts for the draft model's prompt window (from its tokenizers: 77 CLIP tokens
+    for SD3, T5's window for FLUX); report shortening and cuts once.
 
     A draft prompt given by hand or written by the caption model is kept as it is (only a cut is reported)."""
-    if tokenizer is None:
+    from stencil_cli.core.prompt_window import draft_prompt_window
+
+    window = draft_prompt_window(context_pipe, plan.settings.draft_max_sequence_length)
+    if window is None:
         return
-    counter = clip_token_counter(tokenizer)
+    counter, limit = window.count_tokens, window.limit
     phrase = plan.subject.phrase or plan.subject.class_word or ""
     told: set[str] = set()
     for item in items:
         if plan.draft_prompt_override is not None or item.draft_prompt_by is not None:
-            cut = words_past_limit(item.draft_prompt, counter)
+            cut = words_past_limit(item.draft_prompt, counter, limit)
             if cut and item.draft_prompt not in told:
                 told.add(item.draft_prompt)
                 whose = "the caption model's" if item.draft_prompt_by else "the given"
-                message = f"{whose} draft prompt passes the draft model's 77 tokens; it will not read {cut!r}"
+                message = (
+                    f"{whose} draft prompt passes the draft model's {limit} tokens; it will not read {cut!r}"
+                )
                 progress(events.Warning(message))
             continue
-        fitted = build_prompts(item.user_prompt, phrase, plan.subject.description, count_tokens=counter)
+        fitted = build_prompts(
+            item.user_prompt, phrase, plan.subject.description, count_tokens=counter, token_limit=limit
+        )
         item.draft_prompt = fitted.draft_prompt
         if fitted.shortened and "shortened" not in told:
             told.add("shortened")
-            message = f"the description was shortened to the draft model's 77 tokens: {fitted.description}"
+            shown = fitted.description
+            message = f"the description was shortened to the draft model's {limit} tokens: {shown}"
             progress(Note(message))
         if fitted.cut and "cut" not in told:
             told.add("cut")
-            message = f"the draft prompt passes the draft model's 77 tokens; it will not read {fitted.cut!r}"
+            message = (
+                f"the draft prompt passes the draft model's {limit} tokens; it will not read {fitted.cut!r}"
+            )
             progress(events.Warning(message))

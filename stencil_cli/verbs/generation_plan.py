@@ -8,7 +8,6 @@ to `verbs.generate.generate`, which draws, inverts and denoises.
 from __future__ import annotations
 
 import math
-import os
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +17,10 @@ from stencil_cli import captioning
 from stencil_cli.base.errors import FieldError, StencilError, Wording
 from stencil_cli.base.events import Stage
 from stencil_cli.base.images import load_rgb
+from stencil_cli.base.targets import probe_writable_folder, refuse_inside_store, refuse_special_file
 from stencil_cli.core.prompts import build_prompts
 from stencil_cli.models.devices import Precision
+from stencil_cli.models.refs import PAPER_DRAFT, DraftDefaults, draft_defaults, t5_required_error
 from stencil_cli.store.db import Store
 from stencil_cli.store.drafts import description_hash
 from stencil_cli.store.layout import batch_name
@@ -65,11 +66,12 @@ class GenerateRequest:
     guidance: float = 7.5
     null_lr: float = 1e-2
     inversion: InversionMode = "nti"
-    draft_steps: int = 50
+    draft_steps: int | None = None  # None: the draft model's preset (e.g. 4 for flux-schnell), else 50
+    draft_guidance: float | None = None  # None: the draft model's preset (e.g. 0 for flux-schnell), else 7.5
     draft: Path | None = None  # subject editing: this picture is the draft
     no_context: bool = False  # plain generation
     run_id: int | None = None
-    output: Path | None = None  # also copy every file here
+    output: Path | str | None = None  # also copy every file here
     grid: bool = False
     subject_model: str | None = None
     context_model: str | None = None
@@ -201,11 +203,16 @@ def prompt_lines(text: str, field_name: str = "prompts_file") -> list[str]:
     return prompts
 
 
-def generation_settings(request: GenerateRequest) -> Any:
-    """The ML core's generation settings from the request, or a FieldError naming the bad one."""
+def generation_settings(request: GenerateRequest, draft: DraftDefaults = PAPER_DRAFT) -> Any:
+    """The ML core's generation settings from the request (draft settings it leaves out: `draft`, the draft
+    model's defaults), or a FieldError naming the bad one."""
     from stencil_cli.core.generation import GenerationSettings
     from stencil_cli.core.inversion import NullTextSettings
 
+    draft_steps = request.draft_steps if request.draft_steps is not None else draft.steps
+    draft_guidance = request.draft_guidance if request.draft_guidance is not None else draft.guidance
+    if not (draft_guidance >= 0 and math.isfinite(draft_guidance)):
+        raise FieldError("draft_guidance", f"must be 0 or more (got {draft_guidance})")
     inversion = request.inversion.strip().lower()
     if inversion not in INVERSION_MODES:
         raise FieldError("inversion", f"must be nti or npi (got {request.inversion!r})")
@@ -216,7 +223,7 @@ def generation_settings(request: GenerateRequest) -> Any:
     for name, value, most in (
         ("steps", request.steps, MAX_TAU),
         ("inner_steps", request.inner_steps, None),
-        ("draft_steps", request.draft_steps, None),
+        ("draft_steps", draft_steps, None),
     ):
         if value < 1 or (most is not None and value > most):
             raise FieldError(
@@ -227,7 +234,9 @@ def generation_settings(request: GenerateRequest) -> Any:
         guidance=request.guidance,
         inversion=inversion,
         null_text=NullTextSettings(lr=request.null_lr, inner_steps=request.inner_steps),
-        draft_steps=request.draft_steps,
+        draft_steps=draft_steps,
+        draft_guidance=draft_guidance,
+        draft_max_sequence_length=draft.max_sequence_length,
         negative=" ".join((request.negative or "").split()),
     )
 
@@ -246,6 +255,11 @@ def trained_run(store: Store, name: str, run_id: int | None) -> Run:
         if found is None:
             raise StencilError(f"subject {name!r} is not trained yet: run `stencil train {name}` first")
         run = found
+    if "params" in run.damaged:
+        raise StencilError(
+            f"run {run.id} of {name!r} has damaged settings (its params in the database are not JSON)",
+            hint=f"train again with `stencil train {name}`, or pick another run (`stencil runs {name}`)",
+        )
     if run.weights_file is None or not run.weights_file.is_file():
         raise StencilError(
             f"the weights of run {run.id} of {name!r} are missing",
@@ -335,6 +349,7 @@ def plan_generation(
         _check_rewrite(request)
     if request.batch_size is not None and not 1 <= request.batch_size <= MAX_BATCH:
         raise FieldError("batch_size", f"must be in [1, {MAX_BATCH}] (got {request.batch_size})")
+    store.require_writable(f"store images of {request.name!r}")
     mode: GenerationMode = (
         "plain" if request.no_context else ("edit" if request.draft is not None else "context")
     )
@@ -349,7 +364,13 @@ def plan_generation(
     for tau in taus:
         if not 0 <= tau <= MAX_TAU:
             raise FieldError("tau", f"must be in [0, {MAX_TAU}] (got {tau})")
-    settings = generation_settings(request)
+    context_model = (
+        resolve_setting(store, "context_model", request.context_model) if mode == "context" else None
+    )
+    draft = draft_defaults(context_model)
+    if request.no_t5 and mode == "context" and draft.t5 == "required":
+        raise t5_required_error(str(context_model))
+    settings = generation_settings(request, draft)
     subject = store.get_subject(request.name)
     run = trained_run(store, request.name, request.run_id)
     phrase = subject.phrase or subject.class_word
@@ -404,7 +425,7 @@ def plan_generation(
         warnings.append(
             f"run {run.id} was trained on {trained_on}; generating with {request.subject_model} as asked"
         )
-    output = _prepare_output(request.output)
+    output = _prepare_output(request.output, store.root)
     return GenerationPlan(
         subject=subject,
         run=run,
@@ -413,9 +434,7 @@ def plan_generation(
         taus=taus,
         settings=settings,
         subject_model=subject_ref,
-        context_model=resolve_setting(store, "context_model", request.context_model)
-        if mode == "context"
-        else None,
+        context_model=context_model,
         device=resolve_setting(store, "device", request.device),
         precision=resolve_setting(store, "precision", request.precision),
         no_t5=request.no_t5,
@@ -516,24 +535,27 @@ def _tau_notes(taus: list[float], steps: int) -> list[str]:
     return notes
 
 
-def _prepare_output(output: Path | None) -> Path | None:
-    """Create the copy folder up front (a bad -o fails before any model loads)."""
+def _prepare_output(output: Path | str | None, store_root: Path | None = None) -> Path | None:
+    """Create the copy folder up front (a bad -o fails before any model loads): not empty, not inside the
+    store, not a file or device, and a folder this process can really write in."""
     if output is None:
         return None
     if not str(output).strip():
         raise FieldError("output", "is empty: give a folder")
     output = Path(output).expanduser()
+    if store_root is not None:
+        refuse_inside_store(output, store_root, "output")
+    refuse_special_file(output, "output")
     if output.exists() and not output.is_dir():
         raise FieldError("output", f"{{}} {output} is a file: give a folder")
     try:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise FieldError("output", f"{{}} {output}: cannot create the folder ({error.strerror})") from None
-    if not os.access(output, os.W_OK | os.X_OK):
-        raise FieldError("output", f"{{}} {output}: the folder is not writable")
+    probe_writable_folder(output, "output")
     return output
 
 
-def prepare_output(output: Path | None) -> Path | None:
+def prepare_output(output: Path | str | None, store_root: Path | None = None) -> Path | None:
     """Check (and create) a copy folder up front: a command that renders later fails now, not after."""
-    return _prepare_output(output)
+    return _prepare_output(output, store_root)

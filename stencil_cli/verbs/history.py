@@ -7,6 +7,7 @@ summary `stencil show` ends with. Run and image ids are global to the store (one
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,10 +165,20 @@ class SubjectSummary:
     run_bytes: int
     images: int
     newest_image: str | None  # when the newest image was made
+    damaged: list[str] = field(default_factory=list)  # rows whose JSON columns are damaged ("run 3 params")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready view."""
         return dict(self.__dict__)
+
+
+def damaged_rows(rows: Iterable[Run | Generation]) -> list[str]:
+    """The rows whose JSON columns could not be read, as "run 3 params" / "image 7 scores"."""
+    return [
+        f"{'run' if isinstance(row, Run) else 'image'} {row.id} {' and '.join(row.damaged)}"
+        for row in rows
+        if row.damaged
+    ]
 
 
 def subject_summary(store: Store, name: str) -> SubjectSummary:
@@ -182,4 +193,5 @@ def subject_summary(store: Store, name: str) -> SubjectSummary:
         run_bytes=sum(folder_bytes(store.run_dir(name, run.id)) for run in runs),
         images=len(images),
         newest_image=images[-1].created if images else None,
+        damaged=damaged_rows([*runs, *images]),
     )

@@ -1,12 +1,14 @@
 """Freeing space: remove one training run, prune older runs' weights, measure the store per subject.
 
 A run is *in use* while a training holds its subject's lock (a run being trained or resumed); such runs
-are never removed or pruned. Everything else goes only through these verbs, which report the bytes they
-free, measured before deleting.
+are never removed or pruned. Removing a run waits for (then refuses while) any command uses the subject, and
+pruning skips such a subject, so that a running `gen` never loses its run or leaves drafts without rows.
+Everything else goes only through these verbs, which report the bytes they free, measured before deleting.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,7 @@ from typing import Any
 from stencil_cli.base.errors import FieldError, StencilError
 from stencil_cli.store.db import Store
 from stencil_cli.store.layout import CHECKPOINT_NAME, GENERATIONS_DIR, IMAGES_DIR, RUNS_DIR, WEIGHTS_NAME
-from stencil_cli.verbs.common import subject_lock
+from stencil_cli.verbs.common import removing_subject, subject_lock
 from stencil_cli.verbs.history import folder_bytes
 
 PRUNED_FILES = (WEIGHTS_NAME, CHECKPOINT_NAME)  # what pruning takes from an older run
@@ -52,13 +54,15 @@ def plan_run_removal(store: Store, name: str, run_id: int) -> RunRemoval:
     return RunRemoval(name, run.id, folder, [g.id for g in generations], folder_bytes(folder) + image_bytes)
 
 
-def remove_run(store: Store, name: str, run_id: int) -> RunRemoval:
+def remove_run(store: Store, name: str, run_id: int, *, wait_s: float = 0.0) -> RunRemoval:
     """Remove one run: its row, its folder (weights, masks, checkpoint, previews) and its images.
 
-    Refused while the subject is being trained (its lock is held); a run still marked running without the
-    lock belongs to a process that died, and goes like any other.
+    Waits up to `wait_s` seconds for the commands using the subject (a `gen` with this run would leave
+    drafts without rows), then refuses; refused while the subject is being trained (its lock is held). A run
+    still marked running without the lock belongs to a process that died, and goes like any other.
     """
-    with subject_lock(store, name):
+    store.require_writable(f"remove run {run_id} of {name!r}")
+    with removing_subject(store, name, wait_s), subject_lock(store, name):
         removal = plan_run_removal(store, name, run_id)
         store.remove_run(name, run_id)
         return removal
@@ -133,17 +137,24 @@ def prune(store: Store, keep: int = 1, *, dry_run: bool = False, name: str | Non
     if keep < 0:
         raise FieldError("keep", f"must be 0 or more (got {keep})")
     result = PruneResult(keep, dry_run)
+    if not dry_run:
+        store.require_writable("prune it")
     names = [store.get_subject(name).name] if name is not None else store.subject_names()
     for subject in names:
         try:
-            with subject_lock(store, subject):
+            if store.read_only:  # only a dry run gets here: nothing to lock, nothing is deleted
+                holding, training = contextlib.nullcontext(), contextlib.nullcontext()
+            else:  # skipped while a gen, train, caption or eval runs
+                holding = removing_subject(store, subject, 0.0) if not dry_run else contextlib.nullcontext()
+                training = subject_lock(store, subject)
+            with holding, training:
                 candidates = _prunable(store, subject, keep)
                 if not dry_run:
                     for run in candidates:
                         for path in run.files:
                             path.unlink(missing_ok=True)
                 result.runs.extend(candidates)
-        except StencilError:  # the lock is held: a training runs
+        except StencilError:  # a lock is held: a command uses the subject
             result.skipped.append(subject)
     return result
 

@@ -38,7 +38,8 @@ from stencil_cli.verbs.common import (
 )
 from stencil_cli.verbs.previews import make_previewer, preview_steps, sample_settings
 
-if TYPE_CHECKING:  # the ML core loads torch: the verbs import it when they run, not at start-up
+if TYPE_CHECKING:  # the ML core loads torch (and crops numpy): the verbs import them when they run
+    from stencil_cli.base.crops import CropChoice
     from stencil_cli.core.attention import MaskFrom
     from stencil_cli.core.training import TrainedPart
 
@@ -59,6 +60,7 @@ RESUME_KEPT = (
     "gradient_checkpointing",
     "save_dtype",
     "mask_from",
+    "crop",
     "checkpoint_every",
     "subject_model",
     "precision",
@@ -83,6 +85,7 @@ class TrainRequest:
     gradient_checkpointing: bool = False
     save_dtype: DtypeName = "fp32"  # exact: the update (~1/50 of a weight) survives (docs/training.md)
     mask_from: MaskFrom = "caption"  # caption (the paper) | both (the authors' [empty, caption] batch)
+    crop: CropChoice = "subject"  # non-square photos: the square on the subject, or the centre (the paper)
     checkpoint_every: int = 0
     resume: bool = False
     masks_only: bool = False
@@ -143,6 +146,7 @@ def train(store: Store, request: TrainRequest, *, progress: Progress = no_progre
         raise FieldError(("resume", "masks_only"), "{} do not go together")
     check_request(request)
     store.get_subject(request.name)  # a clear NotFoundError when the subject does not exist
+    store.require_writable(f"train {request.name!r}")
     with using_subject(store, request.name), subject_lock(store, request.name):
         mark_stale_runs(store, request.name)
         run = resumable_run(store, request.name) if request.resume else None
@@ -215,6 +219,7 @@ def fresh_config(store: Store, request: TrainRequest) -> tuple[Any, str]:
         use_mask=request.use_mask,
         save_dtype=request.save_dtype,
         mask_from=request.mask_from,
+        crop=request.crop,
         gradient_checkpointing=request.gradient_checkpointing,
         checkpoint_every=request.checkpoint_every,
         lora_rank=request.lora_rank,
@@ -235,6 +240,8 @@ def resumed_config(store: Store, run: Run, request: TrainRequest) -> tuple[Any, 
     from stencil_cli.core.training import TrainConfig
 
     config = TrainConfig.from_params(run.params)
+    if "crop" not in run.params:  # begun before crops were placed on the subject: keep its centre crops
+        config.crop = "centre"
     if request.steps is not None:
         config.steps = request.steps
     model_ref = run.params.get("subject_model") or run.base_model or ""
@@ -270,6 +277,10 @@ def _load_model(
     if fresh and request.resolution is None:
         config.resolution = models.native_resolution(pipe)
     config.validate()
+    if fresh:
+        from stencil_cli.core.training import check_lora_rank
+
+        check_lora_rank(pipe.unet, config.lora_rank, config.train)
     return pipe
 
 
@@ -454,6 +465,8 @@ def write_mask_pictures(
         text.add_text("stencil:caption", captions[index])
         text.add_text("stencil:threshold", str(threshold))
         text.add_text("stencil:coverage", f"{coverage:.4f}")
+        if index < len(data.boxes):  # where the trained square lies in the photo (left, top, right, bottom)
+            text.add_text("stencil:crop", ",".join(str(value) for value in data.boxes[index]))
         buffer = io.BytesIO()
         picture.save(buffer, format="PNG", pnginfo=text)
         paths = []
@@ -559,6 +572,9 @@ def train_subject(
             on_step=on_step,
             sample_every=samples.every if samples is not None else 0,
             on_sample=previewer,
+            on_checkpoint_full=lambda at, error: progress(
+                events.Warning(f"{error.message} (the checkpoint of step {at}); training goes on")
+            ),
         )
         weights = run_dir / WEIGHTS_NAME
         try:
@@ -578,7 +594,7 @@ def train_subject(
         raise
     except BaseException as error:
         message = str(error) if isinstance(error, StencilError) else f"{type(error).__name__}: {error}"
-        store.finish_run(run.id, "failed", duration_s=elapsed(), error=message)
+        store.finish_run(run.id, "failed", duration_s=elapsed(), error=message, step=step, losses=losses)
         raise
     store.finish_run(
         run.id, "done", duration_s=elapsed(), weights_file=weights, losses=result.losses, step=result.steps

@@ -28,6 +28,7 @@ from PIL import Image
 
 from stencil_cli.base.errors import FieldError, ShowMention, StencilError, fill, plain_mention
 from stencil_cli.base.fsutil import atomic_write_bytes
+from stencil_cli.base.targets import refuse_inside_store
 from stencil_cli.store.db import Store
 from stencil_cli.store.layout import CONTACT_SHEET_NAME, LOSS_CURVE_NAME, MASKS_DIR, PAGE_NAME, SAMPLES_DIR
 from stencil_cli.store.records import Generation, Run, Subject
@@ -58,7 +59,7 @@ class ViewRequest:
     name a setting (the CLI: as its flag)."""
 
     name: str
-    out: Path | None = None
+    out: Path | str | None = None
     show_setting: ShowMention = plain_mention
 
 
@@ -82,8 +83,11 @@ class ViewResult:
 def page_path(store: Store, request: ViewRequest) -> Path:
     """Where the page goes: `out` (a folder, or a name without a suffix, gets `NAME.html` inside), else the
     subject's `view.html`."""
+    default = store.subject_dir(request.name) / PAGE_NAME
     if request.out is None:
-        return store.subject_dir(request.name) / PAGE_NAME
+        return default
+    if not str(request.out).strip():
+        raise FieldError("out", "{} is empty: give a file or a folder for the page")
     out = Path(request.out).expanduser()
     if out.is_dir() or (not out.exists() and not out.suffix):
         out = out / f"{request.name}.html"
@@ -92,6 +96,8 @@ def page_path(store: Store, request: ViewRequest) -> Path:
     blocker = next((parent for parent in out.parents if parent.exists()), None)
     if blocker is not None and not blocker.is_dir():
         raise FieldError("out", f"{{}} {out}: {blocker} is a file, not a folder")
+    if out.absolute() != default.absolute():
+        refuse_inside_store(out.absolute(), store.root, "out")
     return out
 
 
@@ -386,6 +392,7 @@ def mask_sheet(store: Store, name: str, cell: int = 256) -> MaskSheet | None:
     """Draw each photo beside its latest mask picture, labelled, with the caption the mask was made from,
     into `masks/contact-sheet.png`; None if no masks yet."""
     subject = store.get_subject(name)
+    store.require_writable(f"write the mask sheet of {name!r}")
     pairs = mask_files(store, subject)
     if not any(mask for _, mask in pairs):
         return None
@@ -407,15 +414,15 @@ def mask_panels(pairs: list[tuple[dict[str, Any], Path | None]], cell: int) -> l
         facts = _mask_facts(mask)
         caption = facts.get("caption") or image["caption"]
         pictures = [
-            Picture(_tile(Path(image["file"]), cell), f"photo {image['id']}"),
+            Picture(_tile(Path(image["file"]), cell, crop_box(mask)), f"photo {image['id']}"),
             Picture(_tile(mask, cell), _mask_label(mask, facts)),
         ]
         panels.append(Panel(pictures, caption=f"caption: {caption}" if caption else "no caption yet"))
     return panels
 
 
-def _tile(path: Path | None, cell: int) -> Image.Image | None:
-    """The picture at `path` scaled to fit a `cell` square (None when it is missing or unreadable)."""
+def _tile(path: Path | None, cell: int, box: tuple[int, int, int, int] | None = None) -> Image.Image | None:
+    """The picture at `path` (its `box` when given) scaled into a `cell` square; None when missing."""
     if path is None or not path.is_file():
         return None
     try:
@@ -423,8 +430,25 @@ def _tile(path: Path | None, cell: int) -> Image.Image | None:
             picture = opened.convert("RGB")
     except OSError:
         return None
+    if box is not None and box[2] <= picture.width and box[3] <= picture.height:
+        picture = picture.crop(box)  # the square that was trained, as its mask picture records it
     picture.thumbnail((cell, cell))
     return picture
+
+
+def crop_box(mask: Path | None) -> tuple[int, int, int, int] | None:
+    """Where the trained square lies in the photo, as its mask picture records it (None if it does not)."""
+    if mask is None or not mask.is_file():
+        return None
+    try:
+        with Image.open(mask) as opened:
+            text = opened.info.get("stencil:crop")
+        left, top, right, bottom = (int(value) for value in str(text).split(","))
+    except (OSError, ValueError):
+        return None
+    if not (0 <= left < right and 0 <= top < bottom):
+        return None
+    return left, top, right, bottom
 
 
 def _mask_facts(path: Path | None) -> dict[str, str]:
