@@ -7,6 +7,7 @@ labels and layout are what is shown), then runs what a user would: `add`, `capti
 `train` with previews, `gen` with three taus and `--grid` for two prompts, a subject edit (`--draft`), a plain
 generation, `show --masks`, `eval` and `view`. It screenshots the page with headless Chromium (skipped with a
 note when no `chromium` is installed) and writes small PNGs into `--out`: view.png (the page's first screen),
+view-runs.png (its run cards),
 grid.png, loss.png, masks.png and scores.png (the bench chart from a results file of made-up numbers, since
 the bench itself needs the eval models). Each is scaled down until it is under 150 KB.
 """
@@ -116,6 +117,17 @@ def build(home: Path, photos: Path) -> dict[str, Path]:
     }
 
 
+def runs_first(page: Path) -> Path:
+    """A copy of the page beside it without its images section, so that a first-screen screenshot shows the
+    run cards (headless Chromium does not scroll to a #fragment before its screenshot)."""
+    text = page.read_text(encoding="utf-8")
+    start = text.index('<section id="images">')
+    end = text.index("</section>", start) + len("</section>")
+    copy = page.with_name("runs-first.html")
+    copy.write_text(text[:start] + text[end:], encoding="utf-8")
+    return copy
+
+
 def default_photos() -> Path:
     """The DreamBench backpack photos in the nearest `shared/dreambench/` above the checkout."""
     for folder in HERE.parents:
@@ -156,6 +168,10 @@ def main() -> None:
         shot = work / "view-screenshot.png"
         if screenshot(files["page"], shot, (1280, 900)):
             print("view.png", small_png(shot, args.out / "view.png", width=1000), "bytes")
+            runs_only = runs_first(files["page"])
+            screenshot(runs_only, shot, (1280, 800))
+            runs_only.unlink()
+            print("view-runs.png", small_png(shot, args.out / "view-runs.png", width=1000), "bytes")
         else:
             print("no chromium: view.png not taken", file=sys.stderr)
         print("grid.png", small_png(files["grid"], args.out / "grid.png", width=900), "bytes")

@@ -1,15 +1,17 @@
 """A subject at a glance: a static HTML page, and a contact sheet of its mask pictures.
 
-`write_view` writes one self-contained HTML file (no server, no network, no JavaScript): the subject's photos
-with their captions and latest mask pictures, each training run's settings, loss curve and previews, and every
-generated image with its prompt, tau, seed, mode and evaluation scores. Images are *referenced* by paths
-relative to the page, not embedded: the page stays a few kilobytes however many images a subject has, shows
-them at full resolution, and a click opens the file itself. The page is a window on the store, so it lives in
-the subject's folder by default (`subjects/NAME/view.html`); a page written elsewhere with `out` refers to the
-same files by relative paths from there, and stops finding them if it is moved without the store.
+`write_view` writes one self-contained HTML file (no server, no network, no JavaScript) from the Jinja2
+template `templates/subject.html.j2` (autoescaped): every generated image beside its draft (or the user's
+picture, when editing), grouped by prompt with the newest group first, with tau, seed, run and scores; each
+training run as a compact card (loss curve, settings table, previews); the photos with their captions and
+latest mask pictures. Images are *referenced* by paths relative to the page, not embedded: the page stays
+small however many images a subject has, shows them at full resolution, and a click opens the file itself. The
+page is a window on the store, so it lives in the subject's folder by default (`subjects/NAME/view.html`); a
+page written elsewhere with `out` refers to the same files by relative paths from there, and stops finding
+them if it is moved without the store.
 
-`mask_sheet` draws each photo beside its mask picture into one PNG (`subjects/NAME/masks/contact-sheet.png`).
-Pillow only: nothing here loads torch.
+`mask_sheet` draws each photo beside its mask picture, labelled, with the caption the mask was made from, into
+one PNG (`subjects/NAME/masks/contact-sheet.png`). Nothing here loads torch; Jinja2 loads only to render.
 """
 
 from __future__ import annotations
