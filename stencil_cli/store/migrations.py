@@ -125,12 +125,22 @@ def m004_draft_prompt_cache(db: Database) -> None:
     )
 
 
+def m005_run_id_counter(db: Database) -> None:
+    """A counter so that a run id is never used twice (`rm --run` of the newest run freed its id).
+
+    An export's metadata and a generation's row name the run by id: a reused id would point at another run.
+    """
+    highest = db.execute("select coalesce(max(id), 0) from runs").fetchone()[0]
+    db["counters"].insert({"name": "run_id", "value": highest}, replace=True)
+
+
 # In the order they apply. Append new ones; never edit, rename or reorder one above.
 MIGRATIONS: list[Callable[[Database], None]] = [
     m001_initial,
     m002_subject_id_counter,
     m003_one_name_per_file_column,
     m004_draft_prompt_cache,
+    m005_run_id_counter,
 ]
 
 

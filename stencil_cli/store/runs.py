@@ -38,6 +38,7 @@ class RunQueries(SubjectQueries):
                 self.db["runs"]
                 .insert(
                     {
+                        "id": self._next_id("run_id", "runs"),
                         "subject_id": subject.id,
                         "status": "running",
                         "params": dumps(params),

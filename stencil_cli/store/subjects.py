@@ -274,10 +274,17 @@ class SubjectQueries(Connection):
 
     def _next_subject_id(self) -> int:
         """A subject id never used before in this store (call inside a write transaction)."""
-        used = self.db.execute("select value from counters where name = 'subject_id'").fetchone()
-        highest = self.db.execute("select coalesce(max(id), 0) from subjects").fetchone()[0]
+        return self._next_id("subject_id", "subjects")
+
+    def _next_id(self, counter: str, table: str) -> int:
+        """An id for `table` never used before in this store, kept in `counters` (inside a write transaction).
+
+        SQLite hands out the highest id again after that row is deleted; a record that names an id (a pinned
+        command, an export's metadata) must never come to mean another row."""
+        used = self.db.execute("select value from counters where name = ?", [counter]).fetchone()
+        highest = self.db.execute(f"select coalesce(max(id), 0) from {table}").fetchone()[0]
         next_id = max(used[0] if used else 0, highest) + 1
-        self.db["counters"].upsert({"name": "subject_id", "value": next_id}, pk="name")
+        self.db["counters"].upsert({"name": counter, "value": next_id}, pk="name")
         return next_id
 
     def _image_view(self, row: dict[str, Any]) -> dict[str, Any]:
