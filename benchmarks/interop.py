@@ -231,13 +231,15 @@ def write_exports(pipe: Any, run_file: Path, folder: Path, *, rank: int | None) 
     """Every export of one run, fp32 (so that a difference is the loader's, not the dtype's)."""
     folder.mkdir(parents=True, exist_ok=True)
     out = {}
+    merged = copy.deepcopy(pipe)  # the full formats load the run into the pipeline's UNet: once is enough
     for fmt in FORMATS:
         target = folder / (fmt if fmt == "diffusers" else f"{fmt}.safetensors")
-        base = copy.deepcopy(pipe)  # the full formats load the run into the pipeline's UNet
+        lora = fmt in ("lora", "kohya")
         export_core.export_run(
-            base, run_file, fmt, target, rank=rank if fmt in ("lora", "kohya") else None, save_dtype="fp32"
+            pipe if lora else merged, run_file, fmt, target, rank=rank if lora else None, save_dtype="fp32"
         )
         out[fmt] = target
+    del merged
     return out
 
 

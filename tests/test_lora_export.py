@@ -273,6 +273,27 @@ def test_diffusers_folder_gives_the_unet_stencil_generates_with(
     assert json.loads((target / "stencil_export.json").read_text())["run_kind"] == kind
 
 
+def test_the_diffusers_folder_tokenizer_loads_from_vocab_and_merges_alone(tiny_models_dir, runs, tmp_path) -> None:
+    """transformers 4.x's slow CLIPTokenizer (diffusers 0.32 + transformers 4.54) reads vocab.json + merges.txt."""
+    import shutil
+
+    from transformers import CLIPTokenizer
+
+    target = tmp_path / "robot-pipeline"
+    ex.export_run(_fresh_pipe(tiny_models_dir), runs["full"], "diffusers", target, save_dtype="fp32")
+    folder = target / "tokenizer"
+    assert {"tokenizer.json", "vocab.json", "merges.txt"} <= {p.name for p in folder.iterdir()}
+    slow_only = tmp_path / "slow-tokenizer"
+    shutil.copytree(folder, slow_only, ignore=shutil.ignore_patterns("tokenizer.json"))
+    fast = _fresh_pipe(tiny_models_dir).tokenizer
+    slow = CLIPTokenizer(
+        vocab=str(slow_only / "vocab.json"), merges=str(slow_only / "merges.txt"), model_max_length=77
+    )
+    prompt = "a photo of a toy robot on the beach"
+    assert slow(prompt).input_ids == fast(prompt).input_ids
+    assert CLIPTokenizer.from_pretrained(str(slow_only))(prompt).input_ids == fast(prompt).input_ids
+
+
 def test_single_file_round_trips_through_from_single_file(tiny_models_dir, runs, tmp_path: Path) -> None:
     """The original-layout file loads back with diffusers' from_single_file: UNet, VAE, text encoder equal."""
     from diffusers import StableDiffusionPipeline

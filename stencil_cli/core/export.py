@@ -440,6 +440,32 @@ def _cast_safetensors(folder: Path, dtype: torch.dtype) -> None:
         cast_weights_file(path, dtype)
 
 
+SLOW_TOKENIZER_FILES = ("vocab.json", "merges.txt")  # what transformers 4's CLIPTokenizer reads
+
+
+def write_tokenizer_files(tokenizer: Any, folder: Path) -> None:
+    """Give an exported ``tokenizer/`` folder both layouts: ``tokenizer.json`` and vocab.json + merges.txt.
+
+    transformers 5 saves only ``tokenizer.json``; ``model_index.json`` names ``CLIPTokenizer``, whose
+    transformers 4.x (slow) loader needs ``vocab.json`` and ``merges.txt``, as the Hub's SD1.5 folder has
+    them. The base model's own files are copied when it has them; otherwise they are written from the
+    tokenizer's BPE model (the same vocabulary and merges)."""
+    folder = Path(folder)
+    source = Path(getattr(tokenizer, "name_or_path", "") or "")
+    missing = [name for name in SLOW_TOKENIZER_FILES if not (folder / name).is_file()]
+    for name in list(missing):
+        for candidate in (source / name, source / "tokenizer" / name):
+            if candidate.is_file():
+                shutil.copyfile(candidate, folder / name)
+                missing.remove(name)
+                break
+    if missing:
+        with tempfile.TemporaryDirectory(dir=folder) as scratch:
+            tokenizer.backend_tokenizer.model.save(scratch)
+            for name in missing:
+                os.replace(Path(scratch) / name, folder / name)
+
+
 def _folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
@@ -604,6 +630,7 @@ def export_run(
 
             def build(folder: Path) -> None:
                 pipe.save_pretrained(folder, safe_serialization=True)
+                write_tokenizer_files(pipe.tokenizer, folder / "tokenizer")
                 if dtype != torch.float32:
                     _cast_safetensors(folder, dtype)
                 (folder / "stencil_export.json").write_text(
