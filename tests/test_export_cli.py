@@ -193,6 +193,18 @@ def test_a_lora_run_exports_a_lora_diffusers_loads_as_stencil_uses_it(
     torch.testing.assert_close(_call(pipe.unet), expected, rtol=1e-4, atol=1e-5)
 
 
+def test_the_default_format_is_kohya_the_one_every_tool_loads(trained: dict[str, Any], cli: Any, tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    target = tmp_path / "robot.safetensors"
+    _, data = _export(cli, "-o", target)
+    assert data["format"] == "kohya"
+    with safe_open(str(target), "pt") as handle:
+        keys = list(handle.keys())
+    assert keys and all(key.startswith("lora_unet_") for key in keys)
+    assert "ComfyUI" in (tmp_path / "robot.README.md").read_text()
+
+
 def test_a_full_run_exports_a_diffusers_folder_with_the_unet_stencil_uses(
     trained: dict[str, Any], cli: Any, tiny_models_dir: Path, tmp_path: Path
 ) -> None:

@@ -35,16 +35,6 @@ def _progress(event: events.Event) -> None:
 @handle_errors(flags=FLAGS)
 def export(
     name: Annotated[str, typer.Argument(help="Subject name.")],
-    fmt: Annotated[
-        str,
-        typer.Option(
-            "--format",
-            "-f",
-            help="lora (diffusers LoRA), kohya (A1111/ComfyUI LoRA), diffusers (pipeline folder), "
-            "single-file (A1111/ComfyUI checkpoint).",
-            show_default=False,
-        ),
-    ],
     output: Annotated[
         Path,
         typer.Option(
@@ -55,6 +45,15 @@ def export(
             show_default=False,
         ),
     ],
+    fmt: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            "-f",
+            help="kohya (LoRA for ComfyUI, A1111 and diffusers), lora (diffusers/peft LoRA: diffusers only), "
+            "diffusers (pipeline folder), single-file (A1111/ComfyUI checkpoint).",
+        ),
+    ] = "kohya",
     run_id: Annotated[
         int | None,
         typer.Option(

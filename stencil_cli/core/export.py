@@ -3,14 +3,17 @@
 Formats (``FORMATS``):
 
 - ``lora``: a diffusers/peft LoRA safetensors (``unet.<module>.lora_A.weight`` / ``lora_B``) that
-  ``StableDiffusionPipeline.load_lora_weights`` reads. A LoRA run exports its adapters (alpha / rank folded
+  ``StableDiffusionPipeline.load_lora_weights`` reads: diffusers only (ComfyUI maps diffusers names only as
+  ``unet.<name>`` with ``.processor.to_`` and A1111 splits a key at its first dot, so both drop its attention
+  keys; measured with their loaders by ``benchmarks/interop.py``). A LoRA run exports its adapters (alpha / rank folded
   into ``lora_B``, so every layer has scale 1 and no alphas are needed); a full-decoder run is approximated
   by a truncated SVD of the weight difference of every Linear and Conv2d layer of the trained part (as
   kohya's ``extract_lora_from_models.py`` does, without its quantile clamping), rank ``min(R, out, in * kh *
   kw)`` per layer. Biases and normalisation weights cannot be LoRA layers: they are left out and counted in
   the error.
 - ``kohya``: the same LoRA with ``lora_unet_...`` names, ``lora_down``/``lora_up`` and ``alpha`` tensors
-  (AUTOMATIC1111, ComfyUI), converted with diffusers' own ``convert_state_dict_to_kohya``.
+  (AUTOMATIC1111, ComfyUI, and diffusers' ``load_lora_weights``), converted with diffusers' own
+  ``convert_state_dict_to_kohya``. The default: it loads in every tool the docs name.
 - ``diffusers``: a complete pipeline folder (``save_pretrained``) with the fine-tuned UNet.
 - ``single-file``: one safetensors checkpoint in the original Stable Diffusion layout
   (``model.diffusion_model.``, ``first_stage_model.``, ``cond_stage_model.transformer.``). The names come
@@ -534,7 +537,13 @@ def model_card(fmt: ExportFormat, target: Path, info: Mapping[str, Any]) -> str:
             f'pipe = StableDiffusionPipeline.from_single_file("{name}", torch_dtype=torch.float16).to("cuda")'
         ]
     lines += [f'image = pipe("a photo of a {phrase} on the beach").images[0]', "```", ""]
-    if fmt in LORA_FORMATS:
+    if fmt == "lora":
+        lines += [
+            "- This peft-named file is for diffusers only: ComfyUI's *Load LoRA* and AUTOMATIC1111's Lora "
+            "extension match none of its attention keys (they drop them, with at most a log line). Export "
+            "with the `kohya` format for them."
+        ]
+    elif fmt == "kohya":
         lines += [
             f"- ComfyUI: put `{name}` in `models/loras/` and add a *Load LoRA* node after the SD1.5 "
             "checkpoint.",
