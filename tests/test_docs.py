@@ -71,3 +71,25 @@ def test_the_citation_check_catches_a_stale_name() -> None:
     assert _resolve("core.weights.load_trained_weights")
     assert not _resolve("core.generation.context_guidance")  # moved long ago: must be reported
     assert not _resolve("store.nowhere")
+
+
+def _documented_columns(text: str) -> dict[str, list[str]]:
+    """{table: [column, ...]} from docs/store.md's schema table (the first backticked word of each item)."""
+    import re
+
+    tables = {}
+    for line in text.splitlines():
+        match = re.match(r"^\| `(\w+)` \| (.+) \|$", line)
+        if match:
+            items = re.split(r",\s*(?![^()]*\))", match[2])  # commas outside parentheses
+            tables[match[1]] = [re.match(r"`(\w+)`", item.strip())[1] for item in items if item.strip().startswith("`")]
+    return tables
+
+
+def test_store_md_lists_the_real_columns_of_every_table(stencil_home: Path) -> None:
+    from stencil_cli.store.db import open_store
+
+    documented = _documented_columns((ROOT / "docs" / "store.md").read_text())
+    db = open_store().db
+    real = {t: [c.name for c in db[t].columns] for t in db.table_names() if not t.startswith("_")}
+    assert documented == real
