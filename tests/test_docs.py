@@ -93,3 +93,25 @@ def test_store_md_lists_the_real_columns_of_every_table(stencil_home: Path) -> N
     db = open_store().db
     real = {t: [c.name for c in db[t].columns] for t in db.table_names() if not t.startswith("_")}
     assert documented == real
+
+
+def test_the_size_table_in_training_md_is_the_one_export_sizes_computes() -> None:
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import export_sizes
+
+    table = export_sizes.size_table()
+    assert table in (ROOT / "docs" / "training.md").read_text(), (
+        "docs/training.md's sizes are stale: paste `python benchmarks/export_sizes.py`"
+    )
+
+
+def test_sizes_read_the_same_in_every_command() -> None:
+    """One formatter (decimal units): no command formats bytes by hand with powers of 1024."""
+    from stencil_cli.cli.output import human_bytes
+
+    assert human_bytes(2_043_183_360) == "2.0 GB" and human_bytes(1536) == "1.5 kB" and human_bytes(None) == "-"
+    for module in (ROOT / "stencil_cli" / "cli").glob("*.py"):
+        text = module.read_text()
+        assert "/ 1024" not in text and "/= 1024" not in text and "/= 1000" not in text, module.name

@@ -65,14 +65,15 @@ def stdout_console() -> Console:
     return console
 
 
-def human_bytes(count: int) -> str:
-    """1536 -> '1.5 KB' (powers of 1024, one decimal)."""
-    size = float(count)
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} TB"
+def human_bytes(count: int | None) -> str:
+    """Bytes for people, the one formatter of every command: 1536 -> '1.5 kB', 2.04e9 -> '2.0 GB' ('-': None).
+
+    rich's decimal units (powers of 1000, as disks and the Hub count), so one size reads the same everywhere."""
+    if count is None:
+        return "-"
+    from rich.filesize import decimal
+
+    return decimal(int(count))
 
 
 def info(message: str) -> None:
