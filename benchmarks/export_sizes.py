@@ -1,6 +1,6 @@
 """File sizes of runs and exports for the full-size SD1.5 architecture, computed on the meta device.
 
-    python benchmarks/export_sizes.py            # the Markdown table in docs/training.md (a test compares them)
+    python benchmarks/export_sizes.py            # docs/training.md's table (a test compares them)
 
 Nothing is materialised or downloaded: the shipped config (``stencil_cli/models/configs/sd15.json``) is built
 on the meta device and sizes are parameter counts times the bytes of the dtype each file is written in: a run
@@ -57,7 +57,8 @@ def size_table() -> str:
 
     row("full-decoder run (`up_blocks`)", decoder)
     for rank in (4, 16, 64):
-        row(f"LoRA run, rank {rank} (and its `lora`/`kohya` export)", lora_params(unet, rank, attention_only=True))
+        count = lora_params(unet, rank, attention_only=True)
+        row(f"LoRA run, rank {rank} (and its `lora`/`kohya` export)", count)
     for rank in (4, 16, 32, 64):
         count = lora_params(unet, rank, attention_only=False)
         row(f"`lora`/`kohya` export of a full run, SVD rank {rank}", count, run=False)

@@ -82,7 +82,8 @@ def _documented_columns(text: str) -> dict[str, list[str]]:
         match = re.match(r"^\| `(\w+)` \| (.+) \|$", line)
         if match:
             items = re.split(r",\s*(?![^()]*\))", match[2])  # commas outside parentheses
-            tables[match[1]] = [re.match(r"`(\w+)`", item.strip())[1] for item in items if item.strip().startswith("`")]
+            names = [re.match(r"`(\w+)`", item.strip()) for item in items]
+            tables[match[1]] = [name[1] for name in names if name]
     return tables
 
 
@@ -111,7 +112,8 @@ def test_sizes_read_the_same_in_every_command() -> None:
     """One formatter (decimal units): no command formats bytes by hand with powers of 1024."""
     from stencil_cli.cli.output import human_bytes
 
-    assert human_bytes(2_043_183_360) == "2.0 GB" and human_bytes(1536) == "1.5 kB" and human_bytes(None) == "-"
+    assert human_bytes(2_043_183_360) == "2.0 GB" and human_bytes(1536) == "1.5 kB"
+    assert human_bytes(None) == "-"
     for module in (ROOT / "stencil_cli" / "cli").glob("*.py"):
         text = module.read_text()
         assert "/ 1024" not in text and "/= 1024" not in text and "/= 1000" not in text, module.name

@@ -193,7 +193,9 @@ def test_a_lora_run_exports_a_lora_diffusers_loads_as_stencil_uses_it(
     torch.testing.assert_close(_call(pipe.unet), expected, rtol=1e-4, atol=1e-5)
 
 
-def test_the_default_format_is_kohya_the_one_every_tool_loads(trained: dict[str, Any], cli: Any, tmp_path: Path) -> None:
+def test_the_default_format_is_kohya_the_one_every_tool_loads(
+    trained: dict[str, Any], cli: Any, tmp_path: Path
+) -> None:
     from safetensors import safe_open
 
     target = tmp_path / "robot.safetensors"

@@ -273,8 +273,10 @@ def test_diffusers_folder_gives_the_unet_stencil_generates_with(
     assert json.loads((target / "stencil_export.json").read_text())["run_kind"] == kind
 
 
-def test_the_diffusers_folder_tokenizer_loads_from_vocab_and_merges_alone(tiny_models_dir, runs, tmp_path) -> None:
-    """transformers 4.x's slow CLIPTokenizer (diffusers 0.32 + transformers 4.54) reads vocab.json + merges.txt."""
+def test_the_diffusers_folder_tokenizer_loads_from_vocab_and_merges_alone(
+    tiny_models_dir, runs, tmp_path
+) -> None:
+    """transformers 4.x's slow CLIPTokenizer (diffusers 0.32 + transformers 4.54) reads vocab + merges."""
     import shutil
 
     from transformers import CLIPTokenizer

@@ -68,7 +68,7 @@ def stdout_console() -> Console:
 def human_bytes(count: int | None) -> str:
     """Bytes for people, the one formatter of every command: 1536 -> '1.5 kB', 2.04e9 -> '2.0 GB' ('-': None).
 
-    rich's decimal units (powers of 1000, as disks and the Hub count), so one size reads the same everywhere."""
+    rich's decimal units (powers of 1000, as disks and the Hub count): one size reads the same everywhere."""
     if count is None:
         return "-"
     from rich.filesize import decimal

@@ -5,8 +5,9 @@ Formats (``FORMATS``):
 - ``lora``: a diffusers/peft LoRA safetensors (``unet.<module>.lora_A.weight`` / ``lora_B``) that
   ``StableDiffusionPipeline.load_lora_weights`` reads: diffusers only (ComfyUI maps diffusers names only as
   ``unet.<name>`` with ``.processor.to_`` and A1111 splits a key at its first dot, so both drop its attention
-  keys; measured with their loaders by ``benchmarks/interop.py``). A LoRA run exports its adapters (alpha / rank folded
-  into ``lora_B``, so every layer has scale 1 and no alphas are needed); a full-decoder run is approximated
+  keys; measured with their loaders by ``benchmarks/interop.py``). A LoRA run exports its adapters
+  (alpha / rank folded into ``lora_B``, so every layer has scale 1 and no alphas are needed); a full-decoder
+  run is approximated
   by a truncated SVD of the weight difference of every Linear and Conv2d layer of the trained part (as
   kohya's ``extract_lora_from_models.py`` does, without its quantile clamping), rank ``min(R, out, in * kh *
   kw)`` per layer. Biases and normalisation weights cannot be LoRA layers: they are left out and counted in
