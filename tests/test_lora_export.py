@@ -391,3 +391,29 @@ def test_force_replaces_an_existing_export_atomically(tiny_subject_pipe, runs, t
     ex.export_run(copy.deepcopy(tiny_subject_pipe), runs["lora"], "diffusers", folder, force=True)
     assert not (folder / "stale.txt").exists() and (folder / "model_index.json").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("fmt", ["single-file", "diffusers"])
+def test_an_fp16_export_keeps_updates_fp16_would_round_away(tiny_models_dir, tmp_path: Path, fmt: str) -> None:
+    """A norm weight near 1.0 moved by 1e-5 (below fp16's step there) comes back as trained, not as the base."""
+    pipe = _fresh_pipe(tiny_models_dir)
+    params = dict(pipe.unet.named_parameters())
+    norm = next(n for n in params if n.startswith("up_blocks.") and ".norm" in n and n.endswith(".weight"))
+    conv = next(n for n in params if n.startswith("up_blocks.") and n.endswith("conv1.weight"))
+    trained = {norm: params[norm].detach() + 1e-5, conv: params[conv].detach() + 0.1}
+    assert torch.equal(trained[norm].half(), params[norm].detach().half())  # fp16 alone would lose it
+    weights = tmp_path / "run.safetensors"
+    metadata = weights_metadata(_config(), "tiny", list(trained), subject="robot", phrase="toy robot", run_id="3")
+    save_trained_weights(weights, trained, metadata)
+    target = tmp_path / ("robot-pipeline" if fmt == "diffusers" else "robot.safetensors")
+    result = ex.export_run(pipe, weights, fmt, target, save_dtype="fp16")
+    assert result.kept_fp32 == 1 and json.loads(result.metadata["kept_fp32"]) == [norm]
+    if fmt == "diffusers":
+        tensors = load_file(str(target / "unet" / "diffusion_pytorch_model.safetensors"))
+        got_norm, got_conv = tensors[norm], tensors[conv]
+    else:
+        names = ex.original_layout_names(_fresh_pipe(tiny_models_dir))["unet"]
+        tensors = load_file(str(target))
+        got_norm, got_conv = tensors[names[norm][0]], tensors[names[conv][0]]
+    assert got_norm.dtype == torch.float32 and torch.equal(got_norm, trained[norm])
+    assert got_conv.dtype == torch.float16  # the rest keeps the smaller dtype

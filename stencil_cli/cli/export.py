@@ -117,6 +117,11 @@ def _present(result: ExportResult, json_output: bool) -> None:
         f"wrote {escape(result.path.name)} ({human_bytes(result.bytes)}, {what} from {source}); "
         f"model card {escape(str(result.card))}"
     )
+    if result.kept_fp32:
+        info(
+            f"{result.kept_fp32} trained tensors kept in fp32: the export dtype would round their update "
+            "back to the base weights"
+        )
     if error is None:
         return
     info(

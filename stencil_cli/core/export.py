@@ -99,6 +99,7 @@ class WrittenExport:
     rank: int | None = None
     error: ExtractionError | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    kept_fp32: int = 0  # trained tensors the export dtype would round back to the base: written in fp32
 
 
 # -- validation ----------------------------------------------------------------------------------------------
@@ -438,10 +439,12 @@ def _write_folder(target: Path, build: Callable[[Path], None]) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _cast_safetensors(folder: Path, dtype: torch.dtype) -> None:
-    """Rewrite every safetensors file under `folder` with its floating-point tensors in `dtype`."""
+def _cast_safetensors(folder: Path, dtype: torch.dtype, keep_unet: Iterable[str] = ()) -> None:
+    """Rewrite every safetensors file under `folder` with its floating-point tensors in `dtype`.
+
+    The UNet's tensors named in `keep_unet` stay fp32 (their update would round away)."""
     for path in Path(folder).rglob("*.safetensors"):
-        cast_weights_file(path, dtype)
+        cast_weights_file(path, dtype, keep_unet if path.parent.name == "unet" else ())
 
 
 SLOW_TOKENIZER_FILES = ("vocab.json", "merges.txt")  # what transformers 4's CLIPTokenizer reads
@@ -468,6 +471,27 @@ def write_tokenizer_files(tokenizer: Any, folder: Path) -> None:
             tokenizer.backend_tokenizer.model.save(scratch)
             for name in missing:
                 os.replace(Path(scratch) / name, folder / name)
+
+
+def _trained_names(unet: Any, tensors: Mapping[str, torch.Tensor], kind: WeightsKind) -> list[str]:
+    """The UNet parameters a run changes: a full run's own tensors, a LoRA run's adapted weights."""
+    if kind == KIND_LORA:
+        return [f"{module}.weight" for module in lora_pairs(tensors)]
+    return list(tensors)
+
+
+def rounded_away(
+    base: Mapping[str, torch.Tensor], trained: Mapping[str, torch.Tensor], dtype: torch.dtype
+) -> list[str]:
+    """The tensors the run changed that `dtype` gives back bit-identical to the base (the update lost)."""
+    if dtype == torch.float32:
+        return []
+    lost = []
+    for name, before in base.items():
+        after = trained[name].detach().cpu()
+        if not torch.equal(before, after) and torch.equal(before.to(dtype), after.to(dtype)):
+            lost.append(name)
+    return lost
 
 
 def _folder_bytes(path: Path) -> int:
@@ -616,6 +640,7 @@ def export_run(
     }
     error: ExtractionError | None = None
     used_rank: int | None = None
+    keep: list[str] = []
     if fmt in LORA_FORMATS:
         tensors = read_tensors(weights_path)
         if kind == KIND_LORA:
@@ -634,7 +659,13 @@ def export_run(
             header["extraction_error"] = json.dumps(error.__dict__)
         _write_file(target, state, header)
     else:
+        params = dict(pipe.unet.named_parameters())
+        names = _trained_names(pipe.unet, read_tensors(weights_path), kind)
+        base = {name: params[name].detach().cpu().float().clone() for name in names}
         load_trained_weights(pipe.unet, Path(weights_path))
+        keep = rounded_away(base, dict(pipe.unet.named_parameters()), dtype)
+        del base
+        header["kept_fp32"] = json.dumps(keep) if keep else None
         if fmt == "diffusers":
             info["error"] = None
 
@@ -642,7 +673,7 @@ def export_run(
                 pipe.save_pretrained(folder, safe_serialization=True)
                 write_tokenizer_files(pipe.tokenizer, folder / "tokenizer")
                 if dtype != torch.float32:
-                    _cast_safetensors(folder, dtype)
+                    _cast_safetensors(folder, dtype, keep)
                 (folder / "stencil_export.json").write_text(
                     json.dumps(_metadata_strings(header), indent=2, sort_keys=True) + "\n", encoding="utf-8"
                 )
@@ -650,7 +681,12 @@ def export_run(
 
             _write_folder(target, build)
         else:
-            _write_file(target, original_layout_state(pipe, dtype), header)
+            state = original_layout_state(pipe, dtype)
+            unet_names = original_layout_names(pipe)["unet"]
+            unet_state = pipe.unet.state_dict()
+            for name in keep:
+                state[unet_names[name][0]] = unet_state[name].detach().to("cpu", torch.float32).contiguous()
+            _write_file(target, state, header)
     info["error"] = error
     card = card_path(fmt, target)
     if fmt != "diffusers":
@@ -665,6 +701,7 @@ def export_run(
         rank=used_rank,
         error=error,
         metadata=_metadata_strings(header),
+        kept_fp32=len(keep),
     )
 
 

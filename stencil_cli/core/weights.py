@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol, get_args
 
@@ -109,12 +109,15 @@ def save_trained_weights(
     return Path(path)
 
 
-def cast_weights_file(path: Path, dtype: torch.dtype) -> None:
-    """Rewrite a safetensors file in place with its floating-point tensors in `dtype` (its header kept)."""
+def cast_weights_file(path: Path, dtype: torch.dtype, keep: Iterable[str] = ()) -> None:
+    """Rewrite a safetensors file in place with its floating-point tensors in `dtype` (its header kept).
+
+    Tensors named in `keep` stay as they are (an export keeps the updates `dtype` would round away)."""
+    kept = set(keep)
     with safe_open(str(path), framework="pt") as handle:
         header = handle.metadata()
         tensors = {
-            key: (t.to(dtype) if t.is_floating_point() else t).contiguous()
+            key: (t.to(dtype) if t.is_floating_point() and key not in kept else t).contiguous()
             for key in handle.keys()  # noqa: SIM118 - a safetensors handle is not a dict
             for t in (handle.get_tensor(key),)
         }
