@@ -394,8 +394,10 @@ def test_force_replaces_an_existing_export_atomically(tiny_subject_pipe, runs, t
 
 
 @pytest.mark.parametrize("fmt", ["single-file", "diffusers"])
-def test_an_fp16_export_keeps_updates_fp16_would_round_away(tiny_models_dir, tmp_path: Path, fmt: str) -> None:
-    """A norm weight near 1.0 moved by 1e-5 (below fp16's step there) comes back as trained, not as the base."""
+def test_an_fp16_export_keeps_updates_fp16_would_round_away(
+    tiny_models_dir, tmp_path: Path, fmt: str
+) -> None:
+    """A norm weight near 1.0 moved by 1e-5 (below fp16's step there) comes back as trained, not as base."""
     pipe = _fresh_pipe(tiny_models_dir)
     params = dict(pipe.unet.named_parameters())
     norm = next(n for n in params if n.startswith("up_blocks.") and ".norm" in n and n.endswith(".weight"))
@@ -403,7 +405,8 @@ def test_an_fp16_export_keeps_updates_fp16_would_round_away(tiny_models_dir, tmp
     trained = {norm: params[norm].detach() + 1e-5, conv: params[conv].detach() + 0.1}
     assert torch.equal(trained[norm].half(), params[norm].detach().half())  # fp16 alone would lose it
     weights = tmp_path / "run.safetensors"
-    metadata = weights_metadata(_config(), "tiny", list(trained), subject="robot", phrase="toy robot", run_id="3")
+    names = list(trained)
+    metadata = weights_metadata(_config(), "tiny", names, subject="robot", phrase="toy robot", run_id="3")
     save_trained_weights(weights, trained, metadata)
     target = tmp_path / ("robot-pipeline" if fmt == "diffusers" else "robot.safetensors")
     result = ex.export_run(pipe, weights, fmt, target, save_dtype="fp16")
