@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from PIL import Image
 from photos import add_subject
 from runs import interrupted_run
 from safetensors import safe_open
@@ -21,6 +22,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from stencil_cli import models
+from stencil_cli.base.pngmeta import read_png_parameters
 from stencil_cli.cli import app
 from stencil_cli.core import export as export_core
 from stencil_cli.store.db import Store, open_store
@@ -120,10 +122,23 @@ def test_a_typed_lr_wins_over_the_lora_default(stencil_home: Path, cli: Any, tmp
 def test_gen_renders_with_a_lora_run(trained: dict[str, Any], cli: Any) -> None:
     lora = trained["lora"]
     args = ("--context-model", "tiny", "--steps", "2", "--inner-steps", "1", "--draft-steps", "2")
-    result = cli("gen", "robot", "on the beach", *TINY, *args, "--run", lora["id"], "--seed", "3", "--json")
+    run = ("--run", lora["id"], "--seed", "3", "--lora-scale", "0.5", "--json")
+    result = cli("gen", "robot", "on the beach", *TINY, *args, *run)
     assert result.exit_code == 0, result.output
     [record] = [json.loads(line) for line in result.stdout.splitlines()]  # gen --json: JSON Lines
     assert record["run_id"] == lora["id"] and Path(record["image_file"]).is_file()
+    carried = read_png_parameters(Path(record["image_file"]))
+    assert carried["lora_scale"] == 0.5
+    assert "Stencil LoRA scale: 0.5" in Image.open(record["image_file"]).text["parameters"]
+
+
+@pytest.mark.parametrize("scale", ["3", "-1", "nan"])
+def test_a_lora_scale_off_its_range_is_refused_before_the_model_loads(
+    trained: dict[str, Any], cli: Any, monkeypatch: pytest.MonkeyPatch, scale: str
+) -> None:
+    monkeypatch.setattr(models, "load_subject_pipeline", _no_model)
+    result = cli("gen", "robot", "on the beach", *TINY, "--lora-scale", scale)
+    assert result.exit_code == 2 and "--lora-scale must be a number from 0" in result.output, result.output
 
 
 @pytest.mark.parametrize(

@@ -420,3 +420,19 @@ def test_an_fp16_export_keeps_updates_fp16_would_round_away(
         got_norm, got_conv = tensors[names[norm][0]], tensors[names[conv][0]]
     assert got_norm.dtype == torch.float32 and torch.equal(got_norm, trained[norm])
     assert got_conv.dtype == torch.float16  # the rest keeps the smaller dtype
+
+
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_a_scaled_run_moves_the_base_by_that_share_of_its_update(tiny_models_dir, runs, kind) -> None:
+    """`strength` 0 is the base model, 1 the run as trained, 0.5 halfway (a LoRA's scale, a full run's blend)."""
+    base = {k: v.clone() for k, v in _fresh_pipe(tiny_models_dir).unet.state_dict().items()}
+    states = {}
+    for strength in (0.0, 0.5, 1.0):
+        unet = _fresh_pipe(tiny_models_dir).unet
+        load_trained_weights(unet, runs[kind], strength=strength)
+        states[strength] = unet.state_dict()
+    changed = [k for k in base if not torch.equal(states[1.0][k], base[k])]
+    assert changed
+    for key in changed:
+        torch.testing.assert_close(states[0.0][key], base[key])
+        torch.testing.assert_close(states[0.5][key], (base[key] + states[1.0][key]) / 2, atol=1e-6, rtol=1e-5)

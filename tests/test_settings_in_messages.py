@@ -252,3 +252,13 @@ def test_a_subject_model_of_another_kind_names_the_subject_model_flag(
     result = cli("train", "robot", "--subject-model", str(tiny_preset / "context"), "--steps", "1")
     assert result.exit_code == 1, result.output
     assert "(the subject model must be SD1.5-shaped, e.g. --subject-model sd15)" in _line(result)
+
+
+@pytest.mark.parametrize(("command", "module"), [("gen", "gen"), ("bench dreambench", "bench")])
+def test_the_captioners_model_field_shows_as_the_caption_model_flag(command: str, module: str) -> None:
+    import importlib
+
+    flags = importlib.import_module(f"stencil_cli.cli.{module}").FLAGS
+    error = StencilError("the vision model said no", hint="try another {model}", fields=("model",))
+    assert error_line(error, flags).endswith("(try another --caption-model)")
+    assert command_flag(typer.main.get_command(app), command, "caption_model") == "--caption-model"

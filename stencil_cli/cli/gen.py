@@ -42,6 +42,7 @@ FLAGS = {
     "output": "-o",
     "draft": "--draft",
     "stdin": "the prompt '-' (stdin)",
+    "model": "--caption-model",  # the captioner's `{model}` (for --rewrite) is gen's --caption-model
 }
 
 
@@ -209,6 +210,14 @@ def gen(
             show_default=False,
         ),
     ] = None,
+    lora_scale: Annotated[
+        float,
+        typer.Option(
+            "--lora-scale",
+            help="Strength of the run's update, 0-2: a LoRA's scale; a full run interpolated towards the "
+            "base model (0 = the base, 1 = as trained). Recorded in each image's metadata.",
+        ),
+    ] = 1.0,
     batch_size: Annotated[
         int | None,
         typer.Option(
@@ -259,6 +268,7 @@ def gen(
         rewrite=rewrite,
         captioner=captioner,
         caption_model=caption_model,
+        lora_scale=lora_scale,
     )
     store = open_store()
     plan = plan_generation(store, request)

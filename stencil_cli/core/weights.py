@@ -202,17 +202,19 @@ def check_fits(
             )
 
 
-def load_trained_weights(unet: Any, path: Path) -> dict[str, str]:
+def load_trained_weights(unet: Any, path: Path, strength: float = 1.0) -> dict[str, str]:
     """Load a run's trained weights into `unet` (either kind), in its dtype/device; return the metadata.
 
     A full run's parameters are checked against the UNet (`check_fits`) and copied in; a LoRA run's
     adapters are merged into the base weights (``W += alpha / rank * B @ A``), so the UNet stays a plain
-    diffusers UNet.
+    diffusers UNet. `strength` scales the update: a LoRA's ``B @ A`` (the LoRA scale other tools offer), a
+    full run's difference to the base (``W = W_base + strength * (W_trained - W_base)``, the interpolation);
+    1.0 is the run as trained.
     """
     path = Path(path)
     metadata, shapes = read_header(path)
     if weights_kind(metadata) == KIND_LORA:
-        merge_lora(unet, read_tensors(path), lora_scale(metadata))
+        merge_lora(unet, read_tensors(path), lora_scale(metadata) * strength)
         return metadata
     check_fits(unet, path, metadata, shapes)
     params = dict(unet.named_parameters())
@@ -220,7 +222,10 @@ def load_trained_weights(unet: Any, path: Path) -> dict[str, str]:
         with safe_open(str(path), framework="pt") as handle, torch.no_grad():
             for name in shapes:
                 target = params[name]
-                target.copy_(handle.get_tensor(name).to(device=target.device, dtype=target.dtype))
+                trained = handle.get_tensor(name).to(device=target.device, dtype=torch.float32)
+                if strength != 1.0:
+                    trained = target.float() + strength * (trained - target.float())
+                target.copy_(trained.to(target.dtype))
     except Exception as error:  # noqa: BLE001 - safetensors raises several types for a damaged file
         raise StencilError(f"cannot read trained weights {path}: {error}") from error
     return metadata

@@ -131,6 +131,7 @@ def image_metadata(
         "resolution": plan.resolution,
         "draft": draft_file,
         "draft_source": plan.draft_source,
+        "lora_scale": plan.lora_scale,
         **item.meta,
     }
 
@@ -301,16 +302,22 @@ def context_pipeline(
 
 @contextlib.contextmanager
 def subject_pipeline(
-    ref: str, run: Run, *, device: str, precision: str, store_root: Path | None = None
+    ref: str,
+    run: Run,
+    *,
+    device: str,
+    precision: str,
+    store_root: Path | None = None,
+    lora_scale: float = 1.0,
 ) -> Iterator[Any]:
-    """The subject model with the run's trained weights, freed afterwards."""
+    """The subject model with the run's trained weights (their update scaled by `lora_scale`), freed after."""
     from stencil_cli.core import weights
 
     with models.quiet_libraries():
         pipe = models.load_subject_pipeline(ref, device=device, precision=precision, store_root=store_root)
     try:
         assert run.weights_file is not None
-        weights.load_trained_weights(pipe.unet, run.weights_file)
+        weights.load_trained_weights(pipe.unet, run.weights_file, strength=lora_scale)
         yield pipe
     finally:
         models.free_pipeline(pipe)
@@ -367,6 +374,7 @@ def _generate(store: Store, plan: GenerationPlan, progress: Progress) -> Iterato
         device=plan.device,
         precision=plan.precision,
         store_root=plan.models_root,
+        lora_scale=plan.lora_scale,
     ) as pipe:
         resolution = plan.resolution or models.native_resolution(pipe)
         plan.resolution = resolution
