@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 import torch
-from PIL import Image
 from photos import add_subject
+from PIL import Image
 from runs import interrupted_run
 from safetensors import safe_open
 from safetensors.torch import save_file

@@ -424,7 +424,7 @@ def test_an_fp16_export_keeps_updates_fp16_would_round_away(
 
 @pytest.mark.parametrize("kind", ["full", "lora"])
 def test_a_scaled_run_moves_the_base_by_that_share_of_its_update(tiny_models_dir, runs, kind) -> None:
-    """`strength` 0 is the base model, 1 the run as trained, 0.5 halfway (a LoRA's scale, a full run's blend)."""
+    """`strength` 0 is the base model, 1 the run as trained, 0.5 halfway (a LoRA's scale, a full blend)."""
     base = {k: v.clone() for k, v in _fresh_pipe(tiny_models_dir).unet.state_dict().items()}
     states = {}
     for strength in (0.0, 0.5, 1.0):

@@ -338,7 +338,8 @@ def plan_generation(
         _check_rewrite(request)
     if not (math.isfinite(request.lora_scale) and 0 <= request.lora_scale <= MAX_LORA_SCALE):
         raise FieldError(
-            "lora_scale", f"must be a number from 0 (the base model) to {MAX_LORA_SCALE} (got {request.lora_scale})"
+            "lora_scale",
+            f"must be a number from 0 (the base model) to {MAX_LORA_SCALE} (got {request.lora_scale})",
         )
     if request.batch_size is not None and not 1 <= request.batch_size <= MAX_BATCH:
         raise FieldError("batch_size", f"must be in [1, {MAX_BATCH}] (got {request.batch_size})")
