@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from photos import add_subject
@@ -130,6 +131,42 @@ def test_gen_renders_with_a_lora_run(trained: dict[str, Any], cli: Any) -> None:
     carried = read_png_parameters(Path(record["image_file"]))
     assert carried["lora_scale"] == 0.5
     assert "Stencil LoRA scale: 0.5" in Image.open(record["image_file"]).text["parameters"]
+
+
+def test_gen_from_png_renders_the_same_image_again(trained: dict[str, Any], cli: Any) -> None:
+    args = ("--context-model", "tiny", "--steps", "2", "--inner-steps", "1", "--draft-steps", "2")
+    args += ("--tau", "40")
+    first = cli("gen", "robot", "on the beach", *TINY, *args, "--seed", "5", "--lora-scale", "0.7", "--json")
+    assert first.exit_code == 0, first.output
+    [original] = [json.loads(line) for line in first.stdout.splitlines()]
+    again = cli("gen", "--from-png", original["image_file"], "--json")
+    assert again.exit_code == 0, again.output
+    [record] = [json.loads(line) for line in again.stdout.splitlines()]
+    assert record["image_file"] != original["image_file"]
+    before = read_png_parameters(Path(original["image_file"]))
+    after = read_png_parameters(Path(record["image_file"]))
+    for key in ("prompt", "draft_prompt", "seed", "tau", "steps", "run_id", "lora_scale", "subject_model"):
+        assert after[key] == before[key], key
+    pixels = [np.asarray(Image.open(r["image_file"])) for r in (original, record)]
+    assert np.array_equal(*pixels)
+
+
+def test_gen_from_png_refuses_what_it_cannot_re_run(
+    trained: dict[str, Any], cli: Any, tmp_path: Path
+) -> None:
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (8, 8)).save(plain)
+    cases = [
+        (("--from-png", str(tmp_path / "gone.png")), f"--from-png {tmp_path / 'gone.png'}: no such file"),
+        (("--from-png", str(plain)), "is not an image stencil generated"),
+        (("--from-png", str(tmp_path)), "is a folder"),
+        (("robot", "a prompt", "--from-png", str(plain)), "give a prompt or --from-png, not both"),
+        (("--seed", "3"), "say which subject to render"),
+    ]
+    for args, message in cases:
+        result = cli("gen", *args)
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert len(_errors(result.output)) == 1
 
 
 @pytest.mark.parametrize("scale", ["3", "-1", "nan"])
