@@ -151,6 +151,20 @@ def test_gen_from_png_renders_the_same_image_again(trained: dict[str, Any], cli:
     assert np.array_equal(*pixels)
 
 
+def test_gen_with_a_missing_subject_model_fails_before_the_draft_is_drawn(
+    trained: dict[str, Any], cli: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_draft(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the context model loaded before the subject model was found")
+
+    monkeypatch.setattr(models, "load_context_pipeline", no_draft)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = cli("gen", "robot", "on the beach", "--subject-model", "sd15", "--context-model", "tiny")
+    assert result.exit_code == 1, result.output
+    assert "not in the Hugging Face cache" in result.output and "stencil models pull" in result.output
+    assert "AssertionError" not in result.output
+
+
 def test_gen_from_png_refuses_what_it_cannot_re_run(
     trained: dict[str, Any], cli: Any, tmp_path: Path
 ) -> None:

@@ -357,7 +357,16 @@ def generate(store: Store, plan: GenerationPlan, *, progress: Progress = no_prog
     """
     with using_subject(store, plan.subject.name):
         store.check_subject(plan.subject.name, plan.subject.id)  # not removed since the plan was made
+        locate_models(plan)
         yield from _generate(store, plan, progress)
+
+
+def locate_models(plan: GenerationPlan) -> None:
+    """Resolve and find every model the plan needs before any model work: a missing subject model must not
+    wait until the context model has drawn every draft (minutes on a GPU) to be reported."""
+    models.inspect_ref(plan.subject_model, models.SUBJECT, store_root=plan.models_root)
+    if plan.mode == "context" and plan.context_model:
+        models.inspect_ref(plan.context_model, models.CONTEXT, store_root=plan.models_root)
 
 
 def _generate(store: Store, plan: GenerationPlan, progress: Progress) -> Iterator[Saved]:
