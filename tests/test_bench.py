@@ -166,13 +166,15 @@ def test_a_missing_eval_model_is_reported_before_the_first_subject_trains(
     config.models_root = tiny_preset.parent.parent
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(evaluation, "load_dreambench", lambda path: None)
-    monkeypatch.setattr(bench, "plan", lambda config, dataset: [bench.SubjectJob("cat", "cat", False, [], [])])
+    jobs = [bench.SubjectJob("cat", "cat", False, [], [])]
+    monkeypatch.setattr(bench, "plan", lambda config, dataset: jobs)
 
     def trained_first(self: Any, job: Any) -> None:
         raise AssertionError("a subject trained before the eval models were found")
 
     monkeypatch.setattr(bench.Runner, "run_subject", trained_first)
-    with pytest.raises(StencilError, match="eval model facebook/dino-vits16 .* is not in the Hugging Face cache"):
+    missing = "eval model facebook/dino-vits16 .* is not in the Hugging Face cache"
+    with pytest.raises(StencilError, match=missing):
         bench.run_benchmark(config)
 
 
