@@ -108,6 +108,12 @@ def test_train_with_lora_records_a_lora_run_with_the_lora_learning_rate(trained_
     assert os.path.getsize(lora["weights_file"]) < os.path.getsize(full["weights_file"]) / 10
 
 
+def test_train_json_and_runs_json_agree_on_each_runs_kind(trained: dict[str, Any], cli: Any) -> None:
+    listed = {row["id"]: row for row in json.loads(cli("runs", "robot", "--json").stdout)}
+    for kind in ("lora", "full"):
+        assert listed[trained[kind]["id"]]["kind"] == trained[kind]["kind"] == kind
+
+
 def test_a_typed_lr_wins_over_the_lora_default(stencil_home: Path, cli: Any, tmp_path: Path) -> None:
     store = add_subject(cli, tmp_path)
     config, _ = train_verb.fresh_config(

@@ -55,7 +55,8 @@ def test_runs_lists_every_run_newest_first_with_its_size_and_kind(cli: Any, tmp_
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)
     assert [row["id"] for row in rows] == [second.id, first.id]
-    assert rows[0]["kind"] == "lora r4 decoder" and rows[1]["kind"] == "full"
+    assert rows[0]["kind"] == "lora" and rows[1]["kind"] == "full"  # as `train --json` says
+    assert rows[0]["kind_label"] == "lora r4 decoder" and rows[1]["kind_label"] == "full"
     assert rows[0]["bytes"] == 3000 and rows[1]["bytes"] == 1000
     assert rows[0]["final_loss"] == 0.25 and rows[0]["images"] == 1 and rows[0]["subject"] == "robot"
     everything = json.loads(cli("runs", "--json").stdout)
@@ -64,7 +65,7 @@ def test_runs_lists_every_run_newest_first_with_its_size_and_kind(cli: Any, tmp_
     assert table.exit_code == 0
     lines = [line.split() for line in table.stdout.splitlines()[1:]]
     assert [line[0] for line in lines] == [str(second.id), str(first.id)]
-    assert "2.9 KB" in table.stdout and "4/4" in table.stdout
+    assert "3.0 kB" in table.stdout and "4/4" in table.stdout and "lora r4 decoder" in table.stdout
 
 
 def test_images_filters_by_run_prompt_and_limit_newest_first(cli: Any, tmp_path: Path) -> None:

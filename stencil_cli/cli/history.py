@@ -71,7 +71,7 @@ def runs(
             str(run.id),
             escape(item.subject),
             run.status,
-            item.to_dict()["kind"],
+            item.to_dict()["kind_label"],
             f"{run.step}/{steps}" if steps else str(run.step),
             f"{run.final_loss:.4f}" if run.final_loss is not None else "-",
             _duration(run.duration_s),

@@ -50,13 +50,15 @@ class RunInfo:
     extra_files: dict[str, str] = field(default_factory=dict)  # e.g. loss curve, previews
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready view: the run's fields plus subject, kind, final loss, folder, bytes, images."""
+        """A JSON-ready view: the run's fields plus subject, kind (and its label), final loss, folder, bytes,
+        images."""
         data = self.run.to_dict()
         data.pop("losses", None)
         return {
             "subject": self.subject,
             **data,
-            "kind": run_kind(self.run),
+            "kind": self.run.kind,  # `lora` or `full`, as `train --json` and the weights file say
+            "kind_label": run_kind(self.run),  # for people: `lora r4 decoder`
             "steps": self.run.params.get("steps"),
             "final_loss": self.run.final_loss,
             "folder": str(self.folder),
