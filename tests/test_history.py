@@ -118,7 +118,7 @@ def test_show_ends_with_runs_and_images_and_names_the_commands(cli: Any, tmp_pat
     run = done_run(store, size=5000)
     fake_image(store, "robot", run, "on the moon", 1)
     shown = cli("show", "robot")
-    assert f"newest done: run {run.id}" in shown.stdout and "4.9 KB" in shown.stdout
+    assert f"newest done: run {run.id}" in shown.stdout and "5.0 kB" in shown.stdout
     assert "stencil runs robot" in shown.stdout and "stencil images robot" in shown.stdout
     data = json.loads(cli("show", "robot", "--json").stdout)
     assert data["history"]["runs"] == 1 and data["history"]["images"] == 1
