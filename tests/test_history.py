@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 from photos import add_subject
 from PIL import Image
 
@@ -133,3 +134,56 @@ def test_hints_about_run_ids_name_the_command_that_lists_them(cli: Any, tmp_path
     assert result.exit_code == 1 and "stencil runs robot" in result.stderr
     missing = cli("gen", "robot", "on the moon", "--run", "12345")
     assert missing.exit_code == 1 and "stencil runs robot" in missing.stderr
+
+
+def _terminal(monkeypatch: pytest.MonkeyPatch, width: int = 80) -> None:
+    """Tables print to a (fake) terminal `width` columns wide."""
+    from rich.console import Console
+
+    from stencil_cli.cli import history, output
+
+    def terminal() -> Console:
+        return output.console(highlight=False, width=width, force_terminal=True)
+
+    monkeypatch.setattr(history, "stdout_console", terminal)
+
+
+def test_an_80_column_terminal_keeps_ids_dates_and_paths_whole(
+    cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = add_subject(cli, tmp_path)
+    run = done_run(store)
+    fake_image(store, "robot", run, "a very long prompt about a toy robot " * 4, 123456)
+    monkeypatch.setenv("NO_COLOR", "1")
+    _terminal(monkeypatch)
+    shown = cli("images", "robot").stdout
+    assert "…" not in shown and "..." not in shown
+    [row] = store.list_generations("robot")
+    assert str(row.image_file) in shown  # one unbroken string: the terminal wraps the line, rich does not
+    assert row.created.replace("T", " ").removesuffix("+00:00") in shown and "123456" in shown
+    runs = cli("runs", "robot").stdout
+    assert "…" not in runs and run.started.replace("T", " ").removesuffix("+00:00") in runs
+
+
+def test_no_color_prints_no_ansi_codes_not_even_bold(
+    cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = add_subject(cli, tmp_path)
+    fake_image(store, "robot", done_run(store), "on the moon", 1)
+    _terminal(monkeypatch, width=200)
+    assert "\x1b[" in cli("images", "robot").stdout  # a terminal gets the bold headers...
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert "\x1b[" not in cli("images", "robot").stdout  # ...unless NO_COLOR is set
+
+
+def test_images_marks_an_image_whose_file_is_gone(cli: Any, tmp_path: Path) -> None:
+    store = add_subject(cli, tmp_path)
+    run = done_run(store)
+    kept, gone = fake_image(store, "robot", run, "kept", 1), fake_image(store, "robot", run, "gone", 2)
+    rows = {row.id: row for row in store.list_generations("robot")}
+    rows[gone].image_file.unlink()
+    listed = {row["id"]: row for row in json.loads(cli("images", "robot", "--json").stdout)}
+    assert listed[gone]["missing"] is True and listed[kept]["missing"] is False
+    lines = cli("images", "robot").stdout.splitlines()
+    marked = [line for line in lines if "(missing)" in line]
+    assert marked == [line for line in lines if str(rows[gone].image_file) in line]

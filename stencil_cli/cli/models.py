@@ -9,7 +9,6 @@ from importlib import metadata
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from stencil_cli import __version__
@@ -18,7 +17,7 @@ from stencil_cli.base.errors import EXIT_FAILURE, BadInputError, StencilError
 from stencil_cli.base.paths import default_root
 from stencil_cli.cli.kit import JsonOption, handle_errors
 from stencil_cli.cli.options import DeviceOption, NoT5Option, PrecisionOption
-from stencil_cli.cli.output import escape, human_bytes, info, print_json, settings
+from stencil_cli.cli.output import escape, human_bytes, info, print_json, settings, stdout_console
 from stencil_cli.store.db import open_store
 from stencil_cli.store.settings import DEFAULTS
 from stencil_cli.store.settings import resolve_setting as setting
@@ -37,7 +36,7 @@ ENV_VARS: dict[str, str] = {
 
 
 def _print_table(table: Table) -> None:
-    Console().print(table)
+    stdout_console().print(table)  # piped: never cut to 80 columns (a Hub id must survive `| cat`)
 
 
 # -- models ---------------------------------------------------------------------------------------------

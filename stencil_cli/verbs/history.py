@@ -90,9 +90,16 @@ class ImageInfo:
         """context | edit | plain."""
         return self.generation.params.get("mode")
 
+    @property
+    def missing(self) -> bool:
+        """Whether the image file is gone (deleted by hand, or a store moved without it)."""
+        image = self.generation.image_file
+        return image is None or not image.is_file()
+
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready view: the generation row plus subject and mode."""
-        return {"subject": self.subject, **self.generation.to_dict(), "mode": self.mode}
+        """A JSON-ready view: the generation row plus subject, mode and whether its file is missing."""
+        data = self.generation.to_dict()
+        return {"subject": self.subject, **data, "mode": self.mode, "missing": self.missing}
 
 
 def _names(store: Store, name: str | None) -> list[str]:
