@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import gc
 import importlib.abc
 import importlib.machinery
 import json
@@ -45,10 +46,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from stencil_cli.core import export as export_core  # noqa: E402
 from stencil_cli.core.training import TrainConfig, TrainingData, train_unet  # noqa: E402
 from stencil_cli.core.weights import (  # noqa: E402
-    load_trained_weights,
+    lora_pairs,
+    lora_scale,
     read_tensors,
+    read_weights_metadata,
     save_trained_weights,
     trained_state,
+    weights_kind,
     weights_metadata,
 )
 
@@ -198,8 +202,8 @@ def load_base(model: str | None, work: Path) -> Any:
     return pipe
 
 
-def train_runs(pipe: Any, work: Path, *, resolution: int, steps: int) -> dict[str, tuple[Path, Any]]:
-    """A full-decoder run and a rank-4 LoRA run on synthetic latents: {kind: (file, unet)}."""
+def train_runs(pipe: Any, work: Path, *, resolution: int, steps: int) -> dict[str, Path]:
+    """A full-decoder run and a rank-4 LoRA run on synthetic latents: {kind: weights file}."""
     side = resolution // 8
     generator = torch.Generator().manual_seed(0)
     width = pipe.text_encoder.config.hidden_size
@@ -221,25 +225,44 @@ def train_runs(pipe: Any, work: Path, *, resolution: int, steps: int) -> dict[st
             config, "base", result.names, subject="robot", phrase="toy robot", run_id="1"
         )
         save_trained_weights(path, trained_state(unet, result.names, torch.float32), metadata)
-        merged = copy.deepcopy(pipe.unet)
-        load_trained_weights(merged, path)
-        runs[kind] = (path, merged)
+        del unet, result
+        gc.collect()
+        runs[kind] = path
     return runs
 
 
-def write_exports(pipe: Any, run_file: Path, folder: Path, *, rank: int | None) -> dict[str, Path]:
-    """Every export of one run, fp32 (so that a difference is the loader's, not the dtype's)."""
-    folder.mkdir(parents=True, exist_ok=True)
+def trained_weights(base_unet: Any, run_file: Path) -> dict[str, torch.Tensor]:
+    """{diffusers name: weight} of every tensor the run changes, read from the run's own file (not from an
+    export): a full run's tensors, or a LoRA run's base weights plus alpha / rank * B @ A."""
+    metadata = read_weights_metadata(run_file)
+    tensors = read_tensors(run_file)
+    if weights_kind(metadata) != "lora":
+        return tensors
+    params = dict(base_unet.named_parameters())
+    scale = lora_scale(metadata)
     out = {}
-    merged = copy.deepcopy(pipe)  # the full formats load the run into the pipeline's UNet: once is enough
+    for module, (down, up) in lora_pairs(tensors).items():
+        weight = params[f"{module}.weight"].detach()
+        out[f"{module}.weight"] = weight + scale * (up.flatten(1) @ down.flatten(1)).reshape(weight.shape)
+    return out
+
+
+def write_exports(pipe: Any, run_file: Path, folder: Path, *, rank: int | None) -> dict[str, Path]:
+    """Every export of one run, fp32 (so that a difference is the loader's, not the dtype's); `pipe` is
+    given back with its base weights."""
+    folder.mkdir(parents=True, exist_ok=True)
+    params = dict(pipe.unet.named_parameters())
+    changed = trained_weights(pipe.unet, run_file)
+    base = {name: params[name].detach().clone() for name in changed}  # the full formats load the run
+    out = {}
     for fmt in FORMATS:
         target = folder / (fmt if fmt == "diffusers" else f"{fmt}.safetensors")
         lora = fmt in ("lora", "kohya")
-        export_core.export_run(
-            pipe if lora else merged, run_file, fmt, target, rank=rank if lora else None, save_dtype="fp32"
-        )
+        export_core.export_run(pipe, run_file, fmt, target, rank=rank if lora else None, save_dtype="fp32")
+        with torch.no_grad():
+            for name, tensor in base.items():
+                params[name].copy_(tensor)
         out[fmt] = target
-    del merged
     return out
 
 
@@ -324,15 +347,16 @@ def comfyui_checks(
     peer: types.SimpleNamespace,
     run: str,
     exports: dict[str, Path],
-    trained: Any,
+    trained: dict[str, torch.Tensor],
     expected_lora: dict[str, torch.Tensor],
-    base_file: Path,
+    base: Any,
 ) -> list[Check]:
-    """Load LoRA (both LoRA formats), Load Checkpoint (single-file) and the diffusers loader, in ComfyUI."""
+    """Load LoRA (both LoRA formats), Load Checkpoint (single-file) and the diffusers loader, in ComfyUI.
+
+    `trained`: the run's changed tensors (the full formats must give them back); `base`: ComfyUI's model
+    of the base checkpoint (patched and unpatched again)."""
     comfy = peer.comfy
     checks = []
-    trained_state = {k: v.detach() for k, v in trained.state_dict().items()}
-    base, _ = comfy_model(peer, base_file)
     names = diffusers_to_comfy(peer, base)
     for fmt in ("lora", "kohya"):
         lora = comfy.utils.load_torch_file(str(exports[fmt]))
@@ -362,6 +386,7 @@ def comfyui_checks(
         )
     patcher, lines = comfy_model(peer, exports["single-file"])
     state = patcher.model.state_dict()
+    del patcher
     unet_keys = [
         k
         for k in comfy.utils.load_torch_file(str(exports["single-file"]))
@@ -378,7 +403,7 @@ def comfyui_checks(
             len(unet_keys) - len(left),
             len(left),
             len(names),
-            max_difference(state, {n: trained_state[n] for n in names}, names),
+            max_difference(state, trained, names),
             "; ".join(left)[:200],
         )
     )
@@ -390,17 +415,18 @@ def comfyui_checks(
                 str(exports["diffusers"]), output_vae=False, output_clip=False
             )[0]
         state = model.model.state_dict()
+        del model
         checks.append(
             Check(
                 "ComfyUI",
                 peer.commit,
                 run,
                 "diffusers",
-                len(trained_state),
+                len(trained),
                 len(names),
                 0,
                 len(names),
-                max_difference(state, {n: trained_state[n] for n in names}, names),
+                max_difference(state, trained, names),
             )
         )
     except Exception as error:  # ComfyUI recognises only known UNet configs in a diffusers folder
@@ -410,7 +436,7 @@ def comfyui_checks(
                 peer.commit,
                 run,
                 "diffusers",
-                len(trained_state),
+                len(trained),
                 0,
                 0,
                 0,
@@ -430,21 +456,27 @@ class _Layers(torch.nn.Module):
 
 def a1111_model(comfy_patcher: Any) -> Any:
     """An `sd_model` stand-in for the Lora extension: the original-layout UNet (taken from ComfyUI's model,
-    whose `diffusion_model` has A1111's module names) as plain torch layers, and no text encoder."""
+    whose `diffusion_model` has A1111's module names) as plain torch layers sharing its weights, and no
+    text encoder."""
     layers = _Layers()
     for name, module in comfy_patcher.model.named_modules():
         if not name.startswith("diffusion_model."):
             continue
         if isinstance(module, torch.nn.Conv2d):
             plain: torch.nn.Module = torch.nn.Conv2d(
-                module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding
+                module.in_channels,
+                module.out_channels,
+                module.kernel_size,
+                module.stride,
+                module.padding,
+                bias=False,
+                device="meta",
             )
         elif isinstance(module, torch.nn.Linear):
-            plain = torch.nn.Linear(module.in_features, module.out_features)
+            plain = torch.nn.Linear(module.in_features, module.out_features, bias=False, device="meta")
         else:
             continue
-        with torch.no_grad():
-            plain.weight.copy_(module.weight)
+        plain.weight = torch.nn.Parameter(module.weight.detach(), requires_grad=False)  # shared, not copied
         layers.add_module(name.replace(".", "_"), plain)
     return types.SimpleNamespace(is_sdxl=False, cond_stage_model=torch.nn.Module(), model=layers)
 
@@ -518,31 +550,35 @@ def run_checks(
     steps: int = 2,
 ) -> list[Check]:
     """Train two runs, export each in every format, load the exports in the given tools; one Check each."""
+    if a1111 and not comfyui:
+        raise SystemExit("the A1111 check takes its original-layout model from ComfyUI: give --comfyui too")
     pipe = load_base(model, work)
     runs = train_runs(pipe, work, resolution=resolution, steps=steps)
     base_file = work / "base.safetensors"
     save_trained_weights(base_file, export_core.original_layout_state(pipe, torch.float32), {})
-    comfy_peer = import_comfyui(comfyui) if comfyui else None
-    a1111_peer = import_a1111(a1111) if a1111 else None
-    checks: list[Check] = []
-    for run, (run_file, trained) in runs.items():
+    prepared = {}
+    for run, run_file in runs.items():
         rank = None if run == "lora" else 8
         exports = write_exports(pipe, run_file, work / f"export-{run}", rank=rank)
-        expected = expected_lora_weights(pipe.unet, exports["lora"])
-        if run == "lora":  # a LoRA run's LoRA file must give back the trained weights themselves
-            trained_params = dict(trained.named_parameters())
-            expected = {n: trained_params[n].detach() for n in expected}
-        if comfy_peer:
-            checks += comfyui_checks(comfy_peer, run, exports, trained, expected, base_file)
+        trained = trained_weights(pipe.unet, run_file)
+        # a LoRA run's LoRA files must give back its trained weights; a full run's, the file's own update
+        expected = trained if run == "lora" else expected_lora_weights(pipe.unet, exports["lora"])
+        prepared[run] = (exports, trained, expected)
+    del pipe  # the tools' own models take its place in memory
+    gc.collect()
+    checks: list[Check] = []
+    if not comfyui:
+        return checks
+    comfy_peer = import_comfyui(comfyui)
+    a1111_peer = import_a1111(a1111) if a1111 else None
+    base, _ = comfy_model(comfy_peer, base_file)
+    for run, (exports, trained, expected) in prepared.items():
+        checks += comfyui_checks(comfy_peer, run, exports, trained, expected, base)
         if a1111_peer:
-            if comfy_peer is None:
-                raise SystemExit(
-                    "the A1111 check takes its original-layout model from ComfyUI: give --comfyui too"
-                )
-            base, _ = comfy_model(comfy_peer, base_file)
             checks += a1111_checks(
                 a1111_peer, run, exports, expected, base, diffusers_to_comfy(comfy_peer, base)
             )
+        gc.collect()
     return checks
 
 
