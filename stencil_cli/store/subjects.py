@@ -9,17 +9,20 @@ from __future__ import annotations
 import difflib
 import io
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from stencil_cli.base.errors import NotFoundError, StencilError
+from stencil_cli.base.errors import BadInputError, NotFoundError, StencilError
 from stencil_cli.base.fsutil import atomic_write_bytes, crash_point, is_within
 from stencil_cli.store import layout
 from stencil_cli.store.connection import Connection, translate_errors
 from stencil_cli.store.records import AddResult, Subject, now, validate_name
+
+MIN_PREFIX = 4  # the shortest sha256 prefix that names a photo (shorter ones match too easily)
 
 if TYPE_CHECKING:
     from stencil_cli.base.images import PreparedImage
@@ -197,8 +200,13 @@ class SubjectQueries(Connection):
         matches = [
             image
             for image in subject.images
-            if str(image["id"]) == ref or (len(ref) >= 4 and image["sha256"].startswith(ref))
+            if str(image["id"]) == ref or (len(ref) >= MIN_PREFIX and image["sha256"].startswith(ref))
         ]
+        if not matches and len(ref) < MIN_PREFIX and re.fullmatch(r"[0-9a-f]*[a-f][0-9a-f]*", ref):
+            raise BadInputError(
+                f"image {image_ref!r}: no image has that id, and a sha256 prefix this short is not "
+                f"looked up: use at least {MIN_PREFIX} characters (or the image's id)"
+            )
         if len(matches) != 1:
             ids = ", ".join(str(image["id"]) for image in subject.images) or "none"
             what = "is ambiguous" if matches else "not found"
