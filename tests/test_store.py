@@ -78,6 +78,7 @@ def test_a_database_at_the_first_schema_is_migrated_and_keeps_its_data(tmp_path:
         "m003_one_name_per_file_column",
         "m004_draft_prompt_cache",
         "m005_run_id_counter",
+        "m006_run_error_fields",
     ]
     assert "draft_prompts" in again.db.table_names()
 

@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from stencil_cli.cli.flags import run_error
 from stencil_cli.cli.kit import JsonOption, handle_errors
 from stencil_cli.cli.output import PIPED_WIDTH, escape, human_bytes, info, print_json, stdout_console
 from stencil_cli.store.db import open_store
@@ -69,6 +70,9 @@ def runs(
             run.started.replace("T", " ").removesuffix("+00:00"),
         )
     print_listing(table)
+    for item in found:
+        if item.run.error and item.run.status in ("failed", "interrupted"):
+            info(f"run {item.run.id} {item.run.status}: {escape(run_error(item.run.error))}")
 
 
 def listing_table(*columns: str) -> Table:

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from stencil_cli.base.errors import NotFoundError
+from stencil_cli.base.errors import NotFoundError, Wording
 from stencil_cli.base.fsutil import is_within
 from stencil_cli.store import layout
 from stencil_cli.store.connection import translate_errors
@@ -73,7 +73,7 @@ class RunQueries(SubjectQueries):
         *,
         weights_file: Path | None = None,
         duration_s: float | None = None,
-        error: str | None = None,
+        error: str | None = None,  # a Wording keeps its settings (shown as flags by the CLI)
         losses: list[float] | None = None,
         step: int | None = None,
     ) -> None:
@@ -86,7 +86,9 @@ class RunQueries(SubjectQueries):
         if duration_s is not None:
             values["duration_s"] = duration_s
         if error is not None:
-            values["error"] = error
+            fields = getattr(error, "fields", ())
+            values["error"] = error.template if fields else str(error)
+            values["error_fields"] = json.dumps(list(fields)) if fields else None
         if losses is not None:
             values["losses"] = losses
         if step is not None:
@@ -144,4 +146,7 @@ class RunQueries(SubjectQueries):
         values["losses"] = [float(x) for x in json.loads(row["losses"] or "[]")]
         values["step"] = int(row["step"] or 0)
         values["weights_file"] = self.absolute(row["weights_file"]) if row["weights_file"] else None
+        fields = json.loads(values.pop("error_fields", None) or "[]")
+        if fields and row["error"]:
+            values["error"] = Wording(row["error"], fields)  # reads with field names; the CLI shows flags
         return Run(**values)

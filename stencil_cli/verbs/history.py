@@ -173,11 +173,14 @@ class SubjectSummary:
     run_bytes: int
     images: int
     newest_image: str | None  # when the newest image was made
+    newest_failed: Run | None = None  # the newest run, when it failed (its error is worth showing)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready view."""
-        return dict(self.__dict__)
-
+        data = dict(self.__dict__)
+        failed = data.pop("newest_failed")
+        data["newest_failed"] = {"id": failed.id, "error": str(failed.error)} if failed else None
+        return data
 
 def subject_summary(store: Store, name: str) -> SubjectSummary:
     """The runs and images of subject `name`, summed up (for `stencil show`)."""
@@ -191,4 +194,5 @@ def subject_summary(store: Store, name: str) -> SubjectSummary:
         run_bytes=sum(folder_bytes(store.run_dir(name, run.id)) for run in runs),
         images=len(images),
         newest_image=images[-1].created if images else None,
+        newest_failed=runs[-1] if runs and runs[-1].status == "failed" else None,
     )
