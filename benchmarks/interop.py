@@ -441,7 +441,7 @@ def comfyui_checks(
                 0,
                 0,
                 float("nan"),
-                f"not loaded: {type(error).__name__}: {str(error).splitlines()[0]}"[:120],
+                f"not loaded: {str(error).split(' of: ')[0]}"[:100],
             )
         )
     return checks
