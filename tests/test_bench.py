@@ -143,9 +143,39 @@ def test_a_failing_shard_still_reaches_the_final_barrier(
         raise RuntimeError(f"{job.name} failed")
 
     monkeypatch.setattr(bench.Runner, "run_subject", fail)
+    monkeypatch.setattr(bench, "locate_models", lambda config: None)  # models are not what this is about
     with pytest.raises(RuntimeError, match="dog failed"):
         bench.run_benchmark(config, bench.Shard(rank=1, world=2, state=state))
     assert len(waits) == 2  # the start barrier and the final one
+
+
+def test_a_missing_eval_model_is_reported_before_the_first_subject_trains(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_preset: Path
+) -> None:
+    from stencil_cli.core import evaluation
+
+    config = bench.BenchConfig(
+        dataset=tmp_path,
+        out=tmp_path / "out",
+        subjects=["cat"],
+        subject_model="tiny",
+        context_model="tiny",
+        eval_dino="facebook/dino-vits16",
+        eval_clip="openai/clip-vit-base-patch32",
+    )
+    config.models_root = tiny_preset.parent.parent
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(evaluation, "load_dreambench", lambda path: None)
+    jobs = [bench.SubjectJob("cat", "cat", False, [], [])]
+    monkeypatch.setattr(bench, "plan", lambda config, dataset: jobs)
+
+    def trained_first(self: Any, job: Any) -> None:
+        raise AssertionError("a subject trained before the eval models were found")
+
+    monkeypatch.setattr(bench.Runner, "run_subject", trained_first)
+    missing = "eval model facebook/dino-vits16 .* is not in the Hugging Face cache"
+    with pytest.raises(StencilError, match=missing):
+        bench.run_benchmark(config)
 
 
 def test_merge_results_names_every_missing_subject(tmp_path: Path) -> None:

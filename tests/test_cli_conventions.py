@@ -39,7 +39,7 @@ def test_help_of_every_command_shows_no_type_noise(cli: Any, monkeypatch: pytest
         noise = NOISE.search(result.output)
         assert noise is None, (path, noise.group(0) if noise else None)
     gen = " ".join(cli("gen", "--help").output.split())
-    assert "Usage: stencil gen [OPTIONS] NAME [PROMPT]" in gen
+    assert "Usage: stencil gen [OPTIONS] [NAME] [PROMPT]" in gen
     assert re.search(r"--seed INTEGER \[x>=0\] First seed", gen)
     assert "[default: random]" in gen  # help text in brackets is text, not rich markup
     train = " ".join(cli("train", "--help").output.split())

@@ -71,3 +71,49 @@ def test_the_citation_check_catches_a_stale_name() -> None:
     assert _resolve("core.weights.load_trained_weights")
     assert not _resolve("core.generation.context_guidance")  # moved long ago: must be reported
     assert not _resolve("store.nowhere")
+
+
+def _documented_columns(text: str) -> dict[str, list[str]]:
+    """{table: [column, ...]} from docs/store.md's schema table (the first backticked word of each item)."""
+    import re
+
+    tables = {}
+    for line in text.splitlines():
+        match = re.match(r"^\| `(\w+)` \| (.+) \|$", line)
+        if match:
+            items = re.split(r",\s*(?![^()]*\))", match[2])  # commas outside parentheses
+            names = [re.match(r"`(\w+)`", item.strip()) for item in items]
+            tables[match[1]] = [name[1] for name in names if name]
+    return tables
+
+
+def test_store_md_lists_the_real_columns_of_every_table(stencil_home: Path) -> None:
+    from stencil_cli.store.db import open_store
+
+    documented = _documented_columns((ROOT / "docs" / "store.md").read_text())
+    db = open_store().db
+    real = {t: [c.name for c in db[t].columns] for t in db.table_names() if not t.startswith("_")}
+    assert documented == real
+
+
+def test_the_size_table_in_training_md_is_the_one_export_sizes_computes() -> None:
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import export_sizes
+
+    table = export_sizes.size_table()
+    assert table in (ROOT / "docs" / "training.md").read_text(), (
+        "docs/training.md's sizes are stale: paste `python benchmarks/export_sizes.py`"
+    )
+
+
+def test_sizes_read_the_same_in_every_command() -> None:
+    """One formatter (decimal units): no command formats bytes by hand with powers of 1024."""
+    from stencil_cli.cli.output import human_bytes
+
+    assert human_bytes(2_043_183_360) == "2.0 GB" and human_bytes(1536) == "1.5 kB"
+    assert human_bytes(None) == "-"
+    for module in (ROOT / "stencil_cli" / "cli").glob("*.py"):
+        text = module.read_text()
+        assert "/ 1024" not in text and "/= 1024" not in text and "/= 1000" not in text, module.name

@@ -13,15 +13,18 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from photos import add_subject
+from PIL import Image
 from runs import interrupted_run
 from safetensors import safe_open
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from stencil_cli import models
+from stencil_cli.base.pngmeta import read_png_parameters
 from stencil_cli.cli import app
 from stencil_cli.core import export as export_core
 from stencil_cli.store.db import Store, open_store
@@ -106,6 +109,12 @@ def test_train_with_lora_records_a_lora_run_with_the_lora_learning_rate(trained_
     assert os.path.getsize(lora["weights_file"]) < os.path.getsize(full["weights_file"]) / 10
 
 
+def test_train_json_and_runs_json_agree_on_each_runs_kind(trained: dict[str, Any], cli: Any) -> None:
+    listed = {row["id"]: row for row in json.loads(cli("runs", "robot", "--json").stdout)}
+    for kind in ("lora", "full"):
+        assert listed[trained[kind]["id"]]["kind"] == trained[kind]["kind"] == kind
+
+
 def test_a_typed_lr_wins_over_the_lora_default(stencil_home: Path, cli: Any, tmp_path: Path) -> None:
     store = add_subject(cli, tmp_path)
     config, _ = train_verb.fresh_config(
@@ -121,10 +130,73 @@ def test_a_typed_lr_wins_over_the_lora_default(stencil_home: Path, cli: Any, tmp
 def test_gen_renders_with_a_lora_run(trained: dict[str, Any], cli: Any) -> None:
     lora = trained["lora"]
     args = ("--context-model", "tiny", "--steps", "2", "--inner-steps", "1", "--draft-steps", "2")
-    result = cli("gen", "robot", "on the beach", *TINY, *args, "--run", lora["id"], "--seed", "3", "--json")
+    run = ("--run", lora["id"], "--seed", "3", "--lora-scale", "0.5", "--json")
+    result = cli("gen", "robot", "on the beach", *TINY, *args, *run)
     assert result.exit_code == 0, result.output
     [record] = [json.loads(line) for line in result.stdout.splitlines()]  # gen --json: JSON Lines
     assert record["run_id"] == lora["id"] and Path(record["image_file"]).is_file()
+    carried = read_png_parameters(Path(record["image_file"]))
+    assert carried["lora_scale"] == 0.5
+    assert "Stencil LoRA scale: 0.5" in Image.open(record["image_file"]).text["parameters"]
+
+
+def test_gen_from_png_renders_the_same_image_again(trained: dict[str, Any], cli: Any) -> None:
+    args = ("--context-model", "tiny", "--steps", "2", "--inner-steps", "1", "--draft-steps", "2")
+    args += ("--tau", "40")
+    first = cli("gen", "robot", "on the beach", *TINY, *args, "--seed", "5", "--lora-scale", "0.7", "--json")
+    assert first.exit_code == 0, first.output
+    [original] = [json.loads(line) for line in first.stdout.splitlines()]
+    again = cli("gen", "--from-png", original["image_file"], "--json")
+    assert again.exit_code == 0, again.output
+    [record] = [json.loads(line) for line in again.stdout.splitlines()]
+    assert record["image_file"] != original["image_file"]
+    before = read_png_parameters(Path(original["image_file"]))
+    after = read_png_parameters(Path(record["image_file"]))
+    for key in ("prompt", "draft_prompt", "seed", "tau", "steps", "run_id", "lora_scale", "subject_model"):
+        assert after[key] == before[key], key
+    pixels = [np.asarray(Image.open(r["image_file"])) for r in (original, record)]
+    assert np.array_equal(*pixels)
+
+
+def test_gen_with_a_missing_subject_model_fails_before_the_draft_is_drawn(
+    trained: dict[str, Any], cli: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_draft(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the context model loaded before the subject model was found")
+
+    monkeypatch.setattr(models, "load_context_pipeline", no_draft)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = cli("gen", "robot", "on the beach", "--subject-model", "sd15", "--context-model", "tiny")
+    assert result.exit_code == 1, result.output
+    assert "not in the Hugging Face cache" in result.output and "stencil models pull" in result.output
+    assert "AssertionError" not in result.output
+
+
+def test_gen_from_png_refuses_what_it_cannot_re_run(
+    trained: dict[str, Any], cli: Any, tmp_path: Path
+) -> None:
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (8, 8)).save(plain)
+    cases = [
+        (("--from-png", str(tmp_path / "gone.png")), f"--from-png {tmp_path / 'gone.png'}: no such file"),
+        (("--from-png", str(plain)), "is not an image stencil generated"),
+        (("--from-png", str(tmp_path)), "is a folder"),
+        (("robot", "a prompt", "--from-png", str(plain)), "give a prompt or --from-png, not both"),
+        (("--seed", "3"), "say which subject to render"),
+    ]
+    for args, message in cases:
+        result = cli("gen", *args)
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert len(_errors(result.output)) == 1
+
+
+@pytest.mark.parametrize("scale", ["3", "-1", "nan"])
+def test_a_lora_scale_off_its_range_is_refused_before_the_model_loads(
+    trained: dict[str, Any], cli: Any, monkeypatch: pytest.MonkeyPatch, scale: str
+) -> None:
+    monkeypatch.setattr(models, "load_subject_pipeline", _no_model)
+    result = cli("gen", "robot", "on the beach", *TINY, "--lora-scale", scale)
+    assert result.exit_code == 2 and "--lora-scale must be a number from 0" in result.output, result.output
 
 
 @pytest.mark.parametrize(
@@ -192,6 +264,20 @@ def test_a_lora_run_exports_a_lora_diffusers_loads_as_stencil_uses_it(
     assert "unexpected keys" not in log.lower() and "missing" not in log.lower()
     expected = _call(_stencil_unet(tiny_models_dir, trained["lora"]))
     torch.testing.assert_close(_call(pipe.unet), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_the_default_format_is_kohya_the_one_every_tool_loads(
+    trained: dict[str, Any], cli: Any, tmp_path: Path
+) -> None:
+    from safetensors import safe_open
+
+    target = tmp_path / "robot.safetensors"
+    _, data = _export(cli, "-o", target)
+    assert data["format"] == "kohya"
+    with safe_open(str(target), "pt") as handle:
+        keys = list(handle.keys())
+    assert keys and all(key.startswith("lora_unet_") for key in keys)
+    assert "ComfyUI" in (tmp_path / "robot.README.md").read_text()
 
 
 def test_a_full_run_exports_a_diffusers_folder_with_the_unet_stencil_uses(

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 from photos import add_subject
 from PIL import Image
 
@@ -55,7 +56,8 @@ def test_runs_lists_every_run_newest_first_with_its_size_and_kind(cli: Any, tmp_
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)
     assert [row["id"] for row in rows] == [second.id, first.id]
-    assert rows[0]["kind"] == "lora r4 decoder" and rows[1]["kind"] == "full"
+    assert rows[0]["kind"] == "lora" and rows[1]["kind"] == "full"  # as `train --json` says
+    assert rows[0]["kind_label"] == "lora r4 decoder" and rows[1]["kind_label"] == "full"
     assert rows[0]["bytes"] == 3000 and rows[1]["bytes"] == 1000
     assert rows[0]["final_loss"] == 0.25 and rows[0]["images"] == 1 and rows[0]["subject"] == "robot"
     everything = json.loads(cli("runs", "--json").stdout)
@@ -64,7 +66,7 @@ def test_runs_lists_every_run_newest_first_with_its_size_and_kind(cli: Any, tmp_
     assert table.exit_code == 0
     lines = [line.split() for line in table.stdout.splitlines()[1:]]
     assert [line[0] for line in lines] == [str(second.id), str(first.id)]
-    assert "2.9 KB" in table.stdout and "4/4" in table.stdout
+    assert "3.0 kB" in table.stdout and "4/4" in table.stdout and "lora r4 decoder" in table.stdout
 
 
 def test_images_filters_by_run_prompt_and_limit_newest_first(cli: Any, tmp_path: Path) -> None:
@@ -117,7 +119,7 @@ def test_show_ends_with_runs_and_images_and_names_the_commands(cli: Any, tmp_pat
     run = done_run(store, size=5000)
     fake_image(store, "robot", run, "on the moon", 1)
     shown = cli("show", "robot")
-    assert f"newest done: run {run.id}" in shown.stdout and "4.9 KB" in shown.stdout
+    assert f"newest done: run {run.id}" in shown.stdout and "5.0 kB" in shown.stdout
     assert "stencil runs robot" in shown.stdout and "stencil images robot" in shown.stdout
     data = json.loads(cli("show", "robot", "--json").stdout)
     assert data["history"]["runs"] == 1 and data["history"]["images"] == 1
@@ -132,3 +134,56 @@ def test_hints_about_run_ids_name_the_command_that_lists_them(cli: Any, tmp_path
     assert result.exit_code == 1 and "stencil runs robot" in result.stderr
     missing = cli("gen", "robot", "on the moon", "--run", "12345")
     assert missing.exit_code == 1 and "stencil runs robot" in missing.stderr
+
+
+def _terminal(monkeypatch: pytest.MonkeyPatch, width: int = 80) -> None:
+    """Tables print to a (fake) terminal `width` columns wide."""
+    from rich.console import Console
+
+    from stencil_cli.cli import history, output
+
+    def terminal() -> Console:
+        return output.console(highlight=False, width=width, force_terminal=True)
+
+    monkeypatch.setattr(history, "stdout_console", terminal)
+
+
+def test_an_80_column_terminal_keeps_ids_dates_and_paths_whole(
+    cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = add_subject(cli, tmp_path)
+    run = done_run(store)
+    fake_image(store, "robot", run, "a very long prompt about a toy robot " * 4, 123456)
+    monkeypatch.setenv("NO_COLOR", "1")
+    _terminal(monkeypatch)
+    shown = cli("images", "robot").stdout
+    assert "…" not in shown and "..." not in shown
+    [row] = store.list_generations("robot")
+    assert str(row.image_file) in shown  # one unbroken string: the terminal wraps the line, rich does not
+    assert row.created.replace("T", " ").removesuffix("+00:00") in shown and "123456" in shown
+    runs = cli("runs", "robot").stdout
+    assert "…" not in runs and run.started.replace("T", " ").removesuffix("+00:00") in runs
+
+
+def test_no_color_prints_no_ansi_codes_not_even_bold(
+    cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = add_subject(cli, tmp_path)
+    fake_image(store, "robot", done_run(store), "on the moon", 1)
+    _terminal(monkeypatch, width=200)
+    assert "\x1b[" in cli("images", "robot").stdout  # a terminal gets the bold headers...
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert "\x1b[" not in cli("images", "robot").stdout  # ...unless NO_COLOR is set
+
+
+def test_images_marks_an_image_whose_file_is_gone(cli: Any, tmp_path: Path) -> None:
+    store = add_subject(cli, tmp_path)
+    run = done_run(store)
+    kept, gone = fake_image(store, "robot", run, "kept", 1), fake_image(store, "robot", run, "gone", 2)
+    rows = {row.id: row for row in store.list_generations("robot")}
+    rows[gone].image_file.unlink()
+    listed = {row["id"]: row for row in json.loads(cli("images", "robot", "--json").stdout)}
+    assert listed[gone]["missing"] is True and listed[kept]["missing"] is False
+    lines = cli("images", "robot").stdout.splitlines()
+    marked = [line for line in lines if "(missing)" in line]
+    assert marked == [line for line in lines if str(rows[gone].image_file) in line]

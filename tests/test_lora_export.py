@@ -273,6 +273,29 @@ def test_diffusers_folder_gives_the_unet_stencil_generates_with(
     assert json.loads((target / "stencil_export.json").read_text())["run_kind"] == kind
 
 
+def test_the_diffusers_folder_tokenizer_loads_from_vocab_and_merges_alone(
+    tiny_models_dir, runs, tmp_path
+) -> None:
+    """transformers 4.x's slow CLIPTokenizer (diffusers 0.32 + transformers 4.54) reads vocab + merges."""
+    import shutil
+
+    from transformers import CLIPTokenizer
+
+    target = tmp_path / "robot-pipeline"
+    ex.export_run(_fresh_pipe(tiny_models_dir), runs["full"], "diffusers", target, save_dtype="fp32")
+    folder = target / "tokenizer"
+    assert {"tokenizer.json", "vocab.json", "merges.txt"} <= {p.name for p in folder.iterdir()}
+    slow_only = tmp_path / "slow-tokenizer"
+    shutil.copytree(folder, slow_only, ignore=shutil.ignore_patterns("tokenizer.json"))
+    fast = _fresh_pipe(tiny_models_dir).tokenizer
+    slow = CLIPTokenizer(
+        vocab=str(slow_only / "vocab.json"), merges=str(slow_only / "merges.txt"), model_max_length=77
+    )
+    prompt = "a photo of a toy robot on the beach"
+    assert slow(prompt).input_ids == fast(prompt).input_ids
+    assert CLIPTokenizer.from_pretrained(str(slow_only))(prompt).input_ids == fast(prompt).input_ids
+
+
 def test_single_file_round_trips_through_from_single_file(tiny_models_dir, runs, tmp_path: Path) -> None:
     """The original-layout file loads back with diffusers' from_single_file: UNet, VAE, text encoder equal."""
     from diffusers import StableDiffusionPipeline
@@ -368,3 +391,48 @@ def test_force_replaces_an_existing_export_atomically(tiny_subject_pipe, runs, t
     ex.export_run(copy.deepcopy(tiny_subject_pipe), runs["lora"], "diffusers", folder, force=True)
     assert not (folder / "stale.txt").exists() and (folder / "model_index.json").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("fmt", ["single-file", "diffusers"])
+def test_an_fp16_export_keeps_updates_fp16_would_round_away(
+    tiny_models_dir, tmp_path: Path, fmt: str
+) -> None:
+    """A norm weight near 1.0 moved by 1e-5 (below fp16's step there) comes back as trained, not as base."""
+    pipe = _fresh_pipe(tiny_models_dir)
+    params = dict(pipe.unet.named_parameters())
+    norm = next(n for n in params if n.startswith("up_blocks.") and ".norm" in n and n.endswith(".weight"))
+    conv = next(n for n in params if n.startswith("up_blocks.") and n.endswith("conv1.weight"))
+    trained = {norm: params[norm].detach() + 1e-5, conv: params[conv].detach() + 0.1}
+    assert torch.equal(trained[norm].half(), params[norm].detach().half())  # fp16 alone would lose it
+    weights = tmp_path / "run.safetensors"
+    names = list(trained)
+    metadata = weights_metadata(_config(), "tiny", names, subject="robot", phrase="toy robot", run_id="3")
+    save_trained_weights(weights, trained, metadata)
+    target = tmp_path / ("robot-pipeline" if fmt == "diffusers" else "robot.safetensors")
+    result = ex.export_run(pipe, weights, fmt, target, save_dtype="fp16")
+    assert result.kept_fp32 == 1 and json.loads(result.metadata["kept_fp32"]) == [norm]
+    if fmt == "diffusers":
+        tensors = load_file(str(target / "unet" / "diffusion_pytorch_model.safetensors"))
+        got_norm, got_conv = tensors[norm], tensors[conv]
+    else:
+        names = ex.original_layout_names(_fresh_pipe(tiny_models_dir))["unet"]
+        tensors = load_file(str(target))
+        got_norm, got_conv = tensors[names[norm][0]], tensors[names[conv][0]]
+    assert got_norm.dtype == torch.float32 and torch.equal(got_norm, trained[norm])
+    assert got_conv.dtype == torch.float16  # the rest keeps the smaller dtype
+
+
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_a_scaled_run_moves_the_base_by_that_share_of_its_update(tiny_models_dir, runs, kind) -> None:
+    """`strength` 0 is the base model, 1 the run as trained, 0.5 halfway (a LoRA's scale, a full blend)."""
+    base = {k: v.clone() for k, v in _fresh_pipe(tiny_models_dir).unet.state_dict().items()}
+    states = {}
+    for strength in (0.0, 0.5, 1.0):
+        unet = _fresh_pipe(tiny_models_dir).unet
+        load_trained_weights(unet, runs[kind], strength=strength)
+        states[strength] = unet.state_dict()
+    changed = [k for k in base if not torch.equal(states[1.0][k], base[k])]
+    assert changed
+    for key in changed:
+        torch.testing.assert_close(states[0.0][key], base[key])
+        torch.testing.assert_close(states[0.5][key], (base[key] + states[1.0][key]) / 2, atol=1e-6, rtol=1e-5)

@@ -448,3 +448,9 @@ def test_doctor_says_the_openai_key_is_needed_for_the_openai_captioner(
     text = " ".join(result.output.split())
     assert "needed for --captioner openai; use --captioner template offline" in text
     assert "fall back to templates" not in text
+
+
+def test_models_ls_through_a_pipe_keeps_whole_hub_ids(cli, monkeypatch) -> None:
+    monkeypatch.setenv("COLUMNS", "60")  # a narrow terminal's setting must not cut a piped table
+    text = cli("models", "ls").stdout
+    assert "stabilityai/stable-diffusion-3-medium-diffusers" in text and "…" not in text

@@ -214,3 +214,30 @@ def test_clean_rewritten_prompt() -> None:
     assert clean_rewritten_prompt("a corgi.\nIn the snow") is None
     assert clean_rewritten_prompt("word " * 61) is None
     assert clean_rewritten_prompt("") is None
+
+
+@pytest.mark.parametrize(
+    ("words", "article"),
+    [
+        ("unicorn plush", "a"),
+        ("umbrella", "an"),
+        ("European cat", "a"),
+        ("one-eyed teddy", "a"),
+        ("hour glass", "an"),
+        ("orange backpack", "an"),
+        ("toy robot", "a"),
+        ("useful tool", "a"),
+        ("", "a"),
+    ],
+)
+def test_one_article_rule_by_sound_for_prompts_and_captions(words: str, article: str) -> None:
+    from stencil_cli.base.text import indefinite_article
+    from stencil_cli.captioning.phrases import article as caption_article
+
+    assert indefinite_article(words) == article == caption_article(words)
+
+
+def test_a_unicorn_prompt_reads_a_photo_of_a_unicorn() -> None:
+    from stencil_cli.captioning.phrases import insert_phrase
+
+    assert insert_phrase("", "unicorn plush").startswith("a photo of a unicorn plush")

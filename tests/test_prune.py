@@ -78,7 +78,7 @@ def test_prune_keeps_the_newest_done_runs_and_frees_the_bytes_it_reported(
     before = tree_bytes(stencil_home / "subjects")
     done = cli("store", "prune", "--keep", "1")
     assert done.exit_code == 0, done.output
-    assert "2 run(s): freed 3.4 KB (3500 bytes)" in done.stdout
+    assert "2 run(s): freed 3.5 kB (3500 bytes)" in done.stdout
     assert before - tree_bytes(stencil_home / "subjects") == 3500
     assert store.get_run("robot", newest.id).weights_file.is_file()
     assert store.get_run("cat", cat_run.id).weights_file.is_file()

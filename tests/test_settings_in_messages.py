@@ -4,6 +4,7 @@ way (the CLI as flags, `str(error)` as field names)."""
 from __future__ import annotations
 
 import ast
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -242,6 +243,15 @@ def test_a_loss_that_blows_up_names_the_learning_rate_and_precision_flags(
     result = cli("train", "robot", *args)
     assert result.exit_code == 1, result.output
     assert "; try a lower --lr or --precision fp32" in _line(result)
+    from stencil_cli.store.db import open_store
+
+    [run] = open_store().list_runs("robot")  # the store keeps field names, as a library reads them
+    assert run.status == "failed" and "try a lower lr or precision=fp32" in str(run.error)
+    assert "try a lower lr or precision=fp32" in json.loads(cli("runs", "robot", "--json").stdout)[0]["error"]
+    runs = cli("runs", "robot")  # the CLI shows them as train's flags
+    assert f"run {run.id} failed:" in runs.stderr and "try a lower --lr or --precision fp32" in runs.stderr
+    shown = cli("show", "robot").stdout
+    assert f"last run:    {run.id} failed:" in shown and "try a lower --lr or --precision fp32" in shown
 
 
 def test_a_subject_model_of_another_kind_names_the_subject_model_flag(
@@ -255,3 +265,12 @@ def test_a_subject_model_of_another_kind_names_the_subject_model_flag(
         "(the subject model must be SD1.5- or SDXL-shaped, e.g. --subject-model sd15 or --subject-model sdxl)"
     )
     assert wanted in _line(result)
+
+@pytest.mark.parametrize(("command", "module"), [("gen", "gen"), ("bench dreambench", "bench")])
+def test_the_captioners_model_field_shows_as_the_caption_model_flag(command: str, module: str) -> None:
+    import importlib
+
+    flags = importlib.import_module(f"stencil_cli.cli.{module}").FLAGS
+    error = StencilError("the vision model said no", hint="try another {model}", fields=("model",))
+    assert error_line(error, flags).endswith("(try another --caption-model)")
+    assert command_flag(typer.main.get_command(app), command, "caption_model") == "--caption-model"

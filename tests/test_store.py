@@ -77,6 +77,8 @@ def test_a_database_at_the_first_schema_is_migrated_and_keeps_its_data(tmp_path:
         "m002_subject_id_counter",
         "m003_one_name_per_file_column",
         "m004_draft_prompt_cache",
+        "m005_run_id_counter",
+        "m006_run_error_fields",
     ]
     assert "draft_prompts" in again.db.table_names()
 
@@ -157,3 +159,16 @@ def test_add_generation_refuses_a_subject_removed_and_made_again_under_its_name(
     with pytest.raises(StencilError, match="was removed"):
         again.add_generation(subject, record)
     assert again.list_generations("cat") == []
+
+
+def test_a_removed_runs_id_is_never_given_again(cli: Any, tmp_path: Path) -> None:
+    store = add_subject(cli, tmp_path, name="cat", phrase="cat")
+    first = store.create_run("cat", {"steps": 3}, base_model="tiny")
+    newest = store.create_run("cat", {"steps": 3}, base_model="tiny")
+    store.finish_run(newest.id, "failed", error="boom")
+    assert cli("rm", "cat", "--run", str(newest.id), "--yes").exit_code == 0
+    again = store.create_run("cat", {"steps": 3}, base_model="tiny")
+    assert again.id == newest.id + 1 and first.id < newest.id
+    assert cli("rm", "cat", "--yes").exit_code == 0  # the whole subject, its runs with it
+    add_subject(cli, tmp_path / "again", name="cat", phrase="cat")
+    assert store.create_run("cat", {"steps": 3}, base_model="tiny").id == again.id + 1

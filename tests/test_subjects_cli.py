@@ -139,6 +139,9 @@ def test_rm_subject_and_image(cli, tmp_path: Path, stencil_home: Path) -> None:
     by_hash = cli("rm", "dog", "--image", subject.images[1]["sha256"][:10], "--yes")
     assert by_hash.exit_code == 0
     assert cli("rm", "dog", "--image", "999", "--yes").exit_code == 1
+    short = cli("rm", "dog", "--image", subject.images[2]["sha256"][:2] + "f", "--yes")
+    assert short.exit_code == 2 and "use at least 4 characters" in short.output, short.output
+    assert len(open_store().get_subject("dog").images) == 1  # nothing removed
     # no --yes on a non-interactive stdin: refused, nothing removed
     refused = cli("rm", "dog")
     assert refused.exit_code == 2 and "--yes" in refused.stderr

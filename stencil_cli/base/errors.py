@@ -156,6 +156,15 @@ class StencilError(Exception):
         """The hint (None if there is none) with each mentioned setting shown by `show`, as in `render`."""
         return None if self.hint is None else render_text(self.hint, self._shower(show))
 
+    def wording(self) -> str:
+        """The whole error, message and hint, as one Wording (plain text when it mentions no setting): what a
+        store keeps so that a front end can show it later its own way."""
+        message, hint = self.message, self.hint
+        if hint is None:
+            return message
+        template = f"{getattr(message, 'template', message)} ({getattr(hint, 'template', hint)})"
+        return worded(template, self.fields)
+
     def prefixed(self, prefix: str) -> StencilError:
         """The same error (class, hint, settings) with `prefix` before its message."""
         message = self.message

@@ -25,3 +25,23 @@ def sanitize_text(text: str) -> str:
         else:
             kept.append(char)
     return "".join(kept)
+
+
+# Vowel letters that sound like a consonant ("a unicorn", "a one-eyed cat"), and a silent h ("an hour").
+_CONSONANT_SOUND = ("uni", "use", "usu", "uti", "ure", "uro", "eu", "ewe", "one", "once", "ubiq", "ufo")
+_VOWEL_SOUND = ("hour", "honest", "honor", "honour", "heir")
+
+
+def indefinite_article(words: str) -> str:
+    """'a' or 'an' for `words`, by the sound of its first word: the one rule every prompt and caption uses.
+
+    A vowel letter takes 'an' except where it sounds like a consonant ('a unicorn', 'a European',
+    'a one-eyed'); a consonant takes 'a' except before a silent h ('an hour')."""
+    first = words.strip().lower()
+    if not first:
+        return "a"
+    if first.startswith(_VOWEL_SOUND):
+        return "an"
+    if first[0] in "aeiou" and not first.startswith(_CONSONANT_SOUND):
+        return "an"
+    return "a"

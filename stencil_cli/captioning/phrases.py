@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from stencil_cli.base.errors import BadInputError
-from stencil_cli.base.text import sanitize_text
+from stencil_cli.base.text import indefinite_article, sanitize_text
 
 MAX_PHRASE_WORDS = 6
 MAX_PHRASE_CHARS = 60
@@ -31,8 +31,8 @@ def contains_phrase(text: str, phrase: str) -> bool:
 
 
 def article(phrase: str) -> str:
-    """'a' or 'an' for `phrase` (by its first letter; good enough for captions)."""
-    return "an" if phrase[:1].lower() in "aeiou" else "a"
+    """'a' or 'an' for `phrase` (`base.text.indefinite_article`, the one rule)."""
+    return indefinite_article(phrase)
 
 
 def insert_phrase(caption: str, phrase: str) -> str:

@@ -153,8 +153,11 @@ def _split(text: str | None) -> list[str] | None:
 # -- the command ---------------------------------------------------------------------------------------
 
 
+FLAGS = {"model": "--caption-model"}  # the captioner's `{model}` is bench's --caption-model
+
+
 @bench_app.command("dreambench", no_args_is_help=True)
-@handle_errors
+@handle_errors(flags=FLAGS)
 def dreambench(
     dataset_dir: Annotated[
         Path, typer.Argument(help="The DreamBench folder (subject folders + prompts_and_classes.txt).")

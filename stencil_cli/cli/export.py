@@ -14,7 +14,7 @@ import typer
 from stencil_cli.base import events
 from stencil_cli.cli.kit import JsonOption, handle_errors
 from stencil_cli.cli.options import DeviceOption
-from stencil_cli.cli.output import escape, info, print_json, warn
+from stencil_cli.cli.output import escape, human_bytes, info, print_json, warn
 from stencil_cli.store.db import open_store
 from stencil_cli.verbs.export import ExportRequest, ExportResult
 from stencil_cli.verbs.export import export as export_verb
@@ -35,16 +35,6 @@ def _progress(event: events.Event) -> None:
 @handle_errors(flags=FLAGS)
 def export(
     name: Annotated[str, typer.Argument(help="Subject name.")],
-    fmt: Annotated[
-        str,
-        typer.Option(
-            "--format",
-            "-f",
-            help="lora (diffusers LoRA), kohya (A1111/ComfyUI LoRA), diffusers (pipeline folder), "
-            "single-file (A1111/ComfyUI checkpoint).",
-            show_default=False,
-        ),
-    ],
     output: Annotated[
         Path,
         typer.Option(
@@ -55,6 +45,15 @@ def export(
             show_default=False,
         ),
     ],
+    fmt: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            "-f",
+            help="kohya (LoRA for ComfyUI, A1111 and diffusers), lora (diffusers/peft LoRA: diffusers only), "
+            "diffusers (pipeline folder), single-file (A1111/ComfyUI checkpoint).",
+        ),
+    ] = "kohya",
     run_id: Annotated[
         int | None,
         typer.Option(
@@ -98,18 +97,6 @@ def export(
     _present(result, json_output)
 
 
-def _size(count: int) -> str:
-    """A byte count for people: 812 bytes, 3.3 MB, 1.6 GB (binary multiples)."""
-    if count < 1024:
-        return f"{count} bytes"
-    value = count / 1024
-    for unit in ("KB", "MB"):
-        if value < 1024:
-            return f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} GB"
-
-
 def _present(result: ExportResult, json_output: bool) -> None:
     """The written path on stdout (or the JSON), what was made and the SVD error on stderr."""
     error = result.error
@@ -127,9 +114,14 @@ def _present(result: ExportResult, json_output: bool) -> None:
         what += f" rank {result.rank}"
     source = f"{'LoRA' if result.kind == 'lora' else 'full'} run {result.run.id}"
     info(
-        f"wrote {escape(result.path.name)} ({_size(result.bytes)}, {what} from {source}); "
+        f"wrote {escape(result.path.name)} ({human_bytes(result.bytes)}, {what} from {source}); "
         f"model card {escape(str(result.card))}"
     )
+    if result.kept_fp32:
+        info(
+            f"{result.kept_fp32} trained tensors kept in fp32: the export dtype would round their update "
+            "back to the base weights"
+        )
     if error is None:
         return
     info(

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typer import _click as click  # typer vendors Click: its commands and contexts are these classes
 from typer.core import TyperOption
 
-from stencil_cli.base.errors import Mention, ShowMention
+from stencil_cli.base.errors import Mention, ShowMention, render_text
 
 
 def flag_name(field: str, flags: Mapping[str, str] | None = None) -> str:
@@ -57,3 +57,17 @@ def show_as_flag(flags: Mapping[str, str] | None = None) -> ShowMention:
         return name if mention.value is None else f"{name} {mention.value}"
 
     return show
+
+
+TRAIN_FLAGS = {  # flags unlike --field-name
+    "train": "--train",
+    "use_mask": "--no-mask",
+    "lora_rank": "--lora",
+    "sample_prompts": "--sample-prompt",
+}
+
+
+def run_error(error: str | None) -> str:
+    """A failed run's stored error as the CLI words it: the settings it mentions as `stencil train`'s flags
+    (the store keeps them as fields: "try a lower {lr}" reads "try a lower --lr" here)."""
+    return render_text(error or "", show_as_flag(TRAIN_FLAGS))

@@ -35,6 +35,7 @@ from stencil_cli.verbs.generation_plan import (
     plan_generation,
     prompt_lines,
 )
+from stencil_cli.verbs.rerun import request_from_png
 
 FLAGS = {
     "count": "-n",
@@ -43,6 +44,7 @@ FLAGS = {
     "output": "-o",
     "draft": "--draft",
     "stdin": "the prompt '-' (stdin)",
+    "model": "--caption-model",  # the captioner's `{model}` (for --rewrite) is gen's --caption-model
 }
 
 
@@ -93,7 +95,13 @@ class StageProgress:
 
 @handle_errors(flags=FLAGS)
 def gen(
-    name: Annotated[str, typer.Argument(help="The subject to render (see `stencil ls`).")],
+    name: Annotated[
+        str | None,
+        typer.Argument(
+            help="The subject to render (see `stencil ls`); with --from-png, the image's own subject.",
+            show_default=False,
+        ),
+    ] = None,
     prompt: Annotated[
         str | None,
         typer.Argument(
@@ -228,6 +236,23 @@ def gen(
             show_default=False,
         ),
     ] = None,
+    from_png: Annotated[
+        Path | None,
+        typer.Option(
+            "--from-png",
+            help="Render an image stencil made again: its subject, prompt, seed, tau, run and settings, read "
+            "from its PNG metadata (only where-to-run flags apply: --device, --precision, -o, --batch-size).",
+            show_default=False,
+        ),
+    ] = None,
+    lora_scale: Annotated[
+        float,
+        typer.Option(
+            "--lora-scale",
+            help="Strength of the run's update, 0-2: a LoRA's scale; a full run interpolated towards the "
+            "base model (0 = the base, 1 = as trained). Recorded in each image's metadata.",
+        ),
+    ] = 1.0,
     batch_size: Annotated[
         int | None,
         typer.Option(
@@ -250,36 +275,48 @@ def gen(
     json_output: JsonOption = False,
 ) -> None:
     """Render a trained subject in a new context: draft -> null-text inversion -> guided denoise."""
-    request = GenerateRequest(
-        name=name,
-        prompts=_prompts(prompt, prompts_file),
-        negative=negative,
-        count=count,
-        seed=seed,
-        taus=parse_taus(tau),
-        steps=steps,
-        inner_steps=inner_steps,
-        guidance=guidance,
-        null_lr=null_lr,
-        inversion=inversion,
-        draft_steps=draft_steps,
-        draft_guidance=draft_guidance,
-        draft=draft,
-        no_context=no_context,
-        run_id=run_id,
-        output=output,
-        grid=grid,
-        subject_model=subject_model,
-        context_model=context_model,
-        device=device,
-        precision=precision,
-        no_t5=no_t5,
-        batch_size=batch_size,
-        draft_prompt=draft_prompt,
-        rewrite=rewrite,
-        captioner=captioner,
-        caption_model=caption_model,
-    )
+    if from_png is not None:
+        if prompt is not None or prompts_file is not None:
+            raise BadInputError("give a prompt or --from-png, not both: the image's prompt is re-run")
+        request = request_from_png(from_png, name)
+        request.device, request.precision, request.output = device, precision, output
+        request.batch_size, request.grid = batch_size, grid
+    else:
+        if name is None:
+            raise BadInputError(
+                "say which subject to render (see `stencil ls`), or re-run an image with --from-png"
+            )
+        request = GenerateRequest(
+            name=name,
+            prompts=_prompts(prompt, prompts_file),
+            negative=negative,
+            count=count,
+            seed=seed,
+            taus=parse_taus(tau),
+            steps=steps,
+            inner_steps=inner_steps,
+            guidance=guidance,
+            null_lr=null_lr,
+            inversion=inversion,
+            draft_steps=draft_steps,
+            draft_guidance=draft_guidance,
+            draft=draft,
+            no_context=no_context,
+            run_id=run_id,
+            output=output,
+            grid=grid,
+            subject_model=subject_model,
+            context_model=context_model,
+            device=device,
+            precision=precision,
+            no_t5=no_t5,
+            batch_size=batch_size,
+            draft_prompt=draft_prompt,
+            rewrite=rewrite,
+            captioner=captioner,
+            caption_model=caption_model,
+            lora_scale=lora_scale,
+        )
     store = open_store()
     plan = plan_generation(store, request)
     for message in plan.warnings:

@@ -7,8 +7,17 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from stencil_cli.cli.flags import run_error
 from stencil_cli.cli.kit import JsonOption, handle_errors
-from stencil_cli.cli.output import escape, human_bytes, info, print_json, stdout_console, warn_damaged
+from stencil_cli.cli.output import (
+    PIPED_WIDTH,
+    escape,
+    human_bytes,
+    info,
+    print_json,
+    stdout_console,
+    warn_damaged,
+)
 from stencil_cli.store.db import open_store
 from stencil_cli.verbs.history import ImagesQuery, damaged_rows, list_images, list_runs
 
@@ -51,19 +60,8 @@ def runs(
                     typer.echo(f"  {key + ':':<14}{data[key]}")
         return
 
-    table = Table(
-        "id",
-        "subject",
-        "status",
-        "kind",
-        "steps",
-        "loss",
-        "duration",
-        "size",
-        "images",
-        "started",
-        box=None,
-        pad_edge=False,
+    table = listing_table(
+        "id", "subject", "status", "kind", "steps", "loss", "duration", "size", "images", "started"
     )
     for item in found:
         run = item.run
@@ -72,7 +70,7 @@ def runs(
             str(run.id),
             escape(item.subject),
             run.status,
-            item.to_dict()["kind"],
+            item.to_dict()["kind_label"],
             f"{run.step}/{steps}" if steps else str(run.step),
             f"{run.final_loss:.4f}" if run.final_loss is not None else "-",
             _duration(run.duration_s),
@@ -80,7 +78,24 @@ def runs(
             str(item.images),
             run.started.replace("T", " ").removesuffix("+00:00"),
         )
-    stdout_console().print(table)
+    print_listing(table)
+    for item in found:
+        if item.run.error and item.run.status in ("failed", "interrupted"):
+            info(f"run {item.run.id} {item.run.status}: {escape(run_error(item.run.error))}")
+
+
+def listing_table(*columns: str) -> Table:
+    """A borderless table of the given columns (see `print_listing`)."""
+    return Table(*columns, box=None, pad_edge=False)
+
+
+def print_listing(table: Table) -> None:
+    """Print a listing at its natural width, wider than a narrow terminal if need be (the terminal wraps
+    the line): an id, a date or a path cut short or folded by rich cannot be copied back into a command."""
+    shown = stdout_console()
+    natural = shown.measure(table, options=shown.options.update(max_width=PIPED_WIDTH)).maximum
+    shown.width = max(shown.width, natural)
+    shown.print(table, crop=False)
 
 
 @handle_errors(flags=FLAGS)
@@ -104,9 +119,7 @@ def images(
         info(f"no generated images match: render some with `stencil gen {target} PROMPT`")
         return
 
-    table = Table(
-        "id", "subject", "run", "prompt", "tau", "seed", "mode", "file", "created", box=None, pad_edge=False
-    )
+    table = listing_table("id", "subject", "run", "prompt", "tau", "seed", "mode", "file", "created")
     for item in found:
         row = item.generation
         table.add_row(
@@ -117,10 +130,10 @@ def images(
             f"{row.tau:g}" if row.tau is not None else "-",
             str(row.seed if row.seed is not None else "-"),
             item.mode or "-",
-            escape(str(row.image_file or "-")),
+            escape(str(row.image_file or "-")) + (" [red](missing)[/red]" if item.missing else ""),
             row.created.replace("T", " ").removesuffix("+00:00"),
         )
-    stdout_console().print(table)
+    print_listing(table)
 
 
 def register(app: typer.Typer) -> None:

@@ -9,7 +9,6 @@ from importlib import metadata
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from stencil_cli import __version__
@@ -18,7 +17,7 @@ from stencil_cli.base.errors import EXIT_FAILURE, BadInputError, StencilError
 from stencil_cli.base.paths import default_root
 from stencil_cli.cli.kit import JsonOption, handle_errors
 from stencil_cli.cli.options import DeviceOption, NoT5Option, PrecisionOption
-from stencil_cli.cli.output import escape, info, print_json, settings
+from stencil_cli.cli.output import escape, human_bytes, info, print_json, settings, stdout_console
 from stencil_cli.store.db import open_store
 from stencil_cli.store.settings import DEFAULTS
 from stencil_cli.store.settings import resolve_setting as setting
@@ -36,20 +35,8 @@ ENV_VARS: dict[str, str] = {
 }
 
 
-def human_size(size: int | None) -> str:
-    """Bytes as a short human string (e.g. 5.1 GB); '-' for None."""
-    if size is None:
-        return "-"
-    value = float(size)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if value < 1000 or unit == "TB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    return f"{size} B"
-
-
 def _print_table(table: Table) -> None:
-    Console().print(table)
+    stdout_console().print(table)  # piped: never cut to 80 columns (a Hub id must survive `| cat`)
 
 
 # -- models ---------------------------------------------------------------------------------------------
@@ -133,7 +120,7 @@ def models_ls(json_output: JsonOption = False) -> None:
             escape((row["licence"] or "-").removesuffix(" License")),
             _draft_cell(row),
             "yes" if row["present"] else "no",
-            human_size(row["size_bytes"]),
+            human_bytes(row["size_bytes"]),
         )
     _print_table(table)
     info(f"[dim]Hugging Face cache: {escape(str(m.hub_cache_dir()))}[/dim]")
@@ -185,7 +172,7 @@ def models_pull(
         )
         if pulled.revision is not None:
             info(f"{escape(pulled.repo_id or ref)}: safetensors from revision {escape(pulled.revision)}")
-        info(f"[green]ready:[/green] {escape(ref)} ({human_size(results[-1]['size_bytes'])})")
+        info(f"[green]ready:[/green] {escape(ref)} ({human_bytes(results[-1]['size_bytes'])})")
     if json_output:
         print_json(results)
     else:
@@ -492,7 +479,7 @@ def doctor(json_output: JsonOption = False) -> None:
     plain += [(name, version or "not installed") for name, version in report["versions"].items()]
     plain.append(("device (auto)", f"{device['auto']}, precision {device['auto_precision']}"))
     for gpu in device["gpus"]:
-        free = f"{human_size(gpu['free_bytes'])} free of {human_size(gpu['total_bytes'])}"
+        free = f"{human_bytes(gpu['free_bytes'])} free of {human_bytes(gpu['total_bytes'])}"
         plain.append((f"cuda:{gpu['index']}", f"{gpu['name']}, {free}"))
     if not device["cuda_available"]:
         plain.append(("cuda", "not available"))

@@ -40,7 +40,15 @@ class OutputSettings:
 
 
 settings = OutputSettings()
-err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+def console(**options: Any) -> Console:
+    """A rich console; with NO_COLOR set (no-color.org) it writes no ANSI codes at all, bold included
+    (rich's own NO_COLOR support drops only the colours)."""
+    if os.environ.get("NO_COLOR"):
+        options["color_system"] = None
+    return Console(**options)
+
+
+err_console = console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def print_json(data: Any) -> None:
@@ -60,20 +68,21 @@ PIPED_WIDTH = 10_000  # a table written to a pipe or file is never cut to 80 col
 
 def stdout_console() -> Console:
     """A rich console on stdout for tables: the terminal's width, or unlimited when piped (ids never cut)."""
-    console = Console(highlight=False)
-    if not console.is_terminal:
-        console = Console(highlight=False, width=PIPED_WIDTH)
-    return console
+    shown = console(highlight=False)
+    if not shown.is_terminal:
+        shown = console(highlight=False, width=PIPED_WIDTH)
+    return shown
 
 
-def human_bytes(count: int) -> str:
-    """1536 -> '1.5 KB' (powers of 1024, one decimal)."""
-    size = float(count)
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} TB"
+def human_bytes(count: int | None) -> str:
+    """Bytes for people, the one formatter of every command: 1536 -> '1.5 kB', 2.04e9 -> '2.0 GB' ('-': None).
+
+    rich's decimal units (powers of 1000, as disks and the Hub count): one size reads the same everywhere."""
+    if count is None:
+        return "-"
+    from rich.filesize import decimal
+
+    return decimal(int(count))
 
 
 def info(message: str) -> None:

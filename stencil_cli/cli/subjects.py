@@ -10,7 +10,7 @@ from rich.table import Table
 
 from stencil_cli.base.errors import BadInputError, render_text
 from stencil_cli.base.images import RejectedImage
-from stencil_cli.cli.flags import show_as_flag
+from stencil_cli.cli.flags import run_error, show_as_flag
 from stencil_cli.cli.kit import JsonOption, handle_errors
 from stencil_cli.cli.output import (
     err_console,
@@ -260,6 +260,9 @@ def _print_summary(console: Any, name: str, summary: SubjectSummary) -> None:
         )
     else:
         console.print(f"runs:        none [dim]- train with `stencil train {escape(name)}`[/dim]")
+    if summary.newest_failed is not None:
+        failed = summary.newest_failed
+        console.print(f"last run:    {failed.id} failed: {escape(run_error(failed.error))}")
     if summary.images:
         console.print(
             f"images:      {summary.images} (newest {summary.newest_image}) "

@@ -13,6 +13,7 @@ from rich.progress import Progress
 
 from stencil_cli.base import events
 from stencil_cli.base.events import Stage
+from stencil_cli.cli.flags import TRAIN_FLAGS
 from stencil_cli.cli.kit import JsonOption, given_fields, handle_errors
 from stencil_cli.cli.options import DeviceOption, PrecisionOption, SubjectModelOption
 from stencil_cli.cli.output import escape, info, print_json, warn
@@ -79,12 +80,7 @@ def _warn_about_masks(masks: list[MaskPicture]) -> None:
 # -- the command ---------------------------------------------------------------------------------
 
 
-FLAGS = {  # flags unlike --field-name
-    "train": "--train",
-    "use_mask": "--no-mask",
-    "lora_rank": "--lora",
-    "sample_prompts": "--sample-prompt",
-}
+FLAGS = TRAIN_FLAGS  # flags unlike --field-name (in cli/flags.py: `runs` and `show` word train's errors)
 RENAMED = {  # parameters unlike their field
     "train_what": "train",
     "no_mask": "use_mask",

@@ -3,14 +3,18 @@
 Formats (``FORMATS``):
 
 - ``lora``: a diffusers/peft LoRA safetensors (``unet.<module>.lora_A.weight`` / ``lora_B``) that
-  ``StableDiffusionPipeline.load_lora_weights`` reads. A LoRA run exports its adapters (alpha / rank folded
-  into ``lora_B``, so every layer has scale 1 and no alphas are needed); a full-decoder run is approximated
+  ``StableDiffusionPipeline.load_lora_weights`` reads: diffusers only (ComfyUI maps diffusers names only as
+  ``unet.<name>`` with ``.processor.to_`` and A1111 splits a key at its first dot, so both drop its attention
+  keys; measured with their loaders by ``benchmarks/interop.py``). A LoRA run exports its adapters
+  (alpha / rank folded into ``lora_B``, so every layer has scale 1 and no alphas are needed); a full-decoder
+  run is approximated
   by a truncated SVD of the weight difference of every Linear and Conv2d layer of the trained part (as
   kohya's ``extract_lora_from_models.py`` does, without its quantile clamping), rank ``min(R, out, in * kh *
   kw)`` per layer. Biases and normalisation weights cannot be LoRA layers: they are left out and counted in
   the error.
 - ``kohya``: the same LoRA with ``lora_unet_...`` names, ``lora_down``/``lora_up`` and ``alpha`` tensors
-  (AUTOMATIC1111, ComfyUI), converted with diffusers' own ``convert_state_dict_to_kohya``.
+  (AUTOMATIC1111, ComfyUI, and diffusers' ``load_lora_weights``), converted with diffusers' own
+  ``convert_state_dict_to_kohya``. The default: it loads in every tool the docs name.
 - ``diffusers``: a complete pipeline folder (``save_pretrained``) with the fine-tuned UNet.
 - ``single-file``: one safetensors checkpoint in the original Stable Diffusion layout
   (``model.diffusion_model.``, ``first_stage_model.``, ``cond_stage_model.transformer.``). The names come
@@ -95,6 +99,7 @@ class WrittenExport:
     rank: int | None = None
     error: ExtractionError | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    kept_fp32: int = 0  # trained tensors the export dtype would round back to the base: written in fp32
 
 
 # -- validation ----------------------------------------------------------------------------------------------
@@ -506,10 +511,59 @@ def _write_folder(target: Path, build: Callable[[Path], None]) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _cast_safetensors(folder: Path, dtype: torch.dtype) -> None:
-    """Rewrite every safetensors file under `folder` with its floating-point tensors in `dtype`."""
+def _cast_safetensors(folder: Path, dtype: torch.dtype, keep_unet: Iterable[str] = ()) -> None:
+    """Rewrite every safetensors file under `folder` with its floating-point tensors in `dtype`.
+
+    The UNet's tensors named in `keep_unet` stay fp32 (their update would round away)."""
     for path in Path(folder).rglob("*.safetensors"):
-        cast_weights_file(path, dtype)
+        cast_weights_file(path, dtype, keep_unet if path.parent.name == "unet" else ())
+
+
+SLOW_TOKENIZER_FILES = ("vocab.json", "merges.txt")  # what transformers 4's CLIPTokenizer reads
+
+
+def write_tokenizer_files(tokenizer: Any, folder: Path) -> None:
+    """Give an exported ``tokenizer/`` folder both layouts: ``tokenizer.json`` and vocab.json + merges.txt.
+
+    transformers 5 saves only ``tokenizer.json``; ``model_index.json`` names ``CLIPTokenizer``, whose
+    transformers 4.x (slow) loader needs ``vocab.json`` and ``merges.txt``, as the Hub's SD1.5 folder has
+    them. The base model's own files are copied when it has them; otherwise they are written from the
+    tokenizer's BPE model (the same vocabulary and merges)."""
+    folder = Path(folder)
+    source = Path(getattr(tokenizer, "name_or_path", "") or "")
+    missing = [name for name in SLOW_TOKENIZER_FILES if not (folder / name).is_file()]
+    for name in list(missing):
+        for candidate in (source / name, source / "tokenizer" / name):
+            if candidate.is_file():
+                shutil.copyfile(candidate, folder / name)
+                missing.remove(name)
+                break
+    if missing:
+        with tempfile.TemporaryDirectory(dir=folder) as scratch:
+            tokenizer.backend_tokenizer.model.save(scratch)
+            for name in missing:
+                os.replace(Path(scratch) / name, folder / name)
+
+
+def _trained_names(unet: Any, tensors: Mapping[str, torch.Tensor], kind: WeightsKind) -> list[str]:
+    """The UNet parameters a run changes: a full run's own tensors, a LoRA run's adapted weights."""
+    if kind == KIND_LORA:
+        return [f"{module}.weight" for module in lora_pairs(tensors)]
+    return list(tensors)
+
+
+def rounded_away(
+    base: Mapping[str, torch.Tensor], trained: Mapping[str, torch.Tensor], dtype: torch.dtype
+) -> list[str]:
+    """The tensors the run changed that `dtype` gives back bit-identical to the base (the update lost)."""
+    if dtype == torch.float32:
+        return []
+    lost = []
+    for name, before in base.items():
+        after = trained[name].detach().cpu()
+        if not torch.equal(before, after) and torch.equal(before.to(dtype), after.to(dtype)):
+            lost.append(name)
+    return lost
 
 
 def _folder_bytes(path: Path) -> int:
@@ -580,7 +634,13 @@ def model_card(fmt: ExportFormat, target: Path, info: Mapping[str, Any]) -> str:
             f'pipe = StableDiffusionPipeline.from_single_file("{name}", torch_dtype=torch.float16).to("cuda")'
         ]
     lines += [f'image = pipe("a photo of a {phrase} on the beach").images[0]', "```", ""]
-    if fmt in LORA_FORMATS:
+    if fmt == "lora":
+        lines += [
+            "- This peft-named file is for diffusers only: ComfyUI's *Load LoRA* and AUTOMATIC1111's Lora "
+            "extension match none of its attention keys (they drop them, with at most a log line). Export "
+            "with the `kohya` format for them."
+        ]
+    elif fmt == "kohya":
         lines += [
             f"- ComfyUI: put `{name}` in `models/loras/` and add a *Load LoRA* node after the SD1.5 "
             "checkpoint.",
@@ -652,6 +712,7 @@ def export_run(
     }
     error: ExtractionError | None = None
     used_rank: int | None = None
+    keep: list[str] = []
     if fmt in LORA_FORMATS:
         tensors = read_tensors(weights_path)
         if kind == KIND_LORA:
@@ -670,14 +731,21 @@ def export_run(
             header["extraction_error"] = json.dumps(error.__dict__)
         _write_file(target, state, header)
     else:
+        params = dict(pipe.unet.named_parameters())
+        names = _trained_names(pipe.unet, read_tensors(weights_path), kind)
+        base = {name: params[name].detach().cpu().float().clone() for name in names}
         load_trained_weights(pipe.unet, Path(weights_path))
+        keep = rounded_away(base, dict(pipe.unet.named_parameters()), dtype)
+        del base
+        header["kept_fp32"] = json.dumps(keep) if keep else None
         if fmt == "diffusers":
             info["error"] = None
 
             def build(folder: Path) -> None:
                 pipe.save_pretrained(folder, safe_serialization=True)
+                write_tokenizer_files(pipe.tokenizer, folder / "tokenizer")
                 if dtype != torch.float32:
-                    _cast_safetensors(folder, dtype)
+                    _cast_safetensors(folder, dtype, keep)
                 (folder / "stencil_export.json").write_text(
                     json.dumps(_metadata_strings(header), indent=2, sort_keys=True) + "\n", encoding="utf-8"
                 )
@@ -685,7 +753,12 @@ def export_run(
 
             _write_folder(target, build)
         else:
-            _write_file(target, original_layout_state(pipe, dtype), header)
+            state = original_layout_state(pipe, dtype)
+            unet_names = original_layout_names(pipe)["unet"]
+            unet_state = pipe.unet.state_dict()
+            for name in keep:
+                state[unet_names[name][0]] = unet_state[name].detach().to("cpu", torch.float32).contiguous()
+            _write_file(target, state, header)
     info["error"] = error
     card = card_path(fmt, target)
     if fmt != "diffusers":
@@ -700,6 +773,7 @@ def export_run(
         rank=used_rank,
         error=error,
         metadata=_metadata_strings(header),
+        kept_fp32=len(keep),
     )
 
 

@@ -283,7 +283,7 @@ def null_text_optimization(
                     if not active.any():
                         break
             current_uncond = null.detach()
-            if not bool(torch.isfinite(current_uncond).all()):
+            if not all(bool(torch.isfinite(part).all()) for part in optimisable(current_uncond)):
                 raise StencilError(
                     f"null-text inversion diverged at step {i + 1} (non-finite embeddings)",
                     hint="try a lower {null_lr}, or {inversion=npi}",

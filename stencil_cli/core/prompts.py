@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from stencil_cli.base.text import indefinite_article
+
 PLACEHOLDERS = ("{subject}", "{}")
 ARTICLES = ("a", "an", "the")
 CLIP_TOKEN_LIMIT = 77  # CLIP's window, start and end tokens included (SD1.5, SD3's CLIP-L/G)
@@ -145,7 +147,7 @@ def noun_phrase_description(text: str | None, max_words: int = MAX_DESCRIPTION_W
 
 
 def _article(words: str) -> str:
-    return "an" if words[:1].lower() in "aeiou" and words[:1] else "a"
+    return indefinite_article(words)
 
 
 def _with_article(words: str) -> str:

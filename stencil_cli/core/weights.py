@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol, get_args
 
@@ -109,12 +109,15 @@ def save_trained_weights(
     return Path(path)
 
 
-def cast_weights_file(path: Path, dtype: torch.dtype) -> None:
-    """Rewrite a safetensors file in place with its floating-point tensors in `dtype` (its header kept)."""
+def cast_weights_file(path: Path, dtype: torch.dtype, keep: Iterable[str] = ()) -> None:
+    """Rewrite a safetensors file in place with its floating-point tensors in `dtype` (its header kept).
+
+    Tensors named in `keep` stay as they are (an export keeps the updates `dtype` would round away)."""
+    kept = set(keep)
     with safe_open(str(path), framework="pt") as handle:
         header = handle.metadata()
         tensors = {
-            key: (t.to(dtype) if t.is_floating_point() else t).contiguous()
+            key: (t.to(dtype) if t.is_floating_point() and key not in kept else t).contiguous()
             for key in handle.keys()  # noqa: SIM118 - a safetensors handle is not a dict
             for t in (handle.get_tensor(key),)
         }
@@ -228,22 +231,27 @@ def full_run_tensors(unet: Any, path: Path) -> dict[str, torch.Tensor]:
     check_fits(unet, path, metadata, shapes)
     try:
         with safe_open(str(path), framework="pt") as handle:
-            return {name: handle.get_tensor(name) for name in shapes}
+            tensors = {name: handle.get_tensor(name) for name in shapes}
     except Exception as error:  # noqa: BLE001 - safetensors raises several types for a damaged file
         raise StencilError(f"cannot read trained weights {path}: {error}") from error
+    for name, tensor in tensors.items():
+        refuse_non_finite(path, name, tensor)
+    return tensors
 
 
-def load_trained_weights(unet: Any, path: Path) -> dict[str, str]:
+def load_trained_weights(unet: Any, path: Path, strength: float = 1.0) -> dict[str, str]:
     """Load a run's trained weights into `unet` (either kind), in its dtype/device; return the metadata.
 
     A full run's parameters are checked against the UNet (`check_fits`) and copied in; a LoRA run's
     adapters are merged into the base weights (``W += alpha / rank * B @ A``), so the UNet stays a plain
-    diffusers UNet.
+    diffusers UNet. `strength` scales the update: a LoRA's ``B @ A`` (the LoRA scale other tools offer), a
+    full run's difference to the base (``W = W_base + strength * (W_trained - W_base)``, the interpolation);
+    1.0 is the run as trained.
     """
     path = Path(path)
     metadata, shapes = read_header(path)
     if weights_kind(metadata) == KIND_LORA:
-        merge_lora(unet, read_tensors(path), lora_scale(metadata))
+        merge_lora(unet, read_tensors(path), lora_scale(metadata) * strength)
         return metadata
     check_fits(unet, path, metadata, shapes)
     params = dict(unet.named_parameters())
@@ -253,6 +261,9 @@ def load_trained_weights(unet: Any, path: Path) -> dict[str, str]:
                 target = params[name]
                 tensor = handle.get_tensor(name)
                 refuse_non_finite(path, name, tensor)
+                if strength != 1.0:
+                    base = target.float()
+                    tensor = base + strength * (tensor.to(device=target.device, dtype=torch.float32) - base)
                 target.copy_(tensor.to(device=target.device, dtype=target.dtype))
     except StencilError:
         raise

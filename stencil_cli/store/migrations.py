@@ -125,12 +125,29 @@ def m004_draft_prompt_cache(db: Database) -> None:
     )
 
 
+def m005_run_id_counter(db: Database) -> None:
+    """A counter so that a run id is never used twice (`rm --run` of the newest run freed its id).
+
+    An export's metadata and a generation's row name the run by id: a reused id would point at another run.
+    """
+    highest = db.execute("select coalesce(max(id), 0) from runs").fetchone()[0]
+    db["counters"].insert({"name": "run_id", "value": highest}, replace=True)
+
+
+def m006_run_error_fields(db: Database) -> None:
+    """`runs.error_fields`: the settings a failed run's error mentions (JSON list), so that each front end
+    shows them its own way (the CLI as flags); `error` then holds the text with their placeholders."""
+    db["runs"].add_column("error_fields", str)
+
+
 # In the order they apply. Append new ones; never edit, rename or reorder one above.
 MIGRATIONS: list[Callable[[Database], None]] = [
     m001_initial,
     m002_subject_id_counter,
     m003_one_name_per_file_column,
     m004_draft_prompt_cache,
+    m005_run_id_counter,
+    m006_run_error_fields,
 ]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from stencil_cli.base.errors import NotFoundError
+from stencil_cli.base.errors import NotFoundError, Wording
 from stencil_cli.base.fsutil import is_within
 from stencil_cli.store import layout
 from stencil_cli.store.connection import translate_errors
@@ -37,6 +37,7 @@ class RunQueries(SubjectQueries):
                 self.db["runs"]
                 .insert(
                     {
+                        "id": self._next_id("run_id", "runs"),
                         "subject_id": subject.id,
                         "status": "running",
                         "params": dumps(params),
@@ -71,7 +72,7 @@ class RunQueries(SubjectQueries):
         *,
         weights_file: Path | None = None,
         duration_s: float | None = None,
-        error: str | None = None,
+        error: str | None = None,  # a Wording keeps its settings (shown as flags by the CLI)
         losses: list[float] | None = None,
         step: int | None = None,
     ) -> None:
@@ -84,7 +85,9 @@ class RunQueries(SubjectQueries):
         if duration_s is not None:
             values["duration_s"] = duration_s
         if error is not None:
-            values["error"] = error
+            fields = getattr(error, "fields", ())
+            values["error"] = error.template if fields else str(error)
+            values["error_fields"] = dumps(list(fields)) if fields else None
         if losses is not None:
             values["losses"] = losses
         if step is not None:
@@ -148,4 +151,7 @@ class RunQueries(SubjectQueries):
         values["damaged"] = tuple(name for name, ok in checks if not ok)
         values["step"] = int(row["step"] or 0)
         values["weights_file"] = self.absolute(row["weights_file"]) if row["weights_file"] else None
+        fields, _ = decode_json_column(values.pop("error_fields", None), [], list)
+        if fields and row["error"] and all(isinstance(name, str) for name in fields):
+            values["error"] = Wording(row["error"], fields)  # reads with field names; the CLI shows flags
         return Run(**values)

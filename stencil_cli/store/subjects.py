@@ -9,17 +9,20 @@ from __future__ import annotations
 import difflib
 import io
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from stencil_cli.base.errors import NotFoundError, StencilError
+from stencil_cli.base.errors import BadInputError, NotFoundError, StencilError
 from stencil_cli.base.fsutil import atomic_write_bytes, crash_point, is_within
 from stencil_cli.store import layout
 from stencil_cli.store.connection import Connection, translate_errors
 from stencil_cli.store.records import AddResult, Subject, now, validate_name
+
+MIN_PREFIX = 4  # the shortest sha256 prefix that names a photo (shorter ones match too easily)
 
 if TYPE_CHECKING:
     from stencil_cli.base.images import PreparedImage
@@ -197,8 +200,13 @@ class SubjectQueries(Connection):
         matches = [
             image
             for image in subject.images
-            if str(image["id"]) == ref or (len(ref) >= 4 and image["sha256"].startswith(ref))
+            if str(image["id"]) == ref or (len(ref) >= MIN_PREFIX and image["sha256"].startswith(ref))
         ]
+        if not matches and len(ref) < MIN_PREFIX and re.fullmatch(r"[0-9a-f]*[a-f][0-9a-f]*", ref):
+            raise BadInputError(
+                f"image {image_ref!r}: no image has that id, and a sha256 prefix this short is not "
+                f"looked up: use at least {MIN_PREFIX} characters (or the image's id)"
+            )
         if len(matches) != 1:
             ids = ", ".join(str(image["id"]) for image in subject.images) or "none"
             what = "is ambiguous" if matches else "not found"
@@ -274,10 +282,17 @@ class SubjectQueries(Connection):
 
     def _next_subject_id(self) -> int:
         """A subject id never used before in this store (call inside a write transaction)."""
-        used = self.db.execute("select value from counters where name = 'subject_id'").fetchone()
-        highest = self.db.execute("select coalesce(max(id), 0) from subjects").fetchone()[0]
+        return self._next_id("subject_id", "subjects")
+
+    def _next_id(self, counter: str, table: str) -> int:
+        """An id for `table` never used before in this store, kept in `counters` (inside a write transaction).
+
+        SQLite hands out the highest id again after that row is deleted; a record that names an id (a pinned
+        command, an export's metadata) must never come to mean another row."""
+        used = self.db.execute("select value from counters where name = ?", [counter]).fetchone()
+        highest = self.db.execute(f"select coalesce(max(id), 0) from {table}").fetchone()[0]
         next_id = max(used[0] if used else 0, highest) + 1
-        self.db["counters"].upsert({"name": "subject_id", "value": next_id}, pk="name")
+        self.db["counters"].upsert({"name": counter, "value": next_id}, pk="name")
         return next_id
 
     def _image_view(self, row: dict[str, Any]) -> dict[str, Any]:

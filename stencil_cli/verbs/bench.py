@@ -796,6 +796,16 @@ def plan(config: BenchConfig, bench: Any) -> list[SubjectJob]:
     return jobs
 
 
+def locate_models(config: BenchConfig) -> None:
+    """Find every model the benchmark needs (subject, context, DINO, CLIP) before training the first subject:
+    a missing eval model must not surface only after a subject's training and generation."""
+    root = config.models_root or None
+    models.inspect_ref(config.subject_model, models.SUBJECT, store_root=root)
+    models.inspect_ref(config.context_model, models.CONTEXT, store_root=root)
+    for kind, ref in (("dino", config.eval_dino), ("clip", config.eval_clip)):
+        models.locate_eval(models.resolve_ref(ref, models.EVAL, store_root=root), kind)
+
+
 def run_benchmark(
     config: BenchConfig, shard: Shard | None = None, progress: Progress = no_progress
 ) -> dict[str, Any] | None:
@@ -806,6 +816,7 @@ def run_benchmark(
     shard = shard or Shard()
     bench = evaluation.load_dreambench(config.dataset)
     jobs = plan(config, bench)
+    locate_models(config)
     if shard.is_main:
         check_out_folder(config)
         # create the store (WAL mode, migrations) before the others open it: two processes switching a new

@@ -71,6 +71,7 @@ class ExportResult:
     kind: WeightsKind  # the run's kind
     rank: int | None
     error: dict[str, Any] | None = None
+    kept_fp32: int = 0  # trained tensors kept in fp32 because the export dtype would round their update away
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready view."""
@@ -84,6 +85,7 @@ class ExportResult:
             "kind": self.kind,
             "rank": self.rank,
             "error": self.error,
+            "kept_fp32": self.kept_fp32,
         }
 
 
@@ -139,6 +141,7 @@ def export(store: Store, request: ExportRequest, *, progress: Progress = no_prog
         kind=written.kind,
         rank=written.rank,
         error=error,
+        kept_fp32=written.kept_fp32,
     )
 
 

@@ -134,6 +134,7 @@ def image_metadata(
         "resolution": plan.resolution,
         "draft": draft_file,
         "draft_source": plan.draft_source,
+        "lora_scale": plan.lora_scale,
         **item.meta,
     }
 
@@ -303,25 +304,33 @@ def context_pipeline(
 
 @contextlib.contextmanager
 def subject_pipeline(
-    ref: str, run: Run, *, device: str, precision: str, store_root: Path | None = None
+    ref: str,
+    run: Run,
+    *,
+    device: str,
+    precision: str,
+    store_root: Path | None = None,
+    lora_scale: float = 1.0,
 ) -> Iterator[Any]:
-    """The subject model with the run's trained weights, freed afterwards."""
+    """The subject model with the run's trained weights (their update scaled by `lora_scale`), freed after."""
     from stencil_cli.core import weights
 
     assert run.weights_file is not None
     path = run.weights_file
-    full = weights.is_full_run(path)  # a full run's tensors go straight into place (no base decoder read)
+    # a full run's tensors go straight into place (no base decoder read), unless scaled towards the base
+    in_place = weights.is_full_run(path) and lora_scale == 1.0
     with models.quiet_libraries():
         pipe = models.load_subject_pipeline(
             ref,
             device=device,
             precision=precision,
             store_root=store_root,
-            replace_unet=(lambda unet: weights.full_run_tensors(unet, path)) if full else None,
+            replace_unet=(lambda unet: weights.full_run_tensors(unet, path)) if in_place else None,
         )
     try:
-        if not full:
-            weights.load_trained_weights(pipe.unet, path)  # LoRA adapters merge into the base weights
+        if not in_place:
+            # LoRA adapters merge into the base weights; a scaled full run is interpolated towards the base
+            weights.load_trained_weights(pipe.unet, path, strength=lora_scale)
         yield pipe
     finally:
         models.free_pipeline(pipe)
@@ -361,7 +370,16 @@ def generate(store: Store, plan: GenerationPlan, *, progress: Progress = no_prog
     """
     with using_subject(store, plan.subject.name):
         store.check_subject(plan.subject.name, plan.subject.id)  # not removed since the plan was made
+        locate_models(plan)
         yield from _generate(store, plan, progress)
+
+
+def locate_models(plan: GenerationPlan) -> None:
+    """Resolve and find every model the plan needs before any model work: a missing subject model must not
+    wait until the context model has drawn every draft (minutes on a GPU) to be reported."""
+    models.inspect_ref(plan.subject_model, models.SUBJECT, store_root=plan.models_root)
+    if plan.mode == "context" and plan.context_model:
+        models.inspect_ref(plan.context_model, models.CONTEXT, store_root=plan.models_root)
 
 
 def _generate(store: Store, plan: GenerationPlan, progress: Progress) -> Iterator[Saved]:
@@ -378,6 +396,7 @@ def _generate(store: Store, plan: GenerationPlan, progress: Progress) -> Iterato
         device=plan.device,
         precision=plan.precision,
         store_root=plan.models_root,
+        lora_scale=plan.lora_scale,
     ) as pipe:
         resolution = plan.resolution or models.native_resolution(pipe)
         plan.resolution = resolution

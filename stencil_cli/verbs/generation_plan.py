@@ -37,6 +37,7 @@ MAX_TAU = 1000
 MAX_BATCH = 256  # seeds in one batched model call
 MAX_IMAGES = 10_000  # seeds x prompts in one call: a typo like -n 1000000000 must not build a huge list
 DEFAULT_BATCH_SIZE = 4  # seeds per batched model call (CPU; GPUs with >= 40 GiB)
+MAX_LORA_SCALE = 2.0  # beyond twice the trained update a fine-tune only breaks the base model
 InversionMode = Literal["nti", "npi"]  # null-text inversion (the paper) or negative-prompt inversion (faster)
 INVERSION_MODES: tuple[InversionMode, ...] = get_args(InversionMode)
 GenerationMode = Literal["context", "edit", "plain"]  # a drawn draft, the user's draft picture, no draft
@@ -84,6 +85,7 @@ class GenerateRequest:
     rewrite: bool = False  # the caption model writes each prompt's draft prompt (cached in the store)
     captioner: CaptionerName | None = None  # for `rewrite` (default: openai)
     caption_model: str | None = None  # the vision model for `rewrite` (default: as `stencil caption`)
+    lora_scale: float = 1.0  # the run's update scaled (a LoRA's B @ A; a full run interpolated to the base)
 
 
 @dataclass
@@ -134,6 +136,7 @@ class GenerationPlan:
     draft_prompt_override: str | None = None
     draft_image: Image.Image | None = None
     draft_source: str | None = None
+    lora_scale: float = 1.0
     notes: list[str] = field(default_factory=list)  # things to tell the user once
     warnings: list[str] = field(default_factory=list)  # things the user may not expect
 
@@ -347,6 +350,11 @@ def plan_generation(
         raise FieldError("draft_prompt", "is empty")
     if request.rewrite:
         _check_rewrite(request)
+    if not (math.isfinite(request.lora_scale) and 0 <= request.lora_scale <= MAX_LORA_SCALE):
+        raise FieldError(
+            "lora_scale",
+            f"must be a number from 0 (the base model) to {MAX_LORA_SCALE} (got {request.lora_scale})",
+        )
     if request.batch_size is not None and not 1 <= request.batch_size <= MAX_BATCH:
         raise FieldError("batch_size", f"must be in [1, {MAX_BATCH}] (got {request.batch_size})")
     store.require_writable(f"store images of {request.name!r}")
@@ -448,6 +456,7 @@ def plan_generation(
         draft_prompt_override=request.draft_prompt,
         draft_image=draft_image,
         draft_source=draft_source,
+        lora_scale=request.lora_scale,
         notes=notes,
         warnings=warnings,
     )

@@ -51,13 +51,15 @@ class RunInfo:
     extra_files: dict[str, str] = field(default_factory=dict)  # e.g. loss curve, previews
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready view: the run's fields plus subject, kind, final loss, folder, bytes, images."""
+        """A JSON-ready view: the run's fields plus subject, kind (and its label), final loss, folder, bytes,
+        images."""
         data = self.run.to_dict()
         data.pop("losses", None)
         return {
             "subject": self.subject,
             **data,
-            "kind": run_kind(self.run),
+            "kind": self.run.kind,  # `lora` or `full`, as `train --json` and the weights file say
+            "kind_label": run_kind(self.run),  # for people: `lora r4 decoder`
             "steps": self.run.params.get("steps"),
             "final_loss": self.run.final_loss,
             "folder": str(self.folder),
@@ -89,9 +91,16 @@ class ImageInfo:
         """context | edit | plain."""
         return self.generation.params.get("mode")
 
+    @property
+    def missing(self) -> bool:
+        """Whether the image file is gone (deleted by hand, or a store moved without it)."""
+        image = self.generation.image_file
+        return image is None or not image.is_file()
+
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready view: the generation row plus subject and mode."""
-        return {"subject": self.subject, **self.generation.to_dict(), "mode": self.mode}
+        """A JSON-ready view: the generation row plus subject, mode and whether its file is missing."""
+        data = self.generation.to_dict()
+        return {"subject": self.subject, **data, "mode": self.mode, "missing": self.missing}
 
 
 def _names(store: Store, name: str | None) -> list[str]:
@@ -166,11 +175,14 @@ class SubjectSummary:
     images: int
     newest_image: str | None  # when the newest image was made
     damaged: list[str] = field(default_factory=list)  # rows whose JSON columns are damaged ("run 3 params")
+    newest_failed: Run | None = None  # the newest run, when it failed (its error is worth showing)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready view."""
-        return dict(self.__dict__)
-
+        data = dict(self.__dict__)
+        failed = data.pop("newest_failed")
+        data["newest_failed"] = {"id": failed.id, "error": str(failed.error)} if failed else None
+        return data
 
 def damaged_rows(rows: Iterable[Run | Generation]) -> list[str]:
     """The rows whose JSON columns could not be read, as "run 3 params" / "image 7 scores"."""
@@ -194,4 +206,5 @@ def subject_summary(store: Store, name: str) -> SubjectSummary:
         images=len(images),
         newest_image=images[-1].created if images else None,
         damaged=damaged_rows([*runs, *images]),
+        newest_failed=runs[-1] if runs and runs[-1].status == "failed" else None,
     )

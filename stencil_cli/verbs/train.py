@@ -589,11 +589,16 @@ def train_subject(
         raise
     except WeightsNotSavedError as error:
         store.finish_run(
-            run.id, "failed", duration_s=elapsed(), error=str(error), step=error.steps, losses=error.losses
+            run.id,
+            "failed",
+            duration_s=elapsed(),
+            error=error.wording(),
+            step=error.steps,
+            losses=error.losses,
         )
         raise
     except BaseException as error:
-        message = str(error) if isinstance(error, StencilError) else f"{type(error).__name__}: {error}"
+        message = error.wording() if isinstance(error, StencilError) else f"{type(error).__name__}: {error}"
         store.finish_run(run.id, "failed", duration_s=elapsed(), error=message, step=step, losses=losses)
         raise
     store.finish_run(
