@@ -251,4 +251,6 @@ def test_a_subject_model_of_another_kind_names_the_subject_model_flag(
     assert cli("caption", "robot", "--captioner", "template").exit_code == 0
     result = cli("train", "robot", "--subject-model", str(tiny_preset / "context"), "--steps", "1")
     assert result.exit_code == 1, result.output
-    assert "(the subject model must be SD1.5-shaped, e.g. --subject-model sd15)" in _line(result)
+    expected = "(the subject model must be SD1.5- or SDXL-shaped, e.g. --subject-model sd15 or "
+    expected += "--subject-model sdxl)"
+    assert expected in _line(result)
