@@ -266,6 +266,7 @@ def test_a_subject_model_of_another_kind_names_the_subject_model_flag(
     )
     assert wanted in _line(result)
 
+
 @pytest.mark.parametrize(("command", "module"), [("gen", "gen"), ("bench dreambench", "bench")])
 def test_the_captioners_model_field_shows_as_the_caption_model_flag(command: str, module: str) -> None:
     import importlib
