@@ -49,3 +49,23 @@ def add_subject(cli: Any, tmp_path: Path, name: str = "robot", phrase: str | Non
     result = cli(*args)
     assert result.exit_code == 0, result.output
     return open_store()
+
+
+def make_scene(path: Path, size: tuple[int, int] = (640, 512), **save_kwargs: object) -> Path:
+    """Write a photo-like picture (sky-to-ground gradient, soft shapes in muted colours, as a camera sees
+    them): unlike `make_photo`'s saturated flat colours, 8-bit YUV codecs keep it within 2 levels."""
+    import numpy as np
+    from PIL import ImageFilter
+
+    width, height = size
+    rows = np.linspace(0, 1, height)[:, None, None]
+    columns = np.linspace(0, 1, width)[None, :, None]
+    sky, ground = np.array([110, 160, 210]), np.array([120, 140, 90])
+    pixels = (sky * (1 - rows) + ground * rows + 20 * columns).clip(0, 255).astype(np.uint8)
+    image = Image.fromarray(pixels)
+    draw = ImageDraw.Draw(image)
+    draw.ellipse([width * 0.3, height * 0.3, width * 0.65, height * 0.75], fill=(190, 150, 110))
+    draw.rectangle([width * 0.1, height * 0.12, width * 0.25, height * 0.4], fill=(90, 70, 60))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.filter(ImageFilter.GaussianBlur(1.5)).save(path, **save_kwargs)
+    return path

@@ -22,6 +22,7 @@ from stencil_cli.core.prompts import build_prompts
 from stencil_cli.store.db import open_store
 from stencil_cli.verbs.generate import SavedDraft, SavedImage, collect, generate
 from stencil_cli.verbs.generation_plan import GenerateRequest, parse_taus, plan_generation
+from stencil_cli.verbs.sheets import Layout
 
 DESCRIPTION = "a shiny red toy robot with round eyes"
 FAST = ["--steps", "4", "--inner-steps", "2", "--draft-steps", "2", "--subject-model", "tiny"]
@@ -345,7 +346,8 @@ def test_no_context_and_npi_and_grid_and_show_prompts(cli: Any, trained: str, tm
     assert len(paths) == 2 and all(Path(p).is_file() for p in paths)
     grid = Path(paths[0]).parent / "grid.png"
     with Image.open(grid) as sheet:
-        assert sheet.width == 3 * 128  # draft, tau 0, tau 60 (small images are shown at 128 px)
+        layout = Layout(128)  # small images are shown at 128 px
+        assert sheet.width == 3 * 128 + 2 * layout.font_px + 2 * layout.pad  # draft, tau 0, tau 60
     assert read_png_parameters(Path(paths[0]))["inversion"] == "npi"
 
 

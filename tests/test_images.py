@@ -108,8 +108,8 @@ def test_small_truncated_and_fake_files_are_rejected(tmp_path: Path) -> None:
 def test_low_resolution_warns(tmp_path: Path) -> None:
     prepared = prepare_image(make_photo(tmp_path / "a.png", size=(300, 400)))
     assert isinstance(prepared, PreparedImage)
-    assert prepared.warning and "512" in prepared.warning
-    assert prepare_image(make_photo(tmp_path / "b.png", size=(512, 600))).warning is None  # type: ignore[union-attr]
+    assert len(prepared.warnings) == 1 and "512" in prepared.warnings[0]
+    assert prepare_image(make_photo(tmp_path / "b.png", size=(512, 600))).warnings == ()  # type: ignore[union-attr]
 
 
 def test_decompression_bomb_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -124,7 +124,7 @@ def test_expand_paths_reads_folders_and_reports_missing(tmp_path: Path) -> None:
     make_photo(tmp_path / "dir" / "a.jpg")
     (tmp_path / "dir" / "readme.txt").write_text("hi")
     files, missing = expand_paths([tmp_path / "dir", tmp_path / "nope.jpg"])
-    assert [f.name for f in files] == ["a.jpg", "b.png"]
+    assert [f.path.name for f in files] == ["a.jpg", "b.png"]
     assert [m.source.name for m in missing] == ["nope.jpg"]
 
 
@@ -156,7 +156,7 @@ def test_damaged_exif_is_one_warning_line_not_pillows_warnings(cli, tmp_path: Pa
         prepared = prepare_image(photo)
     assert isinstance(prepared, PreparedImage)
     assert (prepared.width, prepared.height) == (600, 640)  # the readable orientation is still applied
-    assert prepared.warning is not None and "odd.jpg: its EXIF data is damaged" in prepared.warning
+    assert any("odd.jpg: its EXIF data is damaged" in warning for warning in prepared.warnings)
     result = cli("add", "robot", tmp_path / "photos")
     assert result.exit_code == 0, result.output
     assert "UserWarning" not in result.stderr and "site-packages" not in result.stderr

@@ -9,8 +9,6 @@ from typing import Any
 from photos import add_subject
 from PIL import Image
 
-from stencil_cli.verbs.charts import loss_curve_png
-
 
 def test_a_finished_run_has_a_loss_curve_beside_its_weights(
     cli: Any, tmp_path: Path, tiny_preset: Path
@@ -22,16 +20,11 @@ def test_a_finished_run_has_a_loss_curve_beside_its_weights(
     run = json.loads(trained.stdout)
     curve = Path(run["weights_file"]).parent / "loss.png"
     with Image.open(curve) as image:
-        assert image.format == "PNG" and image.size == (640, 320)
+        assert image.format == "PNG" and image.size == (720, 360)
         colours = {colour for _, colour in image.getcolors(maxcolors=100_000)}
-    assert (30, 90, 200) in colours  # the curve was drawn
+    near = [c for c in colours if sum(abs(a - b) for a, b in zip(c[:3], (30, 90, 200), strict=True)) < 40]
+    assert near  # the running mean was drawn (its colour #1e5ac8, antialiased)
     listed = json.loads(cli("runs", "robot", "--json").stdout)
     assert listed[0]["loss_curve"] == str(curve)
     paths = cli("runs", "robot", "--paths")
     assert f"loss_curve:   {curve}" in paths.stdout
-
-
-def test_the_curve_draws_a_single_step_and_no_steps() -> None:
-    for losses in ([], [0.5], [float("nan"), 0.3, 0.2]):
-        data = loss_curve_png(losses)
-        assert data.startswith(b"\x89PNG")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import webbrowser
 from html.parser import HTMLParser
 from pathlib import Path
@@ -11,17 +12,56 @@ from urllib.parse import unquote, urlparse
 
 import pytest
 from photos import add_subject
-from PIL import Image
+from PIL import Image, PngImagePlugin
 from test_history import done_run, fake_image
 
 from stencil_cli.store.db import Store
 from stencil_cli.store.layout import LOSS_CURVE_NAME, MASKS_DIR, SAMPLES_DIR, mask_path
+from stencil_cli.verbs.sheets import Layout
+from stencil_cli.verbs.train import mask_files
+from stencil_cli.verbs.view import mask_panels
 
 HOSTILE = 'a toy robot <script>alert("x")</script> & <marquee>friends</marquee>'
 
 
+VOID = {"img", "br", "meta", "link", "input", "hr", "source", "wbr"}
+
+
+class Element:
+    """One element of the parsed page: tag, attributes, children, text."""
+
+    def __init__(self, tag: str, attrs: dict[str, str | None], parent: Element | None) -> None:
+        self.tag = tag
+        self.attrs = attrs
+        self.parent = parent
+        self.children: list[Element] = []
+        self.text: list[str] = []
+
+    @property
+    def classes(self) -> set[str]:
+        """The element's CSS classes."""
+        return set((self.attrs.get("class") or "").split())
+
+    def iter(self) -> list[Element]:
+        """This element and every element inside it, in document order."""
+        found = [self]
+        for child in self.children:
+            found += child.iter()
+        return found
+
+    def find_all(self, tag: str | None = None, css: str | None = None) -> list[Element]:
+        """The elements inside (or this one) with `tag` and/or the CSS class `css`."""
+        return [
+            e for e in self.iter() if (tag is None or e.tag == tag) and (css is None or css in e.classes)
+        ]
+
+    def all_text(self) -> str:
+        """The text inside, whitespace collapsed."""
+        return " ".join(" ".join(t for e in self.iter() for t in e.text).split())
+
+
 class Page(HTMLParser):
-    """The parts of the page the tests look at: referenced files, text, and any script element."""
+    """The parts of the page the tests look at: referenced files, text, any script element, and the tree."""
 
     def __init__(self, path: Path) -> None:
         super().__init__()
@@ -31,20 +71,36 @@ class Page(HTMLParser):
         self.tags: list[str] = []
         self.text: list[str] = []
         self.section_ids: list[str] = []
+        self.attributes: list[str] = []
+        self.root = Element("#document", {}, None)
+        self.current = self.root
         self.feed(path.read_text(encoding="utf-8"))
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         self.tags.append(tag)
         values = dict(attrs)
+        self.attributes += [name for name, _ in attrs]
         if tag == "img":
             self.images.append(values["src"] or "")
         elif tag == "a" and not (values.get("href") or "").startswith("#"):
             self.links.append(values["href"] or "")
         elif tag == "section":
             self.section_ids.append(values.get("id") or "")
+        element = Element(tag, values, self.current)
+        self.current.children.append(element)
+        if tag not in VOID:
+            self.current = element
+
+    def handle_endtag(self, tag: str) -> None:
+        node: Element | None = self.current
+        while node is not None and node.tag != tag:
+            node = node.parent
+        if node is not None and node.parent is not None:
+            self.current = node.parent
 
     def handle_data(self, data: str) -> None:
         self.text.append(data)
+        self.current.text.append(data)
 
     @property
     def all_text(self) -> str:
@@ -62,6 +118,11 @@ class Page(HTMLParser):
     def referenced(self) -> set[Path]:
         """Every file the page shows or links to."""
         return {self.file(reference) for reference in self.images + self.links}
+
+    def section(self, anchor: str) -> Element:
+        """The <section> with this id."""
+        [found] = [e for e in self.root.find_all("section") if e.attrs.get("id") == anchor]
+        return found
 
 
 def subject_with_history(cli: Any, tmp_path: Path) -> Store:
@@ -113,7 +174,7 @@ def test_view_page_shows_every_photo_mask_run_and_image_and_only_files_that_exis
     for fact in facts:
         assert fact in text, fact
     assert "tau 60" in text and "seed 7" in text and "mode context" in text and "mode plain" in text
-    assert page.section_ids == ["photos", "runs", "images"]
+    assert page.section_ids == ["images", "runs", "photos"]  # the images first: within one screen
 
 
 def test_view_escapes_text_so_a_caption_with_markup_is_shown_as_text(cli: Any, tmp_path: Path) -> None:
@@ -218,16 +279,151 @@ def test_show_masks_writes_a_contact_sheet_of_photos_beside_their_masks(cli: Any
     for image in subject.images:
         mask = mask_path(store.subject_dir("robot") / MASKS_DIR, image)
         mask.parent.mkdir(parents=True, exist_ok=True)
-        Image.new("RGB", (64, 64), (250, 0, 0)).save(mask)
+        text = PngImagePlugin.PngInfo()
+        text.add_text("stencil:caption", f"a toy robot, photo {image['id']}, on a <desk>")
+        text.add_text("stencil:coverage", "0.4")
+        Image.new("RGB", (64, 64), (250, 0, 0)).save(mask, pnginfo=text)
     result = cli("show", "robot", "--masks")
     assert result.exit_code == 0, result.output
     assert len(result.stdout.strip().splitlines()) == 2  # one line per photo, as before
     sheet = store.subject_dir("robot") / MASKS_DIR / "contact-sheet.png"
     assert "contact sheet" in result.stderr and sheet.name in result.stderr
     assert json.loads(cli("show", "robot", "--masks", "--json").stdout)["contact_sheet"] == str(sheet)
+    panels = mask_panels(mask_files(store, subject), 256)
+    first = subject.images[0]["id"]
+    assert [p.label for p in panels[0].pictures] == [f"photo {first}", "mask, 40% of the picture"]
+    assert panels[0].caption == f"caption: a toy robot, photo {first}, on a <desk>"  # what it was asked for
+    layout = Layout(256)
     with Image.open(sheet) as picture:
         pixels = picture.convert("RGB")
         assert picture.width > picture.height  # two pairs side by side
-        cell = picture.height - 18  # one row of pairs with its labels
-        assert pixels.getpixel((cell + cell // 2, cell // 2)) == (250, 0, 0)  # the mask beside photo 1
-        assert pixels.getpixel((cell // 2, cell // 2)) == (20, 90, 160)  # photo 1 itself
+        middle = layout.pad + 128
+        row = [pixels.getpixel((x, middle)) for x in range(pixels.width)]
+        assert row.index((250, 0, 0)) > layout.pad + 200  # the mask to the right of photo 1
+        assert row.index((250, 0, 0)) < layout.pad + 256 + 16
+
+
+# -- the page shows each image beside its draft, grouped by prompt -----------------------------------------
+
+
+def rendered(
+    store: Store,
+    run: Any,
+    prompt: str,
+    seed: int,
+    tau: float | None,
+    mode: str = "context",
+    batch: str = "b1",
+) -> int:
+    """A generated image row with its image and (except plain) draft file, in distinct colours; its id."""
+    subject = store.get_subject("robot")
+    folder = store.generation_dir("robot") / batch
+    folder.mkdir(parents=True, exist_ok=True)
+    image = folder / f"s{seed}-tau{tau}-{len(list(folder.iterdir()))}.png"
+    Image.new("RGB", (32, 32), (seed % 255, 200, 10)).save(image)
+    draft = None
+    if mode != "plain":
+        draft = folder / f"draft-s{seed}.png"
+        Image.new("RGB", (32, 32), (10, seed % 255, 200)).save(draft)
+    row = store.add_generation(
+        subject,
+        {
+            "run_id": run.id,
+            "prompt": prompt,
+            "seed": seed,
+            "tau": tau,
+            "params": {"mode": mode, "batch": batch},
+            "image_file": image,
+            "draft_file": draft,
+        },
+    )
+    return row.id
+
+
+def pair_cards(page: Page) -> list[Element]:
+    """The image/draft pairs of the images section, in page order."""
+    return pair_cards_in(page.section("images"))
+
+
+def pair_cards_in(element: Element) -> list[Element]:
+    """The image/draft pairs inside `element`, in page order."""
+    return element.find_all("figure", "pair-card")
+
+
+def test_view_shows_every_image_beside_its_draft_or_the_users_picture(cli: Any, tmp_path: Path) -> None:
+    store = add_subject(cli, tmp_path)
+    run = done_run(store)
+    made = {
+        rendered(store, run, "a toy robot on the moon", 1, 20.0): "draft",
+        rendered(store, run, "a toy robot on the moon", 1, 60.0): "draft",
+        rendered(store, run, "a toy robot in a hat", 2, 60.0, mode="edit", batch="b2"): "your picture",
+        rendered(store, run, "a toy robot, plain", 3, None, mode="plain", batch="b3"): "no draft",
+    }
+    page = Page(Path(cli("view", "robot", "--no-open").stdout.strip()))
+    rows = {g.id: g for g in store.list_generations("robot")}
+    cards = pair_cards(page)
+    assert len(cards) == len(made)
+    for card in cards:
+        generation = rows[int(card.attrs["id"].removeprefix("image-"))]
+        source, result = card.find_all("figure", "side")
+        assert "source" in source.classes and "result" in result.classes  # the draft on the left
+        [result_img] = result.find_all("img")
+        assert page.file(result_img.attrs["src"]) == generation.image_file.resolve()
+        assert source.find_all("figcaption")[0].all_text() == made[generation.id]
+        if generation.draft_file is None:
+            assert not source.find_all("img") and "no draft" in source.all_text()
+        else:
+            [draft_img] = source.find_all("img")
+            assert page.file(draft_img.attrs["src"]) == generation.draft_file.resolve()
+        under = card.find_all("p", "under")[0].all_text()
+        tau = f"{generation.tau:g}" if generation.tau is not None else "-"
+        assert under == f"tau {tau} seed {generation.seed} run {run.id} mode {generation.params['mode']}"
+
+
+def test_view_groups_images_by_prompt_with_the_newest_group_first(cli: Any, tmp_path: Path) -> None:
+    store = add_subject(cli, tmp_path)
+    run = done_run(store)
+    moon = [rendered(store, run, "on the moon", seed, 60.0) for seed in (1, 2)]
+    hat = [rendered(store, run, "in a hat", 3, 60.0, batch="b2")]
+    moon += [rendered(store, run, "on the moon", seed, 60.0, batch="b3") for seed in (4, 5)]  # newest: moon
+    beach = [rendered(store, run, "on a beach", 6, 60.0, batch="b4")]  # the newest group
+    page = Page(Path(cli("view", "robot", "--no-open").stdout.strip()))
+    groups = page.section("images").find_all("div", "group")
+    assert [g.attrs["data-prompt"] for g in groups] == ["on a beach", "on the moon", "in a hat"]
+    ids = [[int(card.attrs["id"].removeprefix("image-")) for card in pair_cards_in(g)] for g in groups]
+    assert ids[1] == [moon[2], moon[3], moon[0], moon[1]]  # the newest batch first, each in rendered order
+    assert ids[0] == beach and ids[2] == hat
+    assert "“on the moon” · 4 images" in groups[1].all_text()
+    assert all(path.is_file() for path in page.referenced())
+
+
+def test_view_page_is_static_and_works_from_a_copy_of_the_store(cli: Any, tmp_path: Path) -> None:
+    store = subject_with_history(cli, tmp_path)
+    rendered(store, store.list_runs("robot")[0], "on the moon", 9, 20.0, batch="b9")
+    assert cli("view", "robot", "--no-open").exit_code == 0
+    copy = tmp_path / "copied store"
+    shutil.copytree(store.root, copy)
+    shutil.rmtree(store.root)  # only the copy is left
+    page = Page(copy / "subjects" / "robot" / "view.html")
+    assert page.images and all(urlparse(src).scheme == "" for src in page.images + page.links)
+    for reference in page.images + page.links:
+        target = page.file(reference)
+        assert target.is_file() and copy.resolve() in target.parents, reference
+    assert "script" not in page.tags and not [a for a in page.attributes if a.startswith("on")]
+    assert not [link for link in page.links if link.startswith("javascript:")]
+
+
+def test_view_run_cards_show_the_settings_as_one_small_table_beside_the_chart(
+    cli: Any, tmp_path: Path
+) -> None:
+    store = subject_with_history(cli, tmp_path)
+    page = Page(Path(cli("view", "robot", "--no-open").stdout.strip()))
+    [card] = page.section("runs").find_all("article", "run")
+    [table] = card.find_all("table", "settings")
+    cells = [cell for row in table.find_all("tr") for cell in row.children]
+    assert [cell.tag for cell in cells] == ["th", "td"] * (len(cells) // 2)  # key, value, key, value ...
+    settings = {key.all_text(): value.all_text() for key, value in zip(cells[::2], cells[1::2], strict=True)}
+    assert settings["lr"] == "3e-05" and settings["base model"] == "tiny" and settings["resolution"] == "64"
+    [chart] = card.find_all("img", "chart")
+    assert page.file(chart.attrs["src"]).name == LOSS_CURVE_NAME
+    assert "full" in card.find_all("p", "headline")[0].all_text() and len(store.list_runs("robot")) == 1

@@ -8,7 +8,9 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from stencil_cli.base.errors import BadInputError
+from stencil_cli.base.errors import BadInputError, render_text
+from stencil_cli.base.images import RejectedImage
+from stencil_cli.cli.flags import show_as_flag
 from stencil_cli.cli.kit import JsonOption, handle_errors
 from stencil_cli.cli.output import (
     err_console,
@@ -82,7 +84,14 @@ def warn_unindexed(store: Store) -> list[str]:
 @handle_errors
 def add(
     name: Annotated[str, typer.Argument(help="Subject name: lowercase letters, digits, '-' and '_'.")],
-    paths: Annotated[list[Path], typer.Argument(help="Photo files or folders of photos.")],
+    paths: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Photo files, folders of photos and .zip files of photos. Accepted: JPEG, PNG, HEIC/HEIF, "
+            "AVIF, WebP, TIFF, BMP, GIF and every other format Pillow (with pillow-heif) reads, listed in "
+            "docs/store.md; hidden files (macOS ._* and .DS_Store) are passed over.",
+        ),
+    ],
     phrase: Annotated[
         str | None, typer.Option("--phrase", help="Words the subject is bound to, e.g. 'cat' or 'toy robot'.")
     ] = None,
@@ -92,15 +101,32 @@ def add(
     skip_bad: Annotated[
         bool, typer.Option("--skip-bad", help="Add the good photos even if some files are bad.")
     ] = False,
+    recursive: Annotated[
+        bool,
+        typer.Option(
+            "--recursive",
+            "-r",
+            help="Also add the photos in sub-folders of the given folders (without it, a folder whose "
+            "sub-folders hold photos is refused).",
+        ),
+    ] = False,
     json_output: JsonOption = False,
 ) -> None:
-    """Create a subject from photos, or add photos to an existing one."""
-    request = AddRequest(name, paths, phrase=phrase, class_word=class_word, skip_bad=skip_bad)
+    """Create a subject from photos, or add photos to an existing one.
+
+    Each photo is stored upright (EXIF orientation), converted from its colour profile to sRGB, as 8-bit
+    RGB; a zip is read in memory (nothing is unpacked to disk). All or nothing: a bad file stops the add
+    unless --skip-bad.
+    """
+    request = AddRequest(
+        name, paths, phrase=phrase, class_word=class_word, skip_bad=skip_bad, recursive=recursive
+    )
     try:
         outcome = add_photos(open_store(), request)
     except BadPhotosError as error:
-        for rejected in error.rejected:
-            err_console.print(f"  [red]bad:[/red] {escape(str(rejected.source))}: {escape(rejected.reason)}")
+        if len(error.rejected) > 1:  # one bad file: the error line names it
+            for rejected in error.rejected:
+                err_console.print(f"  [red]bad:[/red] {escape(str(rejected.source))}: {_reason(rejected)}")
         raise
     for message in outcome.warnings:
         warn(message)
@@ -112,24 +138,38 @@ def add(
                 "added": [_image_row(image) for image in outcome.added],
                 "duplicates": [str(path) for path in outcome.duplicates],
                 "restored": [_image_row(image) for image in outcome.restored],
-                "skipped": [{"file": str(r.source), "reason": r.reason} for r in outcome.skipped],
+                "skipped": [
+                    {"file": str(r.source), "reason": _reason(r, markup=False)} for r in outcome.skipped
+                ],
+                "passed_over": {"hidden": outcome.hidden, "other": outcome.other},
             }
         )
         return
     for rejected in outcome.skipped:
-        warn(f"skipped {rejected.source}: {rejected.reason}")
+        warn(f"skipped {rejected.source}: {_reason(rejected, markup=False)}")
     if outcome.restored:
         ids = ", ".join(str(image["id"]) for image in outcome.restored)
         info(f"restored {len(outcome.restored)} missing photo file(s) (photo(s) {ids})")
     if settings.quiet:  # -q: nothing but errors and warnings
         return
     verb = "created" if outcome.created else "updated"
+    passed = [
+        f"{count} {kind} file(s)"
+        for count, kind in ((outcome.hidden, "hidden"), (outcome.other, "non-photo"))
+        if count
+    ]
     typer.echo(
         f"{verb} {name}: added {len(outcome.added)} photo(s), {len(outcome.duplicates)} already there, "
-        f"{len(outcome.subject.images)} in all"
+        f"{len(outcome.subject.images)} in all" + (f"; passed over {' and '.join(passed)}" if passed else "")
     )
     if outcome.subject.phrase is None:
         info("[dim]tip: set the words the subject is bound to with --phrase (e.g. --phrase 'cat')[/dim]")
+
+
+def _reason(rejected: RejectedImage, *, markup: bool = True) -> str:
+    """Why a file was refused, with the settings it mentions shown as flags (rich-escaped with `markup`)."""
+    text = render_text(rejected.reason, show_as_flag())
+    return escape(text) if markup else text
 
 
 @handle_errors

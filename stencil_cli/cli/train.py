@@ -124,7 +124,7 @@ def train(
             "--resolution",
             min=64,
             max=2048,
-            help="Image size, centre crop (default: the model's, 512 for SD1.5).",
+            help="Size of the photos' square crops (default: the model's, 512 for SD1.5).",
         ),
     ] = None,
     train_what: Annotated[
@@ -152,6 +152,14 @@ def train(
             "[empty prompt, caption] batch (both).",
         ),
     ] = "caption",
+    crop: Annotated[
+        str,
+        typer.Option(
+            "--crop",
+            help="Where non-square photos are cut to a square: on the subject, found by a mask pass on the "
+            "whole photo (subject), or in the middle (centre, the paper's). Square photos are not cut.",
+        ),
+    ] = "subject",
     checkpoint_every: Annotated[
         int, typer.Option("--checkpoint-every", help="Write a resumable checkpoint every N steps (0: off).")
     ] = 0,
@@ -231,6 +239,7 @@ def train(
         gradient_checkpointing=gradient_checkpointing,
         save_dtype=save_dtype,
         mask_from=mask_from,
+        crop=crop,
         checkpoint_every=checkpoint_every,
         resume=resume,
         masks_only=masks_only,

@@ -32,7 +32,8 @@ def view(
     ] = False,
     json_output: JsonOption = False,
 ) -> None:
-    """Write a static HTML page of a subject (photos, masks, runs, images, scores) and open it.
+    """Write a static HTML page of a subject and open it: each image beside its draft, grouped by prompt
+    (newest first), with its scores; the training runs; the photos and their masks.
 
     The page needs no server and no network; it refers to the images in the store by relative paths. Run it
     again after training or generating to bring the page up to date.

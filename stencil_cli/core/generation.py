@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from stencil_cli.base.errors import StencilError
 from stencil_cli.base.events import Progress, Step, no_progress
@@ -437,25 +437,6 @@ def plain_generate(
         progress=progress,
     )
     return decode_latent(pipe, latent)
-
-
-# -- contact sheet ----------------------------------------------------------------------------------------
-
-
-def contact_sheet(rows: list[list[tuple[str, Image.Image]]], cell: int | None = None) -> Image.Image:
-    """A grid image: one row per list of (label, image), labels drawn under each cell."""
-    cell = cell or max(128, *(image.width for row in rows for _, image in row))
-    label_h = 14
-    columns = max(len(row) for row in rows)
-    sheet = Image.new("RGB", (columns * cell, len(rows) * (cell + label_h)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for r, row in enumerate(rows):
-        for c, (label, image) in enumerate(row):
-            x, y = c * cell, r * (cell + label_h)
-            resample = Image.Resampling.NEAREST if image.width < cell else Image.Resampling.LANCZOS
-            sheet.paste(image.convert("RGB").resize((cell, cell), resample), (x, y))
-            draw.text((x + 2, y + cell + 1), label, fill="black")
-    return sheet
 
 
 # -- plain generation, one image at a time (the verb saves each as it arrives) -----------------------

@@ -1,7 +1,9 @@
 """Fine-tuning with the Cross-Attention Guided Loss (METHOD.md, section 2): the loop and its checkpoints.
 
-The loop is written out step by step: photos are centre-cropped and encoded to latents once, captions to
-embeddings once, and the subject masks are computed once (`attention.compute_masks`) with the frozen model.
+The loop is written out step by step: photos are cropped to squares that keep the subject (a non-square
+photo: one mask pass on the whole photo, letterboxed, places its crop; `base.crops`) and encoded to latents
+once, captions to embeddings once, and the subject masks are computed once (`attention.compute_masks`) with
+the frozen model, on the crops that are trained.
 Each step samples references (with replacement when there are fewer than the batch), a timestep uniform in
 [0, 1000) and Gaussian noise, all from one CPU generator, and minimises ``mean((mask * (eps - eps_hat))^2)``.
 
@@ -23,6 +25,15 @@ import numpy as np
 import torch
 from PIL import Image
 
+from stencil_cli.base.crops import (
+    CROP_CHOICES,
+    Box,
+    CropChoice,
+    box_from_canvas_mask,
+    centre_box,
+    crop_resize,
+    letterbox,
+)
 from stencil_cli.base.errors import DiskFullError, FieldError, StencilError
 from stencil_cli.base.fsutil import atomic_write_with
 from stencil_cli.base.images import center_crop_resize
@@ -76,6 +87,7 @@ class TrainConfig:
     mask_from: MaskFrom = "caption"  # the paper's, or the authors' [empty, caption] batch averaged
     lora_rank: int | None = None  # None: fine-tune the decoder itself (the paper); N: LoRA adapters of rank N
     lora_alpha: float | None = None  # LoRA scale numerator (alpha / rank); None: alpha = rank
+    crop: CropChoice = "subject"  # runs from before subject crops have no "crop" in their params: "centre"
 
     @property
     def kind(self) -> WeightsKind:
@@ -112,6 +124,8 @@ class TrainConfig:
             raise FieldError("mask_from", f"must be one of {', '.join(MASK_FROM)} (got {self.mask_from!r})")
         if not 0 <= self.mask_timestep < 1000:
             raise FieldError("mask_timestep", "must be in [0, 1000)")
+        if self.crop not in CROP_CHOICES:
+            raise FieldError("crop", f"must be one of {', '.join(CROP_CHOICES)} (got {self.crop!r})")
         if self.lora_rank is not None and (isinstance(self.lora_rank, bool) or int(self.lora_rank) < 1):
             raise FieldError("lora_rank", f"must be at least 1 (got {self.lora_rank})")
         if self.lora_rank is not None and int(self.lora_rank) > MAX_LORA_RANK:
@@ -145,16 +159,31 @@ class TrainingData:
     embeddings: torch.Tensor  # (n, seq, d) caption embeddings, fp32
     masks: torch.Tensor  # (n, 1, h, w) in {0, 1}; all ones with --no-mask
     maps: torch.Tensor | None  # (n, hc, wc) normalised attention maps, None with --no-mask
-    crops: list[Image.Image] = field(default_factory=list)  # the centre-cropped photos
+    crops: list[Image.Image] = field(default_factory=list)  # the square crops that are trained
+    boxes: list[Box] = field(default_factory=list)  # where each crop lies in its photo (pixels)
+
+
+def square_crop(image: Image.Image, box: Box | None, resolution: int) -> Image.Image:
+    """The photo's square `box` at `resolution`; None (or a square photo): the centre crop."""
+    if box is None or image.width == image.height:
+        return center_crop_resize(image, resolution)
+    return crop_resize(image, box, resolution)
 
 
 def images_to_tensor(
-    images: Sequence[Image.Image], resolution: int
+    images: Sequence[Image.Image], resolution: int, boxes: Sequence[Box | None] | None = None
 ) -> tuple[torch.Tensor, list[Image.Image]]:
-    """Centre-crop each photo to `resolution` and scale to [-1, 1]: (n, 3, R, R) and the crops."""
-    crops = [center_crop_resize(image.convert("RGB"), resolution) for image in images]
-    arrays = np.stack([np.asarray(crop, dtype=np.float32) / 127.5 - 1.0 for crop in crops])
-    return torch.from_numpy(arrays).permute(0, 3, 1, 2).contiguous(), crops
+    """Crop each photo to its square (`boxes`; the centre by default) at `resolution` and scale to [-1, 1]:
+    (n, 3, R, R) and the crops."""
+    boxes = list(boxes) if boxes is not None else [None] * len(images)
+    pairs = zip(images, boxes, strict=True)
+    crops = [square_crop(image.convert("RGB"), box, resolution) for image, box in pairs]
+    return _to_unit_range(crops), crops
+
+
+def _to_unit_range(images: Sequence[Image.Image]) -> torch.Tensor:
+    arrays = np.stack([np.asarray(image, dtype=np.float32) / 127.5 - 1.0 for image in images])
+    return torch.from_numpy(arrays).permute(0, 3, 1, 2).contiguous()
 
 
 @torch.no_grad()
@@ -190,17 +219,42 @@ def prepare_training_data(
     phrase: str | None,
     config: TrainConfig,
 ) -> TrainingData:
-    """Encode photos and captions once and compute the subject masks with the frozen UNet."""
+    """Encode photos and captions once and compute the subject masks with the frozen UNet.
+
+    With masks, each non-square photo's crop is placed on its subject first (`subject_boxes`); the masks
+    are then computed on the crops that are trained. Square photos (and use_mask off) are centre-cropped."""
     if len(images) != len(captions) or not images:
         raise ValueError("need one caption per photo, and at least one photo")
     weights = token_weights(pipe.tokenizer, captions, phrase or "") if config.use_mask else None
-    pixels, crops = images_to_tensor(images, config.resolution)
-    latents = encode_latents(pipe.vae, pixels)
     embeddings = encode_captions(pipe.tokenizer, pipe.text_encoder, captions)
+    empty = (
+        encode_captions(pipe.tokenizer, pipe.text_encoder, [""])
+        if weights is not None and config.mask_from == "both"
+        else None
+    )
+    boxes: list[Box | None] = [None] * len(images)
+    if weights is not None and config.crop == "subject":
+        boxes = subject_boxes(pipe, images, embeddings, weights, config, empty)
+    pixels, crops = images_to_tensor(images, config.resolution, boxes)
+    latents = encode_latents(pipe.vae, pixels)
+    chosen = [box or centre_box(*image.size) for image, box in zip(images, boxes, strict=True)]
     if weights is None:
         masks = torch.ones(latents.shape[0], 1, *latents.shape[-2:], device=latents.device)
-        return TrainingData(latents, embeddings, masks, None, crops)
-    result = compute_masks(
+        return TrainingData(latents, embeddings, masks, None, crops, chosen)
+    result = _mask_pass(pipe, latents, embeddings, weights, config, empty)
+    return TrainingData(latents, embeddings, result.masks.to(latents.device), result.maps, crops, chosen)
+
+
+def _mask_pass(
+    pipe: Any,
+    latents: torch.Tensor,
+    embeddings: torch.Tensor,
+    weights: torch.Tensor,
+    config: TrainConfig,
+    empty: torch.Tensor | None,
+) -> Any:
+    """The frozen UNet's subject masks of `latents` with the config's mask settings."""
+    return compute_masks(
         pipe.unet,
         pipe.scheduler,
         latents,
@@ -211,11 +265,31 @@ def prepare_training_data(
         seed=config.seed,
         batch_size=config.batch_size,  # photos per frozen pass; the training step holds more than this
         mask_from=config.mask_from,
-        empty_embedding=encode_captions(pipe.tokenizer, pipe.text_encoder, [""])
-        if config.mask_from == "both"
-        else None,
+        empty_embedding=empty,
     )
-    return TrainingData(latents, embeddings, result.masks.to(latents.device), result.maps, crops)
+
+
+def subject_boxes(
+    pipe: Any,
+    images: Sequence[Image.Image],
+    embeddings: torch.Tensor,
+    weights: torch.Tensor,
+    config: TrainConfig,
+    empty: torch.Tensor | None = None,
+) -> list[Box | None]:
+    """Each non-square photo's square crop, placed on its subject by one mask pass on the whole photo
+    letterboxed to the resolution (`base.crops`); None for square photos (the centre crop, as before)."""
+    boxes: list[Box | None] = [None] * len(images)
+    todo = [index for index, image in enumerate(images) if image.width != image.height]
+    if not todo:
+        return boxes
+    placed = [letterbox(images[index], config.resolution) for index in todo]
+    latents = encode_latents(pipe.vae, _to_unit_range([canvas for canvas, _ in placed]))
+    masks = _mask_pass(pipe, latents, embeddings[todo], weights[todo], config, empty).masks
+    for row, (index, (_, where)) in enumerate(zip(todo, placed, strict=True)):
+        grid = masks[row].detach().float().cpu().squeeze(0).numpy()
+        boxes[index] = box_from_canvas_mask(images[index].size, grid, where, config.resolution)
+    return boxes
 
 
 def overlay_mask(crop: Image.Image, mask: torch.Tensor, *, size: int = 256) -> Image.Image:

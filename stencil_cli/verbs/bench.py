@@ -60,6 +60,7 @@ from stencil_cli.verbs.generation_plan import (
     check_seeds,
     plan_generation,
 )
+from stencil_cli.verbs.sheets import Panel, Picture, SheetRow, draw_sheet
 from stencil_cli.verbs.subjects import AddRequest, add_photos
 from stencil_cli.verbs.train import TrainRequest, resumable_run, train
 
@@ -68,6 +69,7 @@ RESULT_FILE = "result.json"
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 PLOT_FILE = "scores.png"
+SHEET_CELL = 160  # the bench contact sheet's picture size
 TRAIN_FIELDS = {"steps": "train_steps"}  # TrainConfig's fields as BenchConfig names them
 
 # The paper's table (SD1.5 base; METHOD.md, Evaluation). GPU seconds from its GPU-hours per subject.
@@ -593,32 +595,42 @@ class Runner:
         }
 
     def write_contact_sheet(self, job: SubjectJob, rows: list[Generation]) -> None:
-        """A grid: the reference photos, then one row per prompt with its images."""
-        from stencil_cli.core.generation import contact_sheet
-
+        """A grid: the reference photos, then one row per prompt (its text above it) with its images."""
         subject = self.store.get_subject(job.name)
         columns = max(1, self.config.images_per_prompt)
-        sheet_rows = [
-            [
-                (f"photo {i + 1}", center_crop_resize(load_rgb(Path(image["file"])), 128))
-                for i, image in enumerate(subject.images[: max(columns, 4)])
-            ]
-        ]
-        for index, _prompt in enumerate(job.prompts):
-            mine = [row for row in rows if row.params["bench"]["prompt_index"] == index]
-            cells = []
-            for row in mine:
-                assert row.image_file is not None and row.scores is not None
-                with Image.open(row.image_file) as opened:
-                    label = f"p{index} s{row.seed} DINO {row.scores['dino']:.2f}"
-                    cells.append((label, opened.convert("RGB")))
-            if cells:
-                sheet_rows.append(cells)
-        sheet = contact_sheet(sheet_rows, cell=128)
+        photos = [load_rgb(Path(image["file"])) for image in subject.images[: max(columns, 4)]]
+        sheet = draw_sheet(contact_sheet_rows(job.name, photos, job.prompts, rows), SHEET_CELL)
         path = self.subject_folder(job.name) / CONTACT_SHEET_NAME
         buffer = BytesIO()
         sheet.save(buffer, format="PNG")
         atomic_write_bytes(path, buffer.getvalue())
+
+
+def contact_sheet_rows(
+    name: str, photos: list[Image.Image], prompts: list[str], rows: list[Generation]
+) -> list[SheetRow]:
+    """The bench contact sheet's rows: the reference photos, then each prompt's images under its text
+    (the subject prompt the images were made with), each labelled with its seed and DINO score."""
+    sheet_rows = [
+        SheetRow(
+            [
+                Panel([Picture(center_crop_resize(photo, SHEET_CELL), f"photo {i + 1}")])
+                for i, photo in enumerate(photos)
+            ],
+            heading=f"{name}: reference photos",
+        )
+    ]
+    for index, prompt in enumerate(prompts):
+        mine = [row for row in rows if row.params["bench"]["prompt_index"] == index]
+        cells = []
+        for row in mine:
+            assert row.image_file is not None and row.scores is not None
+            with Image.open(row.image_file) as opened:
+                label = f"seed {row.seed} · DINO {row.scores['dino']:.2f}"
+                cells.append(Panel([Picture(opened.convert("RGB"), label)]))
+        if cells:
+            sheet_rows.append(SheetRow(cells, heading=f"p{index}: {mine[0].prompt or prompt}"))
+    return sheet_rows
 
 
 # -- results --------------------------------------------------------------------------------------------
@@ -740,41 +752,13 @@ def markdown_report(results: dict[str, Any]) -> str:
     )
 
 
-def plot_scores(results: dict[str, Any]) -> Any:
-    """A bar chart (Pillow only): DINO, CLIP-T and CLIP-I per subject and overall, paper lines dashed."""
-    from PIL import ImageDraw  # loads FreeType: not at start-up
+def plot_scores(results: dict[str, Any]) -> bytes:
+    """A bar chart (PNG bytes): DINO, CLIP-T and CLIP-I per subject and overall, values on the bars, the
+    paper's lines dashed."""
+    from stencil_cli.verbs.charts import figure_png, scores_figure  # matplotlib: not at start-up
 
     groups = [(row["subject"], row) for row in results["subjects"]] + [("overall", results["overall"])]
-    colours = {"dino": (52, 101, 164), "clip_t": (204, 102, 0), "clip_i": (78, 154, 6)}
-    labels = {"dino": "DINO", "clip_t": "CLIP-T", "clip_i": "CLIP-I"}
-    bar, gap, left, top, height = 14, 18, 50, 40, 240
-    width = left + len(groups) * (3 * bar + gap) + 20
-    image = Image.new("RGB", (max(width, 300), top + height + 40), "white")
-    draw = ImageDraw.Draw(image)
-    base = top + height
-    for tick in range(0, 11, 2):
-        y = base - int(height * tick / 10)
-        draw.line([(left - 4, y), (image.width - 10, y)], fill=(225, 225, 225))
-        draw.text((8, y - 6), f"{tick / 10:.1f}", fill="black")
-    for key, value in (("dino", 0.671), ("clip_t", 0.328)):
-        y = base - int(height * value)
-        for x in range(left, image.width - 10, 8):
-            draw.line([(x, y), (x + 4, y)], fill=colours[key])
-    for g, (name, row) in enumerate(groups):
-        x0 = left + g * (3 * bar + gap)
-        for k, key in enumerate(("dino", "clip_t", "clip_i")):
-            value = max(0.0, min(1.0, float(row.get(key) or 0.0)))
-            x = x0 + k * bar
-            draw.rectangle([x, base - int(height * value), x + bar - 2, base], fill=colours[key])
-        draw.text((x0, base + 2), name[:10], fill="black")
-    draw.line([(left, top), (left, base), (image.width - 10, base)], fill="black")
-    x = left
-    for key in ("dino", "clip_t", "clip_i"):
-        draw.rectangle([x, 12, x + 10, 22], fill=colours[key])
-        draw.text((x + 14, 11), labels[key], fill="black")
-        x += 70
-    draw.text((left, top + height + 22), "dashed lines: the paper's Stencil DINO / CLIP-T", fill="black")
-    return image
+    return figure_png(scores_figure(groups))
 
 
 def write_results(config: BenchConfig, results: dict[str, Any]) -> dict[str, Path]:
@@ -786,9 +770,7 @@ def write_results(config: BenchConfig, results: dict[str, Any]) -> dict[str, Pat
     }
     atomic_write_bytes(paths["json"], (json.dumps(results, indent=2) + "\n").encode())
     atomic_write_bytes(paths["markdown"], markdown_report(results).encode())
-    buffer = BytesIO()
-    plot_scores(results).save(buffer, format="PNG")
-    atomic_write_bytes(paths["plot"], buffer.getvalue())
+    atomic_write_bytes(paths["plot"], plot_scores(results))
     return paths
 
 

@@ -31,6 +31,7 @@ from stencil_cli.store.db import Store
 from stencil_cli.store.layout import GRID_NAME, draft_name, image_name
 from stencil_cli.store.records import Generation, Run
 from stencil_cli.verbs.common import using_subject
+from stencil_cli.verbs.grid import GridRow, GridTile, grid_sheet
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -250,26 +251,24 @@ class _Writer:
         return saved
 
     def save_grid(self) -> SavedGrid:
-        """The contact sheet (each item's draft, then its images) from the files written."""
-        from stencil_cli.core.generation import contact_sheet
-
+        """The contact sheet (each item's draft, then its images, labelled) from the files written."""
         rows = []
         for item in self.plan.items:
             draft = self.result.drafts.get(item.stem)
-            row = [(f"draft, seed {item.seed}", read_rgb(draft))] if draft is not None else []
-            row += [
-                (
-                    f"tau {tau_label(s.generation.tau)}"
-                    if s.generation.tau is not None
-                    else f"seed {item.seed}",
+            tiles = [
+                GridTile(
                     read_rgb(s.generation.image_file),
+                    s.generation.tau,
+                    s.generation.params.get("injected_steps"),
                 )
                 for s in self.result.images
                 if s.generation.params.get("seed") == item.seed
                 and s.generation.prompt == item.prompt
                 and s.generation.image_file is not None
             ]
-            rows.append(row)
+            rows.append(
+                GridRow(item.prompt, item.seed, read_rgb(draft) if draft else None, tiles, self.plan.mode)
+            )
         path = self.plan.folder / GRID_NAME
         meta = {
             "role": "grid",
@@ -277,7 +276,7 @@ class _Writer:
             "taus": self.plan.taus,
             "seeds": [item.seed for item in self.plan.items],
         }
-        copy = self.write(path, png_bytes(contact_sheet(rows), meta))
+        copy = self.write(path, png_bytes(grid_sheet(rows), meta))
         saved = SavedGrid(copy or path)
         self.result.add(saved)
         return saved

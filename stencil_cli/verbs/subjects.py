@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stencil_cli.base.errors import BadInputError, FieldError
-from stencil_cli.base.images import PreparedImage, RejectedImage, expand_paths, prepare_image
+from stencil_cli.base.errors import BadInputError, FieldError, Wording
+from stencil_cli.base.images import PreparedImage, RejectedImage, find_photos, prepare_image
 from stencil_cli.captioning import validate_phrase
 from stencil_cli.store.db import Store
 from stencil_cli.store.records import Subject, validate_name
@@ -28,6 +28,7 @@ class AddRequest:
     phrase: str | None = None
     class_word: str | None = None
     skip_bad: bool = False  # add the good photos even if some files are bad
+    recursive: bool = False  # also the photos in sub-folders of the given folders
 
 
 @dataclass
@@ -41,16 +42,27 @@ class AddOutcome:
     skipped: list[RejectedImage] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     restored: list[dict[str, Any]] = field(default_factory=list)  # rows whose deleted file was written back
+    hidden: int = 0  # hidden files passed over (macOS `._*` and `.DS_Store`, dot files, `__MACOSX`)
+    other: int = 0  # files of no photo format passed over in folders and zips (videos, text, ...)
 
 
 class BadPhotosError(FieldError):
-    """Some of the given files are not usable photos; nothing was added. `rejected` names each."""
+    """Some of the given files are not usable photos; nothing was added. `rejected` names each (one file:
+    the message itself names it and why)."""
 
     def __init__(self, rejected: list[RejectedImage]) -> None:
-        super().__init__(
-            "skip_bad",
-            f"{len(rejected)} bad file(s), nothing added; fix or remove them, or pass {{}} to add the rest",
-        )
+        if len(rejected) == 1:
+            reason = rejected[0].reason
+            text = reason.template if isinstance(reason, Wording) else reason
+            fields = ("skip_bad", *(reason.fields if isinstance(reason, Wording) else ()))
+            message = f"{rejected[0].source}: {text}; nothing added (or pass {{skip_bad}} to add the rest)"
+        else:
+            fields = ("skip_bad",)
+            message = (
+                f"{len(rejected)} bad file(s), nothing added; fix or remove them, or pass {{skip_bad}} "
+                "to add the rest"
+            )
+        super().__init__(fields, message)
         self.rejected = rejected
 
 
@@ -64,21 +76,27 @@ def add_photos(store: Store, request: AddRequest) -> AddOutcome:
         class_word = validate_phrase(request.class_word)
     except BadInputError as error:
         raise BadInputError(str(error).replace("the phrase", "the class word", 1)) from None
-    files, bad = expand_paths(request.paths)
+    found = find_photos(request.paths, recursive=request.recursive)
+    bad = list(found.rejected)
     prepared: list[PreparedImage] = []
-    for file in files:
-        result = prepare_image(file)
+    for source in found.sources:
+        result = prepare_image(source)
         if isinstance(result, RejectedImage):
             bad.append(result)
         else:
             prepared.append(result)
-    if not files and not bad:
-        raise BadInputError("no photos found in the given paths (looked for .jpg, .png, .webp, ...)")
+    if not found.sources and not bad:
+        passed = f" (passed over {found.hidden} hidden and {found.other} other file(s))"
+        raise BadInputError(
+            "no photos found in the given paths"
+            + (passed if found.hidden or found.other else "")
+            + "; give photo files (JPEG, PNG, HEIC, AVIF, WebP, ...), folders or zips of them"
+        )
     if bad and not request.skip_bad:
         raise BadPhotosError(bad)
     if not prepared:
         raise BadInputError("none of the given files is a usable photo, nothing added")
-    warnings = [image.warning for image in prepared if image.warning]
+    warnings = [note for image in prepared for note in image.warnings]
     if request.name in store.unindexed_folders():
         warnings.append(
             f"subject folder {request.name!r} exists without a database row: run `stencil store repair` "
@@ -95,6 +113,8 @@ def add_photos(store: Store, request: AddRequest) -> AddOutcome:
         skipped=bad,
         warnings=warnings,
         restored=result.restored,
+        hidden=found.hidden,
+        other=found.other,
     )
 
 

@@ -38,7 +38,8 @@ from stencil_cli.verbs.common import (
 )
 from stencil_cli.verbs.previews import make_previewer, preview_steps, sample_settings
 
-if TYPE_CHECKING:  # the ML core loads torch: the verbs import it when they run, not at start-up
+if TYPE_CHECKING:  # the ML core loads torch (and crops numpy): the verbs import them when they run
+    from stencil_cli.base.crops import CropChoice
     from stencil_cli.core.attention import MaskFrom
     from stencil_cli.core.training import TrainedPart
 
@@ -59,6 +60,7 @@ RESUME_KEPT = (
     "gradient_checkpointing",
     "save_dtype",
     "mask_from",
+    "crop",
     "checkpoint_every",
     "subject_model",
     "precision",
@@ -83,6 +85,7 @@ class TrainRequest:
     gradient_checkpointing: bool = False
     save_dtype: DtypeName = "fp32"  # exact: the update (~1/50 of a weight) survives (docs/training.md)
     mask_from: MaskFrom = "caption"  # caption (the paper) | both (the authors' [empty, caption] batch)
+    crop: CropChoice = "subject"  # non-square photos: the square on the subject, or the centre (the paper)
     checkpoint_every: int = 0
     resume: bool = False
     masks_only: bool = False
@@ -216,6 +219,7 @@ def fresh_config(store: Store, request: TrainRequest) -> tuple[Any, str]:
         use_mask=request.use_mask,
         save_dtype=request.save_dtype,
         mask_from=request.mask_from,
+        crop=request.crop,
         gradient_checkpointing=request.gradient_checkpointing,
         checkpoint_every=request.checkpoint_every,
         lora_rank=request.lora_rank,
@@ -236,6 +240,8 @@ def resumed_config(store: Store, run: Run, request: TrainRequest) -> tuple[Any, 
     from stencil_cli.core.training import TrainConfig
 
     config = TrainConfig.from_params(run.params)
+    if "crop" not in run.params:  # begun before crops were placed on the subject: keep its centre crops
+        config.crop = "centre"
     if request.steps is not None:
         config.steps = request.steps
     model_ref = run.params.get("subject_model") or run.base_model or ""
@@ -459,6 +465,8 @@ def write_mask_pictures(
         text.add_text("stencil:caption", captions[index])
         text.add_text("stencil:threshold", str(threshold))
         text.add_text("stencil:coverage", f"{coverage:.4f}")
+        if index < len(data.boxes):  # where the trained square lies in the photo (left, top, right, bottom)
+            text.add_text("stencil:crop", ",".join(str(value) for value in data.boxes[index]))
         buffer = io.BytesIO()
         picture.save(buffer, format="PNG", pnginfo=text)
         paths = []

@@ -14,11 +14,9 @@ Pillow only: nothing here loads torch.
 
 from __future__ import annotations
 
-import html
 import io
 import os
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,8 +31,10 @@ from stencil_cli.store.db import Store
 from stencil_cli.store.layout import CONTACT_SHEET_NAME, LOSS_CURVE_NAME, MASKS_DIR, PAGE_NAME, SAMPLES_DIR
 from stencil_cli.store.records import Generation, Run, Subject
 from stencil_cli.verbs.history import run_kind
+from stencil_cli.verbs.sheets import Panel, Picture, SheetRow, draw_sheet
 from stencil_cli.verbs.train import mask_files
 
+TEMPLATE = "subject.html.j2"  # in verbs/templates/
 PICTURE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif"}
 # run settings worth a line on the page, in this order (the rest stay in `stencil runs --json`)
 RUN_SETTINGS = (
@@ -103,14 +103,30 @@ def write_view(store: Store, request: ViewRequest) -> ViewResult:
     """Write the subject's HTML page (atomically) and return where it is and what it shows."""
     subject = store.get_subject(request.name)
     page = page_path(store, request)
-    builder = _Page(page.parent.resolve(), request.show_setting)
-    body = [
-        _header(subject),
-        _photos_section(builder, store, subject),
-        _runs_section(builder, store, subject),
-        _images_section(builder, store, subject),
-    ]
-    text = _document(f"stencil · {subject.name}", "\n".join(body))
+    links = _Links(page.parent.resolve())
+    runs = sorted(store.list_runs(subject.name), key=lambda run: run.id, reverse=True)
+    generations = store.list_generations(subject.name)
+    photos = _photo_cards(links, store, subject)
+    masks_only = fill("{train.masks_only}", ("train.masks_only",), request.show_setting)
+    text = render_page(
+        subject=subject,
+        facts=[
+            ("phrase", subject.phrase),
+            ("class", subject.class_word),
+            ("description", subject.description),
+            ("created", _when(subject.created)),
+        ],
+        groups=prompt_groups(links, generations),
+        images=len(generations),
+        runs=[_run_card(links, store, subject, run) for run in runs],
+        photos=photos,
+        masks=sum(1 for card in photos if card.mask.url),
+        hints={
+            "images": f"no generated images yet: stencil gen {subject.name} PROMPT",
+            "runs": f"no training runs yet: stencil train {subject.name}",
+            "masks": f"no mask pictures yet: stencil train {subject.name} {masks_only}",
+        },
+    )
     try:
         atomic_write_bytes(page, text.encode("utf-8"))
     except OSError as error:
@@ -119,29 +135,98 @@ def write_view(store: Store, request: ViewRequest) -> ViewResult:
         subject=subject.name,
         page=page,
         photos=len(subject.images),
-        masks=builder.masks,
-        runs=len(store.list_runs(subject.name)),
-        images=len(store.list_generations(subject.name)),
-        missing=builder.missing,
+        masks=sum(1 for card in photos if card.mask.url),
+        runs=len(runs),
+        images=len(generations),
+        missing=links.missing,
     )
 
 
-# -- the page ------------------------------------------------------------------------------------------
+def render_page(**context: Any) -> str:
+    """The page's HTML from its template (Jinja2, every value escaped unless the template says otherwise)."""
+    import jinja2  # not at start-up: only this command renders a page
+
+    environment = jinja2.Environment(
+        loader=jinja2.PackageLoader("stencil_cli.verbs", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    return environment.get_template(TEMPLATE).render(**context)
 
 
-def esc(value: Any) -> str:
-    """Any value as HTML text (quotes too: safe inside attributes)."""
-    return html.escape("" if value is None else str(value), quote=True)
+# -- what the page shows ---------------------------------------------------------------------------------
 
 
-class _Page:
+@dataclass
+class PictureRef:
+    """A picture on the page: its URL relative to the page (None: not there), alt text and file name."""
+
+    url: str | None
+    alt: str
+    name: str = ""
+    missing: bool = False
+
+
+@dataclass
+class ImagePair:
+    """One generated image beside what it started from: the draft, the user's picture (editing) or nothing
+    (plain generation)."""
+
+    id: int
+    source: PictureRef
+    source_label: str  # "draft", "your picture", "no draft"
+    result: PictureRef
+    facts: list[tuple[str, str]]  # tau, seed, run, mode
+    scores: list[tuple[str, str]]
+    notes: list[tuple[str, str]]  # negative prompt, draft prompt
+    meta: str
+
+
+@dataclass
+class PromptGroup:
+    """Every image made from one prompt, newest batch first."""
+
+    anchor: str
+    prompt: str
+    pairs: list[ImagePair]
+    newest: str
+    draft_prompts: list[str]
+
+
+@dataclass
+class RunCard:
+    """One training run: a headline, its settings as one small table, the loss curve and the previews."""
+
+    id: int
+    status: str
+    headline: list[str]
+    settings: list[tuple[str, str]]
+    error: str | None
+    chart: PictureRef | None
+    previews: list[tuple[PictureRef, str]]
+
+
+@dataclass
+class PhotoCard:
+    """One photo beside its latest mask picture, with its caption."""
+
+    id: Any
+    photo: PictureRef
+    mask: PictureRef
+    size: str
+    name: str
+    caption: str | None
+    caption_source: str | None
+
+
+class _Links:
     """Turns store files into links relative to the page's folder; remembers files that are gone."""
 
-    def __init__(self, folder: Path, show_setting: ShowMention = plain_mention) -> None:
+    def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self.show_setting = show_setting
         self.missing: list[str] = []
-        self.masks = 0
 
     def href(self, path: Path) -> str:
         """A URL for `path` from the page: relative where it can be, else a file:// URL."""
@@ -152,147 +237,121 @@ class _Page:
             return target.as_uri()
         return quote(Path(relative).as_posix())
 
-    def picture(self, path: Path | None, alt: str, *, css: str = "") -> str:
-        """An <img> linked to its file, or a 'file missing' box (and the path noted in `missing`)."""
+    def picture(self, path: Path | None, alt: str) -> PictureRef:
+        """The picture at `path`, or one marked missing (and the path noted in `missing`)."""
         if path is None:
-            return f'<div class="none {css}">{esc(alt)}</div>'
+            return PictureRef(None, alt)
         if not Path(path).is_file():
             self.missing.append(str(path))
-            return f'<div class="none {css}">file missing<br><small>{esc(Path(path).name)}</small></div>'
-        url = esc(self.href(Path(path)))
-        return f'<a href="{url}"><img class="{css}" src="{url}" alt="{esc(alt)}" loading="lazy"></a>'
+            return PictureRef(None, alt, Path(path).name, missing=True)
+        return PictureRef(self.href(Path(path)), alt, Path(path).name)
 
 
-def _header(subject: Subject) -> str:
-    facts = [
-        ("phrase", subject.phrase),
-        ("class", subject.class_word),
-        ("description", subject.description),
-        ("created", _when(subject.created)),
-    ]
-    rows = "".join(f"<dt>{esc(k)}</dt><dd>{esc(v or '-')}</dd>" for k, v in facts)
-    nav = "<nav><a href='#photos'>photos</a><a href='#runs'>runs</a><a href='#images'>images</a></nav>"
-    return f"<header><h1>{esc(subject.name)}</h1><dl class='facts'>{rows}</dl>{nav}</header>"
-
-
-def _photos_section(page: _Page, store: Store, subject: Subject) -> str:
-    cards = []
-    for image, mask in mask_files(store, subject):
-        if mask is not None:
-            page.masks += 1
-        pictures = page.picture(Path(image["file"]), f"photo {image['id']}", css="photo")
-        pictures += page.picture(mask, "no mask picture yet", css="photo mask")
-        caption = image["caption"]
-        tag = image["caption_source"]
-        source = f" <span class='tag'>{esc(tag)}</span>" if tag else ""
-        cards.append(
-            "<figure class='card photo-card' id='photo-{id}'><div class='pair'>{pictures}</div>"
-            "<figcaption><b>photo {id}</b> · {w}×{h} · {name}{source}"
-            "<p class='caption'>{caption}</p></figcaption></figure>".format(
-                id=esc(image["id"]),
-                pictures=pictures,
-                w=esc(image["width"]),
-                h=esc(image["height"]),
-                name=esc(image["original_name"] or image["sha256"][:12]),
-                source=source,
-                caption=esc(caption) if caption else "<i>no caption yet</i>",
+def prompt_groups(links: _Links, generations: list[Generation]) -> list[PromptGroup]:
+    """The images grouped by prompt, the group with the newest image first; in a group, the newest batch
+    first and each batch in the order it was rendered (seed by seed, tau by tau)."""
+    by_prompt: dict[str, list[Generation]] = {}
+    for generation in generations:
+        by_prompt.setdefault(generation.prompt or "", []).append(generation)
+    groups = []
+    for prompt, members in sorted(by_prompt.items(), key=lambda item: -max(g.id for g in item[1])):
+        newest_in_batch: dict[str, int] = {}
+        for g in members:
+            batch = str(g.params.get("batch") or "")
+            newest_in_batch[batch] = max(newest_in_batch.get(batch, 0), g.id)
+        members.sort(key=lambda g: (-newest_in_batch[str(g.params.get("batch") or "")], g.id))
+        drafts = sorted({g.draft_prompt for g in members if g.draft_prompt and g.draft_prompt != g.prompt})
+        groups.append(
+            PromptGroup(
+                anchor=f"prompt-{max(g.id for g in members)}",
+                prompt=prompt or "(no prompt)",
+                pairs=[_pair(links, g) for g in members],
+                newest=_when(max(members, key=lambda g: g.id).created),
+                draft_prompts=drafts,
             )
         )
-    masks_only = fill("{train.masks_only}", ("train.masks_only",), page.show_setting)
-    hint = "" if page.masks else _hint(f"no mask pictures yet: stencil train {subject.name} {masks_only}")
-    return _section(
-        "photos",
-        f"Photos ({len(subject.images)})",
-        "<p class='note'>Each photo beside its latest mask picture (the trained region in red).</p>" + hint,
-        cards,
-        "photos",
-    )
+    return groups
 
 
-def _runs_section(page: _Page, store: Store, subject: Subject) -> str:
-    runs = sorted(store.list_runs(subject.name), key=lambda run: run.id, reverse=True)
-    cards = [_run_card(page, store, subject, run) for run in runs]
-    hint = "" if runs else _hint(f"no training runs yet: stencil train {subject.name}")
-    return _section("runs", f"Training runs ({len(runs)})", hint, cards, "runs")
-
-
-def _run_card(page: _Page, store: Store, subject: Subject, run: Run) -> str:
-    folder = store.run_dir(subject.name, run.id)
-    steps = run.params.get("steps")
-    facts = [
-        ("status", f"<span class='status {esc(run.status)}'>{esc(run.status)}</span>"),
-        ("kind", esc(run_kind(run))),
-        ("steps", esc(f"{run.step}/{steps}" if steps else run.step)),
-        ("final loss", esc(f"{run.final_loss:.4f}" if run.final_loss is not None else "-")),
-        ("duration", esc(f"{run.duration_s:.1f} s" if run.duration_s is not None else "-")),
-        ("started", esc(_when(run.started))),
-        ("base model", esc(run.base_model or "-")),
-    ]
-    facts += [(key, esc(_value(run.params[key]))) for key in RUN_SETTINGS if run.params.get(key) is not None]
-    if run.error:
-        facts.append(("error", esc(run.error)))
-    rows = "".join(f"<dt>{esc(k)}</dt><dd>{v}</dd>" for k, v in facts)
-    curve = folder / LOSS_CURVE_NAME
-    loss = page.picture(curve, "loss curve", css="chart") if curve.is_file() else ""
-    samples = _pictures_in(folder / SAMPLES_DIR)
-    previews = ""
-    if samples:
-        thumbs = "".join(
-            f"<figure>{page.picture(path, path.name, css='thumb')}"
-            f"<figcaption>{esc(path.stem)}</figcaption></figure>"
-            for path in samples
-        )
-        previews = f"<h4>Previews while training</h4><div class='strip'>{thumbs}</div>"
-    return (
-        f"<article class='card run' id='run-{run.id}'><div class='run-facts'><h3>run {run.id}</h3>"
-        f"<dl class='facts'>{rows}</dl></div><div class='run-pictures'>{loss}{previews}</div></article>"
-    )
-
-
-def _images_section(page: _Page, store: Store, subject: Subject) -> str:
-    generations = sorted(store.list_generations(subject.name), key=lambda g: g.id, reverse=True)
-    cards = [_image_card(page, generation) for generation in generations]
-    hint = "" if generations else _hint(f"no generated images yet: stencil gen {subject.name} PROMPT")
-    return _section("images", f"Generated images ({len(generations)})", hint, cards, "images")
-
-
-def _image_card(page: _Page, generation: Generation) -> str:
+def _pair(links: _Links, generation: Generation) -> ImagePair:
     params = generation.params
+    mode = params.get("mode") or ("context" if generation.draft_file else "plain")
+    if generation.draft_file is not None:
+        label = "your picture" if mode == "edit" else "draft"
+        source = links.picture(generation.draft_file, label)
+    else:
+        label, source = "no draft", PictureRef(None, "plain generation: no draft")
     facts = [
         ("tau", f"{generation.tau:g}" if generation.tau is not None else "-"),
-        ("seed", generation.seed if generation.seed is not None else "-"),
-        ("mode", params.get("mode") or "-"),
-        ("run", generation.run_id if generation.run_id is not None else "-"),
+        ("seed", str(generation.seed) if generation.seed is not None else "-"),
+        ("run", str(generation.run_id) if generation.run_id is not None else "-"),
+        ("mode", mode),
     ]
+    notes = []
     if params.get("negative_prompt"):
-        facts.append(("negative", params["negative_prompt"]))
-    if generation.draft_prompt and generation.draft_prompt != generation.prompt:
-        facts.append(("draft prompt", generation.draft_prompt))
-    rows = "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in facts)
-    scores = _scores(generation.scores)
-    draft = ""
-    if generation.draft_file is not None and Path(generation.draft_file).is_file():
-        draft = f" · <a href='{esc(page.href(Path(generation.draft_file)))}'>draft</a>"
-    return (
-        f"<figure class='card image' id='image-{generation.id}'>"
-        f"{page.picture(generation.image_file, 'no image file', css='photo')}"
-        f"<figcaption><p class='prompt'>{esc(generation.prompt or '(no prompt)')}</p>"
-        f"<dl class='facts small'>{rows}</dl>{scores}"
-        f"<p class='meta'>image {generation.id} · {esc(_when(generation.created))}{draft}</p>"
-        "</figcaption></figure>"
+        notes.append(("negative", str(params["negative_prompt"])))
+    return ImagePair(
+        id=generation.id,
+        source=source,
+        source_label=label,
+        result=links.picture(generation.image_file, "no image file"),
+        facts=facts,
+        scores=_scores(generation.scores),
+        notes=notes,
+        meta=f"image {generation.id} · {_when(generation.created)}",
     )
 
 
-def _scores(scores: dict[str, Any] | None) -> str:
-    """The numeric evaluation scores as small badges (nothing before `stencil eval` has run)."""
-    if not scores:
-        return ""
-    badges = "".join(
-        f"<span class='score'>{esc(key.replace('_', '-').upper())} {value:.3f}</span>"
-        for key, value in scores.items()
+def _scores(scores: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """The numeric evaluation scores (nothing before `stencil eval` has run)."""
+    return [
+        (key.replace("_", "-").upper(), f"{value:.3f}")
+        for key, value in (scores or {}).items()
         if isinstance(value, int | float) and not isinstance(value, bool) and key != "references"
+    ]
+
+
+def _run_card(links: _Links, store: Store, subject: Subject, run: Run) -> RunCard:
+    folder = store.run_dir(subject.name, run.id)
+    steps = run.params.get("steps")
+    headline = [
+        run_kind(run),
+        f"{run.step}/{steps} steps" if steps else f"{run.step} steps",
+        f"final loss {run.final_loss:.4f}" if run.final_loss is not None else "no loss yet",
+        f"{run.duration_s:.1f} s" if run.duration_s is not None else "",
+        f"started {_when(run.started)}",
+    ]
+    settings = [("base model", run.base_model or "-")]
+    settings += [
+        (key.replace("_", " "), _value(run.params[key]))
+        for key in RUN_SETTINGS
+        if run.params.get(key) is not None
+    ]
+    curve = folder / LOSS_CURVE_NAME
+    return RunCard(
+        id=run.id,
+        status=run.status,
+        headline=[part for part in headline if part],
+        settings=settings,
+        error=run.error,
+        chart=links.picture(curve, f"loss curve of run {run.id}") if curve.is_file() else None,
+        previews=[(links.picture(path, path.name), path.stem) for path in _pictures_in(folder / SAMPLES_DIR)],
     )
-    return f"<p class='scores'>{badges}</p>" if badges else ""
+
+
+def _photo_cards(links: _Links, store: Store, subject: Subject) -> list[PhotoCard]:
+    return [
+        PhotoCard(
+            id=image["id"],
+            photo=links.picture(Path(image["file"]), f"photo {image['id']}"),
+            mask=links.picture(mask, "no mask picture yet"),
+            size=f"{image['width']}×{image['height']}",
+            name=image["original_name"] or image["sha256"][:12],
+            caption=image["caption"],
+            caption_source=image["caption_source"],
+        )
+        for image, mask in mask_files(store, subject)
+    ]
 
 
 def _pictures_in(folder: Path) -> list[Path]:
@@ -307,76 +366,12 @@ def _natural(path: Path) -> list[Any]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.as_posix())]
 
 
-def _section(anchor: str, title: str, intro: str, cards: Iterable[str], css: str) -> str:
-    return (
-        f"<section id='{anchor}'><h2>{esc(title)}</h2>{intro}"
-        f"<div class='grid {css}'>{''.join(cards)}</div></section>"
-    )
-
-
-def _hint(text: str) -> str:
-    return f"<p class='note'>{esc(text)}</p>"
-
-
 def _when(stamp: str | None) -> str:
     return (stamp or "-").replace("T", " ").split(".")[0].removesuffix("+00:00")
 
 
 def _value(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-STYLE = """
-:root { --bg: #f6f5f2; --card: #fff; --ink: #1d1d1f; --muted: #6b6b70; --line: #e3e1dc; --accent: #2f5bd3; }
-* { box-sizing: border-box; }
-body { margin: 0; padding: 24px 32px 48px; background: var(--bg); color: var(--ink);
-  font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; }
-header h1 { margin: 0 0 8px; font-size: 28px; }
-nav { margin: 8px 0 0; } nav a { margin-right: 14px; color: var(--accent); text-decoration: none; }
-h2 { margin: 32px 0 12px; font-size: 20px; border-bottom: 1px solid var(--line); padding-bottom: 6px; }
-h3 { margin: 0 0 8px; font-size: 16px; } h4 { margin: 12px 0 6px; font-size: 13px; color: var(--muted); }
-.grid { display: grid; gap: 16px; }
-.grid.photos { grid-template-columns: repeat(auto-fill, minmax(340px, 1fr)); }
-.grid.runs { grid-template-columns: 1fr; }
-.run { display: grid; grid-template-columns: minmax(240px, 1fr) 2fr; gap: 16px; }
-@media (max-width: 760px) { .run { grid-template-columns: 1fr; } }
-.grid.images { grid-template-columns: repeat(auto-fill, minmax(230px, 1fr)); }
-.card { margin: 0; background: var(--card); border: 1px solid var(--line); border-radius: 10px; padding: 10px;
-  box-shadow: 0 1px 2px rgba(0,0,0,.04); }
-.pair { display: grid; grid-template-columns: 1fr 1fr; gap: 6px; }
-img { display: block; max-width: 100%; border-radius: 6px; background: #eee; }
-img.photo { width: 100%; aspect-ratio: 1; object-fit: cover; }
-img.chart { width: 100%; max-width: 640px; border: 1px solid var(--line); }
-.none { display: flex; align-items: center; justify-content: center; flex-direction: column;
-  text-align: center; aspect-ratio: 1; border-radius: 6px;
-  background: repeating-linear-gradient(45deg, #f0efeb, #f0efeb 8px, #e8e6e1 8px, #e8e6e1 16px);
-  color: var(--muted); font-size: 12px; padding: 6px; }
-figcaption { margin-top: 8px; }
-.caption, .prompt { margin: 6px 0 0; } .prompt { font-weight: 600; }
-.facts { display: grid; grid-template-columns: max-content 1fr; gap: 2px 12px; margin: 6px 0 0; }
-.facts dt { color: var(--muted); } .facts dd { margin: 0; overflow-wrap: anywhere; }
-.facts.small { font-size: 12px; }
-.tag, .score { display: inline-block; font-size: 11px; padding: 1px 6px; border-radius: 999px;
-  background: #eef1fb; color: var(--accent); margin: 0 4px 2px 0; }
-.scores { margin: 6px 0 0; }
-.meta, .note { color: var(--muted); font-size: 12px; margin: 6px 0 0; }
-.status { font-weight: 600; } .status.done { color: #23883a; } .status.failed { color: #c0392b; }
-.status.interrupted, .status.running { color: #b7791f; }
-.strip { display: grid; grid-template-columns: repeat(auto-fill, minmax(96px, 1fr)); gap: 6px; }
-.strip figure { margin: 0; } .strip figcaption { font-size: 11px; color: var(--muted); margin-top: 2px; }
-img.thumb { width: 100%; aspect-ratio: 1; object-fit: cover; }
-footer { margin-top: 32px; }
-"""
-
-
-def _document(title: str, body: str) -> str:
-    return (
-        "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
-        "<meta name='viewport' content='width=device-width, initial-scale=1'>"
-        f"<title>{esc(title)}</title><style>{STYLE}</style></head>\n<body>\n{body}\n"
-        "<footer class='note'>Written by <code>stencil view</code>; "
-        "run it again to bring the page up to date.</footer>\n</body></html>\n"
-    )
 
 
 # -- the mask contact sheet ----------------------------------------------------------------------------
@@ -392,42 +387,40 @@ class MaskSheet:
 
 
 def mask_sheet(store: Store, name: str, cell: int = 256) -> MaskSheet | None:
-    """Draw each photo beside its latest mask picture into `masks/contact-sheet.png`; None if no masks yet."""
-    from PIL import Image, ImageDraw, ImageOps
-
+    """Draw each photo beside its latest mask picture, labelled, with the caption the mask was made from,
+    into `masks/contact-sheet.png`; None if no masks yet."""
     subject = store.get_subject(name)
     store.require_writable(f"write the mask sheet of {name!r}")
     pairs = mask_files(store, subject)
     if not any(mask for _, mask in pairs):
         return None
     per_row = 3 if len(pairs) > 4 else 2 if len(pairs) > 1 else 1  # pairs side by side
-    label_h, gap = 18, 16
-    rows = -(-len(pairs) // per_row)
-    width = per_row * (2 * cell + gap) - gap
-    sheet = Image.new("RGB", (width, rows * (cell + label_h + gap) - gap), "white")
-    draw = ImageDraw.Draw(sheet)
-    for index, (image, mask) in enumerate(pairs):
-        x = (index % per_row) * (2 * cell + gap)
-        y = (index // per_row) * (cell + label_h + gap)
-        for offset, path, label in (
-            (0, Path(image["file"]), f"photo {image['id']}"),
-            (cell, mask, _mask_label(mask)),
-        ):
-            tile = _tile(path, cell)
-            if tile is None:
-                draw.rectangle([x + offset, y, x + offset + cell - 1, y + cell - 1], fill=(235, 235, 235))
-            else:
-                sheet.paste(ImageOps.pad(tile, (cell, cell), color="white"), (x + offset, y))
-            draw.text((x + offset + 3, y + cell + 3), label, fill="black")
+    panels = mask_panels(pairs, cell)
+    rows = [SheetRow(panels[i : i + per_row]) for i in range(0, len(panels), per_row)]
     buffer = io.BytesIO()
-    sheet.save(buffer, format="PNG")
+    draw_sheet(rows, cell).save(buffer, format="PNG")
     path = store.subject_dir(name) / MASKS_DIR / CONTACT_SHEET_NAME
     atomic_write_bytes(path, buffer.getvalue())
     return MaskSheet(path, len(pairs), sum(1 for _, mask in pairs if mask))
 
 
-def _tile(path: Path | None, cell: int) -> Any:
+def mask_panels(pairs: list[tuple[dict[str, Any], Path | None]], cell: int) -> list[Panel]:
+    """One panel per photo: the photo and its mask picture, labelled, under them the caption the mask was
+    made from (carried in the mask PNG; the photo's caption for an older mask picture)."""
+    panels = []
+    for image, mask in pairs:
+        facts = _mask_facts(mask)
+        caption = facts.get("caption") or image["caption"]
+        pictures = [
+            Picture(_tile(Path(image["file"]), cell, crop_box(mask)), f"photo {image['id']}"),
+            Picture(_tile(mask, cell), _mask_label(mask, facts)),
+        ]
+        panels.append(Panel(pictures, caption=f"caption: {caption}" if caption else "no caption yet"))
+    return panels
 
+
+def _tile(path: Path | None, cell: int, box: tuple[int, int, int, int] | None = None) -> Image.Image | None:
+    """The picture at `path` (its `box` when given) scaled into a `cell` square; None when missing."""
     if path is None or not path.is_file():
         return None
     try:
@@ -435,17 +428,45 @@ def _tile(path: Path | None, cell: int) -> Any:
             picture = opened.convert("RGB")
     except OSError:
         return None
+    if box is not None and box[2] <= picture.width and box[3] <= picture.height:
+        picture = picture.crop(box)  # the square that was trained, as its mask picture records it
     picture.thumbnail((cell, cell))
     return picture
 
 
-def _mask_label(path: Path | None) -> str:
-    if path is None:
-        return "no mask picture yet"
+def crop_box(mask: Path | None) -> tuple[int, int, int, int] | None:
+    """Where the trained square lies in the photo, as its mask picture records it (None if it does not)."""
+    if mask is None or not mask.is_file():
+        return None
+    try:
+        with Image.open(mask) as opened:
+            text = opened.info.get("stencil:crop")
+        left, top, right, bottom = (int(value) for value in str(text).split(","))
+    except (OSError, ValueError):
+        return None
+    if not (0 <= left < right and 0 <= top < bottom):
+        return None
+    return left, top, right, bottom
 
+
+def _mask_facts(path: Path | None) -> dict[str, str]:
+    """What a mask picture carries: the caption it was made from and its coverage (empty when unreadable)."""
+    if path is None:
+        return {}
     try:
         with Image.open(path) as opened:
-            coverage = opened.info.get("stencil:coverage")
+            info = dict(opened.info)
     except OSError:
+        return {"unreadable": "1"}
+    return {
+        key: str(info[f"stencil:{key}"]) for key in ("caption", "coverage") if info.get(f"stencil:{key}")
+    }
+
+
+def _mask_label(path: Path | None, facts: dict[str, str]) -> str:
+    if path is None:
+        return "no mask picture yet"
+    if facts.get("unreadable"):
         return "mask (unreadable)"
+    coverage = facts.get("coverage")
     return f"mask, {float(coverage):.0%} of the picture" if coverage else "mask"
