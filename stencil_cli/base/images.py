@@ -3,6 +3,7 @@ content hash, resize/crop."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import struct
@@ -100,11 +101,12 @@ def _open(source: PhotoSource) -> Image.Image:
 
 
 def _decode(source: PhotoSource) -> tuple[Image.Image, str | None, list[str]]:
-    """The photo as sRGB RGB, its format, and warnings (an unusable colour profile, damaged EXIF data: Pillow's
-    own warnings about it, which name its source files, are caught here and become one line)."""
-    with _open(source) as opened:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", UserWarning)  # a DecompressionBombWarning keeps the caller's filter
+    """The photo as sRGB RGB, its format, and warnings (an unusable colour profile; damaged EXIF data, where
+    Pillow's own warnings, which name its source files, are caught and become one line)."""
+    with contextlib.ExitStack() as closing:
+        with warnings.catch_warnings(record=True) as caught:  # opening reads the EXIF (dpi) already
+            warnings.simplefilter("always", UserWarning)  # a DecompressionBombWarning keeps its filter
+            opened = closing.enter_context(_open(source))
             source_format = opened.format
             opened.seek(0)  # animated images: first frame
             opened.load()
