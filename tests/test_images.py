@@ -156,7 +156,7 @@ def test_damaged_exif_is_one_warning_line_not_pillows_warnings(cli, tmp_path: Pa
         prepared = prepare_image(photo)
     assert isinstance(prepared, PreparedImage)
     assert (prepared.width, prepared.height) == (600, 640)  # the readable orientation is still applied
-    assert any("odd.jpg: its EXIF data is damaged" in note for note in prepared.warnings)
+    assert any("odd.jpg: its EXIF data is damaged" in warning for warning in prepared.warnings)
     result = cli("add", "robot", tmp_path / "photos")
     assert result.exit_code == 0, result.output
     assert "UserWarning" not in result.stderr and "site-packages" not in result.stderr

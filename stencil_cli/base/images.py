@@ -3,6 +3,7 @@ content hash, resize/crop."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import struct
@@ -100,31 +101,32 @@ def _open(source: PhotoSource) -> Image.Image:
 
 
 def _decode(source: PhotoSource) -> tuple[Image.Image, str | None, list[str]]:
-    """The photo as sRGB RGB, its format, and notes: an unusable colour profile, or damaged EXIF data
-    (Pillow's warnings about it, which name its own source files, are caught here and become one note)."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", UserWarning)  # a DecompressionBombWarning keeps the caller's filter
-        with _open(source) as opened:
+    """The photo as sRGB RGB, its format, and warnings (an unusable colour profile; damaged EXIF data, where
+    Pillow's own warnings, which name its source files, are caught and become one line)."""
+    with contextlib.ExitStack() as closing:
+        with warnings.catch_warnings(record=True) as caught:  # opening reads the EXIF (dpi) already
+            warnings.simplefilter("always", UserWarning)  # a DecompressionBombWarning keeps its filter
+            opened = closing.enter_context(_open(source))
             source_format = opened.format
             opened.seek(0)  # animated images: first frame
             opened.load()
-            profile = opened.info.get("icc_profile")
             try:
                 image = ImageOps.exif_transpose(opened) or opened
             except (SyntaxError, ValueError, TypeError, struct.error, KeyError) as error:
                 warnings.warn(f"unreadable EXIF ({error})", UserWarning, stacklevel=1)
                 image = opened  # the orientation cannot be read: keep the picture as stored
-            colour, alpha = _colour_and_alpha(image)
-            colour = colour.copy() if colour is opened else colour
-            colour.info["icc_profile"] = profile
-            colour, warning = to_srgb(colour, source.path.name)
-            image = _on_white(colour.convert("RGB"), alpha)
-            image.load()
-            image.info.pop("icc_profile", None)
+        profile = opened.info.get("icc_profile")
+        colour, alpha = _colour_and_alpha(image)
+        colour = colour.copy() if colour is opened else colour
+        colour.info["icc_profile"] = profile
+        colour, warning = to_srgb(colour, source.path.name)
+        image = _on_white(colour.convert("RGB"), alpha)
+        image.load()
+        image.info.pop("icc_profile", None)
     notes = [warning] if warning else []
-    exif = [str(item.message) for item in caught if issubclass(item.category, UserWarning)]
-    if exif:
-        notes.append(f"{source.path.name}: its EXIF data is damaged ({exif[0]}); read what could be read")
+    pillow = [str(item.message) for item in caught if issubclass(item.category, UserWarning)]
+    if pillow:
+        notes.append(f"{source.path.name}: its EXIF data is damaged ({pillow[0]}); read what could be read")
     return image, source_format, notes
 
 
