@@ -1,7 +1,7 @@
-"""Which photo formats stencil reads: Pillow's own registry plus pillow-heif's HEIC/HEIF opener.
+"""Which photo formats stencil reads: Pillow's own registry plus pi-heif's HEIC/HEIF opener.
 
 The accepted suffixes are asked of the libraries (`PIL.Image.registered_extensions()`), never written out by
-hand: whatever the installed Pillow (and pillow-heif) can decode into pixels is a photo. `docs/store.md`
+hand: whatever the installed Pillow (and pi-heif) can decode into pixels is a photo. `docs/store.md`
 lists them (`python -m stencil_cli.base.formats` prints that list; a test checks it).
 """
 
@@ -14,16 +14,16 @@ import sys
 from PIL import Image, ImageFile
 
 HEIF_SUFFIXES = frozenset({".heic", ".heif", ".heics", ".heifs", ".hif"})
-HEIF_PACKAGE = "pillow-heif"
+HEIF_PACKAGE = "pi-heif"
 
 
 @functools.cache
 def heif_available() -> bool:
-    """Register pillow-heif's HEIC/HEIF opener with Pillow (once); False when it is not installed.
+    """Register a HEIC/HEIF opener with Pillow (once); False when neither package is installed.
 
-    pi-heif, the same project's decode-only build (its wheels leave out the GPL x265 encoder), serves as well
-    where a packager installs it instead."""
-    for module in ("pillow_heif", "pi_heif"):
+    pi-heif, pillow-heif's decode-only build (its wheels leave out the GPL x265 encoder), is the dependency;
+    pillow-heif (the tests' HEIC writer) serves as well where only it is installed."""
+    for module in ("pi_heif", "pillow_heif"):
         try:
             plugin = importlib.import_module(module)
         except ImportError:

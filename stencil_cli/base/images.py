@@ -94,7 +94,7 @@ def load_rgb(path: Path) -> Image.Image:
 
 
 def _open(source: PhotoSource) -> Image.Image:
-    heif_available()  # HEIC/HEIF through pillow-heif, registered before the first open
+    heif_available()  # HEIC/HEIF through pi-heif, registered before the first open
     if source.read is None:
         return Image.open(source.path)
     return Image.open(io.BytesIO(source.read()))

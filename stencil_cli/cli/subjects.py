@@ -88,7 +88,7 @@ def add(
         list[Path],
         typer.Argument(
             help="Photo files, folders of photos and .zip files of photos. Accepted: JPEG, PNG, HEIC/HEIF, "
-            "AVIF, WebP, TIFF, BMP, GIF and every other format Pillow (with pillow-heif) reads, listed in "
+            "AVIF, WebP, TIFF, BMP, GIF and every other format Pillow (with pi-heif) reads, listed in "
             "docs/store.md; hidden files (macOS ._* and .DS_Store) are passed over.",
         ),
     ],
