@@ -57,7 +57,7 @@ def test_real_photos_through_every_command(cli, tiny_preset: Path, tmp_path: Pat
     assert len(records) == 1
     image = Image.open(records[0]["image_file"])
     assert image.size == (64, 64)
-    assert image.text["prompt"] == "a backpack on the beach"
+    assert image.text["stencil:prompt"] == "a backpack on the beach"
     assert list(out.glob("*.png"))
 
     scored = cli("eval", "backpack", "--eval-models", "tiny", "--json")

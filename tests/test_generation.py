@@ -241,7 +241,8 @@ def test_gen_writes_images_drafts_rows_and_png_parameters(cli: Any, trained: str
         assert read_png_parameters(Path(record["output_file"])) == params
         with Image.open(image_file) as image:
             assert image.size == (64, 64)
-            assert image.text["prompt"] == "a toy robot on the moon"  # one chunk per key as well
+            assert image.text["stencil:prompt"] == "a toy robot on the moon"  # one chunk per key as well
+            assert "prompt" not in image.text and "workflow" not in image.text  # ComfyUI's JSON chunks
     # one draft shared by both taus
     assert records[0]["draft_file"] == records[1]["draft_file"]
     rows = open_store().list_generations(trained)

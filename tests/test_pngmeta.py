@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 from PIL import Image
 
-from stencil_cli.base.pngmeta import PNG_KEY, a1111_parameters, png_bytes
+from stencil_cli.base.pngmeta import PNG_KEY, a1111_parameters, png_bytes, read_png_parameters
 
 META = {
     "prompt": "a photo of a toy robot, in the jungle",
@@ -54,3 +55,14 @@ def test_a1111_values_with_commas_or_colons_are_quoted() -> None:
 def test_a_draft_or_a_sheet_without_a_prompt_gets_no_parameters_chunk() -> None:
     text = _text(png_bytes(Image.new("RGB", (8, 8)), {"role": "draft", "seed": 1}))
     assert "parameters" not in text and PNG_KEY in text
+
+
+def test_no_chunk_comfyui_parses_as_its_own_json_graph(tmp_path: Path) -> None:
+    """ComfyUI's PNG loader JSON-parses `workflow`, then `prompt`, before it imports `parameters`."""
+    path = tmp_path / "x.png"
+    path.write_bytes(png_bytes(Image.new("RGB", (8, 8)), META))
+    with Image.open(path) as image:
+        chunks = dict(image.text)
+    assert "workflow" not in chunks and "prompt" not in chunks
+    assert chunks["stencil:prompt"] == META["prompt"] and chunks["parameters"].startswith(META["prompt"])
+    assert read_png_parameters(path) == META

@@ -13,6 +13,9 @@ from stencil_cli import __version__
 
 PNG_KEY = "stencil"  # the text chunk holding every parameter as JSON
 A1111_KEY = "parameters"  # the chunk A1111's PNG Info, ComfyUI and image sites read
+# chunk names ComfyUI reads as its own JSON before it looks at `parameters` (its PNG loader parses `workflow`,
+# then `prompt`, with JSON.parse): stencil's per-key chunks of these names are written as `stencil:<key>`
+FOREIGN_KEYS = frozenset({"workflow", "prompt"})
 SAMPLER = "DDIM"  # the subject model's scheduler (stencil always denoises with DDIM)
 # stencil's own settings, written after A1111's fields as extra `key: value` pairs (A1111 keeps unknown keys)
 EXTRA_FIELDS = (
@@ -68,7 +71,7 @@ def png_bytes(image: Image.Image, meta: dict[str, Any]) -> bytes:
         if value is None:
             continue
         text = value if isinstance(value, str) else json.dumps(value)
-        info_chunks.add_itxt(key, text)
+        info_chunks.add_itxt(f"{PNG_KEY}:{key}" if key in FOREIGN_KEYS else key, text)
     info_chunks.add_itxt(PNG_KEY, json.dumps(meta, default=str))
     parameters = a1111_parameters(meta)
     if parameters is not None and A1111_KEY not in meta:
