@@ -436,3 +436,22 @@ def test_a_scaled_run_moves_the_base_by_that_share_of_its_update(tiny_models_dir
     for key in changed:
         torch.testing.assert_close(states[0.0][key], base[key])
         torch.testing.assert_close(states[0.5][key], (base[key] + states[1.0][key]) / 2, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_gens_subject_model_takes_the_lora_scale_for_either_kind_of_run(tiny_models_dir, runs, kind) -> None:
+    """`gen --lora-scale 0` renders with the base UNet, 1 with the run as trained (a full run too, although
+    at scale 1 its tensors are loaded into place)."""
+    from types import SimpleNamespace
+
+    from stencil_cli.verbs.generate import subject_pipeline
+
+    base = _fresh_pipe(tiny_models_dir).unet.state_dict()
+    run = SimpleNamespace(weights_file=runs[kind])
+    states = {}
+    for scale in (0.0, 1.0):
+        with subject_pipeline(str(tiny_models_dir / "subject"), run, device="cpu", precision="fp32",
+                              lora_scale=scale) as pipe:  # fmt: skip
+            states[scale] = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    assert all(torch.equal(states[0.0][k], base[k]) for k in base)
+    assert any(not torch.equal(states[1.0][k], base[k]) for k in base)
