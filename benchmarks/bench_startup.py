@@ -8,9 +8,10 @@ Store commands: builds a throwaway store with one subject of `--photos` photos, 
 stencil_cli ls --json` `--runs` times as separate processes (the way a shell loop pays for it) and prints the
 median wall time and the median peak resident memory (from the child's rusage).
 
-`--gen`: builds a throwaway store with a trained subject (`stencil demo` on the tiny preset, or with
-`--models SUBJECT CONTEXT` a full-size subject trained for one step at `--resolution`), then runs `python -m
-stencil_cli gen SUBJECT "on a beach" --steps 10 --seed 0 --json` `--runs` times, each a whole process, with
+`--gen`: builds a throwaway store with a trained subject (`stencil demo` on the tiny preset, or with `--models
+SUBJECT CONTEXT` a full-size subject trained for one step at `--resolution`), then runs `python -m stencil_cli
+gen SUBJECT "on a beach" --steps 10 --seed 0 --json` (`--steps`, and `--draft-steps` at full size, change the
+sizes: the start and the end of a process do not depend on them) `--runs` times, each a whole process, with
 stdout and stderr read line by line as they come. Per process: the seconds from the start to the first model
 step (the first stage's first progress line, printed when its model is loaded and its loop starts), from the
 last image (its JSON line) to the process's exit, the model seconds the image reports (draft + inversion +
@@ -100,8 +101,11 @@ def _env(home: Path, repo: Path) -> dict[str, str]:
     }
 
 
-def make_gen_store(home: Path, repo: Path, models: list[str] | None, resolution: int) -> list[str]:
-    """A store with a trained subject; returns the `gen` arguments that render it."""
+def make_gen_store(
+    home: Path, repo: Path, models: list[str] | None, resolution: int, steps: int = 10, draft_steps: int = 4
+) -> list[str]:
+    """A store with a trained subject; returns the `gen` arguments that render it (`steps` DDIM steps;
+    `draft_steps` for the full-size context model)."""
     env = _env(home, repo)
     cli = [sys.executable, "-m", "stencil_cli", "-q"]
     if models is None:
@@ -112,7 +116,7 @@ def make_gen_store(home: Path, repo: Path, models: list[str] | None, resolution:
             cwd=home,
             capture_output=True,
         )
-        return ["gen", "demo", GEN_PROMPT, "--steps", "10", "--seed", "0", "--context-model", "tiny"]
+        return ["gen", "demo", GEN_PROMPT, "--steps", str(steps), "--seed", "0", "--context-model", "tiny"]
     from PIL import Image
 
     folder = home / "photos"
@@ -142,14 +146,14 @@ def make_gen_store(home: Path, repo: Path, models: list[str] | None, resolution:
         "robot",
         GEN_PROMPT,
         "--steps",
-        "10",
+        str(steps),
         "--seed",
         "0",
         "--context-model",
         models[1],
         "--no-t5",
         "--draft-steps",
-        "4",
+        str(draft_steps),
         "--inner-steps",
         "2",
     ]
@@ -201,14 +205,21 @@ def one_gen(home: Path, repo: Path, args: list[str]) -> dict[str, float]:
     }
 
 
-def measure_gen(repos: list[Path], runs: int, models: list[str] | None, resolution: int) -> dict[str, Any]:
+def measure_gen(
+    repos: list[Path],
+    runs: int,
+    models: list[str] | None,
+    resolution: int,
+    steps: int = 10,
+    draft_steps: int = 4,
+) -> dict[str, Any]:
     """Medians of `runs` whole gen processes per checkout, the checkouts alternating run by run."""
     with tempfile.TemporaryDirectory() as scratch:
         homes, args = {}, {}
         for k, repo in enumerate(repos):
             homes[repo] = Path(scratch) / f"repo{k}"
             homes[repo].mkdir()
-            args[repo] = make_gen_store(homes[repo], repo, models, resolution)
+            args[repo] = make_gen_store(homes[repo], repo, models, resolution, steps, draft_steps)
         samples: dict[Path, list[dict[str, float]]] = {repo: [] for repo in repos}
         for r in range(runs):
             for repo in repos if r % 2 == 0 else repos[::-1]:
@@ -234,11 +245,15 @@ def main() -> None:
     parser.add_argument("--gen", action="store_true", help="whole `stencil gen` processes instead of `ls`")
     parser.add_argument("--models", nargs=2, metavar=("SUBJECT", "CONTEXT"), help="--gen: full-size folders")
     parser.add_argument("--resolution", type=int, default=256, help="--gen --models: image size")
+    parser.add_argument("--steps", type=int, default=10, help="--gen: DDIM steps of each image")
+    parser.add_argument("--draft-steps", type=int, default=4, help="--gen --models: the draft's steps")
     args = parser.parse_args()
     repos = [repo.resolve() for repo in (args.repo or [HERE])]
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     if args.gen:
-        results: dict[str, Any] = measure_gen(repos, args.runs, args.models, args.resolution)
+        results: dict[str, Any] = measure_gen(
+            repos, args.runs, args.models, args.resolution, args.steps, args.draft_steps
+        )
     else:
         results = {str(repo): measure(repo, args.runs, args.photos) for repo in repos}
     results["load_average"] = {"start": load, "end": " ".join(f"{x:.2f}" for x in os.getloadavg())}

@@ -317,7 +317,8 @@ class Workload:
     photos: list[Image.Image]
     captions: list[str]
     resolution: int
-    gen_dtype: torch.dtype  # the dtype `stencil gen` loads pipelines in on this device
+    draft_dtype: torch.dtype  # the dtype `stencil gen` loads the context (draft) model in on this device
+    subject_dtype: torch.dtype  # the dtype `stencil gen` runs the subject model in on this device
     train_precision: str  # the autocast `stencil train` uses on this device
 
 
@@ -350,8 +351,8 @@ def build_workload(
                 bench_generate.build_context(preset, device, torch.float32, no_t5) if with_context else None
             )
     resolution = resolution or models.native_resolution(subject)
-    gen_dtype = models.resolve_dtype("auto", device)
-    precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(gen_dtype, "fp32")
+    autocast = models.resolve_dtype("auto", device)
+    precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(autocast, "fp32")
     state = {k: v.detach().to("cpu", copy=True) for k, v in subject.unet.state_dict().items()}
     return Workload(
         device=device,
@@ -361,7 +362,8 @@ def build_workload(
         photos=synthetic_photos(photos, resolution),
         captions=[CAPTIONS[k % len(CAPTIONS)] for k in range(photos)],
         resolution=resolution,
-        gen_dtype=gen_dtype,
+        draft_dtype=models.context_dtype("auto", device),
+        subject_dtype=models.subject_dtype("auto", device),
         train_precision=precision,
     )
 
@@ -511,9 +513,11 @@ def prepare(stage: str, path: str, work: Workload) -> None:
         (work.context if stage == "draft" else work.subject).to(work.device)
     if stage == "draft":  # the authors' context model is float16 on CUDA (models/support_model.py 17-19)
         reference_dtype = torch.float16 if work.device.type == "cuda" else torch.float32
-        to_dtype(work.context, work.gen_dtype if path == "stencil" else reference_dtype)
+        # Casting back and forth rounds the context weights to the draft dtype's precision after stencil's
+        # first draft: the same shapes and the same work for the reference (its speed is what is measured).
+        to_dtype(work.context, work.draft_dtype if path == "stencil" else reference_dtype)
     elif stage in ("inversion", "denoise"):
-        restore(work, work.gen_dtype if path == "stencil" else torch.float32)
+        restore(work, work.subject_dtype if path == "stencil" else torch.float32)
     else:  # mask pass and training: fp32 weights (training autocasts on CUDA)
         restore(work)
 
@@ -759,7 +763,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "photos": args.photos,
             "resolution": work.resolution,
             "stencil_train_precision": work.train_precision,
-            "stencil_gen_dtype": str(work.gen_dtype),
+            "stencil_draft_dtype": str(work.draft_dtype),
+            "stencil_subject_dtype": str(work.subject_dtype),
         },
         "stages": with_total(results),
         "per_image": per_image(results),

@@ -335,6 +335,26 @@ def test_resolve_device_and_dtype() -> None:
         models.resolve_dtype("fp8", cpu)
 
 
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_auto_runs_the_context_model_in_bf16_only_on_a_cpu_with_native_bf16(
+    monkeypatch: pytest.MonkeyPatch, tiny_preset: Path, native_bf16: bool
+) -> None:
+    from stencil_cli.models import devices
+
+    monkeypatch.setattr(devices, "cpu_computes_bf16", lambda: native_bf16)
+    cpu = torch.device("cpu")
+    expected = torch.bfloat16 if native_bf16 else torch.float32
+    assert models.context_dtype("auto", cpu) == expected
+    assert models.context_dtype("fp32", cpu) == torch.float32  # an explicit choice is honoured
+    assert models.context_dtype("bf16", cpu) == torch.bfloat16
+    assert models.subject_dtype("auto", cpu) == torch.float32  # the trained model never goes bf16 by itself
+    assert models.resolve_dtype("auto", cpu) == torch.float32  # training's autocast: unchanged
+    pipe = models.load_context_pipeline("tiny", device="cpu", precision="auto")
+    assert {p.dtype for p in pipe.transformer.parameters()} == {expected}
+    subject = models.load_subject_pipeline("tiny", device="cpu", precision="auto")
+    assert {p.dtype for p in subject.unet.parameters()} == {torch.float32}
+
+
 def test_free_pipeline_drops_components(tiny_models_dir: Path) -> None:
     pipe = models.load_subject_pipeline(str(tiny_models_dir / "subject"), device="cpu")
     models.free_pipeline(pipe)

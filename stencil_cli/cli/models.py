@@ -379,6 +379,8 @@ def device_report() -> dict[str, Any]:
             )
     auto = m.resolve_device("auto")
     report["auto_precision"] = str(m.resolve_dtype("auto", auto)).replace("torch.", "")
+    report["auto_context_precision"] = str(m.context_dtype("auto", auto)).replace("torch.", "")
+    report["cpu_native_bf16"] = m.cpu_computes_bf16()
     return report
 
 
@@ -477,7 +479,13 @@ def doctor(json_output: JsonOption = False) -> None:
         ("python", f"{report['python']} ({report['executable']})"),
     ]
     plain += [(name, version or "not installed") for name, version in report["versions"].items()]
-    plain.append(("device (auto)", f"{device['auto']}, precision {device['auto_precision']}"))
+    plain.append(
+        (
+            "device (auto)",
+            f"{device['auto']}, precision {device['auto_precision']}"
+            f" (context model {device['auto_context_precision']})",
+        )
+    )
     for gpu in device["gpus"]:
         free = f"{human_bytes(gpu['free_bytes'])} free of {human_bytes(gpu['total_bytes'])}"
         plain.append((f"cuda:{gpu['index']}", f"{gpu['name']}, {free}"))

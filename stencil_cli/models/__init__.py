@@ -5,7 +5,8 @@ A model reference is a preset name (``sd15``, ``sd3-medium``, the draft presets 
 scoring), a Hub id (``owner/name``) or a local folder saved with ``save_pretrained``. The modules, by concern:
 
 * `refs`      presets (draft defaults), `ModelSource`, `resolve_ref`, ``id@revision``, eval models, paths
-* `devices`   `resolve_device`, `resolve_dtype`, `free_pipeline`, `quiet_libraries`, `native_resolution`
+* `devices`   `resolve_device`, `resolve_dtype`, `context_dtype`, `free_pipeline`, `quiet_libraries`,
+              `native_resolution`
 * `scheduler` the SD1.5 DDIM settings of the method
 * `loading`   `load_subject_pipeline`, `load_context_pipeline`, `load_eval_models`, one `from_pretrained`
 * `tiny`      the tiny random-weight presets (diffusion and eval), byte-level tokenizers
@@ -21,6 +22,8 @@ from __future__ import annotations
 from stencil_cli.models.devices import (
     DEVICE_PATTERN,
     PRECISIONS,
+    context_dtype,
+    cpu_computes_bf16,
     free_pipeline,
     mps_available,
     native_resolution,
@@ -197,6 +200,8 @@ __all__ = [
     "resolve_device",
     "resolve_dtype",
     "subject_dtype",
+    "context_dtype",
+    "cpu_computes_bf16",
     "resolve_ref",
     "sd15_ddim_scheduler",
     "split_revision",

@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 from stencil_cli.base.errors import StencilError
 from stencil_cli.models.devices import (
+    context_dtype,
     quiet_libraries,
     resolve_device,
-    resolve_dtype,
     settle_heap,
     subject_dtype,
 )
@@ -386,7 +386,7 @@ def load_context_pipeline(
         from diffusers import DiffusionPipeline
 
     torch_device = resolve_device(device)
-    dtype = resolve_dtype(precision, torch_device)
+    dtype = context_dtype(precision, torch_device)
     source = resolve_ref(ref, CONTEXT, store_root=store_root)
     preset = preset_for(ref)
     if no_t5 and preset is not None and preset.draft is not None and preset.draft.t5 == "required":
