@@ -123,7 +123,7 @@ def make_gen_store(
     folder.mkdir(parents=True)
     for i in range(2):
         Image.new("RGB", (resolution, resolution), (40 * i, 100, 150)).save(folder / f"p{i}.png")
-    steps = [
+    setup = [
         ["add", "robot", str(folder), "--phrase", "toy robot"],
         ["caption", "robot", "--captioner", "template"],
         [
@@ -139,7 +139,7 @@ def make_gen_store(
             models[0],
         ],
     ]
-    for args in steps:
+    for args in setup:
         subprocess.run([*cli, *args], env=env, check=True, cwd=home, capture_output=True)
     return [
         "gen",
