@@ -66,8 +66,13 @@ def main() -> None:
     parser.add_argument("--photos", type=int, default=4, help="reference photos (sampled with replacement)")
     parser.add_argument("--precision", default=None, help="fp32|fp16|bf16 (default: bf16 on CUDA)")
     parser.add_argument("--train", default="decoder", choices=("decoder", "all"))
-    parser.add_argument("--lora", type=int, default=None, metavar="RANK",
-                        help="train LoRA adapters of this rank instead of the decoder itself")
+    parser.add_argument(
+        "--lora",
+        type=int,
+        default=None,
+        metavar="RANK",
+        help="train LoRA adapters of this rank instead of the decoder itself",
+    )
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (kernels, caches)")
     parser.add_argument("--header", action="store_true", help="print the table header too")
@@ -95,8 +100,13 @@ def main() -> None:
 
     data = TrainingData(latents=latents, embeddings=embeddings, masks=masks, maps=None)
     config = TrainConfig(
-        steps=args.warmup, batch_size=batch, resolution=latent * 8, train=args.train, precision=precision,
-        gradient_checkpointing=args.gradient_checkpointing, lora_rank=args.lora,
+        steps=args.warmup,
+        batch_size=batch,
+        resolution=latent * 8,
+        train=args.train,
+        precision=precision,
+        gradient_checkpointing=args.gradient_checkpointing,
+        lora_rank=args.lora,
     )
     if args.warmup:
         train_unet(unet, scheduler, data, config)

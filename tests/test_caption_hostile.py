@@ -257,9 +257,7 @@ def test_a_phrase_with_shell_or_path_characters_is_refused(server: Server, photo
         captioner(server).caption(CaptionJob(photos=photos, phrase=phrase))
     served = [answer(phrase=phrase, caption=f"a {phrase} here"), answer()]
     server.script = lambda h, body: send(h, chat(served.pop(0)))
-    result = captioner(server).caption(
-        CaptionJob(photos=photos)
-    )  # the bad phrase is refused, asked again
+    result = captioner(server).caption(CaptionJob(photos=photos))  # the bad phrase is refused, asked again
     assert result.phrase == PHRASE and server.requests == 2
 
 

@@ -326,8 +326,18 @@ def _interrupted_with_checkpoint(cli: Any, tmp_path: Path, monkeypatch: pytest.M
 
     with monkeypatch.context() as patch:
         patch.setattr(weights, "save_trained_weights", ctrl_c)
-        result = cli("train", "robot", "--subject-model", "tiny", "--steps", "2", "--batch-size", "2",
-                     "--checkpoint-every", "1")
+        result = cli(
+            "train",
+            "robot",
+            "--subject-model",
+            "tiny",
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--checkpoint-every",
+            "1",
+        )
     assert result.exit_code == 130, result.output
     (run,) = open_store().list_runs("robot")
     return open_store().run_dir("robot", run.id) / CHECKPOINT_NAME
@@ -483,9 +493,7 @@ def test_a_lost_database_warns_keeps_folders_and_repair_indexes_them(cli: Any, t
     assert check_store(root) == []
 
 
-def test_clean_removes_a_folder_without_a_row_only_when_named_and_confirmed(
-    cli: Any, tmp_path: Path
-) -> None:
+def test_clean_removes_a_folder_without_a_row_only_when_named_and_confirmed(cli: Any, tmp_path: Path) -> None:
     store = add_subject(cli, tmp_path)
     stray = store.root / "subjects" / "stray" / "images"
     stray.mkdir(parents=True)

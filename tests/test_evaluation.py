@@ -206,9 +206,7 @@ def test_models_pull_dino_clip_then_offline_eval_loads_them(
         evaluation.clip_text_embeddings(loaded, prompts),
         evaluation.clip_text_embeddings(eval_models, prompts),
     )
-    pinned = EvalModelRefs(
-        "facebook/dino-vits16@refs/pr/2", "openai/clip-vit-base-patch32@refs/pr/5"
-    )
+    pinned = EvalModelRefs("facebook/dino-vits16@refs/pr/2", "openai/clip-vit-base-patch32@refs/pr/5")
     again = load_eval_models(pinned, "cpu")
     assert torch.allclose(
         evaluation.dino_embeddings(again, images), evaluation.dino_embeddings(eval_models, images), atol=1e-6

@@ -145,9 +145,7 @@ def _reconstruction_error(
     return float((latent - result.trajectory[0]).pow(2).mean())
 
 
-def test_null_text_reconstructs_far_better_than_ddim_inversion_with_cfg(
-    inverted: dict[str, Any]
-) -> None:
+def test_null_text_reconstructs_far_better_than_ddim_inversion_with_cfg(inverted: dict[str, Any]) -> None:
     pipe = inverted["pipe"]
     result = inverted["result"]
     assert result.method == "nti"
@@ -162,9 +160,7 @@ def test_null_text_reconstructs_far_better_than_ddim_inversion_with_cfg(
             assert not torch.allclose(part, start.float())
 
 
-def test_reference_learning_rate_barely_helps_on_random_weights(
-    inverted: dict[str, Any]
-) -> None:
+def test_reference_learning_rate_barely_helps_on_random_weights(inverted: dict[str, Any]) -> None:
     pipe = inverted["pipe"]
     settings = GenerationSettings(steps=STEPS)  # reference: lr 1e-2, 10 inner iterations
     (reference,) = invert_images(pipe, [inverted["draft"]], PROMPT, settings)
@@ -176,7 +172,7 @@ def test_reference_learning_rate_barely_helps_on_random_weights(
 
 
 def test_negative_prompt_inversion_uses_the_prompt_as_null_and_needs_no_optimisation(
-    inverted: dict[str, Any]
+    inverted: dict[str, Any],
 ) -> None:
     pipe = inverted["pipe"]
     settings = GenerationSettings(steps=STEPS, inversion="npi")
@@ -249,9 +245,7 @@ def test_optimisation_leaves_the_unet_untouched(inverted: dict[str, Any]) -> Non
             assert p.grad is None
 
 
-def test_inversion_runs_in_float32_even_for_a_half_precision_unet(
-    inverted: dict[str, Any]
-) -> None:
+def test_inversion_runs_in_float32_even_for_a_half_precision_unet(inverted: dict[str, Any]) -> None:
     pipe = inverted["pipe"]
     # a private copy: the session pipe is shared and must not be rounded through bf16 (nor rebuilt through the
     # pipeline constructor, which rewrites the shared scheduler's steps_offset)

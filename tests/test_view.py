@@ -51,9 +51,7 @@ class Element:
 
     def find_all(self, tag: str | None = None, css: str | None = None) -> list[Element]:
         """The elements inside (or this one) with `tag` and/or the CSS class `css`."""
-        return [
-            e for e in self.iter() if (tag is None or e.tag == tag) and (css is None or css in e.classes)
-        ]
+        return [e for e in self.iter() if (tag is None or e.tag == tag) and (css is None or css in e.classes)]
 
     def all_text(self) -> str:
         """The text inside, whitespace collapsed."""

@@ -150,7 +150,6 @@ def is_within(path: Path, root: Path) -> bool:
 def crash_point(name: str) -> None:
     """Kill this process here if ``STENCIL_CRASH_AT`` names this point (tests of crash safety)."""
     if os.environ.get("STENCIL_CRASH_AT") == name:
-
         os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -34,7 +34,7 @@ EXTRA_FIELDS = (
 def _a1111_value(value: Any) -> str:
     """A value as A1111's infotext writes it: quoted (JSON) when it holds a comma, colon or newline."""
     text = value if isinstance(value, str) else json.dumps(value)
-    return json.dumps(text) if any(c in text for c in ",:\n\"") else text
+    return json.dumps(text) if any(c in text for c in ',:\n"') else text
 
 
 def a1111_parameters(meta: dict[str, Any]) -> str | None:

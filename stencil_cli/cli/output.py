@@ -40,6 +40,8 @@ class OutputSettings:
 
 
 settings = OutputSettings()
+
+
 def console(**options: Any) -> Console:
     """A rich console; with NO_COLOR set (no-color.org) it writes no ANSI codes at all, bold included
     (rich's own NO_COLOR support drops only the colours)."""

@@ -231,9 +231,7 @@ def diffusers_lora_state(
     return state
 
 
-def kohya_lora_state(
-    state: Mapping[str, torch.Tensor], unet: Any | None = None
-) -> dict[str, torch.Tensor]:
+def kohya_lora_state(state: Mapping[str, torch.Tensor], unet: Any | None = None) -> dict[str, torch.Tensor]:
     """The diffusers LoRA state in kohya naming (``lora_unet_...lora_down.weight`` + ``.alpha`` = rank).
 
     For an SDXL UNet (`unet` given and SDXL-shaped) the module names are sd-scripts' SDXL ones, the original

@@ -474,7 +474,6 @@ class Runner:
     def eval_models(self) -> Any:
         """The DINO and CLIP models (loaded on first use, kept for the next subjects)."""
         if self._eval_models is None:
-
             refs = models.EvalModelRefs(self.config.eval_dino, self.config.eval_clip)
             device = models.resolve_device(self.device)
             root = self.config.models_root or self.store.root

@@ -184,6 +184,7 @@ class SubjectSummary:
         data["newest_failed"] = {"id": failed.id, "error": str(failed.error)} if failed else None
         return data
 
+
 def damaged_rows(rows: Iterable[Run | Generation]) -> list[str]:
     """The rows whose JSON columns could not be read, as "run 3 params" / "image 7 scores"."""
     return [

@@ -460,9 +460,7 @@ def _mask_facts(path: Path | None) -> dict[str, str]:
             info = dict(opened.info)
     except OSError:
         return {"unreadable": "1"}
-    return {
-        key: str(info[f"stencil:{key}"]) for key in ("caption", "coverage") if info.get(f"stencil:{key}")
-    }
+    return {key: str(info[f"stencil:{key}"]) for key in ("caption", "coverage") if info.get(f"stencil:{key}")}
 
 
 def _mask_label(path: Path | None, facts: dict[str, str]) -> str:
