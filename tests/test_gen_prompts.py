@@ -55,8 +55,8 @@ def test_a_prompts_file_skips_comments_and_blank_lines(cli: Any, trained: str, t
 
 def test_json_lines_come_out_as_each_image_is_saved(
     cli: Any,
-    trained: str,
-    monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+    trained: str,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Stopped at the second image: the first one's line was already printed."""
     real = generation.plain_generate
@@ -117,8 +117,8 @@ def test_negative_prompt_is_recorded_and_steers_the_plain_denoise(cli: Any, trai
 
 def test_the_null_embeddings_replace_the_negative_while_injected(
     cli: Any,
-    trained: str,
-    tmp_path: Path,  # noqa: F811
+    trained: str,  # noqa: F811
+    tmp_path: Path,
 ) -> None:
     """Every step injected (tau 1000): the negative changes nothing; none injected (tau 0): it does."""
     photo = _photo(tmp_path / "me.png", (200, 40, 40))
