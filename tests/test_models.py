@@ -344,15 +344,28 @@ def test_auto_runs_the_context_model_in_bf16_only_on_a_cpu_with_native_bf16(
     monkeypatch.setattr(devices, "cpu_computes_bf16", lambda: native_bf16)
     cpu = torch.device("cpu")
     expected = torch.bfloat16 if native_bf16 else torch.float32
-    assert models.context_dtype("auto", cpu) == expected
-    assert models.context_dtype("fp32", cpu) == torch.float32  # an explicit choice is honoured
-    assert models.context_dtype("bf16", cpu) == torch.bfloat16
+    assert models.context_dtype("auto", cpu) == expected  # width unknown: a real-size model
+    assert models.context_dtype("auto", cpu, width=1536) == expected  # SD3 Medium
+    assert models.context_dtype("auto", cpu, width=32) == torch.float32  # too narrow to gain from bf16
+    assert models.context_dtype("fp32", cpu, width=1536) == torch.float32  # an explicit choice is honoured
+    assert models.context_dtype("bf16", cpu, width=32) == torch.bfloat16
     assert models.subject_dtype("auto", cpu) == torch.float32  # the trained model never goes bf16 by itself
     assert models.resolve_dtype("auto", cpu) == torch.float32  # training's autocast: unchanged
-    pipe = models.load_context_pipeline("tiny", device="cpu", precision="auto")
-    assert {p.dtype for p in pipe.transformer.parameters()} == {expected}
     subject = models.load_subject_pipeline("tiny", device="cpu", precision="auto")
     assert {p.dtype for p in subject.unet.parameters()} == {torch.float32}
+
+
+def test_the_context_models_width_is_read_from_its_config_before_loading(
+    monkeypatch: pytest.MonkeyPatch, tiny_preset: Path
+) -> None:
+    from stencil_cli.models import devices
+
+    monkeypatch.setattr(devices, "cpu_computes_bf16", lambda: True)
+    tiny = models.load_context_pipeline("tiny", device="cpu", precision="auto")  # 4 heads x 8 = 32 wide
+    assert {p.dtype for p in tiny.transformer.parameters()} == {torch.float32}
+    monkeypatch.setattr(devices, "BF16_MIN_WIDTH", 32)  # were 32 wide enough, tiny would load in bf16
+    tiny = models.load_context_pipeline("tiny", device="cpu", precision="auto")
+    assert {p.dtype for p in tiny.transformer.parameters()} == {torch.bfloat16}
 
 
 def test_free_pipeline_drops_components(tiny_models_dir: Path) -> None:

@@ -224,14 +224,30 @@ def _unet_weight_files(folder: Path) -> dict[str, Path] | None:
     return {name: folder / file for name, file in weight_map.items()}
 
 
-def _local_unet_folder(location: Location) -> Path | None:
-    """The `unet/` folder on this disk that from_pretrained would read, when there is one."""
+def _local_component_folder(location: Location, component: str) -> Path | None:
+    """The `component/` folder on this disk that from_pretrained would read, when there is one."""
     if not location.hub:
-        return Path(location.path) / "unet"
+        return Path(location.path) / component
     if location.source.revision is not None or location.source.repo_id is None:
         return None
     snapshot = cached_snapshot(location.source.repo_id)
-    return snapshot / "unet" if snapshot is not None else None
+    return snapshot / component if snapshot is not None else None
+
+
+def _local_unet_folder(location: Location) -> Path | None:
+    """The `unet/` folder on this disk that from_pretrained would read, when there is one."""
+    return _local_component_folder(location, "unet")
+
+
+def transformer_width(location: Location) -> int | None:
+    """The hidden width (heads x head size) of a pipeline's `transformer`, from its config on this disk;
+    None when there is no such config here (a UNet pipeline, or a model not downloaded yet)."""
+    folder = _local_component_folder(location, "transformer")
+    try:
+        config = json.loads((folder / "config.json").read_text()) if folder is not None else {}
+        return int(config["num_attention_heads"]) * int(config["attention_head_dim"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _unet_in_place(folder: Path, replace: UnetReplacement, dtype: torch.dtype) -> Any | None:
@@ -386,12 +402,12 @@ def load_context_pipeline(
         from diffusers import DiffusionPipeline
 
     torch_device = resolve_device(device)
-    dtype = context_dtype(precision, torch_device)
     source = resolve_ref(ref, CONTEXT, store_root=store_root)
     preset = preset_for(ref)
     if no_t5 and preset is not None and preset.draft is not None and preset.draft.t5 == "required":
         raise t5_required_error(source.label)
     location = locate(source)
+    dtype = context_dtype(precision, torch_device, width=transformer_width(location))
     index = location.index
     if no_t5 and reads_prompt_through_t5_only(index):
         raise t5_required_error(source.label)
