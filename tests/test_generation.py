@@ -480,3 +480,23 @@ def test_a_closed_generation_stops_and_lets_go_of_the_subject(trained: str) -> N
     saving.close()  # as `stencil gen` does when the caller stops (Ctrl-C between two images)
     assert not locks.is_in_use(store.root, trained)
     assert open_store().list_generations(trained) == []
+
+
+def test_each_image_records_the_dtypes_its_models_ran_in(
+    cli: Any, trained: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stencil_cli.models import devices
+
+    result = cli("gen", trained, "on the moon", "--seed", "1", "--json", *FAST)  # FAST pins fp32
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.splitlines()[0])["params"]["dtypes"] == {
+        "draft": "float32",
+        "subject": "float32",
+    }
+    monkeypatch.setattr(devices, "cpu_computes_bf16", lambda: True)
+    monkeypatch.setattr(devices, "BF16_MIN_WIDTH", 32)  # the tiny context model counts as wide enough
+    auto = [arg for arg in FAST if arg not in ("--precision", "fp32")]
+    result = cli("gen", trained, "on the moon", "--seed", "1", "--json", "--precision", "auto", *auto)
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout.splitlines()[0])
+    assert record["params"]["dtypes"] == {"draft": "bfloat16", "subject": "float32"}

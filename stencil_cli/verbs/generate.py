@@ -171,6 +171,7 @@ class _Writer:
         self.plan = plan
         self.result = GenerateResult(plan)
         self.draft_seconds: dict[str, float] = {}
+        self.dtypes: dict[str, str] = {}  # the dtype each model ran in: "draft" (when drawn here), "subject"
 
     def copy_path(self, path: Path) -> Path | None:
         """Where `output` gets a copy of the store file `path` (None without an output folder)."""
@@ -230,6 +231,8 @@ class _Writer:
         row_params.update(
             {"batch": plan.folder.name, "timings_s": {k: round(v, 4) for k, v in timings.items()}, **extra}
         )
+        if self.dtypes:
+            row_params["dtypes"] = dict(self.dtypes)
         copy = self.copy_path(path)
         if copy is not None:
             row_params["output_file"] = str(copy.resolve())
@@ -284,6 +287,11 @@ class _Writer:
         saved = SavedGrid(copy or path)
         self.result.add(saved)
         return saved
+
+
+def dtype_name(pipe: Any) -> str:
+    """A loaded pipeline's dtype by name (``float32``, ``bfloat16``, ...), as the records keep it."""
+    return str(pipe.dtype).removeprefix("torch.")
 
 
 @contextlib.contextmanager
@@ -398,6 +406,7 @@ def _generate(store: Store, plan: GenerationPlan, progress: Progress) -> Iterato
         store_root=plan.models_root,
         lora_scale=plan.lora_scale,
     ) as pipe:
+        writer.dtypes["subject"] = dtype_name(pipe)
         resolution = plan.resolution or models.native_resolution(pipe)
         plan.resolution = resolution
         by_stem = {item.stem: item for item in plan.items}
@@ -466,6 +475,7 @@ def _render_drafts(writer: _Writer, progress: Progress, batch: int) -> Iterator[
         "store_root": plan.models_root,
     }
     with context_pipeline(plan.context_model, **options) as pipe:
+        writer.dtypes["draft"] = dtype_name(pipe)
         _fit_draft_prompts(plan, wanted, pipe, progress)
         for group in _groups(wanted):
             for chunk in generation.chunks(group, batch):
