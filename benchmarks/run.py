@@ -322,12 +322,10 @@ class Workload:
     train_precision: str  # the autocast `stencil train` uses on this device
 
 
-def transformer_width(pipe: Any) -> int | None:
-    """The context pipeline's transformer width (heads x head size), as `stencil gen` reads it."""
-    config = getattr(getattr(pipe, "transformer", None), "config", None)
-    if config is None:
-        return None
-    return int(config.num_attention_heads) * int(config.attention_head_dim)
+def context_width(pipe: Any) -> int | None:
+    """The context pipeline's transformer width, as `stencil gen` reads it from the same config."""
+    transformer = getattr(pipe, "transformer", None)
+    return models.transformer_width(transformer.config) if transformer is not None else None
 
 
 def build_workload(
@@ -370,7 +368,7 @@ def build_workload(
         photos=synthetic_photos(photos, resolution),
         captions=[CAPTIONS[k % len(CAPTIONS)] for k in range(photos)],
         resolution=resolution,
-        draft_dtype=models.context_dtype("auto", device, width=transformer_width(context)),
+        draft_dtype=models.context_dtype("auto", device, width=context_width(context)),
         subject_dtype=models.subject_dtype("auto", device),
         train_precision=precision,
     )

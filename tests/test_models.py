@@ -363,6 +363,8 @@ def test_the_context_models_width_is_read_from_its_config_before_loading(
     monkeypatch.setattr(devices, "cpu_computes_bf16", lambda: True)
     tiny = models.load_context_pipeline("tiny", device="cpu", precision="auto")  # 4 heads x 8 = 32 wide
     assert {p.dtype for p in tiny.transformer.parameters()} == {torch.float32}
+    assert models.transformer_width(tiny.transformer.config) == 32
+    assert models.transformer_width({"block_out_channels": [32, 64]}) is None  # a UNet has no such width
     monkeypatch.setattr(devices, "BF16_MIN_WIDTH", 32)  # were 32 wide enough, tiny would load in bf16
     tiny = models.load_context_pipeline("tiny", device="cpu", precision="auto")
     assert {p.dtype for p in tiny.transformer.parameters()} == {torch.bfloat16}

@@ -483,7 +483,7 @@ def doctor(json_output: JsonOption = False) -> None:
         (
             "device (auto)",
             f"{device['auto']}, precision {device['auto_precision']}"
-            f" (context model {device['auto_context_precision']})",
+            f" (a real-size context model {device['auto_context_precision']})",
         )
     )
     for gpu in device["gpus"]:

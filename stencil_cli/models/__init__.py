@@ -31,6 +31,7 @@ from stencil_cli.models.devices import (
     resolve_device,
     resolve_dtype,
     subject_dtype,
+    transformer_width,
 )
 from stencil_cli.models.hub import (
     CONVERSION_BOT,
@@ -202,6 +203,7 @@ __all__ = [
     "subject_dtype",
     "context_dtype",
     "cpu_computes_bf16",
+    "transformer_width",
     "resolve_ref",
     "sd15_ddim_scheduler",
     "split_revision",

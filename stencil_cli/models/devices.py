@@ -124,6 +124,15 @@ def cpu_computes_bf16() -> bool:
 BF16_MIN_WIDTH = 128
 
 
+def transformer_width(config: Any) -> int | None:
+    """A diffusion transformer's hidden width (heads x head size) from its config (a mapping); None when the
+    config has no such keys (a UNet)."""
+    try:
+        return int(config["num_attention_heads"]) * int(config["attention_head_dim"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def context_dtype(precision: str, device: torch.device, width: int | None = None) -> torch.dtype:
     """The dtype of the frozen context (draft) model: like `resolve_dtype`, but `auto` on a CPU with native
     bf16 arithmetic is bf16, unless its transformer is known to be narrower than `BF16_MIN_WIDTH`.

@@ -21,6 +21,7 @@ from stencil_cli.models.devices import (
     resolve_device,
     settle_heap,
     subject_dtype,
+    transformer_width,
 )
 from stencil_cli.models.hub import (
     cached_eval_model,
@@ -239,15 +240,15 @@ def _local_unet_folder(location: Location) -> Path | None:
     return _local_component_folder(location, "unet")
 
 
-def transformer_width(location: Location) -> int | None:
-    """The hidden width (heads x head size) of a pipeline's `transformer`, from its config on this disk;
-    None when there is no such config here (a UNet pipeline, or a model not downloaded yet)."""
+def local_transformer_width(location: Location) -> int | None:
+    """The hidden width of a pipeline's `transformer`, from its config on this disk; None when there is no
+    such config here (a UNet pipeline, or a model not downloaded yet)."""
     folder = _local_component_folder(location, "transformer")
     try:
         config = json.loads((folder / "config.json").read_text()) if folder is not None else {}
-        return int(config["num_attention_heads"]) * int(config["attention_head_dim"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError):
         return None
+    return transformer_width(config)
 
 
 def _unet_in_place(folder: Path, replace: UnetReplacement, dtype: torch.dtype) -> Any | None:
@@ -402,12 +403,13 @@ def load_context_pipeline(
         from diffusers import DiffusionPipeline
 
     torch_device = resolve_device(device)
+    context_dtype(precision, torch_device)  # a bad precision is refused before the model is looked for
     source = resolve_ref(ref, CONTEXT, store_root=store_root)
     preset = preset_for(ref)
     if no_t5 and preset is not None and preset.draft is not None and preset.draft.t5 == "required":
         raise t5_required_error(source.label)
     location = locate(source)
-    dtype = context_dtype(precision, torch_device, width=transformer_width(location))
+    dtype = context_dtype(precision, torch_device, width=local_transformer_width(location))
     index = location.index
     if no_t5 and reads_prompt_through_t5_only(index):
         raise t5_required_error(source.label)
